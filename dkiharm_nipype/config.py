@@ -1,0 +1,1 @@
+"""Small frozen dataclasses describing one run of the BIDS-App."""
