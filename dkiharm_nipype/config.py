@@ -1,1 +1,55 @@
-"""Small frozen dataclasses describing one run of the BIDS-App."""
+"""Small frozen dataclasses describing one run of the BIDS-App.
+
+The command line is parsed once into a :class:`RunConfig`; only the top-level workflow
+factory (:mod:`dkiharm_nipype.workflows.base`) reads it, everything below receives plain
+keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How Nipype executes the graph."""
+
+    plugin: str = "MultiProc"
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+    nprocs: int = 2
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+
+    def nipype_plugin_args(self) -> dict[str, Any]:
+        """Plugin arguments with the resource limits filled in for MultiProc."""
+        args = dict(self.plugin_args)
+        if self.plugin in ("MultiProc", "LegacyMultiProc"):
+            args.setdefault("n_procs", self.nprocs)
+            if self.mem_gb:
+                args.setdefault("memory_gb", self.mem_gb)
+        args.setdefault("raise_insufficient", False)
+        return args
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``dkiharm`` call needs, resolved from the command line."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    scanner_entity: str = "session"
+    preproc: str = "auto"
+    mask_method: str = "dwi2mask"
+    fit_method: str = "irlls"
+    b_max: float | None = None
+    seed: int = 0
+    write_graph: bool = False
+    verbose: int = 0
+    execution: ExecConfig = field(default_factory=ExecConfig)

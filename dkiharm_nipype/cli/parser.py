@@ -1,0 +1,193 @@
+"""Command-line parser of the ``dkiharm`` BIDS-App (fMRIPrep/QSIPrep conventions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..__about__ import __version__
+from ..config import ExecConfig, RunConfig
+
+PLUGINS = (
+    "Linear", "MultiProc", "LegacyMultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph",
+    "PBS", "PBSGraph", "LSF", "Condor", "CondorDAGMan", "OAR", "IPython", "Debug",
+)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors are one line (``dkiharm: error: ...``) and exit with status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _existing_dir(parser, value: str) -> Path:
+    path = Path(value).expanduser().absolute()
+    if not path.is_dir():
+        parser.error(f"bids_dir {value} does not exist or is not a folder; give the BIDS root")
+    return path
+
+
+def _positive_int(parser, name: str):
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            parser.error(f"{name} must be a positive integer, got '{value}'")
+        return number
+
+    return check
+
+
+def _seed(parser):
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = -1
+        if not 0 <= number < 2**32:
+            parser.error(f"--seed must be an integer in [0, 2**32), got '{value}'")
+        return number
+
+    return check
+
+
+def _plugin_args(parser):
+    """``--plugin-args`` takes inline JSON or the path of a JSON file."""
+
+    def parse(value: str) -> dict:
+        text = value
+        if not value.lstrip().startswith("{"):
+            path = Path(value)
+            if not path.is_file():
+                parser.error(
+                    f"--plugin-args {value} is neither inline JSON nor an existing JSON file; "
+                    "write e.g. '{\"sbatch_args\": \"-p short\"}'"
+                )
+            text = path.read_text()
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--plugin-args is not valid JSON ({exc.msg}); "
+                         "write e.g. '{\"sbatch_args\": \"-p short\"}'")
+        if not isinstance(args, dict):
+            parser.error("--plugin-args must be a JSON object, e.g. '{\"n_procs\": 2}'")
+        return args
+
+    return parse
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """Build the parser; positionals first, then option groups."""
+    parser = _OneLineParser(
+        prog="dkiharm",
+        description=(
+            "dkiharm: harmonize diffusion kurtosis imaging (DKI) across MRI scanners with "
+            "traveling subjects and a per-scanner 3-D hierarchical CNN. The participant level "
+            "preprocesses and fits DKI for every scan; the group level picks the reference "
+            "scanner, trains one network per scanner and writes harmonized maps."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=lambda v: _existing_dir(parser, v),
+                        help="root folder of a BIDS dataset (sub-XX folders at the top level)")
+    parser.add_argument("output_dir", type=Path,
+                        help="folder for the derivatives (BIDS-Derivatives layout)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="processing stage: per-scan fitting, or scanner-level training "
+                             "and harmonization")
+    parser.add_argument("--version", action="version", version=f"dkiharm {__version__}")
+
+    sel = parser.add_argument_group("Selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
+                     metavar="LABEL", help="subjects to process (with or without 'sub-')")
+    sel.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                     help="sessions to process (with or without 'ses-')")
+    sel.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                     help='JSON with pybids queries per data type, e.g. {"dwi": {"run": 1}}')
+    sel.add_argument("--scanner-entity", default="ses", metavar="ENTITY",
+                     help="what identifies a scanner: 'ses' (session label), 'acq', or a "
+                          "sidecar field such as DeviceSerialNumber")
+
+    proc = parser.add_argument_group("Processing")
+    proc.add_argument("--preproc", choices=["auto", "fsl", "mrtrix", "none"], default="auto",
+                      help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
+                           "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only")
+    proc.add_argument("--mask-method", choices=["dwi2mask", "median_otsu"], default="dwi2mask",
+                      help="brain-mask estimation on the preprocessed DWI")
+    proc.add_argument("--fit-method", choices=["irlls", "wls", "ols"], default="irlls",
+                      help="DKI fitting method (IRLLS: robust, iteratively reweighted)")
+    proc.add_argument("--b-max", type=float, metavar="B",
+                      help="use only volumes with b <= B s/mm^2 for the DKI fit")
+    proc.add_argument("--seed", type=_seed(parser), default=0,
+                      help="random seed for every stochastic step (reproducible outputs)")
+
+    perf = parser.add_argument_group("Execution")
+    perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
+                      help="Nipype working folder (reused by reruns)")
+    perf.add_argument("--nprocs", "--nthreads", type=_positive_int(parser, "--nprocs"),
+                      default=os.cpu_count() or 1, help="maximum processes for MultiProc")
+    perf.add_argument("--omp-nthreads", type=_positive_int(parser, "--omp-nthreads"),
+                      default=None, help="threads per process (default: min(8, nprocs))")
+    perf.add_argument("--mem-gb", type=float, default=None, help="memory limit for MultiProc")
+    perf.add_argument("--plugin", choices=PLUGINS, default="MultiProc",
+                      help="Nipype execution plugin")
+    perf.add_argument("--plugin-args", type=_plugin_args(parser), default={}, metavar="JSON",
+                      help="plugin arguments as inline JSON or a JSON file")
+    perf.add_argument("--write-graph", action="store_true",
+                      help="write the workflow graph (PNG/SVG) into output_dir/logs")
+    perf.add_argument("-v", "--verbose", action="count", default=0,
+                      help="more log output (-v info from Nipype, -vv debug)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse and validate the command line into a :class:`RunConfig`."""
+    parser = get_parser()
+    opts = parser.parse_args(argv)
+    bids_dir: Path = opts.bids_dir
+    output_dir = opts.output_dir.expanduser().absolute()
+    if output_dir == bids_dir:
+        parser.error(f"output_dir {output_dir} is the BIDS folder itself; "
+                     f"use e.g. {bids_dir / 'derivatives' / 'dkiharm'}")
+    if bids_dir in output_dir.parents and (bids_dir / "derivatives") not in (
+        output_dir, *output_dir.parents
+    ):
+        parser.error(f"output_dir {output_dir} lies inside the raw BIDS data; "
+                     f"use {bids_dir / 'derivatives' / 'dkiharm'} or a folder outside it")
+    omp = opts.omp_nthreads or min(8, opts.nprocs)
+    execution = ExecConfig(plugin=opts.plugin, plugin_args=opts.plugin_args, nprocs=opts.nprocs,
+                           omp_nthreads=omp, mem_gb=opts.mem_gb)
+    from ..utils.bids import load_bids_filters
+
+    try:
+        filters = load_bids_filters(opts.bids_filter_file)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=opts.analysis_level,
+        work_dir=opts.work_dir.expanduser().absolute(),
+        participant_label=tuple(p.removeprefix("sub-") for p in opts.participant_label),
+        session_label=tuple(s.removeprefix("ses-") for s in opts.session_label),
+        bids_filters=filters,
+        scanner_entity=opts.scanner_entity,
+        preproc=opts.preproc,
+        mask_method=opts.mask_method,
+        fit_method=opts.fit_method,
+        b_max=opts.b_max,
+        seed=opts.seed,
+        write_graph=opts.write_graph,
+        execution=execution,
+        verbose=opts.verbose,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parse_args(sys.argv[1:])

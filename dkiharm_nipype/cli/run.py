@@ -1,0 +1,108 @@
+"""Entry point of the ``dkiharm`` BIDS-App: options -> checks -> workflow -> run -> publish."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..config import RunConfig
+from ..errors import DkiharmInputError
+
+LOGGER = logging.getLogger("dkiharm")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)  # INFO by default, DEBUG with -v
+    logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    nipype_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    ncfg.set("logging", "workflow_level", logging.getLevelName(nipype_level))
+    ncfg.set("logging", "interface_level", logging.getLevelName(nipype_level))
+    ncfg.set("execution", "check_version", "false")
+    nlogging.update_logging(ncfg)
+
+
+def run(config: RunConfig) -> int:
+    """Run one BIDS-App call; returns the exit status."""
+    from ..utils.bids import collect_scans, load_layout, summary_table
+
+    os.environ.setdefault("MRTRIX_QUIET", "1")
+    LOGGER.info("indexing %s", config.bids_dir)
+    layout = load_layout(config.bids_dir)
+    scans = collect_scans(
+        layout,
+        participant_label=config.participant_label,
+        session_label=config.session_label,
+        bids_filters=config.bids_filters,
+        scanner_entity=config.scanner_entity,
+    )
+    print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
+
+    from ..utils.checks import check_output_dir, preflight
+
+    check_output_dir(config.output_dir)
+    preflight(scans)
+
+    from ..workflows.base import init_dkiharm_wf
+    from ..utils.derivatives import publish_derivatives
+
+    workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+    if config.write_graph:
+        _write_graphs(workflow, config.output_dir / "logs")
+    if workflow is None:
+        return 0
+    started = time.time()
+    workflow.run(plugin=config.execution.plugin,
+                 plugin_args=config.execution.nipype_plugin_args())
+    written = publish_derivatives(staging, config.output_dir)
+    LOGGER.info("finished in %.0f s; %d derivative file(s) in %s", time.time() - started,
+                len(written), config.output_dir)
+    return 0
+
+
+def _write_graphs(workflow, logs: Path) -> None:
+    logs.mkdir(parents=True, exist_ok=True)
+    for fmt in ("png", "svg"):
+        workflow.write_graph(graph2use="colored", format=fmt, simple_form=True,
+                             dotfilename=str(logs / f"graph_{workflow.name}.dot"))
+    LOGGER.info("workflow graph written to %s", logs)
+
+
+def _crash_summary(exc: BaseException) -> str:
+    """One line naming the failed node(s) and the cause, from Nipype's RuntimeError."""
+    text = str(exc)
+    if "Workflow did not execute cleanly" in text:
+        return ("processing failed in at least one node; see the crash files listed above "
+                "(nipypecli crash <file>) and fix the input they name")
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point."""
+    from .parser import parse_args
+
+    config = parse_args(argv)
+    _setup_logging(config.verbose)
+    try:
+        status = run(config)
+    except DkiharmInputError as exc:
+        print(f"dkiharm: error: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("dkiharm: interrupted; rerun the same command to resume from the work "
+              "directory", file=sys.stderr)
+        status = 130
+    except RuntimeError as exc:
+        print(f"dkiharm: error: {_crash_summary(exc)}", file=sys.stderr)
+        status = 1
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Writing BIDS-Derivatives file names (diffusion-derivatives naming, BEP016)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    Undefined,
+    isdefined,
+    traits,
+)
+
+#: Entity order of diffusion derivatives: sub, ses, acq, rec, run, space, model, param, desc.
+ENTITY_ORDER = ("sub", "ses", "acq", "rec", "run", "space", "model", "param", "label", "desc")
+_SOURCE_ENTITY = re.compile(r"(sub|ses|acq|rec|run)-([a-zA-Z0-9]+)")
+
+
+def derivative_name(source_file: str | os.PathLike, *, suffix: str, extension: str = ".nii.gz",
+                    **entities: str | None) -> Path:
+    """Relative BIDS-Derivatives path for an output derived from ``source_file``.
+
+    >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz",
+    ...     space="dwi", model="dki", param="mk", suffix="dwimap"))
+    'sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
+    """
+    name = Path(source_file).name
+    found = dict(_SOURCE_ENTITY.findall(name.split("_dwi")[0]))
+    if "sub" not in found:
+        raise ValueError(f"{source_file} is not a BIDS file name (no sub- entity).")
+    found.update({k: v for k, v in entities.items() if v})
+    stem = "_".join(f"{key}-{found[key]}" for key in ENTITY_ORDER if found.get(key))
+    folder = Path(f"sub-{found['sub']}")
+    if found.get("ses"):
+        folder /= f"ses-{found['ses']}"
+    return folder / "dwi" / f"{stem}_{suffix}{extension}"
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` through a temporary sibling and an atomic rename."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def atomic_write_text(text: str, dst: str | os.PathLike) -> None:
+    """Write ``text`` to ``dst`` atomically."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, dst)
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    base_directory = traits.Directory(mandatory=True, desc="root of the derivatives tree")
+    source_file = File(mandatory=True, desc="raw BIDS file the output derives from")
+    in_file = File(exists=True, mandatory=True, desc="file to store")
+    suffix = traits.Str("dwimap", usedefault=True, desc="BIDS suffix of the output")
+    extension = traits.Str(".nii.gz", usedefault=True, desc="file extension")
+    space = traits.Str(desc="space entity (e.g. dwi)")
+    model = traits.Str(desc="model entity (e.g. dki)")
+    param = traits.Str(desc="param entity (e.g. mk)")
+    label = traits.Str(desc="label entity (e.g. brain for masks)")
+    desc = traits.Str(desc="desc entity (e.g. harmonized)")
+    meta_dict = traits.Dict(desc="JSON sidecar content; written next to the file when given")
+    meta_file = File(exists=True, desc="JSON sidecar to copy next to the file")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = File(desc="the stored file")
+    out_meta = File(desc="the stored sidecar, if any")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Store one output under its BIDS-Derivatives name (atomic copy, optional sidecar).
+
+    >>> sink = DerivativesDataSink(base_directory="/out", space="dwi", model="dki",
+    ...                            param="fa")
+    >>> sink.inputs.suffix
+    'dwimap'
+    """
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+
+    def _run_interface(self, runtime):
+        ent = {k: getattr(self.inputs, k) for k in ("space", "model", "param", "label", "desc")}
+        ent = {k: (v if isdefined(v) else None) for k, v in ent.items()}
+        rel = derivative_name(self.inputs.source_file, suffix=self.inputs.suffix,
+                              extension=self.inputs.extension, **ent)
+        out = Path(self.inputs.base_directory) / rel
+        atomic_copy(self.inputs.in_file, out)
+        self._results["out_file"] = str(out)
+        meta = dict(self.inputs.meta_dict) if isdefined(self.inputs.meta_dict) else {}
+        if isdefined(self.inputs.meta_file):
+            meta = {**json.loads(Path(self.inputs.meta_file).read_text()), **meta}
+        if meta:
+            sidecar = out.with_name(out.name[: -len(self.inputs.extension)] + ".json")
+            atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", sidecar)
+            self._results["out_meta"] = str(sidecar)
+        else:
+            self._results["out_meta"] = Undefined
+        return runtime

@@ -1,0 +1,1 @@
+"""Plain helpers shared by interfaces and workflows (no Nipype nodes here)."""

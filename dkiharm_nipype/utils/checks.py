@@ -1,0 +1,92 @@
+"""Checks run before any workflow is built, so bad input fails fast and writes nothing."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DkiharmInputError
+
+LOGGER = logging.getLogger("dkiharm")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early if ``output_dir`` cannot be created or written."""
+    output_dir = Path(output_dir)
+    probe_root = output_dir
+    while not probe_root.exists():
+        probe_root = probe_root.parent
+    if not probe_root.is_dir():
+        raise DkiharmInputError(
+            f"output_dir {output_dir} cannot be created because {probe_root} is a file; "
+            "choose another output folder."
+        )
+    if not os.access(probe_root, os.W_OK | os.X_OK):
+        raise DkiharmInputError(
+            f"output_dir {output_dir} is not writable (no write permission on {probe_root}); "
+            "choose a folder you can write to."
+        )
+
+
+def read_gradients(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read FSL-style ``.bval``/``.bvec`` files with one-line errors naming the file."""
+    try:
+        bvals = np.loadtxt(bval, ndmin=1, dtype=float)
+    except (OSError, ValueError) as exc:
+        raise DkiharmInputError(
+            f"{bval} cannot be read as b-values ({exc}); it must hold one row of numbers."
+        ) from None
+    try:
+        bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
+    except (OSError, ValueError) as exc:
+        raise DkiharmInputError(
+            f"{bvec} cannot be read as b-vectors ({exc}); it must hold three rows of numbers."
+        ) from None
+    if bvals.ndim != 1:
+        bvals = bvals.ravel()
+    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
+        bvecs = bvecs.T
+    if bvecs.shape[0] != 3:
+        raise DkiharmInputError(
+            f"{bvec} has {bvecs.shape[0]} rows; BIDS b-vectors are 3 rows (x, y, z) with one "
+            "column per volume."
+        )
+    return bvals, bvecs.T
+
+
+def check_nifti(path: Path, *, min_ndim: int = 4):
+    """Load a NIfTI header and data fully, turning truncation and shape problems into errors."""
+    import nibabel as nb
+
+    try:
+        img = nb.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DkiharmInputError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is truncated or "
+            "not NIfTI: copy or convert it again."
+        ) from None
+    if data.ndim < min_ndim or (min_ndim == 4 and data.shape[-1] < 2):
+        raise DkiharmInputError(
+            f"{path} is a {data.ndim}-D image of shape {data.shape}; a DWI must be 4-D with "
+            "one volume per gradient direction."
+        )
+    return img, data
+
+
+def preflight(scans) -> None:
+    """Check every selected scan can be read and fitted; raise on the first problem."""
+    from ..dki.validate import check_gradient_table, check_finite
+
+    for number, scan in enumerate(scans, 1):
+        img, data = check_nifti(scan.dwi)
+        bvals, bvecs = read_gradients(scan.bval, scan.bvec)
+        check_gradient_table(bvals, bvecs, n_volumes=data.shape[-1],
+                             source=f"{scan.bval.name}/{scan.bvec.name} of {scan.dwi}")
+        check_finite(data, source=str(scan.dwi))
+        LOGGER.debug("checked %s (%d/%d)", scan.key, number, len(scans))

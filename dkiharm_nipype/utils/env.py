@@ -1,0 +1,51 @@
+"""Which external neuroimaging tools this machine can run.
+
+The workflow factories ask here before adding nodes that need MRtrix3 or FSL, so that a
+missing tool is reported once, at build time, in one sentence that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+#: FSL's eddy has shipped under several names: ``eddy_openmp`` (FSL <= 6.0.5), ``eddy_cpu``
+#: and the ``eddy`` dispatcher (FSL >= 6.0.6). Any of them is enough.
+EDDY_COMMANDS = ("eddy", "eddy_openmp", "eddy_cpu")
+
+#: MRtrix3 commands the preprocessing runs.
+MRTRIX_COMMANDS = ("dwidenoise", "mrdegibbs", "dwi2mask")
+
+
+class ToolNotFoundError(RuntimeError):
+    """A processing step needs an external tool that is not installed."""
+
+
+class FSLNotFoundError(ToolNotFoundError):
+    """FSL (TOPUP/Eddy) was asked for explicitly but is not installed."""
+
+
+def missing_fsl() -> list[str]:
+    """List what is missing to run FSL's TOPUP and Eddy (empty when all is there).
+
+    FSL counts as installed when ``$FSLDIR`` is set, ``topup`` is on ``PATH`` and one of
+    :data:`EDDY_COMMANDS` is on ``PATH``.
+    """
+    missing = []
+    if not os.getenv("FSLDIR"):
+        missing.append("$FSLDIR")
+    if shutil.which("topup") is None:
+        missing.append("topup")
+    if not any(shutil.which(cmd) for cmd in EDDY_COMMANDS):
+        missing.append("eddy (or eddy_openmp/eddy_cpu)")
+    return missing
+
+
+def fsl_available() -> bool:
+    """Whether FSL's TOPUP and Eddy can run here."""
+    return not missing_fsl()
+
+
+def missing_mrtrix(commands: tuple[str, ...] = MRTRIX_COMMANDS) -> list[str]:
+    """List the MRtrix3 ``commands`` that are not on ``PATH``."""
+    return [cmd for cmd in commands if shutil.which(cmd) is None]
