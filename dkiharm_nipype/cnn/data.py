@@ -34,6 +34,7 @@ __all__ = [
     "dwi_order",
     "gather_neighbourhoods",
     "make_training_sets",
+    "mask_bounding_box",
     "normalize_dwi",
     "padded_neighbourhoods",
 ]
@@ -231,6 +232,17 @@ def gather_neighbourhoods(
     return flat.index_select(0, rows).reshape(centres.shape[0], -1)
 
 
+def mask_bounding_box(mask: np.ndarray, *, margin: int = 0) -> tuple[slice, ...]:
+    """Slices of the mask's bounding box grown by ``margin`` voxels, clipped to the volume."""
+    coords = np.nonzero(mask)
+    if coords[0].size == 0:
+        raise ValueError("The mask is empty: no voxel to process.")
+    return tuple(
+        slice(max(int(c.min()) - margin, 0), min(int(c.max()) + 1 + margin, n))
+        for c, n in zip(coords, mask.shape, strict=True)
+    )
+
+
 def padded_neighbourhoods(
     volume: np.ndarray, mask: np.ndarray, *, kernel_size: int = 3
 ) -> VoxelNeighbourhoods:
@@ -244,22 +256,16 @@ def padded_neighbourhoods(
     mask = np.asarray(mask, dtype=bool)
     if volume.shape[:3] != mask.shape:
         raise ValueError(f"Mask shape {mask.shape} does not match volume {volume.shape[:3]}.")
-    coords = np.nonzero(mask)
-    if coords[0].size == 0:
-        raise ValueError("The mask is empty: no voxel to process.")
-    lo = [int(c.min()) for c in coords]
-    hi = [int(c.max()) + 1 for c in coords]
-    shape = tuple(h - low + 2 * r for low, h in zip(lo, hi, strict=True))
-    padded = np.zeros((*shape, volume.shape[-1]), dtype=np.float32)
-    src, dst = [], []
-    for low, h, n in zip(lo, hi, volume.shape[:3], strict=True):
-        a, b = max(low - r, 0), min(h + r, n)
-        src.append(slice(a, b))
-        dst.append(slice(a - (low - r), b - (low - r)))
-    padded[tuple(dst)] = volume[tuple(src)]
-    centres = np.ravel_multi_index(
-        tuple(c - low + r for c, low in zip(coords, lo, strict=True)), shape
-    )
+    box = mask_bounding_box(mask, margin=r)
+    inner = mask_bounding_box(mask)
+    # Zero padding where the grown box was clipped by the volume's edge.
+    pad = [
+        (r - (i.start - b.start), r - (b.stop - i.stop)) for i, b in zip(inner, box, strict=True)
+    ]
+    padded = np.pad(np.asarray(volume[box], dtype=np.float32), [*pad, (0, 0)])
+    shape = padded.shape[:3]
+    coords = np.nonzero(mask[inner])
+    centres = np.ravel_multi_index(tuple(c + r for c in coords), shape)
     strides = (shape[1] * shape[2], shape[2], 1)
     offsets = [
         sum(d * s for d, s in zip(delta, strides, strict=True))

@@ -125,19 +125,22 @@ class HierarchicalDKINet(nn.Module):
         deep = F.dropout(deep, self.dropout, training=active)
         return torch.cat([self.shallow_out(shallow), self.deep_out(deep)], dim=-1)
 
-    def forward_voxels(self, neighbourhoods: torch.Tensor) -> torch.Tensor:
-        """Sparse forward on neighbourhood vectors ``(V, kernel**3 * C) -> (V, 8)``.
-
-        Equal to :meth:`forward` at the corresponding voxels (the convolution evaluated
-        only where asked, as one matrix product).
-        """
+    def voxel_features(self, neighbourhoods: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """First convolution, as one matrix product, and the trunk on neighbourhood vectors."""
         if neighbourhoods.ndim != 2 or neighbourhoods.shape[1] != self.conv.weight[0].numel():
             raise ValueError(
                 f"Expected neighbourhood vectors of shape (V, {self.conv.weight[0].numel()}); "
                 f"got {tuple(neighbourhoods.shape)}."
             )
-        first = F.linear(neighbourhoods, self.neighbourhood_weight(), self.conv.bias)
-        return self.heads(*self.trunk(first))
+        return self.trunk(F.linear(neighbourhoods, self.neighbourhood_weight(), self.conv.bias))
+
+    def forward_voxels(self, neighbourhoods: torch.Tensor) -> torch.Tensor:
+        """Sparse forward on neighbourhood vectors ``(V, kernel**3 * C) -> (V, 8)``.
+
+        Equal to :meth:`forward` at the corresponding voxels (the convolution evaluated
+        only where asked).
+        """
+        return self.heads(*self.voxel_features(neighbourhoods))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense forward on whole volumes ``(N, C, X, Y, Z) -> (N, 8, X, Y, Z)``."""

@@ -27,9 +27,11 @@ def b0_indices(bvals: np.ndarray, *, threshold: float = B0_THRESHOLD) -> np.ndar
     return idx
 
 
-def check_volumes(data: np.ndarray, bvals: np.ndarray, *, source: str = "the DWI") -> None:
-    """Raise ``ValueError`` unless the 4-D ``data`` has one volume per b-value."""
-    n_vols = data.shape[3] if data.ndim == 4 else 1
+def check_volumes(
+    shape: tuple[int, ...], bvals: np.ndarray, *, source: str = "the DWI"
+) -> None:
+    """Raise ``ValueError`` unless an image of ``shape`` has one volume per b-value."""
+    n_vols = shape[3] if len(shape) == 4 else 1
     if n_vols != np.asarray(bvals).size:
         raise ValueError(
             f"{source} has {n_vols} volumes but its .bval file lists {np.asarray(bvals).size} "
@@ -41,7 +43,7 @@ def mean_b0(
     data: np.ndarray, bvals: np.ndarray, *, threshold: float = B0_THRESHOLD
 ) -> np.ndarray:
     """Voxel-wise mean of the b=0 volumes of the 4-D ``data``."""
-    check_volumes(data, bvals)
+    check_volumes(data.shape, bvals)
     return data[..., b0_indices(bvals, threshold=threshold)].mean(axis=-1, dtype=np.float64)
 
 

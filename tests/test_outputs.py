@@ -1,0 +1,84 @@
+"""Derivative naming, atomic publication and the SNR measure."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from dkiharm_nipype.interfaces.bids import DerivativesDataSink, derivative_name
+from dkiharm_nipype.metrics import auto_wm_roi, snr_in_roi
+from dkiharm_nipype.utils.derivatives import publish_derivatives
+
+
+@pytest.mark.parametrize(
+    ("source", "entities", "expected"),
+    [
+        ("sub-01_ses-A_run-2_dwi.nii.gz", {"space": "dwi", "model": "dki", "param": "rk"},
+         "sub-01/ses-A/dwi/sub-01_ses-A_run-2_space-dwi_model-dki_param-rk_dwimap.nii.gz"),
+        ("sub-01_ses-B_acq-hi_run-1_dwi.nii.gz",
+         {"space": "dwi", "model": "dki", "param": "mk", "desc": "harmonized"},
+         "sub-01/ses-B/dwi/sub-01_ses-B_acq-hi_run-1_space-dwi_model-dki_param-mk_"
+         "desc-harmonized_dwimap.nii.gz"),
+        ("sub-03_dwi.nii.gz", {"space": "dwi", "model": "dki", "param": "fa"},
+         "sub-03/dwi/sub-03_space-dwi_model-dki_param-fa_dwimap.nii.gz"),
+    ],
+)
+def test_derivative_names_follow_bids(source, entities, expected):
+    assert str(derivative_name(f"/raw/{source}", suffix="dwimap", **entities)) == expected
+
+
+def test_sink_and_publish_are_atomic(tmp_path):
+    src = tmp_path / "map.nii.gz"
+    nb.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4)).to_filename(src)
+    staging = tmp_path / "staging"
+    sink = DerivativesDataSink(base_directory=str(staging), in_file=str(src),
+                               source_file="/raw/sub-01_ses-A_run-1_dwi.nii.gz", space="dwi",
+                               model="dki", param="md", meta_dict={"Model": "DKI"})
+    res = sink.run(cwd=str(tmp_path))
+    assert res.outputs.out_file.endswith("_space-dwi_model-dki_param-md_dwimap.nii.gz")
+    assert json.loads(open(res.outputs.out_meta).read()) == {"Model": "DKI"}
+    out = tmp_path / "out"
+    written = publish_derivatives(staging, out)
+    assert len(written) == 2
+    assert not list(out.rglob(".*tmp*"))  # no temporary files left behind
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "dkiharm"
+
+
+def test_snr_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    shape = (6, 6, 6)
+    bvals = np.array([0, 0, 0, 0, 1000, 2000])
+    dwi = np.empty(shape + (6,))
+    dwi[..., :4] = 100.0 + rng.normal(0, 5.0, shape + (4,))
+    dwi[..., 4:] = 40.0
+    roi = np.zeros(shape, bool)
+    roi[2:4, 2:4, 2:4] = True
+    res = snr_in_roi(dwi, bvals, roi)
+    signal = dwi[roi][:, :4].mean()
+    noise = np.sqrt(np.mean(dwi[roi][:, :4].var(axis=1, ddof=1)))
+    assert res["snr"] == pytest.approx(signal / noise)
+    assert res["snr_db"] == pytest.approx(20 * np.log10(signal / noise))
+    assert res["roi_voxels"] == 8 and res["n_b0"] == 4
+    # a noise map takes precedence: 100 / 4 -> 27.96 dB
+    res_map = snr_in_roi(np.where(np.arange(6) < 4, 100.0, 40.0) * np.ones(shape + (6,)),
+                         bvals, roi, noise_map=np.full(shape, 4.0))
+    assert res_map["snr_db"] == pytest.approx(20 * np.log10(25.0))
+    with pytest.raises(ValueError, match="empty"):
+        snr_in_roi(dwi, bvals, np.zeros(shape, bool))
+
+
+def test_auto_wm_roi_selects_coherent_white_matter():
+    shape = (9, 9, 9)
+    brain = np.zeros(shape, bool)
+    brain[1:8, 1:8, 1:8] = True
+    fa = np.full(shape, 0.2)
+    md = np.full(shape, 0.8e-3)
+    fa[4, 4, 2:7] = 0.7  # a bundle
+    md[4, 4, 6] = 2.5e-3  # partial volume with CSF at one end
+    fa[1, 1, 1] = 0.9  # bright edge voxel outside the eroded brain
+    roi = auto_wm_roi(fa, md, brain)
+    assert set(map(tuple, np.argwhere(roi))) == {(4, 4, z) for z in range(2, 6)}
