@@ -1,1 +1,19 @@
-"""dki."""
+"""Diffusion kurtosis imaging: design matrix, robust fitting and scalar maps.
+
+* :mod:`.design` – the linear DKI signal model (dipy element order).
+* :mod:`.metrics` – MD, AD, RD, FA, MK, AK, RK, KFA with dipy's definitions.
+* :mod:`.fit` – OLS, WLS and IRLLS (robust, outlier-rejecting) fits.
+* :mod:`.simulate` – plausible ground-truth tensors from Gaussian compartments.
+"""
+
+from .design import design_matrix, dki_signal, params_to_tensors, tensors_to_params
+from .metrics import ALL_METRICS, dki_metrics
+
+__all__ = [
+    "ALL_METRICS",
+    "design_matrix",
+    "dki_metrics",
+    "dki_signal",
+    "params_to_tensors",
+    "tensors_to_params",
+]

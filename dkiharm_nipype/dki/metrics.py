@@ -34,6 +34,8 @@ from collections.abc import Iterable
 import numpy as np
 from scipy.special import elliprd, elliprf
 
+from .design import KT_ORDER, _monomials
+
 #: Every map :func:`dki_metrics` can compute.
 ALL_METRICS = ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")
 
@@ -42,34 +44,6 @@ _KURTOSIS_MAPS = {"mk", "ak", "rk"}
 _POSITIVE_EVAL = 2e-7
 _EQUAL_F = 2.5e-2
 
-# Full 4th-order index (i, j, k, l) -> position in dipy's 15-element W vector.
-_KT_INDEX = np.empty((3, 3, 3, 3), dtype=np.intp)
-for _n, _name in enumerate(
-    (
-        "xxxx",
-        "yyyy",
-        "zzzz",
-        "xxxy",
-        "xxxz",
-        "xyyy",
-        "yyyz",
-        "xzzz",
-        "yzzz",
-        "xxyy",
-        "xxzz",
-        "yyzz",
-        "xxyz",
-        "xyyz",
-        "xyzz",
-    )
-):
-    _key = sorted("xyz".index(c) for c in _name)
-    for _i in range(3):
-        for _j in range(3):
-            for _k in range(3):
-                for _l in range(3):
-                    if sorted((_i, _j, _k, _l)) == _key:
-                        _KT_INDEX[_i, _j, _k, _l] = _n
 _LOWER_TRI = np.array([[0, 1, 3], [1, 2, 4], [3, 4, 5]])
 
 
@@ -78,9 +52,9 @@ def dt_to_matrix(dt: np.ndarray) -> np.ndarray:
     return np.asarray(dt)[..., _LOWER_TRI]
 
 
-def kt_to_full(kt: np.ndarray) -> np.ndarray:
-    """The 15 unique W elements (..., 15) to the full symmetric tensor (..., 3, 3, 3, 3)."""
-    return np.asarray(kt)[..., _KT_INDEX]
+def _quartic(kt: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Directional kurtosis tensor ``W(v) = sum_ijkl W_ijkl v_i v_j v_k v_l`` per voxel."""
+    return np.einsum("nk,nk->n", _monomials(v, KT_ORDER), kt)
 
 
 def _carlson(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +121,20 @@ def _positive(a, b, c):
     return (a > _POSITIVE_EVAL) & (b > _POSITIVE_EVAL) & (c > _POSITIVE_EVAL)
 
 
-def _f1(a: np.ndarray, b: np.ndarray, c: np.ndarray, carlson=_carlson) -> np.ndarray:
-    """Tabesh et al. (2011) F1 with dipy's limits for equal eigenvalues (dki._F1m)."""
+def _rf_rd(a: np.ndarray, b: np.ndarray, c: np.ndarray, carlson=_carlson):
+    """``R_F(a/b, a/c, 1)`` and ``R_D(a/b, a/c, 1)``, shared by F1(a, b, c) and F2(a, b, c)."""
+    rf, rd = np.zeros_like(a), np.zeros_like(a)
+    ok = _positive(a, b, c)
+    if ok.any():
+        rf[ok], rd[ok] = carlson(a[ok] / b[ok], a[ok] / c[ok], np.ones(int(ok.sum())))
+    return rf, rd
+
+
+def _f1(a: np.ndarray, b: np.ndarray, c: np.ndarray, rf: np.ndarray, rd: np.ndarray):
+    """Tabesh et al. (2011) F1 with dipy's limits for equal eigenvalues (dki._F1m).
+
+    ``rf, rd`` come from :func:`_rf_rd` with the same arguments.
+    """
     out = np.zeros_like(a)
     ok = _positive(a, b, c)
     dab, dac = abs(a - b), abs(a - c)
@@ -156,57 +142,64 @@ def _f1(a: np.ndarray, b: np.ndarray, c: np.ndarray, carlson=_carlson) -> np.nda
     general = ok & ~near_b & ~near_c
     if general.any():
         L1, L2, L3 = a[general], b[general], c[general]
-        rf, rd = carlson(L1 / L2, L1 / L3, np.ones_like(L1))
+        RF, RD = rf[general], rd[general]
         out[general] = (
             (L1 + L2 + L3) ** 2
             / (18 * (L1 - L2) * (L1 - L3))
             * (
-                np.sqrt(L2 * L3) / L1 * rf
-                + (3 * L1**2 - L1 * L2 - L1 * L3 - L2 * L3) / (3 * L1 * np.sqrt(L2 * L3)) * rd
+                np.sqrt(L2 * L3) / L1 * RF
+                + (3 * L1**2 - L1 * L2 - L1 * L3 - L2 * L3) / (3 * L1 * np.sqrt(L2 * L3)) * RD
                 - 1
             )
         )
     ab = ok & near_b & ~near_c
     if ab.any():
         L1 = (a[ab] + b[ab]) / 2.0
-        out[ab] = _f2(c[ab], L1, L1, carlson) / 2.0
+        out[ab] = _f2_axial(c[ab], L1) / 2.0
     ac = ok & near_c & ~near_b
     if ac.any():
         L1 = (a[ac] + c[ac]) / 2.0
-        out[ac] = _f2(b[ac], L1, L1, carlson) / 2.0
+        out[ac] = _f2_axial(b[ac], L1) / 2.0
     out[ok & near_b & near_c] = 1 / 5.0
     return out
 
 
-def _f2(a: np.ndarray, b: np.ndarray, c: np.ndarray, carlson=_carlson) -> np.ndarray:
-    """Tabesh et al. (2011) F2 with dipy's limits for equal eigenvalues (dki._F2m)."""
+def _f2_axial(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """F2(a, b, b), the limit of dipy's F2 for two equal eigenvalues (positive inputs)."""
+    out = np.full_like(a, 6 / 15.0)
+    distinct = abs(a - b) >= b * _EQUAL_F
+    L1, L3 = a[distinct], b[distinct]
+    x = 1.0 - L1 / L3
+    sq = np.sqrt(abs(x))
+    with np.errstate(invalid="ignore", divide="ignore"):  # np.where evaluates both branches
+        alpha = np.where(x > 0, np.arctanh(sq) / sq, np.arctan(sq) / sq)
+    out[distinct] = (
+        6.0
+        * ((L1 + 2.0 * L3) ** 2)
+        / (144.0 * L3**2 * (L1 - L3) ** 2)
+        * (L3 * (L1 + 2.0 * L3) + L1 * (L1 - 4.0 * L3) * alpha)
+    )
+    return out
+
+
+def _f2(a: np.ndarray, b: np.ndarray, c: np.ndarray, rf: np.ndarray, rd: np.ndarray):
+    """Tabesh et al. (2011) F2 with dipy's limits for equal eigenvalues (dki._F2m).
+
+    ``rf, rd`` come from :func:`_rf_rd` with the same arguments.
+    """
     out = np.zeros_like(a)
     ok = _positive(a, b, c)
-    dbc, dab = abs(b - c), abs(a - b)
-    general = ok & (dbc >= b * _EQUAL_F)
+    general = ok & (abs(b - c) >= b * _EQUAL_F)
     if general.any():
         L1, L2, L3 = a[general], b[general], c[general]
-        rf, rd = carlson(L1 / L2, L1 / L3, np.ones_like(L1))
         out[general] = (((L1 + L2 + L3) ** 2) / (3.0 * (L2 - L3) ** 2)) * (
-            ((L2 + L3) / np.sqrt(L2 * L3)) * rf
-            + ((2.0 * L1 - L2 - L3) / (3.0 * np.sqrt(L2 * L3))) * rd
+            ((L2 + L3) / np.sqrt(L2 * L3)) * rf[general]
+            + ((2.0 * L1 - L2 - L3) / (3.0 * np.sqrt(L2 * L3))) * rd[general]
             - 2.0
         )
-    bc = ok & (dbc < b * _EQUAL_F) & (dab >= b * _EQUAL_F)
-    if bc.any():
-        L1 = a[bc]
-        L3 = (c[bc] + b[bc]) / 2.0
-        x = 1.0 - L1 / L3
-        sq = np.sqrt(abs(x))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            alpha = np.where(x > 0, np.arctanh(sq) / sq, np.arctan(sq) / sq)
-        out[bc] = (
-            6.0
-            * ((L1 + 2.0 * L3) ** 2)
-            / (144.0 * L3**2 * (L1 - L3) ** 2)
-            * (L3 * (L1 + 2.0 * L3) + L1 * (L1 - 4.0 * L3) * alpha)
-        )
-    out[ok & (dbc < b * _EQUAL_F) & (dab < b * _EQUAL_F)] = 6 / 15.0
+    near = ok & ~general
+    if near.any():
+        out[near] = _f2_axial(a[near], (b[near] + c[near]) / 2.0)
     return out
 
 
@@ -216,7 +209,11 @@ def _g1(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     general = ok & (abs(b - c) >= b * _EQUAL_F)
     b = np.where(ok, b, 1.0)
     c = np.where(general, c, 0.5 * b)  # any value away from b keeps the masked branch finite
-    g = (a + b + c) ** 2 / (18 * b * (b - c) ** 2) * (2.0 * b + (c**2 - 3 * b * c) / np.sqrt(b * c))
+    g = (
+        (a + b + c) ** 2
+        / (18 * b * (b - c) ** 2)
+        * (2.0 * b + (c**2 - 3 * b * c) / np.sqrt(b * c))
+    )
     limit = (a + 2.0 * b) ** 2 / (24.0 * b**2)
     return np.where(general, g, np.where(ok, limit, 0.0))
 
@@ -305,7 +302,7 @@ def dki_metrics(
     >>> kt = np.zeros(15); kt[:3] = 1.0; kt[9:12] = 1 / 3
     >>> m = dki_metrics(dt, kt, ("md", "fa", "kfa"))
     >>> round(float(m["md"]), 7), round(float(m["fa"]), 3), round(float(m["kfa"]), 6)
-    (0.0007667, 0.804, 0.0)
+    (0.0007667, 0.799, 0.0)
     """
     metrics = tuple(metrics)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
@@ -342,25 +339,29 @@ def dki_metrics(
             out["fa"] = np.sqrt(0.5 * num / np.where(den > 0, den, 1.0)) * (den > 0)
 
     if need_eigen & _KURTOSIS_MAPS:
-        # W in the eigenframe: only the six elements Ŵiiii and Ŵiijj enter MK/AK/RK.
-        wfull = kt_to_full(kt)
-        # Ŵ_aabb = sum_ijkl W_ijkl e_a,i e_a,j e_b,k e_b,l, via the outer products e_a e_a^T.
-        outer = np.einsum("nia,nja->naij", evecs, evecs)
-        half = np.einsum("nijkl,nbkl->nijb", wfull, outer)
-        what = np.einsum("naij,nijb->nab", outer, half)
-        w1111, w2222, w3333 = what[:, 0, 0], what[:, 1, 1], what[:, 2, 2]
-        w1122, w1133, w2233 = what[:, 0, 1], what[:, 0, 2], what[:, 1, 2]
+        # W in the eigenframe: only Ŵaaaa = W(e_a) and Ŵaabb enter MK/AK/RK, with
+        # W(v) = sum W_ijkl v_i v_j v_k v_l and the polarization identity
+        # Ŵaabb = [W(e_a + e_b) + W(e_a - e_b) - 2 W(e_a) - 2 W(e_b)] / 12.
+        e1, e2, e3 = evecs[:, :, 0], evecs[:, :, 1], evecs[:, :, 2]
+        w1111, w2222, w3333 = (_quartic(kt, e) for e in (e1, e2, e3))
+
+        def pair(u, v, wu, wv):
+            return (_quartic(kt, u + v) + _quartic(kt, u - v) - 2 * wu - 2 * wv) / 12.0
+
+        w1122 = pair(e1, e2, w1111, w2222)
+        w1133 = pair(e1, e3, w1111, w3333)
+        w2233 = pair(e2, e3, w2222, w3333)
         positive = _positive(l1, l2, l3)
         if "mk" in metrics:
-            rfd = _carlson_dipy if dipy_compat else _carlson
-            mk = (
-                _f1(l1, l2, l3, rfd) * w1111
-                + _f1(l2, l1, l3, rfd) * w2222
-                + _f1(l3, l2, l1, rfd) * w3333
-                + _f2(l1, l2, l3, rfd) * w2233
-                + _f2(l2, l1, l3, rfd) * w1133
-                + _f2(l3, l2, l1, rfd) * w1122
-            )
+            carlson = _carlson_dipy if dipy_compat else _carlson
+            mk = np.zeros_like(l1)
+            for (a, b, c), w_aaaa, w_bbcc in (
+                ((l1, l2, l3), w1111, w2233),
+                ((l2, l1, l3), w2222, w1133),
+                ((l3, l2, l1), w3333, w1122),
+            ):
+                rf, rd = _rf_rd(a, b, c, carlson)
+                mk += _f1(a, b, c, rf, rd) * w_aaaa + _f2(a, b, c, rf, rd) * w_bbcc
             out["mk"] = _clip(mk, min_kurtosis, max_kurtosis)
         if "ak" in metrics:
             safe = np.where(positive, l1, 1.0)

@@ -89,7 +89,9 @@ def random_tissue_tensors(
     elif kind == "gm":
         f = rng.uniform(0.25, 0.45, n)
         base = rng.uniform(0.7e-3, 1.0e-3, n)
-        intra = base * rng.uniform(0.3, 0.5, n) * np.stack([1.3 * np.ones(n), np.ones(n), np.ones(n)])
+        intra = (
+            base * rng.uniform(0.3, 0.5, n) * np.stack([1.3 * np.ones(n), np.ones(n), np.ones(n)])
+        )
         extra = base * np.stack([np.full(n, 1.5), rng.uniform(1.2, 1.5, n), np.full(n, 1.3)])
     else:
         raise ValueError(f"Unknown tissue kind {kind!r}; use 'wm', 'gm' or 'mixed'.")

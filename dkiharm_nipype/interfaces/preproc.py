@@ -34,6 +34,15 @@ class DWI2Mask(MRTrix3Base, BrainMask):
     """
 
 
+def _save_like(data, ref, dtype, in_file: str, suffix: str, cwd: str) -> str:
+    """Write ``data`` as ``dtype`` on the grid of image ``ref``; return the new path."""
+    out_file = fname_presuffix(in_file, suffix=suffix, newpath=cwd)
+    header = ref.header.copy()
+    header.set_data_dtype(dtype)
+    nb.Nifti1Image(np.asarray(data, dtype=dtype), ref.affine, header).to_filename(out_file)
+    return out_file
+
+
 class _MeanB0InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="4-D diffusion-weighted series")
     in_bval = File(exists=True, mandatory=True, desc="b-values (FSL format)")
@@ -59,13 +68,8 @@ class MeanB0(SimpleInterface):
             np.loadtxt(self.inputs.in_bval, ndmin=1),
             threshold=self.inputs.b0_threshold,
         )
-        self._results["out_file"] = fname_presuffix(
-            self.inputs.in_file, suffix="_b0ref", newpath=runtime.cwd
-        )
-        header = img.header.copy()
-        header.set_data_dtype(np.float32)
-        nb.Nifti1Image(b0.astype(np.float32), img.affine, header).to_filename(
-            self._results["out_file"]
+        self._results["out_file"] = _save_like(
+            b0, img, np.float32, self.inputs.in_file, "_b0ref", runtime.cwd
         )
         return runtime
 
@@ -93,13 +97,8 @@ class MedianOtsuMask(SimpleInterface):
             median_radius=self.inputs.median_radius,
             numpass=self.inputs.numpass,
         )
-        self._results["out_file"] = fname_presuffix(
-            self.inputs.in_file, suffix="_mask", newpath=runtime.cwd
-        )
-        header = img.header.copy()
-        header.set_data_dtype(np.uint8)
-        nb.Nifti1Image(mask.astype(np.uint8), img.affine, header).to_filename(
-            self._results["out_file"]
+        self._results["out_file"] = _save_like(
+            mask, img, np.uint8, self.inputs.in_file, "_mask", runtime.cwd
         )
         return runtime
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from ..errors import DkiharmInputError
+
 #: FSL's eddy has shipped under several names: ``eddy_openmp`` (FSL <= 6.0.5), ``eddy_cpu``
 #: and the ``eddy`` dispatcher (FSL >= 6.0.6). Any of them is enough.
 EDDY_COMMANDS = ("eddy", "eddy_openmp", "eddy_cpu")
@@ -17,8 +19,8 @@ EDDY_COMMANDS = ("eddy", "eddy_openmp", "eddy_cpu")
 MRTRIX_COMMANDS = ("dwidenoise", "mrdegibbs", "dwi2mask")
 
 
-class ToolNotFoundError(RuntimeError):
-    """A processing step needs an external tool that is not installed."""
+class ToolNotFoundError(DkiharmInputError, RuntimeError):
+    """A processing step needs an external tool that is not installed (one-line message)."""
 
 
 class FSLNotFoundError(ToolNotFoundError):

@@ -24,6 +24,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from ..errors import DkiharmInputError
 from .dwi import B0_THRESHOLD, b0_indices, check_volumes
 
 _PE_AXES = {"i": 0, "j": 1, "k": 2}
@@ -36,8 +37,12 @@ NO_FIELD_READOUT_TIME = 0.05
 MAX_READOUT_TIME = 0.5
 
 
-class MissingMetadataError(ValueError):
+class MissingMetadataError(DkiharmInputError):
     """A BIDS sidecar lacks (or has an invalid) field that TOPUP/Eddy needs."""
+
+
+class FieldmapError(DkiharmInputError):
+    """The ``epi`` fieldmaps given cannot drive TOPUP for this DWI."""
 
 
 def sidecar_name(image: str | Path) -> str:
@@ -203,9 +208,7 @@ def topup_config(shape: Sequence[int]) -> str:
 
 def format_acqparams(rows: np.ndarray) -> str:
     """Text of an acquisition-parameter file: ``0 -1 0 0.05`` per row."""
-    return "".join(
-        f"{int(x)} {int(y)} {int(z)} {t:.8g}\n" for x, y, z, t in np.asarray(rows)
-    )
+    return "".join(f"{int(x)} {int(y)} {int(z)} {t:.8g}\n" for x, y, z, t in np.asarray(rows))
 
 
 def write_topup_files(
@@ -242,7 +245,7 @@ def write_topup_files(
     ------
     MissingMetadataError
         If a sidecar lacks the PE direction or (for TOPUP) the readout time.
-    ValueError
+    FieldmapError
         If no fieldmap has a PE direction other than the DWI's, or grids differ.
     """
     out_dir = Path(out_dir)
@@ -266,12 +269,12 @@ def write_topup_files(
         return {key: str(path) for key, path in paths.items()}
 
     if len(fmap_files) != len(fmap_metadata):
-        raise ValueError(
+        raise FieldmapError(
             f"Got {len(fmap_files)} fieldmap images but {len(fmap_metadata)} sidecars; "
             "give one metadata dictionary per 'epi' fieldmap."
         )
     if not fmap_files:
-        raise ValueError(
+        raise FieldmapError(
             f"TOPUP needs a reversed-PE 'epi' fieldmap for {Path(dwi_file).name} but none was "
             "given; add one or build the workflow with has_rpe_fmap=False."
         )
@@ -282,7 +285,7 @@ def write_topup_files(
     for fmap_file, fmap_meta in zip(fmap_files, fmap_metadata, strict=True):
         fmap_img = nb.load(fmap_file)
         if fmap_img.shape[:3] != shape:
-            raise ValueError(
+            raise FieldmapError(
                 f"Fieldmap {Path(fmap_file).name} has grid {fmap_img.shape[:3]} but the DWI "
                 f"has {shape}; TOPUP needs them on the same grid (use a matching 'epi' scan)."
             )
@@ -300,7 +303,7 @@ def write_topup_files(
         )
     rows = np.vstack(rows)
     if not np.any(np.any(rows[:, :3] != dwi_row[0, :3], axis=1)):
-        raise ValueError(
+        raise FieldmapError(
             f"No 'epi' fieldmap ({', '.join(Path(f).name for f in fmap_files)}) has a "
             f"phase-encoding direction other than the DWI's "
             f"({metadata['PhaseEncodingDirection']}); TOPUP needs a reversed-PE b0: fix the "

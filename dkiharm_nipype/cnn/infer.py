@@ -1,0 +1,120 @@
+"""Harmonized DKI maps from one scan: sparse, chunked inference and MC-dropout.
+
+Only brain voxels are computed: each chunk of ``batch_voxels`` masked voxels is gathered as
+3x3x3 neighbourhood vectors and passed through :meth:`.model.HierarchicalDKINet.
+forward_voxels`, so memory is bounded by the chunk and time scales with the mask, not the
+field of view.
+
+MC-dropout (Gal & Ghahramani 2016): with ``mc_samples = N > 0`` dropout stays active and the
+mean and standard deviation of N passes are returned. Dropout sits right before the output
+layers, so the trunk is computed once per chunk and only the cheap heads are sampled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import VoxelNeighbourhoods, mask_bounding_box, normalize_dwi, padded_neighbourhoods
+from .model import OUTPUT_NAMES, HierarchicalDKINet
+from .modelio import ModelCard
+
+__all__ = ["harmonize_scan", "predict_voxels"]
+
+
+def predict_voxels(
+    model: HierarchicalDKINet,
+    voxels: VoxelNeighbourhoods,
+    *,
+    device: str | torch.device = "cpu",
+    batch_voxels: int = 16384,
+    mc_samples: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Network outputs (scaled targets) ``(V, 8)`` at ``voxels``; std too with MC-dropout."""
+    if batch_voxels < 1:
+        raise ValueError(f"batch_voxels must be >= 1; got {batch_voxels}.")
+    if mc_samples == 1 or mc_samples < 0:
+        raise ValueError(f"mc_samples must be 0 (off) or >= 2; got {mc_samples}.")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    voxels = voxels.to(device)
+    n_out = len(OUTPUT_NAMES)
+    mean = np.empty((len(voxels), n_out), dtype=np.float32)
+    std = np.empty_like(mean) if mc_samples else None
+    with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        for start in range(0, len(voxels), batch_voxels):
+            chunk = slice(start, start + batch_voxels)
+            shallow, deep = model.voxel_features(voxels.inputs(chunk))
+            if not mc_samples:
+                mean[chunk] = model.heads(shallow, deep, dropout=False).cpu().numpy()
+                continue
+            draws = torch.stack(
+                [model.heads(shallow, deep, dropout=True) for _ in range(mc_samples)]
+            )
+            std_t, mean_t = torch.std_mean(draws, dim=0)
+            mean[chunk], std[chunk] = mean_t.cpu().numpy(), std_t.cpu().numpy()
+    model.train(was_training)
+    return mean, std
+
+
+def harmonize_scan(
+    model: HierarchicalDKINet,
+    card: ModelCard,
+    dwi: np.ndarray,
+    bvals: np.ndarray,
+    mask: np.ndarray,
+    *,
+    device: str | torch.device = "cpu",
+    batch_voxels: int = 16384,
+    mc_samples: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Harmonized DKI maps ``(X, Y, Z, 8)`` of one target-scanner scan, in physical units.
+
+    ``dwi`` is ``(X, Y, Z, N)`` with ``bvals`` ``(N,)``; maps are computed inside ``mask``
+    only (0 elsewhere), in :data:`.model.OUTPUT_NAMES` order, diffusivities in mm^2/s.
+    With ``mc_samples >= 2`` also returns the voxel-wise MC-dropout standard deviation
+    (same units), else ``None``. The protocol is checked by the caller
+    (:func:`.modelio.check_fingerprint`); here only the channel count must fit.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != dwi.shape[:3]:
+        raise ValueError(f"Mask shape {mask.shape} does not match the DWI {dwi.shape[:3]}.")
+    norm = card.normalization
+    # Normalise the mask's bounding box (plus the kernel radius) only: less time and memory.
+    box = mask_bounding_box(mask, margin=model.kernel_size // 2)
+    volume = normalize_dwi(
+        dwi[box], bvals, b0_threshold=norm["b0_threshold"], clip=tuple(norm["clip"])
+    )
+    if volume.shape[-1] != model.in_channels:
+        raise ValueError(
+            f"The scan has {volume.shape[-1]} diffusion-weighted volumes but the harmonizer "
+            f"expects {model.in_channels}; it was trained for another protocol."
+        )
+    voxels = padded_neighbourhoods(volume, mask[box], kernel_size=model.kernel_size)
+    del volume
+    mean, std = predict_voxels(
+        model,
+        voxels,
+        device=device,
+        batch_voxels=batch_voxels,
+        mc_samples=mc_samples,
+        seed=seed,
+    )
+    scaling = card.scaling
+    maps = np.zeros((*mask.shape, len(OUTPUT_NAMES)), dtype=np.float32)
+    maps[mask] = scaling.to_physical(mean)
+    if std is None:
+        return maps, None
+    std_maps = np.zeros_like(maps)
+    std_maps[mask] = std * np.asarray(scaling.scale, dtype=np.float32)
+    return maps, std_maps
+
+
+def _rng_devices(device: torch.device) -> list:
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []

@@ -1,0 +1,246 @@
+"""Training the harmonization CNN for one target scanner (paper section 2.2, Fig. 1).
+
+:func:`fit` is the plain loop: Adam on a masked loss (training samples are brain voxels
+only), validation after every epoch, early stopping, best weights restored.
+:func:`train_harmonizer` adds the bookkeeping around it: target scaling, the train /
+validation split, the seeded network and the model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import (
+    B0_THRESHOLD,
+    CLIP_RANGE,
+    TargetScaling,
+    TrainingSubject,
+    VoxelNeighbourhoods,
+    make_training_sets,
+)
+from .infer import predict_voxels
+from .model import OUTPUT_NAMES, HierarchicalDKINet
+from .modelio import ModelCard
+
+__all__ = ["FitResult", "fit", "nrmse", "train_harmonizer", "validation_metrics"]
+
+_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
+
+@dataclass
+class FitResult:
+    """Per-epoch ``history`` (dicts: epoch, loss, val_loss, seconds) and the best epoch."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_loss: float = math.inf
+
+
+def fit(
+    model: HierarchicalDKINet,
+    train_data: VoxelNeighbourhoods,
+    val_data: VoxelNeighbourhoods | None = None,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    patience: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    loss: str = "mse",
+    log: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on neighbourhood vectors; keep the weights of the best epoch.
+
+    Early stopping watches the validation loss (the training loss without ``val_data``) and
+    stops after ``patience`` epochs without improvement. Seeded and, on CPU, deterministic.
+    """
+    if loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {sorted(_LOSSES)}; got {loss!r}.")
+    if train_data.targets is None or not len(train_data):
+        raise ValueError("fit() needs training voxels with targets.")
+    device = torch.device(device)
+    criterion = _LOSSES[loss]
+    result = FitResult()
+    with _deterministic(device):
+        torch.manual_seed(seed)
+        order = torch.Generator().manual_seed(seed)
+        model.to(device)
+        train = train_data.to(device)
+        val = val_data.to(device) if val_data is not None and len(val_data) else None
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        best_state, stale = copy.deepcopy(model.state_dict()), 0
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            model.train()
+            total = 0.0
+            for idx in _batches(len(train), batch_size, order, device):
+                batch_loss = criterion(model.forward_voxels(train.inputs(idx)), train.targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                optimizer.step()
+                total += batch_loss.item() * idx.numel()
+            train_loss = total / len(train)
+            val_loss = _evaluate(model, val, criterion, batch_size) if val else None
+            monitored = train_loss if val_loss is None else val_loss
+            record = {"epoch": epoch, "loss": train_loss, "val_loss": val_loss}
+            record["seconds"] = time.perf_counter() - start
+            result.history.append(record)
+            if log is not None:
+                log(record)
+            if monitored < result.best_loss:
+                result.best_loss, result.best_epoch = monitored, epoch
+                best_state, stale = copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+        model.load_state_dict(best_state)
+    return result
+
+
+def train_harmonizer(
+    subjects: Sequence[TrainingSubject],
+    *,
+    scanner: str,
+    protocol: Mapping,
+    hidden_channels: int = 150,
+    num_shared_layers: int = 2,
+    dropout: float = 0.1,
+    target_scaling: str = "zscore",
+    val_fraction: float = 0.1,
+    block_size: int = 8,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    patience: int = 10,
+    loss: str = "mse",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    normalization: Mapping | None = None,
+    log: Callable[[dict], None] | None = None,
+) -> tuple[HierarchicalDKINet, ModelCard, FitResult]:
+    """Train a harmonizer for one target scanner from traveling subjects.
+
+    ``subjects`` hold target-scanner DWIs normalised with ``normalization`` (the
+    :func:`.data.normalize_dwi` arguments, recorded in the card; defaults to the package
+    defaults) and reference-scanner labels registered to them. Returns the trained network
+    (best epoch), its card (to save with :func:`.modelio.save_model`) and the fit history.
+    """
+    normalization = dict(normalization or {"b0_threshold": B0_THRESHOLD, "clip": CLIP_RANGE})
+    normalization["clip"] = list(normalization["clip"])
+    normalization.setdefault(
+        "input", "non-b0 volumes sorted by shell then acquisition order, / voxel mean b0"
+    )
+    scaling = TargetScaling.fit(
+        [s.labels for s in subjects], [s.training_mask() for s in subjects], mode=target_scaling
+    )
+    train, val = make_training_sets(
+        subjects, scaling=scaling, val_fraction=val_fraction, block_size=block_size, seed=seed
+    )
+    torch.manual_seed(seed)  # the initial weights are part of the seeded run
+    model = HierarchicalDKINet(
+        subjects[0].dwi.shape[-1],
+        hidden_channels=hidden_channels,
+        num_shared_layers=num_shared_layers,
+        dropout=dropout,
+    )
+    result = fit(
+        model,
+        train,
+        val,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        loss=loss,
+        seed=seed,
+        device=device,
+        log=log,
+    )
+    metrics = validation_metrics(model, val if val is not None else train, scaling, device=device)
+    hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
+    hyper.update(loss=loss, val_fraction=val_fraction, block_size=block_size)
+    card = ModelCard(
+        scanner=scanner,
+        protocol=dict(protocol),
+        normalization=normalization,
+        target_scaling=scaling.to_dict(),
+        architecture=dict(model.hparams),
+        training={
+            "subjects": [s.name or f"subject{i}" for i, s in enumerate(subjects)],
+            "n_train_voxels": len(train),
+            "n_val_voxels": 0 if val is None else len(val),
+            "seed": seed,
+            "hyperparameters": {**hyper, "optimizer": "adam", "target_scaling": target_scaling},
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "best_loss": result.best_loss,
+            "validation": metrics,
+        },
+    )
+    return model.cpu(), card, result
+
+
+def nrmse(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Root mean square error normalised by the mean absolute reference value."""
+    prediction, reference = np.asarray(prediction, float), np.asarray(reference, float)
+    return float(np.sqrt(np.mean((prediction - reference) ** 2)) / np.mean(np.abs(reference)))
+
+
+def validation_metrics(
+    model: HierarchicalDKINet,
+    data: VoxelNeighbourhoods,
+    scaling: TargetScaling,
+    *,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Per-map RMSE (physical units) and NRMSE of the deterministic network on ``data``."""
+    pred, _ = predict_voxels(model, data, device=device)
+    pred = scaling.to_physical(pred)
+    ref = scaling.to_physical(data.targets.cpu().numpy())
+    return {
+        name: {
+            "rmse": float(np.sqrt(np.mean((pred[:, i] - ref[:, i]) ** 2))),
+            "nrmse": nrmse(pred[:, i], ref[:, i]),
+        }
+        for i, name in enumerate(OUTPUT_NAMES)
+    }
+
+
+def _batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> Iterator[torch.Tensor]:
+    yield from (b.to(device) for b in torch.randperm(n, generator=generator).split(batch_size))
+
+
+@torch.no_grad()
+def _evaluate(model, data: VoxelNeighbourhoods, criterion, batch_size: int) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        idx = slice(start, start + batch_size)
+        out = model.forward_voxels(data.inputs(idx))
+        total += criterion(out, data.targets[idx], reduction="sum").item() / out.shape[1]
+    return total / len(data)
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on CPU; on GPU, warn where cuBLAS/cuDNN cannot promise it."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

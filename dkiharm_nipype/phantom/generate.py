@@ -1,0 +1,482 @@
+"""Orchestration: simulate every subject on every scanner and write the BIDS dataset.
+
+For each subject and scanner (one session = one visit, one rigid head position):
+
+1. ground truth on the scan's native grid: anatomy at the voxel centres (undistorted),
+   compartment signal at the scan's TE/TR on the canonical b-table, log-linear DKI fit;
+2. acquisition: the object on a finer in-plane grid at EPI-distorted positions, with the
+   gradient imperfections, receive bias and Jacobian intensity change, k-space truncated
+   to the matrix with partial Fourier; the reversed-PE b0 displaced the other way;
+3. one noisy magnitude realisation per run (fresh noise), stored as int16.
+
+Work is split by subject over ``n_jobs`` processes; seeds come from
+``SeedSequence([seed, subject, scanner, run])`` so outputs do not depend on ``n_jobs``.
+Everything is written into a temporary sibling folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from . import bids as bw
+from .anatomy import ROI_INDEX, SubjectAnatomy, evaluate, make_subject
+from .microstructure import prepare, truth_dki
+from .presets import Preset, get_preset
+from .scanners import (
+    Scanner,
+    add_noise,
+    apply_affine,
+    bias_field,
+    gradient_tensor,
+    grid_affine,
+    grid_points,
+    kspace_sample,
+    pe_axis,
+    pe_sign,
+    random_pose,
+    reverse_pe,
+    scan_table,
+    susceptibility_hz,
+)
+
+_CHUNK = 400_000
+_DIR_LABEL = {"j-": "AP", "j": "PA", "i-": "RL", "i": "LR"}
+TRUTH_PARAMS = ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")
+
+
+class PhantomError(ValueError):
+    """Bad phantom input (preset, output folder, seed); the message says how to fix it."""
+
+
+def _evaluate(subject: SubjectAnatomy, pts: np.ndarray, **kw):
+    """Anatomy in chunks (bounded memory), then concatenated."""
+    if len(pts) <= _CHUNK:
+        return evaluate(subject, pts, **kw)
+    parts = [evaluate(subject, pts[i : i + _CHUNK], **kw) for i in range(0, len(pts), _CHUNK)]
+    out = parts[0]
+    for name in ("tissues", "weights", "directions", "radial", "texture", "labels"):
+        vals = [getattr(p, name) for p in parts]
+        if vals[0] is not None:
+            setattr(out, name, np.concatenate(vals))
+    return out
+
+
+def _sub(index: int) -> str:
+    return f"{index + 1:02d}"
+
+
+def _seed(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
+
+
+def _distorted_sources(
+    world: np.ndarray,
+    to_subject: np.ndarray,
+    subject: SubjectAnatomy,
+    scanner: Scanner,
+    pe_dir: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Object positions imaged at ``world`` points by an EPI readout along ``pe_dir``.
+
+    A spin at x appears at ``y = x + D(x) e_pe`` with ``D = s * field(x) * TRT * voxel``;
+    ``x`` is found by fixed-point iteration and the intensity scales by ``1 / (1 + dD/dpe)``.
+    Returns the source points (world mm), the Jacobian intensity factor and D (mm).
+    """
+    proto = scanner.protocol
+    axis = pe_axis(pe_dir)
+    scale = pe_sign(pe_dir) * proto.total_readout_time * proto.voxel_mm[axis]
+    radii, centre, peak = subject.radii_mm, subject.centre_mm, scanner.susceptibility_hz
+
+    def disp(pts):
+        return np.float32(scale) * susceptibility_hz(
+            apply_affine(to_subject, pts), radii, centre, peak
+        )
+
+    src = world.copy()
+    for _ in range(6):
+        src[:, axis] = world[:, axis] - disp(src)
+    h = np.float32(0.5)
+    plus, minus = src.copy(), src.copy()
+    plus[:, axis] += h
+    minus[:, axis] -= h
+    deriv = (disp(plus) - disp(minus)) / (2 * h)
+    jac = 1.0 / np.clip(1.0 + deriv, 0.2, 5.0)
+    return src, jac.astype(np.float32), disp(src)
+
+
+def _acquire(
+    subject: SubjectAnatomy,
+    scanner: Scanner,
+    to_subject: np.ndarray,
+    affine: np.ndarray,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    bias_rng: np.random.Generator,
+    *,
+    pe_dir: str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Noise-free magnitude images (X, Y, Z, M) of one acquisition, and the displacement."""
+    proto, eff = scanner.protocol, scanner.effects
+    shape = proto.shape
+    f = scanner.gibbs_oversample if eff.gibbs else 1
+    fine_shape = (shape[0] * f, shape[1] * f, shape[2])
+    world = grid_points(shape, affine, (f, f, 1))
+    jac = np.ones(len(world), np.float32)
+    disp = None
+    if eff.distortion and not proto.distortion_corrected:
+        world, jac, disp = _distorted_sources(world, to_subject, subject, scanner, pe_dir)
+    pts = apply_affine(to_subject, world)
+    tissues = _evaluate(subject, pts, fibres=False).tissues
+    head = np.flatnonzero(tissues.sum(1) > 1e-3)
+    sample = _evaluate(subject, pts[head], fibres=True)
+    model = prepare(sample, subject, te_ms=proto.te_ms, tr_ms=proto.tr_ms)
+    grad = None
+    if eff.gradients:
+        grad = gradient_tensor(
+            world[head], b_scale=scanner.b_scale, nonlinearity=scanner.nonlinearity
+        )
+    amp = jac[head] * np.float32(scanner.intensity_scale)
+    if eff.bias:
+        amp = amp * bias_field(world[head], bias_rng, scanner.bias_strength)
+    pf = proto.partial_fourier if eff.partial_fourier else 1.0
+    out = np.empty((*shape, len(bvals)), np.float32)
+    fine = np.zeros(int(np.prod(fine_shape)), np.float32)
+    for j, (b, g) in enumerate(zip(bvals, bvecs, strict=True)):
+        fine[head] = model.volume(float(b), g, grad) * amp
+        out[..., j] = kspace_sample(
+            fine.reshape(fine_shape), oversample=f, partial_fourier=pf, pe_axis=pe_axis(pe_dir)
+        )
+    if disp is not None:
+        disp = disp.reshape(fine_shape)[::f, ::f, :]
+    return out, disp
+
+
+def _session(
+    root: Path,
+    truth_root: Path,
+    preset: Preset,
+    subject: SubjectAnatomy,
+    si: int,
+    ki: int,
+    scanner: Scanner,
+    seed: int,
+) -> dict:
+    sub, ses = _sub(si), scanner.label
+    proto, eff = scanner.protocol, scanner.effects
+    shape = proto.shape
+    affine = grid_affine(shape, proto.voxel_mm)
+    rng = _seed(seed, si, ki, 0)
+    pose = np.eye(4)
+    if eff.motion:
+        pose = random_pose(rng, rot_deg=preset.motion_deg, trans_mm=preset.motion_mm)
+    to_subject = np.linalg.inv(pose)  # scan world -> subject world
+
+    # 1. truth on the native grid
+    world = grid_points(shape, affine)
+    pts = apply_affine(to_subject, world)
+    tissues = _evaluate(subject, pts, fibres=False).tissues
+    brain = np.flatnonzero(tissues[:, :4].sum(1) > 1e-2)
+    sample = _evaluate(subject, pts[brain], fibres=True, labels=True)
+    model = prepare(sample, subject, te_ms=proto.te_ms, tr_ms=proto.tr_ms)
+    truth = truth_dki(model, metrics=TRUTH_PARAMS)
+    labels = np.zeros(len(pts), np.int16)
+    labels[brain] = sample.labels
+
+    # 2. acquisition (noise-free)
+    bvals, bvecs = scan_table(proto, seed=1000 * ki + 17 + sum(map(ord, ses)))
+    bias_seed = (seed, si, ki, 1)
+    data, disp = _acquire(
+        subject, scanner, to_subject, affine, bvals, bvecs, _seed(*bias_seed),
+        pe_dir=proto.pe_dir,
+    )
+    rev = None
+    if proto.n_rev_b0 > 0:
+        b0 = np.zeros(proto.n_rev_b0)
+        g0 = np.zeros((proto.n_rev_b0, 3))
+        rev, _ = _acquire(
+            subject, scanner, to_subject, affine, b0, g0, _seed(*bias_seed),
+            pe_dir=reverse_pe(proto.pe_dir),
+        )
+
+    # noise level from the b0 SNR in the genu of the corpus callosum
+    b0_mean = data[..., bvals == 0].mean(-1).ravel()
+    roi = labels == ROI_INDEX["GCC"]
+    if roi.sum() < 3:
+        roi = tissues[:, 0] > 0.9
+    snr_db = scanner.snr_for(si)
+    sigma = float(b0_mean[roi].mean() / 10 ** (snr_db / 20))
+
+    # 3. write runs
+    ses_dir = root / f"sub-{sub}" / f"ses-{ses}"
+    dwi_names = []
+    meta = _sidecar(scanner)
+    for run in range(1, proto.repeats + 1):
+        stem = ses_dir / "dwi" / f"sub-{sub}_ses-{ses}_run-{run}_dwi"
+        noisy = data
+        if eff.noise:
+            noisy = add_noise(data, sigma, scanner.noise_channels, _seed(seed, si, ki, 10 + run))
+        bw.write_nifti(Path(str(stem) + ".nii.gz"), _to_int16(noisy), affine)
+        bw.write_gradients(stem, bvals, bvecs)
+        bw.write_json(Path(str(stem) + ".json"), meta)
+        dwi_names.append(f"ses-{ses}/dwi/{stem.name}.nii.gz")
+    if rev is not None:
+        rdir = reverse_pe(proto.pe_dir)
+        stem = ses_dir / "fmap" / f"sub-{sub}_ses-{ses}_dir-{_DIR_LABEL[rdir]}_epi"
+        noisy = rev
+        if eff.noise:
+            noisy = add_noise(rev, sigma, scanner.noise_channels, _seed(seed, si, ki, 9))
+        bw.write_nifti(Path(str(stem) + ".nii.gz"), _to_int16(noisy), affine)
+        bw.write_json(
+            Path(str(stem) + ".json"),
+            {**meta, "PhaseEncodingDirection": rdir, "IntendedFor": dwi_names},
+        )
+
+    # truth derivatives in DWI space
+    tdir = truth_root / f"sub-{sub}" / f"ses-{ses}"
+    first = None
+    for run in range(1, proto.repeats + 1):
+        prefix = tdir / "dwi" / f"sub-{sub}_ses-{ses}_run-{run}_space-dwi"
+        if first is None:
+            for name in TRUTH_PARAMS:
+                full = np.zeros(len(pts), np.float32)
+                full[brain] = truth[name]
+                bw.write_nifti(_p(prefix, f"_model-dki_param-{name}_desc-truth_dwimap"),
+                               full.reshape(shape), affine, xyzt="mm")
+            _write_tissues(prefix, tissues, labels, shape, affine)
+            first = prefix
+        else:
+            _link_all(first, prefix)
+        bw.write_json(
+            _p(prefix, "_model-dki_desc-truth_dwimap", ".json"),
+            {
+                "Description": (
+                    "Ground-truth DKI: log-linear least-squares DKI fit of the noise-free, "
+                    "artefact-free compartment signal at this scan's TE/TR on the canonical "
+                    "b = 0/1000/2000/3000 s/mm2 scheme (64 directions per shell), on the "
+                    "undistorted DWI grid."
+                ),
+                "Sources": [f"bids::sub-{sub}/{dwi_names[run - 1]}"],
+                "EchoTime": proto.te_ms / 1000,
+                "RepetitionTime": proto.tr_ms / 1000,
+                "NoiseSigma": sigma,
+                "NoiseChannels": scanner.noise_channels,
+                "TargetSNRdB": snr_db,
+                "IntensityScale": scanner.intensity_scale,
+                "Effects": asdict(eff),
+                "Units": {"md": "mm2/s", "ad": "mm2/s", "rd": "mm2/s"},
+            },
+        )
+    xfm = tdir / "xfm" / f"sub-{sub}_ses-{ses}_from-dwi_to-T1w_mode-image_xfm.txt"
+    xfm.parent.mkdir(parents=True, exist_ok=True)
+    np.savetxt(xfm, to_subject, fmt="%.10f",
+               header="RAS world(mm) of the DWI -> RAS world(mm) of subject/T1w space")
+    if disp is not None:
+        fm = tdir / "fmap" / f"sub-{sub}_ses-{ses}_space-dwi_desc-displacement_fieldmap.nii.gz"
+        vox = proto.voxel_mm[pe_axis(proto.pe_dir)]
+        bw.write_nifti(fm, (disp / vox).astype(np.float32), affine)
+        bw.write_json(
+            fm.with_name(fm.name.replace(".nii.gz", ".json")),
+            {
+                "Description": "EPI displacement along the phase-encoding axis (voxels) of "
+                "the signal imaged at each DWI voxel; the reversed-PE b0 has the opposite.",
+                "Units": "voxel",
+                "PhaseEncodingDirection": proto.pe_dir,
+                "TotalReadoutTime": proto.total_readout_time,
+            },
+        )
+    return {"session": ses, "sigma": sigma}
+
+
+def _p(prefix: Path, suffix: str, ext: str = ".nii.gz") -> Path:
+    return prefix.with_name(prefix.name + suffix + ext)
+
+
+def _link_all(src_prefix: Path, dst_prefix: Path) -> None:
+    """Identical truth of a repeated run: hard links (copies where links fail)."""
+    for f in sorted(src_prefix.parent.glob(src_prefix.name + "_*.nii.gz")):
+        dst = dst_prefix.with_name(f.name.replace(src_prefix.name, dst_prefix.name))
+        try:
+            os.link(f, dst)
+        except OSError:
+            shutil.copyfile(f, dst)
+
+
+def _write_tissues(prefix: Path, tissues, labels, shape, affine) -> None:
+    names = {"WM": tissues[:, 0], "GM": tissues[:, 1], "SGM": tissues[:, 2], "CSF": tissues[:, 3]}
+    for label, arr in names.items():
+        bw.write_nifti(_p(prefix, f"_label-{label}_probseg"),
+                       arr.reshape(shape).astype(np.float32), affine)
+    brain = tissues[:, :4].sum(1) > 0.5
+    bw.write_nifti(_p(prefix, "_desc-brain_mask"), brain.reshape(shape).astype(np.uint8), affine)
+    bw.write_nifti(_p(prefix, "_desc-wmrois_dseg"), labels.reshape(shape).astype(np.int16), affine)
+
+
+def _to_int16(data: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(data), 0, 32767).astype(np.int16)
+
+
+def _sidecar(scanner: Scanner) -> dict:
+    p = scanner.protocol
+    meta = {
+        "Manufacturer": scanner.manufacturer,
+        "ManufacturersModelName": scanner.model,
+        "DeviceSerialNumber": scanner.serial,
+        "MagneticFieldStrength": scanner.field_strength,
+        "ReceiveCoilName": f"Head_{scanner.coil_channels}",
+        "ReceiveCoilActiveElements": f"{scanner.coil_channels} channels",
+        "PulseSequenceType": "SE EPI",
+        "EchoTime": p.te_ms / 1000,
+        "RepetitionTime": p.tr_ms / 1000,
+        "PhaseEncodingDirection": p.pe_dir,
+        "TotalReadoutTime": round(p.total_readout_time, 6),
+        "EffectiveEchoSpacing": round(p.effective_echo_spacing, 8),
+        "PartialFourier": round(p.partial_fourier, 4),
+        "ParallelReductionFactorInPlane": p.acceleration,
+        "AcquisitionMatrixPE": p.matrix[1],
+    }
+    return meta
+
+
+def _subject_worker(args) -> dict:
+    root, truth_root, preset, seed, si = args
+    rng = _seed(seed, si, 999)
+    subject = make_subject(rng, preset.brain_radii_mm, preset.brain_centre_mm)
+    sub = _sub(si)
+    # subject space (= T1w space): tissues and ROIs on the DWI-resolution grid, T1w image
+    aff = grid_affine(preset.subject_shape, preset.subject_voxel_mm)
+    pts = grid_points(preset.subject_shape, aff)
+    tissues = _evaluate(subject, pts, fibres=False).tissues
+    brain = np.flatnonzero(tissues[:, :4].sum(1) > 1e-2)
+    labels = np.zeros(len(pts), np.int16)
+    labels[brain] = _evaluate(subject, pts[brain], fibres=False, labels=True).labels
+    prefix = truth_root / f"sub-{sub}" / "anat" / f"sub-{sub}_space-T1w"
+    _write_tissues(prefix, tissues, labels, preset.subject_shape, aff)
+    _write_t1w(root, preset, subject, si, seed)
+    sessions = []
+    for ki, scanner in enumerate(preset.scanners):
+        sessions.append(_session(root, truth_root, preset, subject, si, ki, scanner, seed))
+    return {"participant_id": f"sub-{sub}", "age": subject.age, "sex": subject.sex}
+
+
+def _write_t1w(root: Path, preset: Preset, subject: SubjectAnatomy, si: int, seed: int) -> None:
+    """An MPRAGE-like T1w (WM bright, CSF dark) in subject space, in the reference session."""
+    fov = np.asarray(preset.subject_shape) * np.asarray(preset.subject_voxel_mm)
+    shape = tuple(int(round(v / preset.t1w_voxel_mm)) for v in fov)
+    vox = (preset.t1w_voxel_mm,) * 3
+    aff = grid_affine(shape, vox)
+    pts = grid_points(shape, aff)
+    tis = _evaluate(subject, pts, fibres=False, edge_mm=0.4).tissues
+    contrast = np.array([1.0, 0.62, 0.72, 0.12, 0.85], np.float32)
+    img = (tis @ contrast) * 1000.0
+    rng = _seed(seed, si, 998)
+    img *= bias_field(pts, rng, 0.1)
+    img = add_noise(img, 25.0, 1, rng)
+    ref = preset.reference
+    path = root / f"sub-{_sub(si)}" / f"ses-{ref}" / "anat" / f"sub-{_sub(si)}_ses-{ref}_T1w.nii.gz"
+    bw.write_nifti(path, _to_int16(img).reshape(shape), aff)
+    bw.write_json(
+        path.with_name(path.name.replace(".nii.gz", ".json")),
+        {"Manufacturer": "Siemens", "PulseSequenceType": "MPRAGE", "EchoTime": 0.00229,
+         "RepetitionTime": 2.3, "InversionTime": 0.9, "FlipAngle": 8},
+    )
+
+
+def check_output(out_dir: Path, overwrite: bool) -> Path:
+    """Resolve the output folder or raise :class:`PhantomError` with the fix."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise PhantomError(f"output path {out} exists and is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PhantomError(
+            f"output folder {out} is not empty; pass --overwrite (overwrite=True) to replace "
+            "it or choose a new folder."
+        )
+    parent = out.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PhantomError(
+            f"cannot write to {probe} (permission denied); choose an output folder you can "
+            "write to."
+        )
+    return out
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PhantomError(f"seed must be a non-negative integer, got {seed!r}; e.g. --seed 0.")
+    return int(seed)
+
+
+def generate(
+    out_dir: str | os.PathLike,
+    preset: str = "tiny",
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    **overrides,
+) -> Path:
+    """Generate a traveling-subject phantom as BIDS raw data with truth derivatives.
+
+    Parameters
+    ----------
+    out_dir : path
+        Dataset root to create (must be empty or absent unless ``overwrite``).
+    preset : str
+        ``tiny``, ``paper-dataset1`` or ``mushac`` (see :mod:`.presets`).
+    seed : int
+        Non-negative seed; the same seed gives byte-identical files.
+    overwrite : bool
+        Replace an existing non-empty ``out_dir``.
+    **overrides
+        Passed to :func:`~dkiharm_nipype.phantom.presets.get_preset` (``subjects=2``,
+        ``noise=False``, ``matrix=(64, 64)``, ...).
+
+    Returns
+    -------
+    pathlib.Path
+        The BIDS root (``out_dir``).
+    """
+    seed = check_seed(seed)
+    try:
+        cfg = get_preset(preset, **overrides)
+    except ValueError as exc:
+        raise PhantomError(str(exc)) from None
+    if cfg.n_subjects < 1:
+        raise PhantomError(f"subjects must be >= 1, got {cfg.n_subjects}; e.g. --subjects 2.")
+    out = check_output(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        truth_root = tmp / "derivatives" / bw.TRUTH_PIPELINE
+        jobs = [(tmp, truth_root, cfg, seed, si) for si in range(cfg.n_subjects)]
+        n_jobs = max(1, min(cfg.n_jobs, cfg.n_subjects, os.cpu_count() or 1))
+        if n_jobs == 1:
+            participants = [_subject_worker(j) for j in jobs]
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
+                participants = list(ex.map(_subject_worker, jobs))
+        bw.write_dataset_files(tmp, cfg, seed, participants)
+        bw.write_truth_dataset_files(truth_root, cfg, seed)
+        (tmp / ".bidsignore").write_text("derivatives/\n")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / "old")
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,239 @@
+"""Named phantom configurations: the paper's two datasets and a tiny one for tests.
+
+* ``paper-dataset1`` - Table 1 of the paper: four 3T scanners (Trio-, Skyra-, MR750- and
+  Prisma-like; D is the reference), five traveling subjects, b0 SNR per subject as in
+  Table 3.
+* ``mushac`` - Dataset 2 (MUSHAC "standard" protocol): Prisma- and Connectom-like scanners,
+  one shared protocol, nine subjects, distortion-corrected data.
+* ``tiny`` - three small scanners (two runs + reversed-PE on A, no reversed PE on C, the
+  3-shell reference D), three subjects, 24 x 28 x 16 voxels at 2 mm; a few seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+
+from .scanners import Effects, Protocol, Scanner
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A traveling-subject study: scanners, subjects and the subject-space grid."""
+
+    name: str
+    description: str
+    scanners: tuple[Scanner, ...]
+    n_subjects: int
+    brain_radii_mm: tuple[float, float, float]
+    brain_centre_mm: tuple[float, float, float]
+    subject_shape: tuple[int, int, int]
+    subject_voxel_mm: tuple[float, float, float]
+    t1w_voxel_mm: float
+    reference: str
+    n_jobs: int = 1
+    motion_deg: float = 2.0
+    motion_mm: float = 3.0
+    effects: Effects = field(default_factory=Effects)
+
+
+def _echo_spacing(bandwidth_hz_px: float) -> float:
+    """Echo spacing (s) from the readout bandwidth per pixel plus ~0.1 ms of ramps."""
+    return 1.0 / bandwidth_hz_px + 1.0e-4
+
+
+def _dataset1() -> Preset:
+    common = dict(matrix=(110, 110), n_slices=70, voxel_mm=(2.0, 2.0, 2.0), n_b0=6)
+    a = Scanner(
+        "A", "Siemens", "TrioTim", "35001", 3.0, coil_channels=32, noise_channels=4,
+        snr_db=(23.51, 23.32, 22.14, 21.65, 20.44),
+        protocol=Protocol(
+            (1000, 2000), (30, 30), te_ms=99.0, tr_ms=9200.0, partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1684), acceleration=2, repeats=2, **common,
+        ),
+        b_scale=1.02, nonlinearity=0.06, bias_strength=0.18, susceptibility_hz=90.0,
+        intensity_scale=1.0,
+    )
+    b = Scanner(
+        "B", "Siemens", "Skyra", "45002", 3.0, coil_channels=20, noise_channels=4,
+        snr_db=(24.28, 24.58, 24.16, 24.93, 21.89),
+        protocol=Protocol(
+            (1000, 2000), (20, 40), te_ms=94.0, tr_ms=9300.0, partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1818), acceleration=2, repeats=2, **common,
+        ),
+        b_scale=0.98, nonlinearity=0.05, bias_strength=0.15, susceptibility_hz=90.0,
+        intensity_scale=0.8,
+    )
+    c = Scanner(
+        "C", "GE", "DISCOVERY MR750", "MR750-03", 3.0, coil_channels=8, noise_channels=8,
+        snr_db=(23.06, 23.66, 24.96, 25.71, 21.17),
+        protocol=Protocol(
+            (1000, 2000), (30, 30), te_ms=80.0, tr_ms=9000.0, partial_fourier=4 / 5,
+            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=1, n_rev_b0=0,
+            pe_dir="j", **common,
+        ),
+        b_scale=1.03, nonlinearity=0.08, bias_strength=0.12, susceptibility_hz=90.0,
+        intensity_scale=1.3,
+    )
+    d = Scanner(
+        "D", "Siemens", "Prisma", "66004", 3.0, coil_channels=64, noise_channels=4,
+        snr_db=(30.21, 30.02, 30.66, 31.47, 25.85),
+        protocol=Protocol(
+            (1000, 2000, 3000), (30, 30, 30), te_ms=75.0, tr_ms=3000.0, partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=2, **common,
+        ),
+        b_scale=1.0, nonlinearity=0.04, bias_strength=0.2, susceptibility_hz=90.0,
+        intensity_scale=1.1,
+    )
+    return Preset(
+        name="paper-dataset1",
+        description="Dataset 1 of the paper (Table 1): Trio, Skyra, MR750 and Prisma (reference)",
+        scanners=(a, b, c, d), n_subjects=5,
+        brain_radii_mm=(68.0, 84.0, 60.0), brain_centre_mm=(0.0, -4.0, 6.0),
+        subject_shape=(110, 110, 70), subject_voxel_mm=(2.0, 2.0, 2.0), t1w_voxel_mm=1.0,
+        reference="D", n_jobs=2,
+    )
+
+
+def _mushac() -> Preset:
+    common = dict(
+        matrix=(92, 92), n_slices=60, voxel_mm=(2.4, 2.4, 2.4), n_b0=6, n_rev_b0=0,
+        te_ms=89.0, tr_ms=7200.0, partial_fourier=6 / 8, echo_spacing_s=_echo_spacing(2000),
+        acceleration=2, distortion_corrected=True,
+    )
+    proto = Protocol((1200, 3000), (60, 60), **common)
+    prisma = Scanner(
+        "Prisma", "Siemens", "Prisma", "66010", 3.0, coil_channels=32, noise_channels=4,
+        snr_db=(24.51, 24.96, 20.36, 23.36, 23.31, 23.25, 23.25, 19.93, 22.59),
+        protocol=proto, b_scale=1.0, nonlinearity=0.04, bias_strength=0.18,
+        intensity_scale=1.0,
+    )
+    connectom = Scanner(
+        "Connectom", "Siemens", "Connectom", "20300", 3.0, coil_channels=64, noise_channels=4,
+        snr_db=(27.98, 25.09, 22.23, 28.75, 26.94, 18.85, 21.68, 25.66, 25.81),
+        protocol=proto, b_scale=1.01, nonlinearity=0.12, bias_strength=0.22,
+        intensity_scale=0.9,
+    )
+    return Preset(
+        name="mushac",
+        description="Dataset 2 (MUSHAC standard protocol): Prisma and Connectom (reference)",
+        scanners=(prisma, connectom), n_subjects=9,
+        brain_radii_mm=(68.0, 84.0, 60.0), brain_centre_mm=(0.0, -4.0, 6.0),
+        subject_shape=(92, 92, 60), subject_voxel_mm=(2.4, 2.4, 2.4), t1w_voxel_mm=1.2,
+        reference="Connectom", n_jobs=2,
+    )
+
+
+def _tiny() -> Preset:
+    common = dict(matrix=(24, 28), n_slices=16, voxel_mm=(2.0, 2.0, 2.0), n_b0=2)
+    a = Scanner(
+        "A", "Siemens", "TrioTim", "35001", 3.0, coil_channels=32, noise_channels=4,
+        snr_db=(23.5, 23.3, 22.1),
+        protocol=Protocol(
+            (1000, 2000), (12, 12), te_ms=99.0, tr_ms=9200.0, partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1684), acceleration=2, repeats=2, **common,
+        ),
+        b_scale=1.02, nonlinearity=0.06, bias_strength=0.18, susceptibility_hz=60.0,
+    )
+    c = Scanner(
+        "C", "GE", "DISCOVERY MR750", "MR750-03", 3.0, coil_channels=8, noise_channels=8,
+        snr_db=(23.1, 23.7, 25.0),
+        protocol=Protocol(
+            (1000, 2000), (10, 16), te_ms=80.0, tr_ms=9000.0, partial_fourier=4 / 5,
+            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=1, n_rev_b0=0,
+            pe_dir="j", **common,
+        ),
+        b_scale=1.03, nonlinearity=0.08, bias_strength=0.12, susceptibility_hz=60.0,
+        intensity_scale=1.3,
+    )
+    d = Scanner(
+        "D", "Siemens", "Prisma", "66004", 3.0, coil_channels=64, noise_channels=4,
+        snr_db=(30.2, 30.0, 30.7),
+        protocol=Protocol(
+            (1000, 2000, 3000), (16, 16, 16), te_ms=75.0, tr_ms=3000.0,
+            partial_fourier=6 / 8, echo_spacing_s=_echo_spacing(2272), repeats=1, **common,
+        ),
+        b_scale=1.0, nonlinearity=0.04, bias_strength=0.2, susceptibility_hz=60.0,
+        intensity_scale=1.1,
+    )
+    return Preset(
+        name="tiny",
+        description="Tiny test phantom: 3 scanners (A: 2 runs + reversed PE, C, reference D)",
+        scanners=(a, c, d), n_subjects=3,
+        brain_radii_mm=(18.5, 22.0, 13.0), brain_centre_mm=(0.0, 0.0, 2.0),
+        subject_shape=(24, 28, 16), subject_voxel_mm=(2.0, 2.0, 2.0), t1w_voxel_mm=1.0,
+        reference="D", n_jobs=1, motion_deg=2.0, motion_mm=1.0,
+    )
+
+
+_FACTORIES = {"tiny": _tiny, "paper-dataset1": _dataset1, "mushac": _mushac}
+
+#: Names accepted by :func:`get_preset` and ``dkiharm-phantom --preset``.
+PRESET_NAMES = tuple(_FACTORIES)
+
+_EFFECT_NAMES = {f.name for f in dataclasses.fields(Effects)}
+_OVERRIDES = (
+    "subjects", "scanners", "matrix", "slices", "n_jobs", "gibbs_oversample", "snr_offset_db",
+    *sorted(_EFFECT_NAMES),
+)
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """A preset by name, with optional overrides.
+
+    Overrides: ``subjects`` (int), ``scanners`` (labels to keep), ``matrix`` ((i, j) for
+    every scanner, a centred crop of the field of view), ``slices`` (int, a centred slab),
+    ``n_jobs``, ``gibbs_oversample`` (1 disables the finer grid), ``snr_offset_db`` (added
+    to every SNR) and any :class:`Effects` switch (``noise=False`` ...).
+    """
+    if name not in _FACTORIES:
+        raise ValueError(
+            f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}."
+        )
+    preset = _FACTORIES[name]()
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise ValueError(
+            f"unknown phantom override(s) {unknown}; use any of {', '.join(_OVERRIDES)}."
+        )
+    effects = replace(
+        preset.effects, **{k: bool(v) for k, v in overrides.items() if k in _EFFECT_NAMES}
+    )
+    scanners = list(preset.scanners)
+    if overrides.get("scanners") is not None:
+        keep = list(overrides["scanners"])
+        labels = [s.label for s in scanners]
+        missing = sorted(set(keep) - set(labels))
+        if missing:
+            raise ValueError(
+                f"scanner(s) {missing} not in preset {name!r}; choose from {labels}."
+            )
+        scanners = [s for s in scanners if s.label in keep]
+    new = []
+    for sc in scanners:
+        proto = sc.protocol
+        if overrides.get("matrix") is not None:
+            proto = replace(proto, matrix=tuple(int(m) for m in overrides["matrix"]))
+        if overrides.get("slices") is not None:
+            proto = replace(proto, n_slices=int(overrides["slices"]))
+        sc = replace(sc, protocol=proto, effects=effects)
+        if overrides.get("gibbs_oversample") is not None:
+            sc = replace(sc, gibbs_oversample=int(overrides["gibbs_oversample"]))
+        if overrides.get("snr_offset_db"):
+            sc = replace(sc, snr_db=tuple(v + float(overrides["snr_offset_db"]) for v in sc.snr_db))
+        new.append(sc)
+    kw = dict(scanners=tuple(new), effects=effects)
+    if overrides.get("subjects") is not None:
+        kw["n_subjects"] = int(overrides["subjects"])
+    if overrides.get("n_jobs") is not None:
+        kw["n_jobs"] = int(overrides["n_jobs"])
+    if overrides.get("matrix") is not None or overrides.get("slices") is not None:
+        shape = list(preset.subject_shape)
+        if overrides.get("matrix") is not None:
+            shape[:2] = [int(m) for m in overrides["matrix"]]
+        if overrides.get("slices") is not None:
+            shape[2] = int(overrides["slices"])
+        kw["subject_shape"] = tuple(shape)
+    if preset.reference not in [s.label for s in new]:
+        kw["reference"] = new[-1].label
+    return replace(preset, **kw)

@@ -1,0 +1,399 @@
+"""Participant-level DWI preprocessing: denoising, Gibbs-ringing removal, TOPUP/Eddy, mask.
+
+The order follows the MRtrix3/FSL recommendations for DKI (Veraart et al. 2016,
+*NeuroImage* 142:394; Kellner et al. 2016, *MRM* 76:1574; Andersson & Sotiropoulos 2016,
+*NeuroImage* 125:1063): noise is estimated on the raw magnitude data, before any
+interpolation, then ringing is removed, then volumes are resampled once by Eddy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from nipype.interfaces import utility as niu
+from nipype.interfaces.fsl import TOPUP, Eddy
+from nipype.interfaces.mrtrix3 import DWIDenoise, MRDeGibbs
+from nipype.pipeline import engine as pe
+
+from ..errors import DkiharmInputError
+from ..interfaces.preproc import DWI2Mask, MeanB0, MedianOtsuMask, TopupEddyFiles
+from ..utils.dwi import B0_THRESHOLD, degibbs_axes
+from ..utils.env import FSLNotFoundError, ToolNotFoundError, missing_fsl, missing_mrtrix
+
+LOGGER = logging.getLogger("dkiharm")
+
+PreprocMode = Literal["auto", "fsl", "mrtrix", "none"]
+MaskMethod = Literal["dwi2mask", "median_otsu"]
+PREPROC_MODES = ("auto", "fsl", "mrtrix", "none")
+MASK_METHODS = ("dwi2mask", "median_otsu")
+
+
+def resolve_preproc(preproc: PreprocMode) -> tuple[bool, bool]:
+    """Decide which steps run: ``(run_mrtrix, run_fsl)`` for a ``--preproc`` mode.
+
+    ``auto`` denoises and removes Gibbs ringing, then adds TOPUP/Eddy when FSL is found
+    and otherwise logs one line saying they were skipped; ``fsl`` requires FSL;
+    ``mrtrix`` never runs FSL; ``none`` passes the data through.
+
+    Raises
+    ------
+    FSLNotFoundError
+        If ``preproc == "fsl"`` and FSL is not installed.
+    ToolNotFoundError
+        If a mode that denoises runs on a machine without MRtrix3.
+    """
+    if preproc not in PREPROC_MODES:
+        raise DkiharmInputError(
+            f"preproc={preproc!r} is not a preprocessing mode; use one of {PREPROC_MODES}."
+        )
+    if preproc == "none":
+        return False, False
+
+    no_mrtrix = missing_mrtrix(("dwidenoise", "mrdegibbs"))
+    if no_mrtrix:
+        raise ToolNotFoundError(
+            f"--preproc {preproc} runs MRtrix3 but {', '.join(no_mrtrix)} not found on PATH; "
+            "install MRtrix3 >= 3.0 or use --preproc none."
+        )
+    if preproc == "mrtrix":
+        return True, False
+
+    no_fsl = missing_fsl()
+    if preproc == "fsl" and no_fsl:
+        raise FSLNotFoundError(
+            f"--preproc fsl needs FSL's TOPUP and Eddy but {', '.join(no_fsl)} not found; "
+            "install FSL (and set FSLDIR) or use --preproc mrtrix."
+        )
+    if no_fsl:
+        LOGGER.warning(
+            "FSL not found (%s missing): skipping TOPUP and Eddy, preprocessing with "
+            "MRtrix3 denoising and Gibbs-ringing removal only.",
+            ", ".join(no_fsl),
+        )
+        return True, False
+    return True, True
+
+
+def init_dwi_preproc_wf(
+    *,
+    preproc: PreprocMode = "auto",
+    has_rpe_fmap: bool = False,
+    mask_method: MaskMethod = "dwi2mask",
+    b0_threshold: float = B0_THRESHOLD,
+    omp_nthreads: int = 1,
+    mem_gb: float = 1.0,
+    name: str = "dwi_preproc_wf",
+) -> pe.Workflow:
+    """Preprocess one DWI series for DKI fitting.
+
+    ========  ================================================================
+    mode      steps
+    ========  ================================================================
+    auto      ``dwidenoise`` -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL found]
+    fsl       ``dwidenoise`` -> ``mrdegibbs`` -> [TOPUP ->] Eddy (FSL required)
+    mrtrix    ``dwidenoise`` -> ``mrdegibbs``
+    none      input passed through
+    ========  ================================================================
+
+    TOPUP runs only when ``has_rpe_fmap`` (a reversed-PE ``epi`` fieldmap is connected);
+    otherwise Eddy corrects motion and eddy currents without a susceptibility field, as
+    for a scanner without reversed-PE b0s. A mask and a mean b0 are always computed on the
+    final DWI.
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from dkiharm_nipype.workflows.preproc import init_dwi_preproc_wf
+            wf = init_dwi_preproc_wf(preproc="mrtrix")
+
+    Parameters
+    ----------
+    preproc : {"auto", "fsl", "mrtrix", "none"}
+        Which steps to run (see above); read once, when the workflow is built.
+    has_rpe_fmap : bool
+        Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP (see
+        :func:`dkiharm_nipype.utils.fsl.has_reversed_pe`). Ignored without FSL.
+    mask_method : {"dwi2mask", "median_otsu"}
+        MRtrix3 ``dwi2mask`` on the whole series, or DIPY's ``median_otsu`` on the mean b0.
+    b0_threshold : float
+        Largest b-value (s/mm^2) counted as b=0.
+    omp_nthreads : int
+        Threads for the multi-threaded tools (dwidenoise, mrdegibbs, dwi2mask, Eddy).
+    mem_gb : float
+        Approximate size in GB of the DWI series once loaded, scaling node memory estimates.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    dwi_file
+        4-D DWI series (NIfTI).
+    bval_file, bvec_file
+        Gradient table in FSL format.
+    metadata
+        BIDS sidecar of the DWI (dict): ``SliceEncodingDirection`` sets the Gibbs-ringing
+        plane (axial by default); the PE fields are read for TOPUP/Eddy.
+    fmap_epi_files
+        Reversed-PE ``epi`` fieldmaps on the DWI grid (list, may be empty).
+    fmap_metadata
+        BIDS sidecars of ``fmap_epi_files`` (list of dicts, same order).
+
+    Outputs
+    -------
+    dwi_file
+        Preprocessed DWI series.
+    bval_file
+        b-values (unchanged).
+    bvec_file
+        b-vectors, rotated by Eddy when it runs.
+    mask_file
+        Brain mask of the preprocessed series.
+    b0_file
+        Mean b=0 image of the preprocessed series.
+    noise_file
+        Noise level map (sigma) estimated by ``dwidenoise``; undefined with ``none``.
+    """
+    if mask_method not in MASK_METHODS:
+        raise DkiharmInputError(
+            f"mask_method={mask_method!r} is unknown; use one of {MASK_METHODS}."
+        )
+    run_mrtrix, run_fsl = resolve_preproc(preproc)
+    use_topup = run_fsl and has_rpe_fmap
+    if run_fsl and not has_rpe_fmap:
+        LOGGER.info(
+            "No reversed-PE 'epi' fieldmap: running Eddy without TOPUP "
+            "(motion and eddy currents corrected, susceptibility distortion not)."
+        )
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[
+                "dwi_file",
+                "bval_file",
+                "bvec_file",
+                "metadata",
+                "fmap_epi_files",
+                "fmap_metadata",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=["dwi_file", "bval_file", "bvec_file", "mask_file", "b0_file", "noise_file"]
+        ),
+        name="outputnode",
+    )
+    mask_wf = init_dwi_mask_wf(
+        mask_method=mask_method,
+        b0_threshold=b0_threshold,
+        omp_nthreads=omp_nthreads,
+        name="mask_wf",
+    )
+
+    # fmt: off
+    workflow.connect([
+        (inputnode, outputnode, [("bval_file", "bval_file")]),
+        (inputnode, mask_wf, [("bval_file", "inputnode.bval_file")]),
+        (mask_wf, outputnode, [
+            ("outputnode.mask_file", "mask_file"),
+            ("outputnode.b0_file", "b0_file"),
+        ]),
+    ])
+    # fmt: on
+    if not run_mrtrix:
+        # fmt: off
+        workflow.connect([
+            (inputnode, outputnode, [("dwi_file", "dwi_file"), ("bvec_file", "bvec_file")]),
+            (inputnode, mask_wf, [
+                ("dwi_file", "inputnode.dwi_file"),
+                ("bvec_file", "inputnode.bvec_file"),
+            ]),
+        ])
+        # fmt: on
+        return workflow
+
+    # Denoising first: the Marchenko-Pastur noise model holds only for raw magnitude data.
+    denoise = pe.Node(
+        DWIDenoise(nthreads=omp_nthreads), name="denoise", n_procs=omp_nthreads, mem_gb=3 * mem_gb
+    )
+    degibbs = pe.Node(
+        MRDeGibbs(nthreads=omp_nthreads), name="degibbs", n_procs=omp_nthreads, mem_gb=2 * mem_gb
+    )
+    slice_axes = pe.Node(
+        niu.Function(function=degibbs_axes, input_names=["metadata"], output_names=["axes"]),
+        name="slice_axes",
+    )
+    # fmt: off
+    workflow.connect([
+        (inputnode, denoise, [("dwi_file", "in_file")]),
+        (inputnode, slice_axes, [("metadata", "metadata")]),
+        (slice_axes, degibbs, [("axes", "axes")]),
+        (denoise, degibbs, [("out_file", "in_file")]),
+        (denoise, outputnode, [("noise", "noise_file")]),
+    ])
+    # fmt: on
+    if not run_fsl:
+        # fmt: off
+        workflow.connect([
+            (degibbs, outputnode, [("out_file", "dwi_file")]),
+            (inputnode, outputnode, [("bvec_file", "bvec_file")]),
+            (degibbs, mask_wf, [("out_file", "inputnode.dwi_file")]),
+            (inputnode, mask_wf, [("bvec_file", "inputnode.bvec_file")]),
+        ])
+        # fmt: on
+        return workflow
+
+    fsl_files = pe.Node(
+        TopupEddyFiles(use_topup=use_topup, b0_threshold=b0_threshold), name="fsl_files"
+    )
+    # Eddy needs a mask before correction; it is made on the distorted series, which is
+    # generous enough for Eddy's estimation, and remade on Eddy's output below.
+    eddy_mask_wf = init_dwi_mask_wf(
+        mask_method=mask_method,
+        b0_threshold=b0_threshold,
+        omp_nthreads=omp_nthreads,
+        name="eddy_mask_wf",
+    )
+    eddy = pe.Node(
+        # DKI protocols are shelled by design; eddy's own shell check is fragile with the
+        # few directions per shell of clinical protocols.
+        Eddy(num_threads=omp_nthreads, repol=True, is_shelled=True, output_type="NIFTI_GZ"),
+        name="eddy",
+        n_procs=omp_nthreads,
+        mem_gb=4 * mem_gb,
+    )
+    # fmt: off
+    workflow.connect([
+        (inputnode, fsl_files, [
+            ("dwi_file", "source_file"),
+            ("bval_file", "in_bval"),
+            ("metadata", "metadata"),
+        ]),
+        (degibbs, fsl_files, [("out_file", "in_file")]),
+        (degibbs, eddy_mask_wf, [("out_file", "inputnode.dwi_file")]),
+        (inputnode, eddy_mask_wf, [
+            ("bval_file", "inputnode.bval_file"),
+            ("bvec_file", "inputnode.bvec_file"),
+        ]),
+        (degibbs, eddy, [("out_file", "in_file")]),
+        (inputnode, eddy, [("bval_file", "in_bval"), ("bvec_file", "in_bvec")]),
+        (fsl_files, eddy, [("acqparams", "in_acqp"), ("index", "in_index")]),
+        (eddy_mask_wf, eddy, [("outputnode.mask_file", "in_mask")]),
+        (eddy, outputnode, [
+            ("out_corrected", "dwi_file"),
+            ("out_rotated_bvecs", "bvec_file"),
+        ]),
+        (eddy, mask_wf, [
+            ("out_corrected", "inputnode.dwi_file"),
+            ("out_rotated_bvecs", "inputnode.bvec_file"),
+        ]),
+    ])
+    # fmt: on
+    if use_topup:
+        topup = pe.Node(TOPUP(output_type="NIFTI_GZ"), name="topup", mem_gb=2 * mem_gb)
+        # fmt: off
+        workflow.connect([
+            (inputnode, fsl_files, [
+                ("fmap_epi_files", "fmap_files"),
+                ("fmap_metadata", "fmap_metadata"),
+            ]),
+            (fsl_files, topup, [
+                ("imain", "in_file"),
+                ("acqparams", "encoding_file"),
+                ("config", "config"),
+            ]),
+            (topup, eddy, [
+                ("out_fieldcoef", "in_topup_fieldcoef"),
+                ("out_movpar", "in_topup_movpar"),
+            ]),
+        ])
+        # fmt: on
+    return workflow
+
+
+def init_dwi_mask_wf(
+    *,
+    mask_method: MaskMethod = "dwi2mask",
+    b0_threshold: float = B0_THRESHOLD,
+    omp_nthreads: int = 1,
+    name: str = "dwi_mask_wf",
+) -> pe.Workflow:
+    """Brain mask and mean b0 of a DWI series.
+
+    Parameters
+    ----------
+    mask_method : {"dwi2mask", "median_otsu"}
+        MRtrix3 ``dwi2mask`` (uses every volume) or DIPY ``median_otsu`` on the mean b0.
+    b0_threshold : float
+        Largest b-value (s/mm^2) counted as b=0.
+    omp_nthreads : int
+        Threads for ``dwi2mask``.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    dwi_file, bval_file, bvec_file
+        DWI series and its gradient table (FSL format).
+
+    Outputs
+    -------
+    mask_file
+        Binary brain mask.
+    b0_file
+        Mean of the b=0 volumes.
+    """
+    if mask_method not in MASK_METHODS:
+        raise DkiharmInputError(
+            f"mask_method={mask_method!r} is unknown; use one of {MASK_METHODS}."
+        )
+    if mask_method == "dwi2mask" and missing_mrtrix(("dwi2mask",)):
+        raise ToolNotFoundError(
+            "mask_method='dwi2mask' needs MRtrix3's dwi2mask on PATH; install MRtrix3 or use "
+            "mask_method='median_otsu'."
+        )
+
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]), name="inputnode"
+    )
+    outputnode = pe.Node(niu.IdentityInterface(fields=["mask_file", "b0_file"]), name="outputnode")
+    mean_b0 = pe.Node(MeanB0(b0_threshold=b0_threshold), name="mean_b0")
+
+    # fmt: off
+    workflow.connect([
+        (inputnode, mean_b0, [("dwi_file", "in_file"), ("bval_file", "in_bval")]),
+        (mean_b0, outputnode, [("out_file", "b0_file")]),
+    ])
+    # fmt: on
+    if mask_method == "median_otsu":
+        brain_mask = pe.Node(MedianOtsuMask(), name="brain_mask")
+        # fmt: off
+        workflow.connect([
+            (mean_b0, brain_mask, [("out_file", "in_file")]),
+            (brain_mask, outputnode, [("out_file", "mask_file")]),
+        ])
+        # fmt: on
+        return workflow
+
+    brain_mask = pe.Node(
+        DWI2Mask(out_file="brainmask.nii.gz", nthreads=omp_nthreads),
+        name="brain_mask",
+        n_procs=omp_nthreads,
+    )
+    # fmt: off
+    workflow.connect([
+        (inputnode, brain_mask, [
+            ("dwi_file", "in_file"),
+            ("bvec_file", "in_bvec"),
+            ("bval_file", "in_bval"),
+        ]),
+        (brain_mask, outputnode, [("out_file", "mask_file")]),
+    ])
+    # fmt: on
+    return workflow
