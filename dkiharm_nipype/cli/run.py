@@ -47,7 +47,7 @@ def run(config: RunConfig) -> int:
     from ..utils.checks import check_output_dir, preflight
 
     check_output_dir(config.output_dir)
-    preflight(scans)
+    preflight(scans, b_max=config.b_max)
 
     from ..workflows.base import init_dkiharm_wf
     from ..utils.derivatives import publish_derivatives

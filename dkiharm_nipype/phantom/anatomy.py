@@ -153,18 +153,18 @@ def _sigmoid(t: np.ndarray) -> np.ndarray:
 
 def _deform(subject: SubjectAnatomy, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template coordinates of subject points and the Jacobian of the map (N, 3, 3)."""
-    m = subject.modes
+    m = subject.modes.astype(np.float32)
     arg = u @ m[:, :3].T + m[:, 3]  # (N, K)
     s, c = np.sin(arg), np.cos(arg)
     ut = u + s @ m[:, 4:7]
-    jac = np.einsum("nk,ki,kj->nij", c, m[:, 4:7], m[:, :3])
-    jac += np.eye(3)
+    outer = (m[:, 4:7, None] * m[:, None, :3]).reshape(len(m), 9)  # a_k w_k^T
+    jac = (c @ outer).reshape(-1, 3, 3) + np.eye(3)
     return ut.astype(np.float32), jac.astype(np.float32)
 
 
 def _ellipsoid(u: np.ndarray, centre, semi) -> np.ndarray:
     d = (u - np.asarray(centre, dtype=np.float32)) / np.asarray(semi, dtype=np.float32)
-    return np.sqrt(np.einsum("ni,ni->n", d, d))
+    return np.sqrt(d[:, 0] ** 2 + d[:, 1] ** 2 + d[:, 2] ** 2)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -283,16 +283,16 @@ def evaluate(
         tangents = np.stack([t_cc, t_proj, t_assoc, radial], axis=1)  # (N, 4, 3) u-space
         # u-space tangent -> subject mm: x = radii * u_subj, u_t = phi(u_subj).
         inv = np.linalg.inv(jac)
-        dirs = np.einsum("nij,npj->npi", inv, tangents) * radii
+        dirs = (inv[:, None, :, :] * tangents[:, :, None, :]).sum(-1) * radii
         sample.directions = _unit(dirs).astype(np.float32)
-        r_mm = np.einsum("nij,nj->ni", inv, radial) * radii
+        r_mm = (inv * radial[:, None, :]).sum(-1) * radii
         sample.radial = _unit(r_mm).astype(np.float32)
         memb = np.stack([m_cc, m_proj, m_assoc], 1)
         total = memb.sum(1, keepdims=True)
         memb = memb / np.maximum(total, 1.0)
         bg = np.clip(1.0 - memb.sum(1, keepdims=True), 0, 1)
         sample.weights = np.concatenate([memb, bg], 1).astype(np.float32)
-        tw = subject.texture
+        tw = subject.texture.astype(np.float32)
         arg = ut @ tw[:, :3].T + tw[:, 3]
         sample.texture = (np.sin(arg) @ tw[:, 4] / np.sqrt(len(tw))).astype(np.float32)
 

@@ -100,7 +100,7 @@ def _distorted_sources(
         )
 
     src = world.copy()
-    for _ in range(6):
+    for _ in range(4):
         src[:, axis] = world[:, axis] - disp(src)
     h = np.float32(0.5)
     plus, minus = src.copy(), src.copy()

@@ -72,7 +72,7 @@ class _Group:
     """One fibre population on the voxels where it is present."""
 
     idx: np.ndarray  # (n,) voxel indices
-    n: np.ndarray  # (n, 3) directions
+    n: np.ndarray  # (3, n) directions
     a_intra: np.ndarray  # (n,) signal amplitude of the intra-axonal compartment
     a_extra: np.ndarray
     d_a: np.ndarray
@@ -105,12 +105,12 @@ class VoxelModel:
         g = np.asarray(g, dtype=np.float32)
         if grad is None or b == 0:
             beff = np.float32(b)
-            geff = g[None, :]
+            geff = None
         else:
-            ge = grad @ g
-            norm2 = np.einsum("ni,ni->n", ge, ge)
-            beff = (b * norm2).astype(np.float32)
-            geff = (ge / np.sqrt(norm2)[:, None]).astype(np.float32)
+            ge = (grad.reshape(-1, 3) @ g).reshape(-1, 3).T  # (3, N)
+            norm2 = ge[0] * ge[0] + ge[1] * ge[1] + ge[2] * ge[2]
+            beff = (np.float32(b) * norm2).astype(np.float32)
+            geff = (ge / np.sqrt(norm2)).astype(np.float32)
         out = self.a_free * np.exp(-beff * np.float32(D_FREE))
         out += self.a_scalp * np.exp(-beff * np.float32(TISSUE_PARAMS["scalp"]["d"]))
         if b == 0:
@@ -118,9 +118,15 @@ class VoxelModel:
                 out[grp.idx] += grp.a_intra + grp.a_extra
             return out
         for grp in self.groups:
-            gv = geff if geff.shape[0] == 1 else geff[grp.idx]
-            bv = beff if np.ndim(beff) == 0 else beff[grp.idx]
-            c2 = np.einsum("ni,ni->n", grp.n, np.broadcast_to(gv, grp.n.shape)) ** 2
+            n = grp.n
+            if geff is None:
+                c = g[0] * n[0] + g[1] * n[1] + g[2] * n[2]
+                bv = beff
+            else:
+                gv = geff[:, grp.idx]
+                c = gv[0] * n[0] + gv[1] * n[1] + gv[2] * n[2]
+                bv = beff[grp.idx]
+            c2 = c * c
             e_in = np.exp(-bv * (grp.d_ar + (grp.d_a - grp.d_ar) * c2))
             de = grp.de_perp + (grp.de_par - grp.de_perp) * c2
             e_ex = np.exp(-grp.kappa * np.log1p(bv * de / grp.kappa))
@@ -174,7 +180,7 @@ def prepare(
         groups.append(
             _Group(
                 idx=sel,
-                n=np.ascontiguousarray(dirs[sel], dtype=np.float32),
+                n=np.ascontiguousarray(dirs[sel].T, dtype=np.float32),
                 a_intra=(amp * f_in * r_in).astype(np.float32),
                 a_extra=(amp * (1 - f_in) * r_ex).astype(np.float32),
                 d_a=(par["d_a"] * dax).astype(np.float32),

@@ -39,6 +39,7 @@ class DWIScan:
     sidecar: Path | None
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     fmap_epi: tuple[Path, ...] = ()
+    fmap_metadata: tuple[dict[str, Any], ...] = field(default=(), hash=False, compare=False)
     entities: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -179,6 +180,7 @@ def collect_scans(
             sidecar=sidecar if sidecar.is_file() else None,
             metadata=dict(metadata),
             fmap_epi=fmaps,
+            fmap_metadata=tuple(dict(layout.get_metadata(str(fm))) for fm in fmaps),
             entities=dict(entities),
         ))
     if not scans:

@@ -79,14 +79,19 @@ def check_nifti(path: Path, *, min_ndim: int = 4):
     return img, data
 
 
-def preflight(scans) -> None:
+def preflight(scans, *, b_max: float | None = None) -> None:
     """Check every selected scan can be read and fitted; raise on the first problem."""
-    from ..dki.validate import check_gradient_table, check_finite
+    from ..dki.fit import validate_gradients
 
     for number, scan in enumerate(scans, 1):
-        img, data = check_nifti(scan.dwi)
+        _, data = check_nifti(scan.dwi)
         bvals, bvecs = read_gradients(scan.bval, scan.bvec)
-        check_gradient_table(bvals, bvecs, n_volumes=data.shape[-1],
-                             source=f"{scan.bval.name}/{scan.bvec.name} of {scan.dwi}")
-        check_finite(data, source=str(scan.dwi))
-        LOGGER.debug("checked %s (%d/%d)", scan.key, number, len(scans))
+        validate_gradients(bvals, bvecs, n_volumes=data.shape[-1], b_max=b_max,
+                           source=f"{scan.bval.name}/{scan.bvec.name}")
+        if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).any(axis=-1).sum())
+            raise DkiharmInputError(
+                f"{scan.dwi} has {bad} voxel(s) with NaN or Inf values; replace them (e.g. "
+                "with 0 via 'mrcalc dwi.nii.gz -finite dwi.nii.gz 0 -if out.nii.gz') and rerun."
+            )
+        LOGGER.info("checked %s (%d/%d)", scan.key, number, len(scans))
