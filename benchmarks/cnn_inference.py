@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-voxels", type=int, default=16384)
+    parser.add_argument("--batch-voxels", type=int, default=4096)
     parser.add_argument("--dense", action="store_true", help="also time the dense forward")
     parser.add_argument("--no-train", action="store_true", help="skip the training epoch")
     args = parser.parse_args()

@@ -60,3 +60,29 @@ def snr_in_roi(dwi: np.ndarray, bvals: np.ndarray, roi: np.ndarray, *,
         "n_b0": int(b0.shape[-1]),
         "noise_method": method,
     }
+
+
+def snr_table(rows: list[dict]) -> tuple[str, str]:
+    """Format per-scan SNR rows as the paper's Table 3 (subjects x scanners, dB).
+
+    Returns ``(table_text, reference_scanner)``; the reference scanner is the one with the
+    highest mean SNR over its scans (the paper's rule). Repeated runs are averaged per cell.
+    """
+    cells: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["participant_id"], row["scanner"]), []).append(
+            float(row["snr_db"]))
+    scanners = sorted({s for _, s in cells})
+    subjects = sorted({p for p, _ in cells})
+    means = {sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
+             for sc in scanners}
+    reference = max(scanners, key=means.get)
+    width = max(len("subject"), *(len(p) for p in subjects)) + 2
+    lines = ["SNR (dB)".ljust(width) + "".join(f"{sc:>9}" for sc in scanners)]
+    for sub in subjects:
+        lines.append(sub.ljust(width) + "".join(
+            f"{np.mean(cells[sub, sc]):9.2f}" if (sub, sc) in cells else f"{'-':>9}"
+            for sc in scanners))
+    lines.append("mean".ljust(width) + "".join(f"{means[sc]:9.2f}" for sc in scanners))
+    lines.append(f"reference scanner (highest SNR): {reference}")
+    return "\n".join(lines), reference

@@ -50,7 +50,8 @@ def run(config: RunConfig) -> int:
     preflight(scans, b_max=config.b_max)
 
     from ..workflows.base import init_dkiharm_wf
-    from ..utils.derivatives import publish_derivatives
+    from ..metrics import snr_table
+    from ..utils.derivatives import aggregate_snr, publish_derivatives
 
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     if config.write_graph:
@@ -61,6 +62,10 @@ def run(config: RunConfig) -> int:
     workflow.run(plugin=config.execution.plugin,
                  plugin_args=config.execution.nipype_plugin_args())
     written = publish_derivatives(staging, config.output_dir)
+    snr_rows = aggregate_snr(config.output_dir)
+    if snr_rows:
+        table, _ = snr_table(snr_rows)
+        print(table, flush=True)
     LOGGER.info("finished in %.0f s; %d derivative file(s) in %s", time.time() - started,
                 len(written), config.output_dir)
     return 0

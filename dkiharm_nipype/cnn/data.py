@@ -214,8 +214,9 @@ class VoxelNeighbourhoods:
     def __len__(self) -> int:
         return int(self.centres.shape[0])
 
-    def inputs(self, index: torch.Tensor | slice) -> torch.Tensor:
-        return gather_neighbourhoods(self.flat, self.centres[index], self.offsets)
+    def inputs(self, index: torch.Tensor | slice, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Neighbourhood vectors of samples ``index``, written into ``out`` if given."""
+        return gather_neighbourhoods(self.flat, self.centres[index], self.offsets, out=out)
 
     def to(self, device: torch.device | str) -> VoxelNeighbourhoods:
         move = {"flat": self.flat.to(device), "centres": self.centres.to(device)}
@@ -225,11 +226,22 @@ class VoxelNeighbourhoods:
 
 
 def gather_neighbourhoods(
-    flat: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor
+    flat: torch.Tensor,
+    centres: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``(V, len(offsets) * C)`` neighbourhood vectors, laid out ``[offset, channel]``."""
+    """``(V, len(offsets) * C)`` neighbourhood vectors, laid out ``[offset, channel]``.
+
+    ``out``, a reusable buffer of at least ``V * len(offsets) * C`` elements, avoids
+    allocating (and page-faulting) a fresh chunk-sized tensor for every chunk.
+    """
     rows = (centres[:, None] + offsets[None, :]).reshape(-1)
-    return flat.index_select(0, rows).reshape(centres.shape[0], -1)
+    if out is None:
+        return flat.index_select(0, rows).view(centres.shape[0], -1)
+    out = out.view(-1)[: rows.numel() * flat.shape[1]].view(rows.numel(), flat.shape[1])
+    return torch.index_select(flat, 0, rows, out=out).view(centres.shape[0], -1)
 
 
 def mask_bounding_box(mask: np.ndarray, *, margin: int = 0) -> tuple[slice, ...]:

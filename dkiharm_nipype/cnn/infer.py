@@ -27,7 +27,7 @@ def predict_voxels(
     voxels: VoxelNeighbourhoods,
     *,
     device: str | torch.device = "cpu",
-    batch_voxels: int = 16384,
+    batch_voxels: int = 4096,
     mc_samples: int = 0,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -45,14 +45,18 @@ def predict_voxels(
     std = np.empty_like(mean) if mc_samples else None
     with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
+        buffer = voxels.flat.new_empty(min(batch_voxels, len(voxels)), model.conv.weight[0].numel())
         for start in range(0, len(voxels), batch_voxels):
             chunk = slice(start, start + batch_voxels)
-            shallow, deep = model.voxel_features(voxels.inputs(chunk))
+            shallow, deep = model.voxel_features(voxels.inputs(chunk, out=buffer))
             if not mc_samples:
                 mean[chunk] = model.heads(shallow, deep, dropout=False).cpu().numpy()
                 continue
-            draws = torch.stack(
-                [model.heads(shallow, deep, dropout=True) for _ in range(mc_samples)]
+            # One vectorised pass over all samples: only dropout and the heads are sampled.
+            draws = model.heads(
+                shallow.expand(mc_samples, *shallow.shape),
+                deep.expand(mc_samples, *deep.shape),
+                dropout=True,
             )
             std_t, mean_t = torch.std_mean(draws, dim=0)
             mean[chunk], std[chunk] = mean_t.cpu().numpy(), std_t.cpu().numpy()
@@ -68,7 +72,7 @@ def harmonize_scan(
     mask: np.ndarray,
     *,
     device: str | torch.device = "cpu",
-    batch_voxels: int = 16384,
+    batch_voxels: int = 4096,
     mc_samples: int = 0,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -141,8 +141,10 @@ def check_fingerprint(card: ModelCard | Mapping, scan: Mapping) -> list[str]:
             f"Scan protocol does not match the harmonizer ({'; '.join(errors)}): {both}. "
             "Train a harmonizer for this protocol."
         )
-    for note in notes:
-        warnings.warn(f"Protocol near match ({note}): {both}.", ProtocolWarning, stacklevel=2)
+    if notes:
+        warnings.warn(
+            f"Protocol near match ({'; '.join(notes)}): {both}.", ProtocolWarning, stacklevel=2
+        )
     return notes
 
 

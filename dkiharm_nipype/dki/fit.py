@@ -17,8 +17,9 @@ Methods
     IRLLS of Collier et al. (2015) and REKINDLE (Tax et al. 2015):
 
     1. OLS, then WLS as above.
-    2. Residuals in signal units ``e = Ŝ (ln S - ln Ŝ)`` (≈ ``S - Ŝ``, homoscedastic for
-       Gaussian/Rician noise at moderate SNR) and a robust noise estimate
+    2. Signal residuals ``e = S - Ŝ`` (homoscedastic for Gaussian noise, unlike the
+       log-domain residuals, whose spread grows as the signal falls) and a robust noise
+       estimate
        ``σ = 1.4826 MAD(e)`` per voxel. Voxels with no ``|e| > k σ`` keep the WLS fit
        (on clean data that is most voxels, which is where the speed comes from).
     3. Other voxels are re-fitted with Geman-McClure weights
@@ -326,9 +327,8 @@ def _robust_sigma(e: torch.Tensor) -> torch.Tensor:
 
 
 def _signal_residuals(solver: _Solver, y: torch.Tensor, beta: torch.Tensor):
-    pred = solver.predict(beta)
-    s_pred = pred.clamp(max=80.0).exp()
-    return s_pred, s_pred * (y - pred)
+    s_pred = solver.predict(beta).clamp(max=80.0).exp()
+    return s_pred, y.exp() - s_pred
 
 
 def _irlls_chunk(
@@ -339,13 +339,17 @@ def _irlls_chunk(
     threshold: float,
     max_iter: int,
     tol: float,
+    gm_scale: float = 2.0,
+    n_stages: int = 1,
 ):
     """Robust refinement of a WLS fit; returns ``(beta, outliers, sigma, n_iter)``."""
     n, N = y.shape
     s_pred, e = _signal_residuals(solver, y, beta)
-    sigma = _robust_sigma(e)
-    floor = 1e-6 * s_pred.amax(dim=1)
-    sigma = torch.maximum(sigma, floor)
+    # Residuals of a fit with p parameters spread less than the noise: correct the MAD
+    # by sqrt(N / (N - p)), and keep σ fixed afterwards, since re-estimating it from a
+    # down-weighted fit lets the fit collapse onto a subset of the data.
+    sigma = _robust_sigma(e) * (N / (N - N_PARAMS)) ** 0.5
+    sigma = torch.maximum(sigma, 1e-6 * s_pred.amax(dim=1))
     outliers = torch.zeros((n, N), dtype=torch.bool)
     n_iter = torch.zeros(n, dtype=torch.int32)
     suspect = (e.abs() > threshold * sigma[:, None]).any(dim=1)
@@ -354,21 +358,26 @@ def _irlls_chunk(
         return beta, outliers, sigma, n_iter
     yi, bi = y[idx], beta[idx].clone()
     si, ei, sig = s_pred[idx], e[idx], sigma[idx]
-    active = torch.ones(idx.numel(), dtype=torch.bool)
     iters = torch.zeros(idx.numel(), dtype=torch.int32)
-    for _ in range(max_iter):
-        a = torch.nonzero(active).squeeze(1)
-        if a.numel() == 0:
-            break
-        w = si[a] ** 2 / (1.0 + (ei[a] / sig[a, None]) ** 2) ** 2
-        new, ok = solver.wls(yi[a], w)
-        change = ((new - bi[a]).abs().amax(dim=1)) / bi[a].abs().amax(dim=1).clamp_min(1e-12)
-        upd = a[ok]
-        bi[upd] = new[ok]
-        iters[a] += 1
-        si[upd], ei[upd] = _signal_residuals(solver, yi[upd], bi[upd])
-        sig[upd] = torch.maximum(_robust_sigma(ei[upd]), floor[idx][upd])
-        active[a] = ok & (change > tol)
+    dof = (N / (N - N_PARAMS)) ** 0.5
+    for _stage in range(n_stages):
+        active = torch.ones(idx.numel(), dtype=torch.bool)
+        for _ in range(max_iter):
+            a = torch.nonzero(active).squeeze(1)
+            if a.numel() == 0:
+                break
+            w = si[a] ** 2 / (1.0 + (ei[a] / (gm_scale * sig[a, None])) ** 2) ** 2
+            new, ok = solver.wls(yi[a], w)
+            scale = bi[a].abs().amax(dim=1).clamp_min(1e-12)
+            change = (new - bi[a]).abs().amax(dim=1) / scale
+            upd = a[ok]
+            bi[upd] = new[ok]
+            iters[a] += 1
+            si[upd], ei[upd] = _signal_residuals(solver, yi[upd], bi[upd])
+            active[a] = ok & (change > tol)
+        # The WLS-based σ is inflated where outliers distorted the WLS fit; re-estimate it
+        # from the robust fit (never above the previous estimate).
+        sig = torch.minimum(sig, torch.maximum(_robust_sigma(ei) * dof, 1e-6 * si.amax(dim=1)))
     out_i = ei.abs() > threshold * sig[:, None]
     inliers = (~out_i).sum(dim=1)
     has = out_i.any(dim=1) & (inliers > N_PARAMS)

@@ -257,7 +257,7 @@ def _session(
             _p(prefix, "_model-dki_desc-truth_dwimap", ".json"),
             {
                 "Description": (
-                    "Ground-truth DKI: log-linear least-squares DKI fit of the noise-free, "
+                    "Ground-truth DKI: weighted log-linear least-squares DKI fit of the noise-free, "
                     "artefact-free compartment signal at this scan's TE/TR on the canonical "
                     "b = 0/1000/2000/3000 s/mm2 scheme (64 directions per shell), on the "
                     "undistorted DWI grid."
@@ -468,7 +468,6 @@ def generate(
                 participants = list(ex.map(_subject_worker, jobs))
         bw.write_dataset_files(tmp, cfg, seed, participants)
         bw.write_truth_dataset_files(truth_root, cfg, seed)
-        (tmp / ".bidsignore").write_text("derivatives/\n")
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / "old")

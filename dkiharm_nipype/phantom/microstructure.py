@@ -16,9 +16,14 @@ Ground truth
 ------------
 A multi-exponential signal is not exactly a DKI signal, so the ground truth of a scan is
 *defined* as the DKI representation of its noise-free, artefact-free signal at the scan's
-TE/TR: a log-linear least-squares fit on the dense :func:`canonical_scheme`
-(b = 0, 1000, 2000, 3000 s/mm², 64 directions per shell). The fit shares one design matrix
-over all voxels and is a single pseudo-inverse product.
+TE/TR: a weighted log-linear least-squares fit on the dense :func:`canonical_scheme`
+(b = 0, 1000, 2000, 3000 s/mm², 64 directions per shell, 12 b0) with weights ``S^2``, the
+noise-free signal squared. This is the infinite-SNR limit of the WLLS/IRLLS estimators used
+in practice (Veraart et al. 2013; dipy ``WLS``). An unweighted fit is not used because a
+compartment signal is not exactly a DKI signal: ordinary and weighted fits of the same
+noise-free signal then differ by 3-5 % in MK, whereas the weighted truth is reproduced by
+a weighted fit of any well-sampled b <= 3000 protocol within ~0.5 %. The shared design
+matrix makes the fit one batched 22 x 22 solve per voxel.
 """
 
 from __future__ import annotations
@@ -40,18 +45,18 @@ D_FREE = 3.0e-3
 #: diffusivity distribution (its excess kurtosis is 3 / kappa).
 TISSUE_PARAMS: dict[str, dict[str, float]] = {
     "wm": dict(
-        pd=0.69, f_free=0.04, t1=850.0, t2_intra=80.0, t2_extra=52.0,
-        f_intra=0.55, d_a=2.3e-3, d_ar=0.05e-3, de_par=1.8e-3, de_perp=0.55e-3, kappa=3.5,
+        pd=0.69, f_free=0.0, t1=850.0, t2_intra=80.0, t2_extra=52.0,
+        f_intra=0.5, d_a=2.4e-3, d_ar=0.1e-3, de_par=1.4e-3, de_perp=0.6e-3, kappa=1.5,
     ),
     "wm_bg": dict(
-        f_intra=0.42, d_a=2.2e-3, d_ar=0.08e-3, de_par=1.5e-3, de_perp=0.75e-3, kappa=3.0,
+        f_intra=0.32, d_a=2.2e-3, d_ar=0.45e-3, de_par=1.0e-3, de_perp=0.8e-3, kappa=1.3,
     ),
     "gm": dict(
-        pd=0.80, f_free=0.08, t1=1350.0, t2_intra=90.0, t2_extra=75.0,
+        pd=0.80, f_free=0.03, t1=1350.0, t2_intra=90.0, t2_extra=75.0,
         f_intra=0.25, d_a=1.9e-3, d_ar=0.15e-3, de_par=1.15e-3, de_perp=0.9e-3, kappa=3.0,
     ),
     "sgm": dict(
-        pd=0.78, f_free=0.05, t1=1150.0, t2_intra=70.0, t2_extra=58.0,
+        pd=0.78, f_free=0.02, t1=1150.0, t2_intra=70.0, t2_extra=58.0,
         f_intra=0.32, d_a=1.9e-3, d_ar=0.1e-3, de_par=1.1e-3, de_perp=0.75e-3, kappa=3.5,
     ),
     "free": dict(t1=4000.0, t2=1200.0),
@@ -217,7 +222,7 @@ def prepare(
 
 
 @lru_cache(maxsize=4)
-def canonical_scheme(n_dirs: int = 64, n_b0: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def canonical_scheme(n_dirs: int = 64, n_b0: int = 12) -> tuple[np.ndarray, np.ndarray]:
     """The dense b-table that defines the ground truth: b = 0/1000/2000/3000 s/mm²."""
     from .scanners import shell_directions
 
@@ -227,12 +232,28 @@ def canonical_scheme(n_dirs: int = 64, n_b0: int = 8) -> tuple[np.ndarray, np.nd
     return bvals, bvecs
 
 
-def fit_loglinear(signals: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray) -> np.ndarray:
-    """Ordinary log-linear least-squares DKI parameters (N, 22) of noise-free signals."""
+def fit_wlls(
+    signals: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, *, chunk: int = 20000
+) -> np.ndarray:
+    """Log-linear DKI parameters (N, 22) of noise-free signals, weights ``S^2``.
+
+    The design matrix is shared: columns are scaled to unit maximum for conditioning, the
+    weighted normal matrices of all voxels come from one matrix product with the
+    column-pair products, and a batched solve finishes the fit.
+    """
     x = design_matrix(bvals, bvecs)
-    pinv = np.linalg.pinv(x).astype(np.float32)
-    logs = np.log(np.maximum(signals, 1e-6)).astype(np.float32)
-    return (logs @ pinv.T).astype(np.float64)
+    scale = np.abs(x).max(0)
+    xs = x / scale
+    n_par = xs.shape[1]
+    pairs = (xs[:, :, None] * xs[:, None, :]).reshape(len(xs), -1)
+    out = np.empty((signals.shape[0], n_par))
+    for i in range(0, signals.shape[0], chunk):
+        s = np.maximum(signals[i : i + chunk].astype(np.float64), 1e-6)
+        w = (s / s.max(1, keepdims=True)) ** 2
+        a = (w @ pairs).reshape(-1, n_par, n_par)
+        rhs = (w * np.log(s)) @ xs
+        out[i : i + chunk] = np.linalg.solve(a, rhs[..., None])[..., 0]
+    return out / scale
 
 
 def truth_dki(
@@ -245,7 +266,7 @@ def truth_dki(
     bvals, bvecs = canonical_scheme()
     sig = model.signals(bvals, bvecs)
     valid = sig[:, 0] > min_s0
-    params = fit_loglinear(sig[valid], bvals, bvecs)
+    params = fit_wlls(sig[valid], bvals, bvecs)
     _, dt, kt = params_to_tensors(params)
     maps = dki_metrics(dt, kt, metrics)
     out = {}

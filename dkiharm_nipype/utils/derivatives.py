@@ -46,3 +46,21 @@ def publish_derivatives(staging: Path | None, output_dir: Path) -> list[Path]:
     if not description.exists():
         atomic_write_text(json.dumps(dataset_description(), indent=2) + "\n", description)
     return written
+
+
+def aggregate_snr(output_dir: Path) -> list[dict]:
+    """Merge every scan's ``*_desc-snr_qc.tsv`` into ``output_dir/snr.tsv``; returns rows."""
+    import csv
+
+    output_dir = Path(output_dir)
+    rows: list[dict] = []
+    fields: list[str] = []
+    for tsv in sorted(output_dir.glob("sub-*/**/*_desc-snr_qc.tsv")):
+        with open(tsv, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            fields = fields or list(reader.fieldnames or [])
+            rows.extend(reader)
+    if rows:
+        lines = ["\t".join(fields)] + ["\t".join(r.get(f, "") for f in fields) for r in rows]
+        atomic_write_text("\n".join(lines) + "\n", output_dir / "snr.tsv")
+    return rows

@@ -46,13 +46,17 @@ def init_participant_wf(*, scans: list[DWIScan], staging_dir: Path, config: RunC
                         name: str = "dkiharm_participant_wf") -> pe.Workflow:
     """Preprocess and fit DKI for every selected scan (one sub-workflow per run)."""
     from .dki import init_scan_wf
+    from .preproc import resolve_preproc
 
+    # decide once (and log once) whether FSL runs, instead of once per scan
+    run_mrtrix, run_fsl = resolve_preproc(config.preproc)
+    preproc = "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
     workflow = pe.Workflow(name=name)
     for scan in scans:
         scan_wf = init_scan_wf(
             scan=scan,
             staging_dir=staging_dir,
-            preproc=config.preproc,
+            preproc=preproc,
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,

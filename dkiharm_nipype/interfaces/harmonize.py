@@ -1,0 +1,293 @@
+"""Nipype interfaces training and applying the CNN harmonizer (:mod:`dkiharm_nipype.cnn`).
+
+The interfaces only read and write files; the science lives in :mod:`..cnn`:
+:func:`..cnn.train.train_harmonizer`, :func:`..cnn.infer.harmonize_scan` and the model
+files of :mod:`..cnn.modelio` (safetensors weights + JSON model card).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+from nipype.utils.filemanip import fname_presuffix, split_filename
+
+from ..cnn.data import TrainingSubject, normalize_dwi
+from ..cnn.infer import harmonize_scan
+from ..cnn.model import OUTPUT_NAMES
+from ..cnn.modelio import check_fingerprint, load_model, save_model, scan_fingerprint
+from ..cnn.train import train_harmonizer
+
+LOGGER = logging.getLogger("nipype.interface")
+LOG_COLUMNS = ("epoch", "loss", "val_loss", "seconds")
+
+
+class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
+    dwi_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="target-scanner DWIs, one per training subject"
+    )
+    bval_files = InputMultiObject(File(exists=True), mandatory=True, desc="b-values of dwi_files")
+    bvec_files = InputMultiObject(File(exists=True), mandatory=True, desc="b-vectors of dwi_files")
+    mask_files = InputMultiObject(
+        File(exists=True), mandatory=True, desc="brain masks in the space of dwi_files"
+    )
+    label_files = traits.List(
+        traits.Either(File(exists=True), traits.List(File(exists=True), minlen=8, maxlen=8)),
+        mandatory=True,
+        desc="reference-scanner DKI labels registered to each DWI: a 4-D stack of 8 maps or a "
+        "list of 8 3-D maps, in the order MD, AD, RD, FA, MK, AK, RK, KFA (diffusivities mm^2/s)",
+    )
+    exclude_mask_files = InputMultiObject(
+        File(exists=True), desc="per subject, voxels kept out of training (leave-one-tissue-out)"
+    )
+    sidecar_files = InputMultiObject(
+        File(exists=True), desc="BIDS JSON sidecars of dwi_files, for EchoTime (seconds)"
+    )
+    echo_time = traits.Float(desc="echo time in ms, overriding the sidecars")
+    subject_ids = traits.List(traits.Str, desc="names of the training subjects, for the card")
+    scanner = traits.Str(mandatory=True, desc="name of the target scanner, for the card")
+    hidden_channels = traits.Int(150, usedefault=True, desc="width of every hidden layer")
+    num_shared_layers = traits.Int(2, usedefault=True, desc="1x1x1 layers shared by both heads")
+    dropout = traits.Float(0.1, usedefault=True, desc="dropout before the output layers")
+    target_scaling = traits.Enum(
+        "zscore", "units", usedefault=True, desc="how the eight target maps are scaled"
+    )
+    epochs = traits.Int(100, usedefault=True, desc="maximum number of epochs")
+    learning_rate = traits.Float(1e-3, usedefault=True, desc="Adam learning rate")
+    batch_size = traits.Int(1024, usedefault=True, desc="voxels per optimisation step")
+    patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
+    val_fraction = traits.Float(0.1, usedefault=True, desc="fraction of blocks for validation")
+    loss = traits.Enum("mse", "l1", usedefault=True, desc="loss on the scaled targets")
+    seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
+    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    out_name = traits.Str("harmonizer", usedefault=True, desc="stem of the output file names")
+
+
+class _TrainHarmonizerOutputSpec(TraitedSpec):
+    weights_file = File(exists=True, desc="network weights (safetensors)")
+    card_file = File(exists=True, desc="model card (JSON)")
+    log_file = File(exists=True, desc="training log: epoch, loss, val_loss, seconds (TSV)")
+
+
+class TrainHarmonizer(SimpleInterface):
+    """Train the CNN harmonizer of one target scanner on traveling subjects.
+
+    All subjects must share the target scanner's protocol, which is recorded in the card.
+
+    >>> train = TrainHarmonizer(scanner="A", epochs=50, seed=1)
+    >>> train.inputs.hidden_channels, train.inputs.target_scaling
+    (150, 'zscore')
+    """
+
+    input_spec = _TrainHarmonizerInputSpec
+    output_spec = _TrainHarmonizerOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        n = len(inputs.dwi_files)
+        lists = {"bval_files": inputs.bval_files, "bvec_files": inputs.bvec_files}
+        lists.update(mask_files=inputs.mask_files, label_files=inputs.label_files)
+        for trait in ("exclude_mask_files", "sidecar_files", "subject_ids"):
+            if isdefined(getattr(inputs, trait)):
+                lists[trait] = getattr(inputs, trait)
+        for trait, values in lists.items():
+            if len(values) != n:
+                raise ValueError(f"{trait} has {len(values)} entries for {n} dwi_files.")
+        subjects, protocol = [], None
+        for i, dwi_file in enumerate(inputs.dwi_files):
+            img, dwi, bvals = _load_dwi(dwi_file, inputs.bval_files[i], inputs.bvec_files[i])
+            sidecar = inputs.sidecar_files[i] if "sidecar_files" in lists else None
+            fp = _fingerprint(img, bvals, sidecar, inputs.echo_time)
+            if protocol is None:
+                protocol = fp
+            else:  # training subjects must share the protocol the harmonizer is made for
+                check_fingerprint(protocol, fp)
+            exclude = None
+            if "exclude_mask_files" in lists:
+                exclude = _load_mask(lists["exclude_mask_files"][i])
+            subjects.append(
+                TrainingSubject(
+                    dwi=normalize_dwi(dwi, bvals),
+                    labels=_load_labels(inputs.label_files[i]),
+                    mask=_load_mask(inputs.mask_files[i]),
+                    exclude=exclude,
+                    name=lists["subject_ids"][i] if "subject_ids" in lists else Path(dwi_file).name,
+                )
+            )
+            del dwi
+        model, card, result = train_harmonizer(
+            subjects,
+            scanner=inputs.scanner,
+            protocol=protocol,
+            hidden_channels=inputs.hidden_channels,
+            num_shared_layers=inputs.num_shared_layers,
+            dropout=inputs.dropout,
+            target_scaling=inputs.target_scaling,
+            val_fraction=inputs.val_fraction,
+            epochs=inputs.epochs,
+            lr=inputs.learning_rate,
+            batch_size=inputs.batch_size,
+            patience=inputs.patience,
+            loss=inputs.loss,
+            seed=inputs.seed,
+            device=inputs.device,
+            log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
+        )
+        weights, card_path, log_path = (
+            fname_presuffix(inputs.out_name, suffix=suffix, newpath=runtime.cwd, use_ext=False)
+            for suffix in (".safetensors", "_card.json", "_log.tsv")
+        )
+        save_model(model, card, weights, card_path)
+        with open(log_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, LOG_COLUMNS, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            for rec in result.history:
+                writer.writerow({k: "n/a" if rec[k] is None else rec[k] for k in LOG_COLUMNS})
+        self._results.update(weights_file=weights, card_file=card_path, log_file=log_path)
+        return runtime
+
+
+class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="preprocessed target-scanner DWI")
+    bval_file = File(exists=True, mandatory=True, desc="b-values of dwi_file")
+    bvec_file = File(exists=True, mandatory=True, desc="b-vectors of dwi_file")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask; maps are computed inside it")
+    weights_file = File(exists=True, mandatory=True, desc="harmonizer weights (safetensors)")
+    card_file = File(exists=True, mandatory=True, desc="model card written with weights_file")
+    sidecar_file = File(exists=True, desc="BIDS JSON sidecar of dwi_file, for EchoTime")
+    echo_time = traits.Float(desc="echo time in ms, overriding the sidecar")
+    mc_samples = traits.Int(
+        0, usedefault=True, desc="MC-dropout passes (0: off, >= 2: also write std maps)"
+    )
+    batch_voxels = traits.Int(4096, usedefault=True, desc="voxels per chunk (bounds memory)")
+    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    seed = traits.Int(0, usedefault=True, desc="seed of the MC-dropout masks")
+
+
+class _ApplyHarmonizerOutputSpec(TraitedSpec):
+    out_files = OutputMultiObject(
+        File(exists=True), desc="the eight harmonized maps, in the order " + ", ".join(OUTPUT_NAMES)
+    )
+    std_files = OutputMultiObject(
+        File(exists=True), desc="MC-dropout standard deviation of each map (mc_samples >= 2)"
+    )
+    for _name in OUTPUT_NAMES:
+        locals()[f"out_{_name}"] = File(exists=True, desc=f"harmonized {_name.upper()} map")
+        locals()[f"std_{_name}"] = File(desc=f"MC-dropout standard deviation of {_name.upper()}")
+    del _name
+
+
+class ApplyHarmonizer(SimpleInterface):
+    """Harmonized DKI maps of one target-scanner scan with a trained harmonizer.
+
+    The scan's protocol is checked against the model card: a different protocol is
+    refused, a near match (TE within 5 ms, b-values within 2.5 %, other matrix) warns.
+
+    >>> apply = ApplyHarmonizer(mc_samples=20)
+    >>> apply.inputs.mc_samples, apply.inputs.device
+    (20, 'cpu')
+    >>> sorted(apply.output_spec().get())[:4]
+    ['out_ad', 'out_fa', 'out_files', 'out_kfa']
+    """
+
+    input_spec = _ApplyHarmonizerInputSpec
+    output_spec = _ApplyHarmonizerOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        model, card = load_model(inputs.weights_file, inputs.card_file, device=inputs.device)
+        img, dwi, bvals = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
+        sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
+        check_fingerprint(card, _fingerprint(img, bvals, sidecar, inputs.echo_time))
+        maps, std = harmonize_scan(
+            model,
+            card,
+            dwi,
+            bvals,
+            _load_mask(inputs.mask_file),
+            device=inputs.device,
+            batch_voxels=inputs.batch_voxels,
+            mc_samples=inputs.mc_samples,
+            seed=inputs.seed,
+        )
+        _, stem, _ = split_filename(inputs.dwi_file)
+        stem = stem.removesuffix("_dwi")
+        for kind, data in (("out", maps), ("std", std)):
+            if data is None:
+                continue
+            desc = "harmonized" if kind == "out" else "harmonizedstd"
+            files = []
+            for i, name in enumerate(OUTPUT_NAMES):
+                path = fname_presuffix(
+                    f"{stem}_desc-{desc}_param-{name}_dwimap.nii.gz", newpath=runtime.cwd
+                )
+                _save_map(data[..., i], img, path)
+                self._results[f"{kind}_{name}"] = path
+                files.append(path)
+            self._results[f"{kind}_files"] = files
+        return runtime
+
+
+def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):
+    img = nb.load(dwi_file)
+    dwi = np.asarray(img.dataobj, dtype=np.float32)
+    bvals = np.loadtxt(bval_file, ndmin=1).ravel()
+    bvecs = np.loadtxt(bvec_file, ndmin=2)
+    if dwi.ndim != 4 or dwi.shape[-1] != bvals.size:
+        raise ValueError(f"{dwi_file} has shape {dwi.shape}; {bval_file} lists {bvals.size} b-values.")
+    if bvecs.shape not in ((3, bvals.size), (bvals.size, 3)):
+        raise ValueError(f"{bvec_file} has shape {bvecs.shape}; expected 3 x {bvals.size}.")
+    return img, dwi, bvals
+
+
+def _fingerprint(img, bvals, sidecar: str | None, echo_time) -> dict:
+    te = echo_time if isdefined(echo_time) else None
+    if te is None and sidecar is not None:
+        seconds = json.loads(Path(sidecar).read_text()).get("EchoTime")
+        te = None if seconds is None else 1000.0 * float(seconds)
+    return scan_fingerprint(
+        bvals, voxel_size=img.header.get_zooms()[:3], matrix=img.shape[:3], echo_time=te
+    )
+
+
+def _load_mask(path: str) -> np.ndarray:
+    return np.asarray(nb.load(path).dataobj) > 0
+
+
+def _load_labels(labels) -> np.ndarray:
+    if isinstance(labels, (str, Path)):
+        data = np.asarray(nb.load(labels).dataobj, dtype=np.float32)
+        if data.ndim != 4 or data.shape[-1] != len(OUTPUT_NAMES):
+            raise ValueError(
+                f"Label stack {labels} has shape {data.shape}; expected (X, Y, Z, 8) in the "
+                f"order {', '.join(OUTPUT_NAMES)}."
+            )
+        return data
+    return np.stack([np.asarray(nb.load(f).dataobj, dtype=np.float32) for f in labels], -1)
+
+
+def _save_map(data: np.ndarray, ref: nb.Nifti1Image, path: str) -> None:
+    header = ref.header.copy()
+    header.set_data_dtype(np.float32)
+    out = nb.Nifti1Image(data.astype(np.float32), ref.affine, header)
+    out.header.set_slope_inter(1.0, 0.0)
+    out.to_filename(path)
+
+
+def _format_record(rec: dict) -> str:
+    val = "n/a" if rec["val_loss"] is None else f"{rec['val_loss']:.4g}"
+    return f"epoch {rec['epoch']}: loss {rec['loss']:.4g}, val {val}, {rec['seconds']:.1f} s"
