@@ -12,8 +12,14 @@ from scipy import ndimage
 from .utils.dwi import B0_THRESHOLD
 
 
-def auto_wm_roi(fa: np.ndarray, md: np.ndarray, brain_mask: np.ndarray, *,
-                fa_min: float = 0.45, md_max: float = 1.1e-3) -> np.ndarray:
+def auto_wm_roi(
+    fa: np.ndarray,
+    md: np.ndarray,
+    brain_mask: np.ndarray,
+    *,
+    fa_min: float = 0.45,
+    md_max: float = 1.1e-3,
+) -> np.ndarray:
     """Coherent white matter for SNR when no atlas is given.
 
     Voxels inside the brain mask eroded by one voxel (away from edges and partial volume)
@@ -25,8 +31,9 @@ def auto_wm_roi(fa: np.ndarray, md: np.ndarray, brain_mask: np.ndarray, *,
     return core & np.isfinite(fa) & (fa >= fa_min) & (md <= md_max) & (md > 0)
 
 
-def snr_in_roi(dwi: np.ndarray, bvals: np.ndarray, roi: np.ndarray, *,
-               noise_map: np.ndarray | None = None) -> dict[str, float]:
+def snr_in_roi(
+    dwi: np.ndarray, bvals: np.ndarray, roi: np.ndarray, *, noise_map: np.ndarray | None = None
+) -> dict[str, float]:
     """SNR of the b0 signal in ``roi``.
 
     The signal is the ROI mean of the voxelwise mean b0. The noise standard deviation is,
@@ -70,19 +77,24 @@ def snr_table(rows: list[dict]) -> tuple[str, str]:
     """
     cells: dict[tuple[str, str], list[float]] = {}
     for row in rows:
-        cells.setdefault((row["participant_id"], row["scanner"]), []).append(
-            float(row["snr_db"]))
+        cells.setdefault((row["participant_id"], row["scanner"]), []).append(float(row["snr_db"]))
     scanners = sorted({s for _, s in cells})
     subjects = sorted({p for p, _ in cells})
-    means = {sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
-             for sc in scanners}
+    means = {
+        sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
+        for sc in scanners
+    }
     reference = max(scanners, key=means.get)
     width = max(len("subject"), *(len(p) for p in subjects)) + 2
     lines = ["SNR (dB)".ljust(width) + "".join(f"{sc:>9}" for sc in scanners)]
     for sub in subjects:
-        lines.append(sub.ljust(width) + "".join(
-            f"{np.mean(cells[sub, sc]):9.2f}" if (sub, sc) in cells else f"{'-':>9}"
-            for sc in scanners))
+        lines.append(
+            sub.ljust(width)
+            + "".join(
+                f"{np.mean(cells[sub, sc]):9.2f}" if (sub, sc) in cells else f"{'-':>9}"
+                for sc in scanners
+            )
+        )
     lines.append("mean".ljust(width) + "".join(f"{means[sc]:9.2f}" for sc in scanners))
     lines.append(f"reference scanner (highest SNR): {reference}")
     return "\n".join(lines), reference

@@ -17,8 +17,9 @@ DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*DKIHARM, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [*DKIHARM, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -33,21 +34,41 @@ def _one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
 
 def test_options_follow_bids_app_conventions(tmp_path):
     (tmp_path / "bids").mkdir()
-    cfg = parse_args([
-        str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
-        "--participant-label", "sub-01", "02", "--session-label", "ses-A",
-        "-w", str(tmp_path / "w"), "--nprocs", "3", "--omp-nthreads", "1",
-        "--plugin", "SLURM", "--plugin-args", '{"sbatch_args": "-p short"}',
-        "--write-graph", "-vv", "--seed", "7",
-    ])
+    cfg = parse_args(
+        [
+            str(tmp_path / "bids"),
+            str(tmp_path / "out"),
+            "participant",
+            "--participant-label",
+            "sub-01",
+            "02",
+            "--session-label",
+            "ses-A",
+            "-w",
+            str(tmp_path / "w"),
+            "--nprocs",
+            "3",
+            "--omp-nthreads",
+            "1",
+            "--plugin",
+            "SLURM",
+            "--plugin-args",
+            '{"sbatch_args": "-p short"}',
+            "--write-graph",
+            "-vv",
+            "--seed",
+            "7",
+        ]
+    )
     assert cfg.participant_label == ("01", "02")
     assert cfg.session_label == ("A",)
     assert cfg.work_dir == tmp_path / "w"
     assert cfg.execution.plugin == "SLURM"
     assert cfg.execution.nipype_plugin_args()["sbatch_args"] == "-p short"
     assert cfg.seed == 7 and cfg.write_graph and cfg.verbose == 2
-    multiproc = parse_args([str(tmp_path / "bids"), str(tmp_path / "o"), "group",
-                            "--nprocs", "2", "--mem-gb", "4"])
+    multiproc = parse_args(
+        [str(tmp_path / "bids"), str(tmp_path / "o"), "group", "--nprocs", "2", "--mem-gb", "4"]
+    )
     assert multiproc.execution.nipype_plugin_args()["n_procs"] == 2
     assert multiproc.execution.nipype_plugin_args()["memory_gb"] == 4
 
@@ -82,8 +103,9 @@ def test_output_inside_raw_data_is_refused(tmp_path):
     _one_line_error(proc, "lies inside the raw BIDS data", "derivatives")
     assert not (tmp_path / "bids" / "sub-01" / "out").exists()
     # derivatives/ inside the dataset is the BIDS convention and stays allowed
-    cfg = parse_args([str(tmp_path / "bids"), str(tmp_path / "bids" / "derivatives" / "x"),
-                      "participant"])
+    cfg = parse_args(
+        [str(tmp_path / "bids"), str(tmp_path / "bids" / "derivatives" / "x"), "participant"]
+    )
     assert cfg.output_dir.name == "x"
 
 
@@ -109,14 +131,17 @@ def test_indexes_phantom_and_prints_subjects_by_scanners(tiny_bids, tmp_path):
     scanners = sorted({s.scanner for s in scans})
     assert len(subjects) >= 2 and len(scanners) >= 2
     table = summary_table(scans)
-    assert f"{len(subjects)} subject(s) x {len(scanners)} scanner(s), {len(scans)} DWI run(s)" \
+    assert (
+        f"{len(subjects)} subject(s) x {len(scanners)} scanner(s), {len(scans)} DWI run(s)"
         in table
+    )
     for scan in scans:
         assert scan.bval.is_file() and scan.bvec.is_file()
         assert scan.metadata["EchoTime"] > 0
     # selection by label, with or without prefixes
-    one = collect_scans(layout, participant_label=[f"sub-{subjects[0]}"],
-                        session_label=[scanners[0]])
+    one = collect_scans(
+        layout, participant_label=[f"sub-{subjects[0]}"], session_label=[scanners[0]]
+    )
     assert {(s.subject, s.scanner) for s in one} == {(subjects[0], scanners[0])}
     with pytest.raises(BIDSInputError, match=r"participant\(s\) zz not found"):
         collect_scans(layout, participant_label=["zz"])
@@ -128,7 +153,8 @@ def test_indexes_phantom_and_prints_subjects_by_scanners(tiny_bids, tmp_path):
 def test_filter_file_selects_runs(tiny_bids, tmp_path):
     filters = tmp_path / "f.json"
     filters.write_text(json.dumps({"dwi": {"run": 1}}))
-    cfg = parse_args([str(tiny_bids), str(tmp_path / "out"), "participant",
-                      "--bids-filter-file", str(filters)])
+    cfg = parse_args(
+        [str(tiny_bids), str(tmp_path / "out"), "participant", "--bids-filter-file", str(filters)]
+    )
     scans = collect_scans(load_layout(tiny_bids), bids_filters=cfg.bids_filters)
     assert scans and all(s.run == 1 for s in scans)

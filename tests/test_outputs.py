@@ -16,14 +16,22 @@ from dkiharm_nipype.utils.derivatives import publish_derivatives
 @pytest.mark.parametrize(
     ("source", "entities", "expected"),
     [
-        ("sub-01_ses-A_run-2_dwi.nii.gz", {"space": "dwi", "model": "dki", "param": "rk"},
-         "sub-01/ses-A/dwi/sub-01_ses-A_run-2_space-dwi_model-dki_param-rk_dwimap.nii.gz"),
-        ("sub-01_ses-B_acq-hi_run-1_dwi.nii.gz",
-         {"space": "dwi", "model": "dki", "param": "mk", "desc": "harmonized"},
-         "sub-01/ses-B/dwi/sub-01_ses-B_acq-hi_run-1_space-dwi_model-dki_param-mk_"
-         "desc-harmonized_dwimap.nii.gz"),
-        ("sub-03_dwi.nii.gz", {"space": "dwi", "model": "dki", "param": "fa"},
-         "sub-03/dwi/sub-03_space-dwi_model-dki_param-fa_dwimap.nii.gz"),
+        (
+            "sub-01_ses-A_run-2_dwi.nii.gz",
+            {"space": "dwi", "model": "dki", "param": "rk"},
+            "sub-01/ses-A/dwi/sub-01_ses-A_run-2_space-dwi_model-dki_param-rk_dwimap.nii.gz",
+        ),
+        (
+            "sub-01_ses-B_acq-hi_run-1_dwi.nii.gz",
+            {"space": "dwi", "model": "dki", "param": "mk", "desc": "harmonized"},
+            "sub-01/ses-B/dwi/sub-01_ses-B_acq-hi_run-1_space-dwi_model-dki_param-mk_"
+            "desc-harmonized_dwimap.nii.gz",
+        ),
+        (
+            "sub-03_dwi.nii.gz",
+            {"space": "dwi", "model": "dki", "param": "fa"},
+            "sub-03/dwi/sub-03_space-dwi_model-dki_param-fa_dwimap.nii.gz",
+        ),
     ],
 )
 def test_derivative_names_follow_bids(source, entities, expected):
@@ -34,9 +42,15 @@ def test_sink_and_publish_are_atomic(tmp_path):
     src = tmp_path / "map.nii.gz"
     nb.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4)).to_filename(src)
     staging = tmp_path / "staging"
-    sink = DerivativesDataSink(base_directory=str(staging), in_file=str(src),
-                               source_file="/raw/sub-01_ses-A_run-1_dwi.nii.gz", space="dwi",
-                               model="dki", param="md", meta_dict={"Model": "DKI"})
+    sink = DerivativesDataSink(
+        base_directory=str(staging),
+        in_file=str(src),
+        source_file="/raw/sub-01_ses-A_run-1_dwi.nii.gz",
+        space="dwi",
+        model="dki",
+        param="md",
+        meta_dict={"Model": "DKI"},
+    )
     res = sink.run(cwd=str(tmp_path))
     assert res.outputs.out_file.endswith("_space-dwi_model-dki_param-md_dwimap.nii.gz")
     assert json.loads(open(res.outputs.out_meta).read()) == {"Model": "DKI"}
@@ -64,8 +78,12 @@ def test_snr_matches_hand_computation():
     assert res["snr_db"] == pytest.approx(20 * np.log10(signal / noise))
     assert res["roi_voxels"] == 8 and res["n_b0"] == 4
     # a noise map takes precedence: 100 / 4 -> 27.96 dB
-    res_map = snr_in_roi(np.where(np.arange(6) < 4, 100.0, 40.0) * np.ones(shape + (6,)),
-                         bvals, roi, noise_map=np.full(shape, 4.0))
+    res_map = snr_in_roi(
+        np.where(np.arange(6) < 4, 100.0, 40.0) * np.ones(shape + (6,)),
+        bvals,
+        roi,
+        noise_map=np.full(shape, 4.0),
+    )
     assert res_map["snr_db"] == pytest.approx(20 * np.log10(25.0))
     with pytest.raises(ValueError, match="empty"):
         snr_in_roi(dwi, bvals, np.zeros(shape, bool))

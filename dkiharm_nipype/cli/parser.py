@@ -12,8 +12,21 @@ from ..__about__ import __version__
 from ..config import ExecConfig, RunConfig
 
 PLUGINS = (
-    "Linear", "MultiProc", "LegacyMultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph",
-    "PBS", "PBSGraph", "LSF", "Condor", "CondorDAGMan", "OAR", "IPython", "Debug",
+    "Linear",
+    "MultiProc",
+    "LegacyMultiProc",
+    "SLURM",
+    "SLURMGraph",
+    "SGE",
+    "SGEGraph",
+    "PBS",
+    "PBSGraph",
+    "LSF",
+    "Condor",
+    "CondorDAGMan",
+    "OAR",
+    "IPython",
+    "Debug",
 )
 
 
@@ -67,14 +80,16 @@ def _plugin_args(parser):
             if not path.is_file():
                 parser.error(
                     f"--plugin-args {value} is neither inline JSON nor an existing JSON file; "
-                    "write e.g. '{\"sbatch_args\": \"-p short\"}'"
+                    'write e.g. \'{"sbatch_args": "-p short"}\''
                 )
             text = path.read_text()
         try:
             args = json.loads(text)
         except json.JSONDecodeError as exc:
-            parser.error(f"--plugin-args is not valid JSON ({exc.msg}); "
-                         "write e.g. '{\"sbatch_args\": \"-p short\"}'")
+            parser.error(
+                f"--plugin-args is not valid JSON ({exc.msg}); "
+                'write e.g. \'{"sbatch_args": "-p short"}\''
+            )
         if not isinstance(args, dict):
             parser.error("--plugin-args must be a JSON object, e.g. '{\"n_procs\": 2}'")
         return args
@@ -94,55 +109,128 @@ def get_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("bids_dir", type=lambda v: _existing_dir(parser, v),
-                        help="root folder of a BIDS dataset (sub-XX folders at the top level)")
-    parser.add_argument("output_dir", type=Path,
-                        help="folder for the derivatives (BIDS-Derivatives layout)")
-    parser.add_argument("analysis_level", choices=["participant", "group"],
-                        help="processing stage: per-scan fitting, or scanner-level training "
-                             "and harmonization")
+    parser.add_argument(
+        "bids_dir",
+        type=lambda v: _existing_dir(parser, v),
+        help="root folder of a BIDS dataset (sub-XX folders at the top level)",
+    )
+    parser.add_argument(
+        "output_dir", type=Path, help="folder for the derivatives (BIDS-Derivatives layout)"
+    )
+    parser.add_argument(
+        "analysis_level",
+        choices=["participant", "group"],
+        help="processing stage: per-scan fitting, or scanner-level training and harmonization",
+    )
     parser.add_argument("--version", action="version", version=f"dkiharm {__version__}")
 
     sel = parser.add_argument_group("Selecting data")
-    sel.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
-                     metavar="LABEL", help="subjects to process (with or without 'sub-')")
-    sel.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
-                     help="sessions to process (with or without 'ses-')")
-    sel.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                     help='JSON with pybids queries per data type, e.g. {"dwi": {"run": 1}}')
-    sel.add_argument("--scanner-entity", default="ses", metavar="ENTITY",
-                     help="what identifies a scanner: 'ses' (session label), 'acq', or a "
-                          "sidecar field such as DeviceSerialNumber")
+    sel.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="subjects to process (with or without 'sub-')",
+    )
+    sel.add_argument(
+        "--session-label",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="sessions to process (with or without 'ses-')",
+    )
+    sel.add_argument(
+        "--bids-filter-file",
+        type=Path,
+        metavar="FILE",
+        help='JSON with pybids queries per data type, e.g. {"dwi": {"run": 1}}',
+    )
+    sel.add_argument(
+        "--scanner-entity",
+        default="ses",
+        metavar="ENTITY",
+        help="what identifies a scanner: 'ses' (session label), 'acq', or a "
+        "sidecar field such as DeviceSerialNumber",
+    )
 
     proc = parser.add_argument_group("Processing")
-    proc.add_argument("--preproc", choices=["auto", "fsl", "mrtrix", "none"], default="auto",
-                      help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
-                           "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only")
-    proc.add_argument("--mask-method", choices=["dwi2mask", "median_otsu"], default="dwi2mask",
-                      help="brain-mask estimation on the preprocessed DWI")
-    proc.add_argument("--fit-method", choices=["irlls", "wls", "ols"], default="irlls",
-                      help="DKI fitting method (IRLLS: robust, iteratively reweighted)")
-    proc.add_argument("--b-max", type=float, metavar="B",
-                      help="use only volumes with b <= B s/mm^2 for the DKI fit")
-    proc.add_argument("--seed", type=_seed(parser), default=0,
-                      help="random seed for every stochastic step (reproducible outputs)")
+    proc.add_argument(
+        "--preproc",
+        choices=["auto", "fsl", "mrtrix", "none"],
+        default="auto",
+        help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
+        "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only",
+    )
+    proc.add_argument(
+        "--mask-method",
+        choices=["dwi2mask", "median_otsu"],
+        default="dwi2mask",
+        help="brain-mask estimation on the preprocessed DWI",
+    )
+    proc.add_argument(
+        "--fit-method",
+        choices=["irlls", "wls", "ols"],
+        default="irlls",
+        help="DKI fitting method (IRLLS: robust, iteratively reweighted)",
+    )
+    proc.add_argument(
+        "--b-max",
+        type=float,
+        metavar="B",
+        help="use only volumes with b <= B s/mm^2 for the DKI fit",
+    )
+    proc.add_argument(
+        "--seed",
+        type=_seed(parser),
+        default=0,
+        help="random seed for every stochastic step (reproducible outputs)",
+    )
 
     perf = parser.add_argument_group("Execution")
-    perf.add_argument("-w", "--work-dir", type=Path, default=Path("work"),
-                      help="Nipype working folder (reused by reruns)")
-    perf.add_argument("--nprocs", "--nthreads", type=_positive_int(parser, "--nprocs"),
-                      default=os.cpu_count() or 1, help="maximum processes for MultiProc")
-    perf.add_argument("--omp-nthreads", type=_positive_int(parser, "--omp-nthreads"),
-                      default=None, help="threads per process (default: min(8, nprocs))")
+    perf.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        default=Path("work"),
+        help="Nipype working folder (reused by reruns)",
+    )
+    perf.add_argument(
+        "--nprocs",
+        "--nthreads",
+        type=_positive_int(parser, "--nprocs"),
+        default=os.cpu_count() or 1,
+        help="maximum processes for MultiProc",
+    )
+    perf.add_argument(
+        "--omp-nthreads",
+        type=_positive_int(parser, "--omp-nthreads"),
+        default=None,
+        help="threads per process (default: min(8, nprocs))",
+    )
     perf.add_argument("--mem-gb", type=float, default=None, help="memory limit for MultiProc")
-    perf.add_argument("--plugin", choices=PLUGINS, default="MultiProc",
-                      help="Nipype execution plugin")
-    perf.add_argument("--plugin-args", type=_plugin_args(parser), default={}, metavar="JSON",
-                      help="plugin arguments as inline JSON or a JSON file")
-    perf.add_argument("--write-graph", action="store_true",
-                      help="write the workflow graph (PNG/SVG) into output_dir/logs")
-    perf.add_argument("-v", "--verbose", action="count", default=0,
-                      help="more log output (-v info from Nipype, -vv debug)")
+    perf.add_argument(
+        "--plugin", choices=PLUGINS, default="MultiProc", help="Nipype execution plugin"
+    )
+    perf.add_argument(
+        "--plugin-args",
+        type=_plugin_args(parser),
+        default={},
+        metavar="JSON",
+        help="plugin arguments as inline JSON or a JSON file",
+    )
+    perf.add_argument(
+        "--write-graph",
+        action="store_true",
+        help="write the workflow graph (PNG/SVG) into output_dir/logs",
+    )
+    perf.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-v info from Nipype, -vv debug)",
+    )
     return parser
 
 
@@ -153,16 +241,26 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     bids_dir: Path = opts.bids_dir
     output_dir = opts.output_dir.expanduser().absolute()
     if output_dir == bids_dir:
-        parser.error(f"output_dir {output_dir} is the BIDS folder itself; "
-                     f"use e.g. {bids_dir / 'derivatives' / 'dkiharm'}")
+        parser.error(
+            f"output_dir {output_dir} is the BIDS folder itself; "
+            f"use e.g. {bids_dir / 'derivatives' / 'dkiharm'}"
+        )
     if bids_dir in output_dir.parents and (bids_dir / "derivatives") not in (
-        output_dir, *output_dir.parents
+        output_dir,
+        *output_dir.parents,
     ):
-        parser.error(f"output_dir {output_dir} lies inside the raw BIDS data; "
-                     f"use {bids_dir / 'derivatives' / 'dkiharm'} or a folder outside it")
+        parser.error(
+            f"output_dir {output_dir} lies inside the raw BIDS data; "
+            f"use {bids_dir / 'derivatives' / 'dkiharm'} or a folder outside it"
+        )
     omp = opts.omp_nthreads or min(8, opts.nprocs)
-    execution = ExecConfig(plugin=opts.plugin, plugin_args=opts.plugin_args, nprocs=opts.nprocs,
-                           omp_nthreads=omp, mem_gb=opts.mem_gb)
+    execution = ExecConfig(
+        plugin=opts.plugin,
+        plugin_args=opts.plugin_args,
+        nprocs=opts.nprocs,
+        omp_nthreads=omp,
+        mem_gb=opts.mem_gb,
+    )
     from ..utils.bids import load_bids_filters
 
     try:

@@ -16,8 +16,13 @@ LOGGER = logging.getLogger("dkiharm")
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)  # INFO by default, DEBUG with -v
-    logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s [%(name)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
     nipype_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     from nipype import config as ncfg
     from nipype import logging as nlogging
@@ -49,9 +54,9 @@ def run(config: RunConfig) -> int:
     check_output_dir(config.output_dir)
     preflight(scans, b_max=config.b_max)
 
-    from ..workflows.base import init_dkiharm_wf
     from ..metrics import snr_table
     from ..utils.derivatives import aggregate_snr, publish_derivatives
+    from ..workflows.base import init_dkiharm_wf
 
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     if config.write_graph:
@@ -59,23 +64,30 @@ def run(config: RunConfig) -> int:
     if workflow is None:
         return 0
     started = time.time()
-    workflow.run(plugin=config.execution.plugin,
-                 plugin_args=config.execution.nipype_plugin_args())
+    workflow.run(plugin=config.execution.plugin, plugin_args=config.execution.nipype_plugin_args())
     written = publish_derivatives(staging, config.output_dir)
     snr_rows = aggregate_snr(config.output_dir)
     if snr_rows:
         table, _ = snr_table(snr_rows)
         print(table, flush=True)
-    LOGGER.info("finished in %.0f s; %d derivative file(s) in %s", time.time() - started,
-                len(written), config.output_dir)
+    LOGGER.info(
+        "finished in %.0f s; %d derivative file(s) in %s",
+        time.time() - started,
+        len(written),
+        config.output_dir,
+    )
     return 0
 
 
 def _write_graphs(workflow, logs: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     for fmt in ("png", "svg"):
-        workflow.write_graph(graph2use="colored", format=fmt, simple_form=True,
-                             dotfilename=str(logs / f"graph_{workflow.name}.dot"))
+        workflow.write_graph(
+            graph2use="colored",
+            format=fmt,
+            simple_form=True,
+            dotfilename=str(logs / f"graph_{workflow.name}.dot"),
+        )
     LOGGER.info("workflow graph written to %s", logs)
 
 
@@ -83,8 +95,10 @@ def _crash_summary(exc: BaseException) -> str:
     """One line naming the failed node(s) and the cause, from Nipype's RuntimeError."""
     text = str(exc)
     if "Workflow did not execute cleanly" in text:
-        return ("processing failed in at least one node; see the crash files listed above "
-                "(nipypecli crash <file>) and fix the input they name")
+        return (
+            "processing failed in at least one node; see the crash files listed above "
+            "(nipypecli crash <file>) and fix the input they name"
+        )
     return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
 
 
@@ -100,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dkiharm: error: {exc}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
-        print("dkiharm: interrupted; rerun the same command to resume from the work "
-              "directory", file=sys.stderr)
+        print(
+            "dkiharm: interrupted; rerun the same command to resume from the work directory",
+            file=sys.stderr,
+        )
         status = 130
     except RuntimeError as exc:
         print(f"dkiharm: error: {_crash_summary(exc)}", file=sys.stderr)

@@ -143,7 +143,9 @@ def validate_gradients(
     * one b-value and one b-vector per volume (bvecs as (N, 3) or FSL's (3, N));
     * b-values finite and >= 0, in s/mm²: a largest b-value below 50 suggests ms/µm²
       (multiply by 1000), above 100000 suggests s/m² (divide by 1e6);
-    * volumes with b <= 50 s/mm² are b = 0 volumes and their b-vector is ignored;
+    * volumes with b <= 50 s/mm² count as b = 0 volumes for the shell rules; they keep
+      their small b-value if their b-vector is a unit vector (as in dipy), else b is set
+      to 0;
     * every diffusion-weighted volume needs a unit b-vector: zero vectors are an error,
       norms within 1 % of 1 are renormalized, others are an error;
     * ``b_max`` keeps volumes with ``b <= b_max + 50``;
@@ -209,8 +211,11 @@ def validate_gradients(
             "diffusion-weighted volumes are not unit length); normalize the b-vectors and, "
             "if their length encoded the b-value, scale the b-values by the squared norm."
         )
+    # Low-b volumes keep their small weighting when they come with a direction (as dipy).
+    directed = weighted | (np.abs(norms - 1.0) <= 0.01)
     unit = np.zeros_like(bvecs)
-    unit[weighted] = bvecs[weighted] / norms[weighted, None]
+    unit[directed] = bvecs[directed] / norms[directed, None]
+    bvals = np.where(directed, bvals, 0.0)
     used = np.ones(n, dtype=bool) if b_max is None else bvals <= b_max + B0_THRESHOLD
     shells = np.unique(np.round(bvals[used & weighted], -2))
     if shells.size < 2:
@@ -225,7 +230,7 @@ def validate_gradients(
             f"Without b = 0 volumes{where}, DKI needs three non-zero shells (found "
             f"{shells.tolist()} s/mm²); include the b = 0 volumes."
         )
-    X = design_matrix(np.where(weighted, bvals, 0.0)[used], unit[used])
+    X = design_matrix(bvals[used], unit[used])
     rank = np.linalg.matrix_rank(X / np.abs(X).max(axis=0))
     if rank < N_PARAMS:
         raise DKIInputError(
@@ -233,7 +238,7 @@ def validate_gradients(
             "parameters; DKI needs at least 15 non-collinear directions on a shell and 2 "
             "shells."
         )
-    return np.where(weighted, bvals, 0.0), unit, used
+    return bvals, unit, used
 
 
 def _validate_data(

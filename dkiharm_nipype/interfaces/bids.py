@@ -23,8 +23,13 @@ ENTITY_ORDER = ("sub", "ses", "acq", "rec", "run", "space", "model", "param", "l
 _SOURCE_ENTITY = re.compile(r"(sub|ses|acq|rec|run)-([a-zA-Z0-9]+)")
 
 
-def derivative_name(source_file: str | os.PathLike, *, suffix: str, extension: str = ".nii.gz",
-                    **entities: str | None) -> Path:
+def derivative_name(
+    source_file: str | os.PathLike,
+    *,
+    suffix: str,
+    extension: str = ".nii.gz",
+    **entities: str | None,
+) -> Path:
     """Relative BIDS-Derivatives path for an output derived from ``source_file``.
 
     >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz",
@@ -73,7 +78,11 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     label = traits.Str(desc="label entity (e.g. brain for masks)")
     desc = traits.Str(desc="desc entity (e.g. harmonized)")
     meta_dict = traits.Dict(desc="JSON sidecar content; written next to the file when given")
-    meta_file = File(exists=True, desc="JSON sidecar to copy next to the file")
+    meta_file = File(
+        exists=True,
+        desc="JSON sidecar to copy next to the file (default: the "
+        "JSON next to in_file with the same name, when there is one)",
+    )
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -96,15 +105,28 @@ class DerivativesDataSink(SimpleInterface):
     def _run_interface(self, runtime):
         ent = {k: getattr(self.inputs, k) for k in ("space", "model", "param", "label", "desc")}
         ent = {k: (v if isdefined(v) else None) for k, v in ent.items()}
-        rel = derivative_name(self.inputs.source_file, suffix=self.inputs.suffix,
-                              extension=self.inputs.extension, **ent)
+        rel = derivative_name(
+            self.inputs.source_file,
+            suffix=self.inputs.suffix,
+            extension=self.inputs.extension,
+            **ent,
+        )
         out = Path(self.inputs.base_directory) / rel
         atomic_copy(self.inputs.in_file, out)
         self._results["out_file"] = str(out)
         meta = dict(self.inputs.meta_dict) if isdefined(self.inputs.meta_dict) else {}
-        if isdefined(self.inputs.meta_file):
-            meta = {**json.loads(Path(self.inputs.meta_file).read_text()), **meta}
+        meta_file = self.inputs.meta_file
+        if not isdefined(meta_file):
+            in_file = Path(self.inputs.in_file)
+            sibling = in_file.with_name(in_file.name.split(".")[0] + ".json")
+            meta_file = sibling if sibling.is_file() else None
+        if meta_file:
+            meta = {**json.loads(Path(meta_file).read_text()), **meta}
         if meta:
+            # provenance points at the raw file (BIDS URI), not at a work-directory name
+            meta["Sources"] = [
+                f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"
+            ]
             sidecar = out.with_name(out.name[: -len(self.inputs.extension)] + ".json")
             atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", sidecar)
             self._results["out_meta"] = str(sidecar)

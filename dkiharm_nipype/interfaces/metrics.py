@@ -19,13 +19,26 @@ from nipype.utils.filemanip import fname_presuffix
 
 from ..metrics import auto_wm_roi, snr_in_roi
 
-SNR_COLUMNS = ("participant_id", "session", "run", "scanner", "snr", "snr_db", "signal_mean",
-               "noise_sd", "roi_voxels", "n_b0", "roi", "noise_method")
+SNR_COLUMNS = (
+    "participant_id",
+    "session",
+    "run",
+    "scanner",
+    "snr",
+    "snr_db",
+    "signal_mean",
+    "noise_sd",
+    "roi_voxels",
+    "n_b0",
+    "roi",
+    "noise_method",
+)
 
 
 class _ComputeSNRInputSpec(BaseInterfaceInputSpec):
-    dwi_file = File(exists=True, mandatory=True,
-                    desc="raw (not denoised) DWI whose b0 frames give the signal")
+    dwi_file = File(
+        exists=True, mandatory=True, desc="raw (not denoised) DWI whose b0 frames give the signal"
+    )
     bval_file = File(exists=True, mandatory=True, desc="b-values of dwi_file")
     brain_mask = File(exists=True, mandatory=True, desc="brain mask in DWI space")
     fa_file = File(exists=True, desc="FA map, for the automatic white-matter ROI")
@@ -71,18 +84,26 @@ class ComputeSNR(SimpleInterface):
         if isdefined(self.inputs.noise_file):
             noise = np.asanyarray(nb.load(self.inputs.noise_file).dataobj, dtype=np.float32)
         result = snr_in_roi(dwi, bvals, roi, noise_map=noise)
-        row = {"participant_id": self.inputs.participant_id, "session": self.inputs.session,
-               "run": self.inputs.run, "scanner": self.inputs.scanner, "roi": roi_name,
-               **result}
-        out = fname_presuffix(self.inputs.dwi_file, suffix="_snr.tsv", newpath=runtime.cwd,
-                              use_ext=False)
+        row = {
+            "participant_id": self.inputs.participant_id,
+            "session": self.inputs.session,
+            "run": self.inputs.run,
+            "scanner": self.inputs.scanner,
+            "roi": roi_name,
+            **result,
+        }
+        out = fname_presuffix(
+            self.inputs.dwi_file, suffix="_snr.tsv", newpath=runtime.cwd, use_ext=False
+        )
         out = out.replace(".nii", "")
         with open(out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=SNR_COLUMNS, delimiter="\t",
-                                    extrasaction="ignore")
+            writer = csv.DictWriter(
+                fh, fieldnames=SNR_COLUMNS, delimiter="\t", extrasaction="ignore"
+            )
             writer.writeheader()
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
         self._results["out_tsv"] = out
         self._results["snr_db"] = result["snr_db"]
         return runtime

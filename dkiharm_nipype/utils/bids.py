@@ -21,8 +21,12 @@ DEFAULT_QUERIES: dict[str, dict[str, Any]] = {
 }
 
 #: ``--scanner-entity`` values that name a BIDS entity (the rest name a sidecar field).
-SCANNER_ENTITIES = {"ses": "session", "session": "session", "acq": "acquisition",
-                    "acquisition": "acquisition"}
+SCANNER_ENTITIES = {
+    "ses": "session",
+    "session": "session",
+    "acq": "acquisition",
+    "acquisition": "acquisition",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,12 @@ def load_layout(bids_dir: Path, *, database_path: Path | None = None):
         raise BIDSInputError(
             f"{bids_dir / 'dataset_description.json'} is not valid JSON ({exc}); fix the file."
         ) from None
-    return BIDSLayout(str(bids_dir), validate=False, derivatives=False,
-                      database_path=str(database_path) if database_path else None)
+    return BIDSLayout(
+        str(bids_dir),
+        validate=False,
+        derivatives=False,
+        database_path=str(database_path) if database_path else None,
+    )
 
 
 def load_bids_filters(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -103,8 +111,9 @@ def load_bids_filters(path: Path | None) -> dict[str, dict[str, Any]]:
     return filters
 
 
-def _scanner_of(entities: dict[str, Any], metadata: dict[str, Any], scanner_entity: str,
-                dwi: Path) -> str:
+def _scanner_of(
+    entities: dict[str, Any], metadata: dict[str, Any], scanner_entity: str, dwi: Path
+) -> str:
     entity = SCANNER_ENTITIES.get(scanner_entity)
     if entity is not None:
         value = entities.get(entity)
@@ -168,21 +177,26 @@ def collect_scans(
         metadata = layout.get_metadata(str(dwi))
         sidecar = dwi.with_name(dwi.name.split(".nii")[0] + ".json")
         fmaps = tuple(
-            Path(fm["epi"]) for fm in layout.get_fieldmap(str(dwi), return_list=True)
+            Path(fm["epi"])
+            for fm in layout.get_fieldmap(str(dwi), return_list=True)
             if fm.get("suffix") == "epi"
         )
-        scans.append(DWIScan(
-            subject=entities["subject"],
-            session=entities.get("session"),
-            run=entities.get("run"),
-            scanner=_scanner_of(entities, metadata, scanner_entity, dwi),
-            dwi=dwi, bval=bval, bvec=bvec,
-            sidecar=sidecar if sidecar.is_file() else None,
-            metadata=dict(metadata),
-            fmap_epi=fmaps,
-            fmap_metadata=tuple(dict(layout.get_metadata(str(fm))) for fm in fmaps),
-            entities=dict(entities),
-        ))
+        scans.append(
+            DWIScan(
+                subject=entities["subject"],
+                session=entities.get("session"),
+                run=entities.get("run"),
+                scanner=_scanner_of(entities, metadata, scanner_entity, dwi),
+                dwi=dwi,
+                bval=bval,
+                bvec=bvec,
+                sidecar=sidecar if sidecar.is_file() else None,
+                metadata=dict(metadata),
+                fmap_epi=fmaps,
+                fmap_metadata=tuple(dict(layout.get_metadata(str(fm))) for fm in fmaps),
+                entities=dict(entities),
+            )
+        )
     if not scans:
         raise BIDSInputError(
             f"no DWI scans in {bids_dir} match the selection {_describe(query)}; "
@@ -231,8 +245,10 @@ def summary_table(scans: list[DWIScan]) -> str:
     col = max([6] + [len(s) + 2 for s in scanners])
     lines = ["subject".ljust(width) + "".join(s.rjust(col) for s in scanners)]
     for sub in subjects:
-        lines.append(f"sub-{sub}".ljust(width) + "".join(
-            str(counts.get((sub, sc), "-")).rjust(col) for sc in scanners))
+        lines.append(
+            f"sub-{sub}".ljust(width)
+            + "".join(str(counts.get((sub, sc), "-")).rjust(col) for sc in scanners)
+        )
     traveling = [s for s in subjects if sum((s, sc) in counts for sc in scanners) >= 2]
     lines.append(
         f"{len(subjects)} subject(s) x {len(scanners)} scanner(s), {len(scans)} DWI run(s); "

@@ -86,8 +86,13 @@ def preflight(scans, *, b_max: float | None = None) -> None:
     for number, scan in enumerate(scans, 1):
         _, data = check_nifti(scan.dwi)
         bvals, bvecs = read_gradients(scan.bval, scan.bvec)
-        validate_gradients(bvals, bvecs, n_volumes=data.shape[-1], b_max=b_max,
-                           source=f"{scan.bval.name}/{scan.bvec.name}")
+        validate_gradients(
+            bvals,
+            bvecs,
+            n_volumes=data.shape[-1],
+            b_max=b_max,
+            source=f"{scan.bval.name}/{scan.bvec.name}",
+        )
         if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
             bad = int((~np.isfinite(data)).any(axis=-1).sum())
             raise DkiharmInputError(

@@ -21,14 +21,18 @@ def dataset_description(*, pipeline_description: str | None = None) -> dict:
         "Name": "dkiharm derivatives",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{
-            "Name": "dkiharm",
-            "Version": __version__,
-            "Description": pipeline_description or (
-                "DKI fitting and deep-learning harmonization of diffusion kurtosis imaging "
-                "across scanners"),
-            "CodeURL": "https://pypi.org/project/dkiharm/",
-        }],
+        "GeneratedBy": [
+            {
+                "Name": "dkiharm",
+                "Version": __version__,
+                "Description": pipeline_description
+                or (
+                    "DKI fitting and deep-learning harmonization of diffusion kurtosis imaging "
+                    "across scanners"
+                ),
+                "CodeURL": "https://pypi.org/project/dkiharm/",
+            }
+        ],
     }
 
 

@@ -33,17 +33,24 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
         workflow = init_group_wf(scans=scans, staging_dir=staging, config=config)
     if workflow is not None:
         workflow.base_dir = str(config.work_dir)
-        workflow.config["execution"].update({
-            "crashdump_dir": str(config.output_dir / "logs"),
-            "crashfile_format": "txt",
-            "remove_unnecessary_outputs": False,
-            "stop_on_first_crash": True,
-        })
+        workflow.config["execution"].update(
+            {
+                "crashdump_dir": str(config.output_dir / "logs"),
+                "crashfile_format": "txt",
+                "remove_unnecessary_outputs": False,
+                "stop_on_first_crash": True,
+            }
+        )
     return workflow, staging
 
 
-def init_participant_wf(*, scans: list[DWIScan], staging_dir: Path, config: RunConfig,
-                        name: str = "dkiharm_participant_wf") -> pe.Workflow:
+def init_participant_wf(
+    *,
+    scans: list[DWIScan],
+    staging_dir: Path,
+    config: RunConfig,
+    name: str = "dkiharm_participant_wf",
+) -> pe.Workflow:
     """Preprocess and fit DKI for every selected scan (one sub-workflow per run)."""
     from .dki import init_scan_wf
     from .preproc import resolve_preproc
@@ -67,13 +74,15 @@ def init_participant_wf(*, scans: list[DWIScan], staging_dir: Path, config: RunC
     return workflow
 
 
-def init_group_wf(*, scans: list[DWIScan], staging_dir: Path, config: RunConfig,
-                  name: str = "dkiharm_group_wf"):
+def init_group_wf(
+    *, scans: list[DWIScan], staging_dir: Path, config: RunConfig, name: str = "dkiharm_group_wf"
+):
     """Group level: reference choice, network training and harmonized inference.
 
     Not yet implemented: the participant level (preprocessing, DKI fitting, SNR) is the
     processing available in this release.
     """
-    LOGGER.warning("the group level (harmonization) is not implemented in this release; "
-                   "nothing to run")
+    LOGGER.warning(
+        "the group level (harmonization) is not implemented in this release; nothing to run"
+    )
     return None

@@ -18,9 +18,14 @@ from ..utils.fsl import has_reversed_pe
 from .preproc import init_dwi_preproc_wf
 
 
-def init_dki_fit_wf(*, fit_method: str = "irlls", b_max: float | None = None,
-                    omp_nthreads: int = 1, mem_gb: float = 1.0,
-                    name: str = "dki_fit_wf") -> pe.Workflow:
+def init_dki_fit_wf(
+    *,
+    fit_method: str = "irlls",
+    b_max: float | None = None,
+    omp_nthreads: int = 1,
+    mem_gb: float = 1.0,
+    name: str = "dki_fit_wf",
+) -> pe.Workflow:
     """Fit DKI to a preprocessed DWI series and measure the scan's SNR.
 
     Workflow Graph
@@ -60,24 +65,41 @@ def init_dki_fit_wf(*, fit_method: str = "irlls", b_max: float | None = None,
     Outputs
     -------
     md_file, ad_file, rd_file, fa_file, mk_file, ak_file, rk_file, kfa_file
-        The eight DKI maps.
+        The eight DKI maps, each with its JSON sidecar beside it.
     outlier_fraction_file
         Share of volumes rejected per voxel by IRLLS.
-    metadata
-        Sidecar content shared by the maps (model, fit method, iterations, version).
     snr_tsv
         One-row SNR table of the scan.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=[
-        "dwi_file", "bval_file", "bvec_file", "mask_file", "raw_dwi_file", "raw_bval_file",
-        "noise_file", "snr_info"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=[
-        *(f"{m}_file" for m in ALL_METRICS), "outlier_fraction_file", "metadata", "snr_tsv"]),
-        name="outputnode")
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[
+                "dwi_file",
+                "bval_file",
+                "bvec_file",
+                "mask_file",
+                "raw_dwi_file",
+                "raw_bval_file",
+                "noise_file",
+                "snr_info",
+            ]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[*(f"{m}_file" for m in ALL_METRICS), "outlier_fraction_file", "snr_tsv"]
+        ),
+        name="outputnode",
+    )
 
-    fit = pe.Node(FitDKI(method=fit_method, n_threads=omp_nthreads), name="fit",
-                  n_procs=omp_nthreads, mem_gb=mem_gb * 3)
+    fit = pe.Node(
+        FitDKI(method=fit_method, n_threads=omp_nthreads),
+        name="fit",
+        n_procs=omp_nthreads,
+        mem_gb=mem_gb * 3,
+    )
     if b_max is not None:
         fit.inputs.b_max = b_max
     snr = pe.Node(ComputeSNR(), name="snr", mem_gb=mem_gb)
@@ -85,31 +107,72 @@ def init_dki_fit_wf(*, fit_method: str = "irlls", b_max: float | None = None,
     def _snr_fields(info):
         return info["participant_id"], info["session"], info["run"], info["scanner"]
 
-    snr_fields = pe.Node(niu.Function(function=_snr_fields,
-                                      output_names=["participant_id", "session", "run",
-                                                    "scanner"]), name="snr_fields")
+    snr_fields = pe.Node(
+        niu.Function(
+            function=_snr_fields, output_names=["participant_id", "session", "run", "scanner"]
+        ),
+        name="snr_fields",
+    )
 
-    workflow.connect([
-        (inputnode, fit, [("dwi_file", "dwi_file"), ("bval_file", "bval_file"),
-                          ("bvec_file", "bvec_file"), ("mask_file", "mask_file")]),
-        (inputnode, snr, [("raw_dwi_file", "dwi_file"), ("raw_bval_file", "bval_file"),
-                          ("mask_file", "brain_mask"), ("noise_file", "noise_file")]),
-        (inputnode, snr_fields, [("snr_info", "info")]),
-        (snr_fields, snr, [("participant_id", "participant_id"), ("session", "session"),
-                           ("run", "run"), ("scanner", "scanner")]),
-        (fit, snr, [("fa_file", "fa_file"), ("md_file", "md_file")]),
-        (fit, outputnode, [*((f"{m}_file", f"{m}_file") for m in ALL_METRICS),
-                           ("outlier_fraction_file", "outlier_fraction_file"),
-                           ("metadata", "metadata")]),
-        (snr, outputnode, [("out_tsv", "snr_tsv")]),
-    ])
+    workflow.connect(
+        [
+            (
+                inputnode,
+                fit,
+                [
+                    ("dwi_file", "dwi_file"),
+                    ("bval_file", "bval_file"),
+                    ("bvec_file", "bvec_file"),
+                    ("mask_file", "mask_file"),
+                ],
+            ),
+            (
+                inputnode,
+                snr,
+                [
+                    ("raw_dwi_file", "dwi_file"),
+                    ("raw_bval_file", "bval_file"),
+                    ("mask_file", "brain_mask"),
+                    ("noise_file", "noise_file"),
+                ],
+            ),
+            (inputnode, snr_fields, [("snr_info", "info")]),
+            (
+                snr_fields,
+                snr,
+                [
+                    ("participant_id", "participant_id"),
+                    ("session", "session"),
+                    ("run", "run"),
+                    ("scanner", "scanner"),
+                ],
+            ),
+            (fit, snr, [("fa_file", "fa_file"), ("md_file", "md_file")]),
+            (
+                fit,
+                outputnode,
+                [
+                    *((f"{m}_file", f"{m}_file") for m in ALL_METRICS),
+                    ("outlier_fraction_file", "outlier_fraction_file"),
+                ],
+            ),
+            (snr, outputnode, [("out_tsv", "snr_tsv")]),
+        ]
+    )
     return workflow
 
 
-def init_scan_wf(*, scan: DWIScan, staging_dir: Path, preproc: str = "auto",
-                 mask_method: str = "dwi2mask", fit_method: str = "irlls",
-                 b_max: float | None = None, omp_nthreads: int = 1,
-                 name: str = "scan_wf") -> pe.Workflow:
+def init_scan_wf(
+    *,
+    scan: DWIScan,
+    staging_dir: Path,
+    preproc: str = "auto",
+    mask_method: str = "dwi2mask",
+    fit_method: str = "irlls",
+    b_max: float | None = None,
+    omp_nthreads: int = 1,
+    name: str = "scan_wf",
+) -> pe.Workflow:
     """Preprocess, fit and store one DWI run (participant level).
 
     Parameters
@@ -127,73 +190,129 @@ def init_scan_wf(*, scan: DWIScan, staging_dir: Path, preproc: str = "auto",
     mem_gb = max(0.1, 4 * float(np.prod(nb.load(str(scan.dwi)).shape)) / 1024**3)
 
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=[
-        "dwi_file", "bval_file", "bvec_file", "metadata", "fmap_epi_files", "fmap_metadata",
-        "snr_info"]), name="inputnode")
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[
+                "dwi_file",
+                "bval_file",
+                "bvec_file",
+                "metadata",
+                "fmap_epi_files",
+                "fmap_metadata",
+                "snr_info",
+            ]
+        ),
+        name="inputnode",
+    )
     inputnode.inputs.dwi_file = str(scan.dwi)
     inputnode.inputs.bval_file = str(scan.bval)
     inputnode.inputs.bvec_file = str(scan.bvec)
     inputnode.inputs.metadata = scan.metadata
     inputnode.inputs.fmap_epi_files = [str(f) for f in scan.fmap_epi]
     inputnode.inputs.fmap_metadata = list(scan.fmap_metadata)
-    inputnode.inputs.snr_info = {"participant_id": f"sub-{scan.subject}",
-                                 "session": scan.session or "", "scanner": scan.scanner,
-                                 "run": "" if scan.run is None else str(scan.run)}
+    inputnode.inputs.snr_info = {
+        "participant_id": f"sub-{scan.subject}",
+        "session": scan.session or "",
+        "scanner": scan.scanner,
+        "run": "" if scan.run is None else str(scan.run),
+    }
 
     preproc_wf = init_dwi_preproc_wf(
         preproc=preproc,
         has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        mask_method=mask_method, omp_nthreads=omp_nthreads, mem_gb=mem_gb)
-    fit_wf = init_dki_fit_wf(fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads,
-                             mem_gb=mem_gb)
+        mask_method=mask_method,
+        omp_nthreads=omp_nthreads,
+        mem_gb=mem_gb,
+    )
+    fit_wf = init_dki_fit_wf(
+        fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb
+    )
 
     source = str(scan.dwi)
     sink_args = {"base_directory": str(staging_dir), "source_file": source}
     ds_maps = {
-        metric: pe.Node(DerivativesDataSink(**sink_args, space="dwi", model="dki",
-                                            param=metric), name=f"ds_{metric}",
-                        run_without_submitting=True)
+        metric: pe.Node(
+            DerivativesDataSink(**sink_args, space="dwi", model="dki", param=metric),
+            name=f"ds_{metric}",
+            run_without_submitting=True,
+        )
         for metric in (*ALL_METRICS, "outlierfraction")
     }
-    ds_dwi = pe.Node(DerivativesDataSink(**sink_args, space="dwi", desc="preproc",
-                                         suffix="dwi"), name="ds_dwi",
-                     run_without_submitting=True)
-    ds_bval = pe.Node(DerivativesDataSink(**sink_args, space="dwi", desc="preproc",
-                                          suffix="dwi", extension=".bval"), name="ds_bval",
-                      run_without_submitting=True)
-    ds_bvec = pe.Node(DerivativesDataSink(**sink_args, space="dwi", desc="preproc",
-                                          suffix="dwi", extension=".bvec"), name="ds_bvec",
-                      run_without_submitting=True)
-    ds_mask = pe.Node(DerivativesDataSink(**sink_args, space="dwi", desc="brain",
-                                          suffix="mask"), name="ds_mask",
-                      run_without_submitting=True)
-    ds_snr = pe.Node(DerivativesDataSink(**sink_args, desc="snr", suffix="qc",
-                                         extension=".tsv"), name="ds_snr",
-                     run_without_submitting=True)
+    ds_dwi = pe.Node(
+        DerivativesDataSink(**sink_args, space="dwi", desc="preproc", suffix="dwi"),
+        name="ds_dwi",
+        run_without_submitting=True,
+    )
+    ds_bval = pe.Node(
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="preproc", suffix="dwi", extension=".bval"
+        ),
+        name="ds_bval",
+        run_without_submitting=True,
+    )
+    ds_bvec = pe.Node(
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="preproc", suffix="dwi", extension=".bvec"
+        ),
+        name="ds_bvec",
+        run_without_submitting=True,
+    )
+    ds_mask = pe.Node(
+        DerivativesDataSink(**sink_args, space="dwi", desc="brain", suffix="mask"),
+        name="ds_mask",
+        run_without_submitting=True,
+    )
+    ds_snr = pe.Node(
+        DerivativesDataSink(**sink_args, desc="snr", suffix="qc", extension=".tsv"),
+        name="ds_snr",
+        run_without_submitting=True,
+    )
 
-    workflow.connect([
-        (inputnode, preproc_wf, [
-            ("dwi_file", "inputnode.dwi_file"), ("bval_file", "inputnode.bval_file"),
-            ("bvec_file", "inputnode.bvec_file"), ("metadata", "inputnode.metadata"),
-            ("fmap_epi_files", "inputnode.fmap_epi_files"),
-            ("fmap_metadata", "inputnode.fmap_metadata")]),
-        (inputnode, fit_wf, [("dwi_file", "inputnode.raw_dwi_file"),
-                             ("bval_file", "inputnode.raw_bval_file"),
-                             ("snr_info", "inputnode.snr_info")]),
-        (preproc_wf, fit_wf, [
-            ("outputnode.dwi_file", "inputnode.dwi_file"),
-            ("outputnode.bval_file", "inputnode.bval_file"),
-            ("outputnode.bvec_file", "inputnode.bvec_file"),
-            ("outputnode.mask_file", "inputnode.mask_file"),
-            ("outputnode.noise_file", "inputnode.noise_file")]),
-        (preproc_wf, ds_dwi, [("outputnode.dwi_file", "in_file")]),
-        (preproc_wf, ds_bval, [("outputnode.bval_file", "in_file")]),
-        (preproc_wf, ds_bvec, [("outputnode.bvec_file", "in_file")]),
-        (preproc_wf, ds_mask, [("outputnode.mask_file", "in_file")]),
-        (fit_wf, ds_snr, [("outputnode.snr_tsv", "in_file")]),
-        *((fit_wf, ds_maps[m], [(f"outputnode.{m}_file", "in_file"),
-                                ("outputnode.metadata", "meta_dict")]) for m in ALL_METRICS),
-        (fit_wf, ds_maps["outlierfraction"], [("outputnode.outlier_fraction_file", "in_file"),
-                                              ("outputnode.metadata", "meta_dict")]),
-    ])
+    workflow.connect(
+        [
+            (
+                inputnode,
+                preproc_wf,
+                [
+                    ("dwi_file", "inputnode.dwi_file"),
+                    ("bval_file", "inputnode.bval_file"),
+                    ("bvec_file", "inputnode.bvec_file"),
+                    ("metadata", "inputnode.metadata"),
+                    ("fmap_epi_files", "inputnode.fmap_epi_files"),
+                    ("fmap_metadata", "inputnode.fmap_metadata"),
+                ],
+            ),
+            (
+                inputnode,
+                fit_wf,
+                [
+                    ("dwi_file", "inputnode.raw_dwi_file"),
+                    ("bval_file", "inputnode.raw_bval_file"),
+                    ("snr_info", "inputnode.snr_info"),
+                ],
+            ),
+            (
+                preproc_wf,
+                fit_wf,
+                [
+                    ("outputnode.dwi_file", "inputnode.dwi_file"),
+                    ("outputnode.bval_file", "inputnode.bval_file"),
+                    ("outputnode.bvec_file", "inputnode.bvec_file"),
+                    ("outputnode.mask_file", "inputnode.mask_file"),
+                    ("outputnode.noise_file", "inputnode.noise_file"),
+                ],
+            ),
+            (preproc_wf, ds_dwi, [("outputnode.dwi_file", "in_file")]),
+            (preproc_wf, ds_bval, [("outputnode.bval_file", "in_file")]),
+            (preproc_wf, ds_bvec, [("outputnode.bvec_file", "in_file")]),
+            (preproc_wf, ds_mask, [("outputnode.mask_file", "in_file")]),
+            (fit_wf, ds_snr, [("outputnode.snr_tsv", "in_file")]),
+            *((fit_wf, ds_maps[m], [(f"outputnode.{m}_file", "in_file")]) for m in ALL_METRICS),
+            (
+                fit_wf,
+                ds_maps["outlierfraction"],
+                [("outputnode.outlier_fraction_file", "in_file")],
+            ),
+        ]
+    )
     return workflow
