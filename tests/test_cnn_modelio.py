@@ -91,13 +91,21 @@ def test_foreign_and_mismatched_weights_are_refused(saved, tmp_path):
     with pytest.raises(ModelFileError, match="missing conv.weight"):
         load_model(foreign, card_path)
     wider = tmp_path / "wider.safetensors"
-    save_model(HierarchicalDKINet(12, hidden_channels=9), ModelCard(**_card_fields(card_path)),
-               wider, tmp_path / "wider.json")
+    save_model(
+        HierarchicalDKINet(12, hidden_channels=9),
+        ModelCard(**_card_fields(card_path)),
+        wider,
+        tmp_path / "wider.json",
+    )
     with pytest.raises(ModelFileError, match=r"conv.weight has shape \(9, 12, 3, 3, 3\)"):
         load_model(wider, card_path)
     other = tmp_path / "other.safetensors"
-    save_model(HierarchicalDKINet(12, hidden_channels=8), ModelCard(**_card_fields(card_path)),
-               other, tmp_path / "other.json")
+    save_model(
+        HierarchicalDKINet(12, hidden_channels=8),
+        ModelCard(**_card_fields(card_path)),
+        other,
+        tmp_path / "other.json",
+    )
     with pytest.raises(ModelFileError, match="sha256 differs"):
         load_model(other, card_path)
     truncated = tmp_path / "trunc.safetensors"

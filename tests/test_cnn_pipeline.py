@@ -33,25 +33,31 @@ BVECS /= np.linalg.norm(BVECS, axis=1, keepdims=True)
 MK = 4  # index of MK in the output order
 
 
-def _field(rng: np.random.Generator) -> np.ndarray:
-    """Random field in [0, 1], lightly smoothed (2x2x2 mean) so neighbours are related."""
-    f = rng.random(tuple(n + 1 for n in SHAPE))
+def _field(rng: np.random.Generator, width: int = 2) -> np.ndarray:
+    """Random field in [0, 1], box-smoothed over ``width`` voxels so neighbours relate."""
+    f = rng.random(tuple(n + width - 1 for n in SHAPE))
     f = sum(
         f[i : i + SHAPE[0], j : j + SHAPE[1], k : k + SHAPE[2]]
-        for i in (0, 1)
-        for j in (0, 1)
-        for k in (0, 1)
+        for i in range(width)
+        for j in range(width)
+        for k in range(width)
     )
     return (f - f.min()) / (f.max() - f.min())
 
 
 def synthetic_subject(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dwi, labels (X, Y, Z, 8) with diffusivities in mm^2/s, mask)``."""
+    """``(dwi, labels (X, Y, Z, 8) with diffusivities in mm^2/s, mask)``.
+
+    A smooth "tissue" field ``t`` (0: free water, 1: white matter) drives all parameters,
+    each with its own independent variation; the kurtosis signal stays in its monotonic
+    range (b D K / 3 < 1).
+    """
     rng = np.random.default_rng(seed)
-    ad = 1.2e-3 + 0.6e-3 * _field(rng)
-    rd = 0.3e-3 + 0.5e-3 * _field(rng)
-    ak = 0.4 + 0.4 * _field(rng)
-    rk = 0.6 + 0.8 * _field(rng)
+    t = _field(rng, width=4)
+    ad = 2.0e-3 - 0.4e-3 * t + 0.2e-3 * (_field(rng) - 0.5)
+    rd = np.minimum(2.0e-3 - 1.5e-3 * t + 0.2e-3 * (_field(rng) - 0.5), ad)
+    ak = 0.3 + 0.4 * t + 0.1 * (_field(rng) - 0.5)
+    rk = 0.3 + 1.4 * t + 0.2 * (_field(rng) - 0.5)
     theta, phi = np.pi * _field(rng), 2 * np.pi * _field(rng)
     e = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
     cos2 = (e @ BVECS.T) ** 2
@@ -87,15 +93,15 @@ def trained(subjects):
     protocol = scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=80.0)
     history = []
     model, card, result = train_harmonizer(
-        train, scanner="A", protocol=protocol, epochs=60, patience=15, lr=1e-3,
-        batch_size=256, seed=0, log=history.append,
+        train, scanner="A", protocol=protocol, epochs=20, patience=5, lr=2e-3,
+        batch_size=256, block_size=4, seed=0, log=history.append,
     )  # fmt: skip
     return model, card, result, history
 
 
 def test_training_beats_the_naive_baseline(subjects, trained):
-    """On an unseen subject, the harmonized MK's NRMSE to the reference is at most half of
-    that of the best constant (the training mean of MK)."""
+    """On an unseen subject, the harmonized MK's NRMSE to the reference is below a quarter of
+    that of the best constant (the training mean of MK): measured 0.03 vs 0.22."""
     model, card, result, history = trained
     dwi, labels, mask = subjects[2]
     maps, std = harmonize_scan(model, card, dwi, BVALS, mask)
@@ -104,12 +110,12 @@ def test_training_beats_the_naive_baseline(subjects, trained):
     baseline = nrmse(np.full(mask.sum(), card.scaling.offset[MK]), labels[mask][:, MK])
     network = nrmse(maps[mask][:, MK], labels[mask][:, MK])
     print(f"MK NRMSE to reference: network {network:.3f}, constant baseline {baseline:.3f}")
-    assert network < 0.5 * baseline
+    assert network < 0.25 * baseline
     # diffusivities come back in mm^2/s
-    assert nrmse(maps[mask][:, 0], labels[mask][:, 0]) < 0.1
+    assert nrmse(maps[mask][:, 0], labels[mask][:, 0]) < 0.05
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert {"epoch", "loss", "val_loss", "seconds"} <= set(history[0])
-    assert card.training["validation"]["mk"]["nrmse"] < 0.5 * baseline
+    assert card.training["validation"]["mk"]["nrmse"] < 0.25 * baseline
     assert card.training["subjects"] == ["sub-1", "sub-2"]
 
 
@@ -118,7 +124,9 @@ def test_same_seed_gives_identical_weights(subjects):
         dwi, lab, mask = subjects[0]
         subj = [TrainingSubject(normalize_dwi(dwi, BVALS), lab, mask)]
         scaling = TargetScaling.fit([lab], [mask])
-        train, val = make_training_sets(subj, scaling=scaling, val_fraction=0.2, seed=seed)
+        train, val = make_training_sets(
+            subj, scaling=scaling, val_fraction=0.2, block_size=4, seed=seed
+        )
         torch.manual_seed(seed)
         from dkiharm_nipype.cnn.model import HierarchicalDKINet
 
@@ -179,8 +187,10 @@ def test_interfaces(subjects, tmp_path):
         scanner="A",
         hidden_channels=16,
         epochs=2,
+        val_fraction=0.0,
         out_name="scannerA",
     )
+    (tmp_path / "train").mkdir()
     res = train.run(cwd=str(tmp_path / "train")).outputs
     card = json.loads(open(res.card_file).read())
     assert res.weights_file.endswith("scannerA.safetensors")
@@ -198,6 +208,7 @@ def test_interfaces(subjects, tmp_path):
         card_file=res.card_file,
         mc_samples=3,
     )
+    (tmp_path / "apply").mkdir()
     out = apply.run(cwd=str(tmp_path / "apply")).outputs
     assert len(out.out_files) == len(out.std_files) == 8
     assert out.out_mk.endswith("sub-3_desc-harmonized_param-mk_dwimap.nii.gz")
@@ -209,4 +220,4 @@ def test_interfaces(subjects, tmp_path):
     apply.inputs.dwi_file, apply.inputs.bval_file = other["dwi"], other["bval"]
     apply.inputs.bvec_file = other["bvec"]
     with pytest.raises(ProtocolMismatchError, match="directions per shell"):
-        apply.run(cwd=str(tmp_path / "apply2"))
+        apply.run(cwd=str(tmp_path / "apply"))

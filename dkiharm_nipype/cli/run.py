@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import RunConfig
@@ -51,8 +52,15 @@ def run(config: RunConfig) -> int:
 
     from ..utils.checks import check_output_dir, preflight
 
+    from ..workflows.preproc import resolve_preproc
+
     check_output_dir(config.output_dir)
-    preflight(scans, b_max=config.b_max)
+    if config.analysis_level == "participant":
+        # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
+        run_mrtrix, run_fsl = resolve_preproc(config.preproc)
+        effective = "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
+        config = replace(config, preproc=effective)
+    preflight(scans, b_max=config.b_max, run_fsl=config.preproc == "fsl")
 
     from ..metrics import snr_table
     from ..utils.derivatives import aggregate_snr, publish_derivatives
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         status = 130
     except RuntimeError as exc:
-        print(f"dkiharm: error: {_crash_summary(exc)}", file=sys.stderr)
+        summary = _crash_summary(exc, config.work_dir / "crash")
+        print(f"dkiharm: error: {summary}", file=sys.stderr)
         status = 1
     return status
 

@@ -214,7 +214,9 @@ class VoxelNeighbourhoods:
     def __len__(self) -> int:
         return int(self.centres.shape[0])
 
-    def inputs(self, index: torch.Tensor | slice, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    def inputs(
+        self, index: torch.Tensor | slice, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Neighbourhood vectors of samples ``index``, written into ``out`` if given."""
         return gather_neighbourhoods(self.flat, self.centres[index], self.offsets, out=out)
 

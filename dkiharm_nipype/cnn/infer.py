@@ -45,7 +45,9 @@ def predict_voxels(
     std = np.empty_like(mean) if mc_samples else None
     with torch.inference_mode(), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)
-        buffer = voxels.flat.new_empty(min(batch_voxels, len(voxels)), model.conv.weight[0].numel())
+        buffer = voxels.flat.new_empty(
+            min(batch_voxels, len(voxels)), model.conv.weight[0].numel()
+        )
         for start in range(0, len(voxels), batch_voxels):
             chunk = slice(start, start + batch_voxels)
             shallow, deep = model.voxel_features(voxels.inputs(chunk, out=buffer))

@@ -179,7 +179,9 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: Mapping, *, source: str = "model card") -> ModelCard:
         if not isinstance(data, Mapping) or data.get("format") != CARD_FORMAT:
-            raise ModelFileError(f"{source} is not a dkiharm model card (format != {CARD_FORMAT}).")
+            raise ModelFileError(
+                f"{source} is not a dkiharm model card (format != {CARD_FORMAT})."
+            )
         if data.get("format_version") != CARD_VERSION:
             raise ModelFileError(
                 f"{source} has card format version {data.get('format_version')!r}; this "
@@ -279,7 +281,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as err:  # SafetensorError and friends: report on one line
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelFileError(f"{path} is not a valid safetensors file ({reason}); {hint}.") from None
+        raise ModelFileError(
+            f"{path} is not a valid safetensors file ({reason}); {hint}."
+        ) from None
 
 
 def _sha256(path: Path) -> str:

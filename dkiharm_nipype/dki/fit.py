@@ -36,7 +36,9 @@ as a constrained least-squares fit:
 * directional kurtosis ``K(n) = MD² W(n) / D(n)²`` is brought into
   ``[kurtosis_range[0], kurtosis_range[1]]`` on 64 directions of a hemisphere by
   alternating projections (POCS, 5 rounds) between the box of clipped ``MD² W(n)`` values
-  and the 15-dimensional space of kurtosis tensors; voxels already inside are unchanged.
+  and the 15-dimensional space of kurtosis tensors, then a shrink towards the tensor with
+  constant ``K(n) = c`` (``MD² W = c sym(D ⊗ D)``, c the clipped mean) by the largest
+  step that meets every bound; voxels already inside are unchanged.
   This is the cheap counterpart of the constrained fits of Tabesh et al. (2011).
 
 References
@@ -57,6 +59,7 @@ import torch
 
 from .design import KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
 from .metrics import ALL_METRICS, dki_metrics, dt_to_matrix
+from .simulate import sym_outer
 
 #: Fit methods accepted by :func:`fit_dki`.
 METHODS = ("ols", "wls", "irlls")
@@ -293,10 +296,9 @@ class _Solver:
         self.X = torch.as_tensor(Xs, dtype=dtype)
         self.pinv = torch.as_tensor(np.linalg.pinv(Xs), dtype=dtype)
         p = Xs.shape[1]
-        iu = np.triu_indices(p)
-        self.iu = (torch.as_tensor(iu[0]), torch.as_tensor(iu[1]))
+        # X^T diag(w) X for all voxels is one GEMM of the weights with the row outer products.
         outer = Xs[:, :, None] * Xs[:, None, :]
-        self.outer = torch.as_tensor(outer[:, iu[0], iu[1]], dtype=dtype)  # (N, p(p+1)/2)
+        self.outer = torch.as_tensor(outer.reshape(Xs.shape[0], p * p), dtype=dtype)
         self.p = p
 
     def ols(self, y: torch.Tensor) -> torch.Tensor:
@@ -306,10 +308,7 @@ class _Solver:
         """Solve per voxel; returns ``(beta, ok)`` with ok False where the system is singular."""
         n, p = y.shape[0], self.p
         w = w / w.amax(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        upper = w @ self.outer
-        A = y.new_zeros((n, p, p))
-        A[:, self.iu[0], self.iu[1]] = upper
-        A[:, self.iu[1], self.iu[0]] = upper
+        A = (w @ self.outer).reshape(n, p, p)
         rhs = ((w * y) @ self.X).unsqueeze(-1)
         L, info = torch.linalg.cholesky_ex(A)
         ok = info == 0
@@ -419,7 +418,7 @@ _KT_MONO_PINV = np.linalg.pinv(_KT_MONO)
 def constrain_params(
     params: np.ndarray,
     *,
-    min_diffusivity: float = 1e-6,
+    min_diffusivity: float = 1e-5,
     kurtosis_range: tuple[float, float] = (0.0, 10.0),
     n_rounds: int = 5,
 ) -> np.ndarray:
@@ -441,7 +440,18 @@ def constrain_params(
         ab, lob, hib = a[bad], lo[bad], hi[bad]
         for _ in range(n_rounds):
             ab = np.clip(ab, lob, hib) @ _KT_MONO_PINV.T @ _KT_MONO.T
-        params[bad, 7:] = np.clip(ab, lob, hib) @ _KT_MONO_PINV.T
+        # POCS leaves small violations; shrink towards the feasible tensor with constant
+        # K(n) = c, i.e. MD² W = c sym(D ⊗ D), by the largest step that satisfies all bounds.
+        d2 = d_dir[bad] ** 2
+        k_dir = ab / d2
+        c = np.clip(k_dir.mean(axis=1), *kurtosis_range)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_hi = np.where(k_dir > kurtosis_range[1], (kurtosis_range[1] - c) / (k_dir - c), 1)
+            t_lo = np.where(k_dir < kurtosis_range[0], (c - kurtosis_range[0]) / (c - k_dir), 1)
+        t = np.clip(np.nan_to_num(np.minimum(t_hi, t_lo).min(axis=1), nan=0.0), 0.0, 1.0)
+        D = dt_to_matrix(params[bad, 1:7])
+        iso = c * sym_outer(D, D)
+        params[bad, 7:] = t[:, None] * (ab @ _KT_MONO_PINV.T) + (1 - t[:, None]) * iso
     return params
 
 
@@ -474,7 +484,7 @@ def fit_dki(
     max_iter: int = 10,
     tol: float = 1e-3,
     min_signal: float = MIN_SIGNAL,
-    min_diffusivity: float = 1e-6,
+    min_diffusivity: float = 1e-5,
     kurtosis_range: tuple[float, float] = (0.0, 10.0),
     dtype: torch.dtype = torch.float64,
     chunk_size: int = 8192,

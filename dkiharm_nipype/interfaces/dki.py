@@ -157,7 +157,7 @@ class FitDKI(SimpleInterface):
                 else "none"
             ),
             "Constraints": (
-                "post-fit projection: D eigenvalues >= 1e-6 mm^2/s, directional kurtosis "
+                "post-fit projection: D eigenvalues >= 1e-5 mm^2/s, directional kurtosis "
                 "in [0, 10]"
                 if inputs.constraints
                 else "none"

@@ -125,7 +125,9 @@ class TrainHarmonizer(SimpleInterface):
                     labels=_load_labels(inputs.label_files[i]),
                     mask=_load_mask(inputs.mask_files[i]),
                     exclude=exclude,
-                    name=lists["subject_ids"][i] if "subject_ids" in lists else Path(dwi_file).name,
+                    name=lists["subject_ids"][i]
+                    if "subject_ids" in lists
+                    else Path(dwi_file).name,
                 )
             )
             del dwi
@@ -180,7 +182,8 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
 
 class _ApplyHarmonizerOutputSpec(TraitedSpec):
     out_files = OutputMultiObject(
-        File(exists=True), desc="the eight harmonized maps, in the order " + ", ".join(OUTPUT_NAMES)
+        File(exists=True),
+        desc="the eight harmonized maps, in the order " + ", ".join(OUTPUT_NAMES),
     )
     std_files = OutputMultiObject(
         File(exists=True), desc="MC-dropout standard deviation of each map (mc_samples >= 2)"
@@ -248,7 +251,9 @@ def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):
     bvals = np.loadtxt(bval_file, ndmin=1).ravel()
     bvecs = np.loadtxt(bvec_file, ndmin=2)
     if dwi.ndim != 4 or dwi.shape[-1] != bvals.size:
-        raise ValueError(f"{dwi_file} has shape {dwi.shape}; {bval_file} lists {bvals.size} b-values.")
+        raise ValueError(
+            f"{dwi_file} has shape {dwi.shape}; {bval_file} lists {bvals.size} b-values."
+        )
     if bvecs.shape not in ((3, bvals.size), (bvals.size, 3)):
         raise ValueError(f"{bvec_file} has shape {bvecs.shape}; expected 3 x {bvals.size}.")
     return img, dwi, bvals

@@ -79,12 +79,21 @@ def check_nifti(path: Path, *, min_ndim: int = 4):
     return img, data
 
 
-def preflight(scans, *, b_max: float | None = None) -> None:
-    """Check every selected scan can be read and fitted; raise on the first problem."""
+def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> None:
+    """Check every selected scan can be read and fitted; raise on the first problem.
+
+    With ``run_fsl`` the sidecar fields that TOPUP/Eddy need are checked as well, so a
+    missing ``PhaseEncodingDirection`` or readout time stops the run before it starts.
+    """
     from ..dki.fit import validate_gradients
+    from .fsl import acqparams_from_metadata, has_reversed_pe
 
     for number, scan in enumerate(scans, 1):
         _, data = check_nifti(scan.dwi)
+        if run_fsl:
+            topup = has_reversed_pe(scan.metadata, scan.fmap_metadata)
+            acqparams_from_metadata(scan.metadata, shape=data.shape[:3],
+                                    require_readout=topup, source=str(scan.sidecar or scan.dwi))
         bvals, bvecs = read_gradients(scan.bval, scan.bvec)
         validate_gradients(
             bvals,

@@ -35,10 +35,12 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
         workflow.base_dir = str(config.work_dir)
         workflow.config["execution"].update(
             {
-                "crashdump_dir": str(config.output_dir / "logs"),
+                "crashdump_dir": str(config.work_dir / "crash"),
                 "crashfile_format": "txt",
                 "remove_unnecessary_outputs": False,
                 "stop_on_first_crash": True,
+                # many short nodes per scan: poll often (Nipype's default waits 2 s)
+                "poll_sleep_duration": 0.2,
             }
         )
     return workflow, staging
