@@ -57,7 +57,7 @@ def synthesize(shape=(64, 64, 40), snr=25.0, seed=0):
         g = rng.normal(size=(20, 3))
         dirs.append(g / np.linalg.norm(g, axis=1, keepdims=True))
     bvals = np.r_[np.zeros(6), np.repeat([1000.0, 2000.0, 3000.0], 20)]
-    bvecs = np.r_[np.zeros((6, 3)), *dirs]
+    bvecs = np.concatenate([np.zeros((6, 3)), *dirs])
     s0 = 1000.0
     signal = np.zeros(shape + (bvals.size,))
     signal[brain] = dki_signal(np.full(n, s0), dt[brain], kt[brain], bvals, bvecs)
@@ -83,9 +83,17 @@ def score(maps, truth, brain, wm, select=None):
     return row
 
 
-def run_dkiharm(signal, bvals, bvecs, brain, method, constraints):
+def run_dkiharm(signal, bvals, bvecs, brain, method, constraints, threads):
     start = time.perf_counter()
-    fit = fit_dki(signal, bvals, bvecs, mask=brain, method=method, constraints=constraints)
+    fit = fit_dki(
+        signal,
+        bvals,
+        bvecs,
+        mask=brain,
+        method=method,
+        constraints=constraints,
+        n_threads=threads,
+    )
     maps = fit.metrics(ALL_METRICS)
     return maps, time.perf_counter() - start
 
@@ -102,7 +110,7 @@ def run_dipy(signal, bvals, bvecs, mask, fit_method):
     return maps, time.perf_counter() - start
 
 
-def run_mrtrix(signal, bvals, bvecs, brain):
+def run_mrtrix(signal, bvals, bvecs, brain, threads):
     """dwi2tensor -dkt; returns maps and the fit time (file writing excluded)."""
     if shutil.which("dwi2tensor") is None:
         return None, None
@@ -115,7 +123,7 @@ def run_mrtrix(signal, bvals, bvecs, brain):
         env = dict(os.environ, MRTRIX_QUIET="1")
         cmd = ["dwi2tensor", str(tmp / "dwi.nii"), str(tmp / "dt.nii"), "-dkt"]
         cmd += [str(tmp / "kt.nii"), "-grad", str(tmp / "grad.b"), "-mask"]
-        cmd += [str(tmp / "mask.nii"), "-nthreads", "2", "-force"]
+        cmd += [str(tmp / "mask.nii"), "-nthreads", str(threads), "-force"]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, env=env)
         elapsed = time.perf_counter() - start
@@ -136,6 +144,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32x32x20 scan, fewer voxels")
     parser.add_argument("--rwls-voxels", type=int, default=3000, help="dipy RWLS subset size")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads for dkiharm and MRtrix (dipy: 1)"
+    )
     args = parser.parse_args(argv)
     shape = (32, 32, 20) if args.quick else (64, 64, 40)
     signal, bvals, bvecs, brain, wm, dt, kt = synthesize(shape)
@@ -145,6 +156,7 @@ def main(argv=None):
         truth[k][brain] = values[k]
     n = int(brain.sum())
     print(f"scan {shape + (bvals.size,)}, {n} brain voxels, {int(wm.sum())} WM voxels")
+    print(f"threads: {args.threads}; load average before: {os.getloadavg()}")
 
     rows = []
 
@@ -157,8 +169,17 @@ def main(argv=None):
         ("dkiharm IRLLS", "irlls", False),
         ("dkiharm WLS", "wls", False),
     ):
-        run_dkiharm(signal[:4], bvals, bvecs, brain[:4], method, constraints)  # warm-up
-        add(label, *run_dkiharm(signal, bvals, bvecs, brain, method, constraints))
+        mid = shape[0] // 2  # warm-up on one slab
+        run_dkiharm(
+            signal[mid : mid + 1],
+            bvals,
+            bvecs,
+            brain[mid : mid + 1],
+            method,
+            constraints,
+            args.threads,
+        )
+        add(label, *run_dkiharm(signal, bvals, bvecs, brain, method, constraints, args.threads))
     add("dipy WLS", *run_dipy(signal, bvals, bvecs, brain, "WLS"))
 
     rng = np.random.default_rng(1)
@@ -167,11 +188,17 @@ def main(argv=None):
     subset.flat[rng.choice(idx, size=min(args.rwls_voxels, idx.size), replace=False)] = True
     try:
         maps, seconds = run_dipy(signal, bvals, bvecs, subset, "RWLS")
-        add("dipy RWLS (robust)", maps, seconds, f"{int(subset.sum())} random voxels",
-            int(subset.sum()), subset)
+        add(
+            "dipy RWLS (robust)",
+            maps,
+            seconds,
+            f"{int(subset.sum())} random voxels",
+            int(subset.sum()),
+            subset,
+        )
     except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
         print(f"  dipy RWLS failed: {err}")
-    maps, seconds = run_mrtrix(signal, bvals, bvecs, brain)
+    maps, seconds = run_mrtrix(signal, bvals, bvecs, brain, args.threads)
     if maps is not None:
         add("MRtrix3 dwi2tensor -dkt", maps, seconds, "rate: fit only (+ file I/O)")
 

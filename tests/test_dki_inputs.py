@@ -92,4 +92,6 @@ def test_validate_gradients_keeps_small_directed_b():
     b, v, used = validate_gradients(bvals, bvecs, b_max=2000)
     assert b[1] == 15.0 and used.sum() == 34
     with pytest.raises(DKIInputError, match="15 non-collinear"):
-        validate_gradients(np.r_[0.0, [1000] * 10, [2000] * 10], np.r_[[[0, 0, 0]], g[:10], g[:10]])
+        validate_gradients(
+            np.r_[0.0, [1000] * 10, [2000] * 10], np.r_[[[0, 0, 0]], g[:10], g[:10]]
+        )

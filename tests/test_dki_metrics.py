@@ -121,7 +121,9 @@ def test_clipping_and_shapes(tensors):
 
 def test_isotropic_and_degenerate_tensors():
     """Equal eigenvalues use dipy's limit formulas; non-positive D gives zero kurtosis."""
-    dt = np.array([[1e-3, 0, 1e-3, 0, 0, 1e-3], [2e-3, 0, 5e-4, 0, 0, 5e-4], [-1e-3, 0, 0, 0, 0, 0]])
+    dt = np.array(
+        [[1e-3, 0, 1e-3, 0, 0, 1e-3], [2e-3, 0, 5e-4, 0, 0, 5e-4], [-1e-3, 0, 0, 0, 0, 0]]
+    )
     kt = np.zeros((3, 15))
     kt[:, :3] = 1.0
     kt[:, 9:12] = 1.0 / 3.0  # isotropic W with K = 1

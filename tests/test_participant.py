@@ -22,14 +22,33 @@ DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 def participant_run(tiny_bids, tmp_path_factory):
     root = tmp_path_factory.mktemp("participant")
     out, work = root / "out", root / "work"
-    cmd = [*DKIHARM, str(tiny_bids), str(out), "participant", "--participant-label", "01",
-           "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"]
+    cmd = [
+        *DKIHARM,
+        str(tiny_bids),
+        str(out),
+        "participant",
+        "--participant-label",
+        "01",
+        "-w",
+        str(work),
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+    ]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     elapsed = time.time() - started
     assert proc.returncode == 0, proc.stderr
-    return {"out": out, "work": work, "cmd": cmd, "stdout": proc.stdout, "stderr": proc.stderr,
-            "elapsed": elapsed, "bids": tiny_bids}
+    return {
+        "out": out,
+        "work": work,
+        "cmd": cmd,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+        "elapsed": elapsed,
+        "bids": tiny_bids,
+    }
 
 
 def _scans(bids: Path) -> list[Path]:
@@ -43,18 +62,23 @@ def test_writes_every_derivative_with_bids_names(participant_run):
     for scan in scans:
         stem = scan.name.removesuffix("_dwi.nii.gz")
         folder = out / scan.relative_to(participant_run["bids"]).parent
-        expected = [f"{stem}_space-dwi_model-dki_param-{p}_dwimap.nii.gz"
-                    for p in (*ALL_METRICS, "outlierfraction")]
-        expected += [f"{stem}_space-dwi_desc-brain_mask.nii.gz",
-                     f"{stem}_space-dwi_desc-preproc_dwi.nii.gz",
-                     f"{stem}_space-dwi_desc-preproc_dwi.bval",
-                     f"{stem}_space-dwi_desc-preproc_dwi.bvec",
-                     f"{stem}_desc-snr_qc.tsv"]
+        expected = [
+            f"{stem}_space-dwi_model-dki_param-{p}_dwimap.nii.gz"
+            for p in (*ALL_METRICS, "outlierfraction")
+        ]
+        expected += [
+            f"{stem}_space-dwi_desc-brain_mask.nii.gz",
+            f"{stem}_space-dwi_desc-preproc_dwi.nii.gz",
+            f"{stem}_space-dwi_desc-preproc_dwi.bval",
+            f"{stem}_space-dwi_desc-preproc_dwi.bvec",
+            f"{stem}_desc-snr_qc.tsv",
+        ]
         for name in expected:
             assert (folder / name).is_file(), name
         for param in ALL_METRICS:
-            meta = json.loads((folder / f"{stem}_space-dwi_model-dki_param-{param}_dwimap.json")
-                              .read_text())
+            meta = json.loads(
+                (folder / f"{stem}_space-dwi_model-dki_param-{param}_dwimap.json").read_text()
+            )
             assert meta["Model"] == "DKI" and meta["FitMethod"] == "IRLLS"
             assert meta["Sources"] == [f"bids:raw:{scan.relative_to(participant_run['bids'])}"]
             assert "OutlierRejectionMethod" in meta and "Iterations" in meta
@@ -83,10 +107,13 @@ def test_maps_agree_with_phantom_truth(participant_run):
     wm = nb.load(truth / "sub-01_ses-D_run-1_space-dwi_label-WM_probseg.nii.gz").get_fdata() > 0.9
     errors = {}
     for param in ("md", "fa", "mk", "kfa"):
-        ref = nb.load(truth / f"sub-01_ses-D_run-1_space-dwi_model-dki_param-{param}_desc-truth"
-                              "_dwimap.nii.gz").get_fdata()
-        est = nb.load(fitted / f"sub-01_ses-D_run-1_space-dwi_model-dki_param-{param}"
-                               "_dwimap.nii.gz").get_fdata()
+        ref = nb.load(
+            truth / f"sub-01_ses-D_run-1_space-dwi_model-dki_param-{param}_desc-truth"
+            "_dwimap.nii.gz"
+        ).get_fdata()
+        est = nb.load(
+            fitted / f"sub-01_ses-D_run-1_space-dwi_model-dki_param-{param}_dwimap.nii.gz"
+        ).get_fdata()
         sel = wm & (ref > 0)
         errors[param] = float(np.median(np.abs(est[sel] - ref[sel]) / ref[sel]))
     print("median relative error to truth in WM, scanner D:", errors)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,7 +53,6 @@ def run(config: RunConfig) -> int:
     print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
 
     from ..utils.checks import check_output_dir, preflight
-
     from ..workflows.preproc import resolve_preproc
 
     check_output_dir(config.output_dir)
@@ -99,15 +100,26 @@ def _write_graphs(workflow, logs: Path) -> None:
     LOGGER.info("workflow graph written to %s", logs)
 
 
-def _crash_summary(exc: BaseException) -> str:
-    """One line naming the failed node(s) and the cause, from Nipype's RuntimeError."""
-    text = str(exc)
-    if "Workflow did not execute cleanly" in text:
-        return (
-            "processing failed in at least one node; see the crash files listed above "
-            "(nipypecli crash <file>) and fix the input they name"
-        )
-    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+def _crash_summary(exc: BaseException, crash_dir: Path) -> str:
+    """One line naming the failed node and the cause, read from Nipype's newest crash file."""
+    crashes = sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime)
+    text = crashes[-1].read_text(errors="replace") if crashes else str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    node = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Node:")), None)
+    if node is None:
+        found = re.search(r"executing Node ([\w.]+)", text)
+        node = found.group(1) if found else "?"
+    # the innermost exception: the last "SomethingError: message" line of the traceback
+    causes = [
+        ln
+        for ln in lines
+        if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", ln)
+        and "NodeExecutionError" not in ln
+        and not ln.startswith("RuntimeError: Trace")
+    ]
+    cause = causes[-1].split(": ", 1)[1] if causes else (lines[-1] if lines else repr(exc))
+    where = f" (crash file: {crashes[-1]})" if crashes else ""
+    return f"node {node} failed: {cause}{where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = parse_args(argv)
     _setup_logging(config.verbose)
+    if not config.verbose:
+        # numerical warnings of the tools (also in MultiProc workers) are noise for users
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        warnings.simplefilter("ignore")
     try:
         status = run(config)
     except DkiharmInputError as exc:

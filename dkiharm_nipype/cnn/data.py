@@ -86,10 +86,13 @@ def normalize_dwi(
     valid = np.isfinite(b0) & (b0 > 0)
     inv = np.zeros_like(b0)
     np.divide(1.0, b0, out=inv, where=valid)
-    out = np.asarray(dwi[..., order], dtype=np.float32)  # a copy: fancy indexing
-    out *= inv[..., None]
-    np.nan_to_num(out, copy=False, nan=0.0, posinf=clip[1], neginf=clip[0])
-    np.clip(out, clip[0], clip[1], out=out)
+    # Volume by volume into a C-contiguous output: fancy indexing a strided view would
+    # allocate a second full-size temporary.
+    out = np.empty((*dwi.shape[:3], order.size), dtype=np.float32)
+    for j, i in enumerate(order):
+        np.multiply(dwi[..., i], inv, out=out[..., j])
+    np.clip(out, clip[0], clip[1], out=out)  # +-inf become the bounds
+    out[np.isnan(out)] = 0.0
     return out
 
 
@@ -276,7 +279,9 @@ def padded_neighbourhoods(
     pad = [
         (r - (i.start - b.start), r - (b.stop - i.stop)) for i, b in zip(inner, box, strict=True)
     ]
-    padded = np.pad(np.asarray(volume[box], dtype=np.float32), [*pad, (0, 0)])
+    padded = np.ascontiguousarray(volume[box], dtype=np.float32)  # no copy if already so
+    if any(p for pair in pad for p in pair):
+        padded = np.pad(padded, [*pad, (0, 0)])
     shape = padded.shape[:3]
     coords = np.nonzero(mask[inner])
     centres = np.ravel_multi_index(tuple(c + r for c in coords), shape)

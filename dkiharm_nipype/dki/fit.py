@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .design import KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
+from ..errors import DkiharmInputError
+from .design import DT_ORDER, KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
 from .metrics import ALL_METRICS, dki_metrics, dt_to_matrix
 from .simulate import sym_outer
 
@@ -76,7 +77,7 @@ MIN_SIGNAL = 1e-4
 _MAD_TO_SIGMA = 1.4826
 
 
-class DKIInputError(ValueError):
+class DKIInputError(DkiharmInputError):
     """Input that a DKI fit cannot use; the message says what is wrong and how to fix it."""
 
 
@@ -412,6 +413,7 @@ def _hemisphere(n: int = 64) -> np.ndarray:
 
 _DIRS = _hemisphere()
 _KT_MONO = _monomials(_DIRS, KT_ORDER)  # (64, 15): W(n) = _KT_MONO @ kt
+_DT_MONO = _monomials(_DIRS, DT_ORDER)  # (64, 6): D(n) = _DT_MONO @ dt
 _KT_MONO_PINV = np.linalg.pinv(_KT_MONO)
 
 
@@ -424,15 +426,24 @@ def constrain_params(
 ) -> np.ndarray:
     """Project linear-model parameters (n, 22) onto plausible tensors (see module notes)."""
     params = params.copy()
-    dt = params[:, 1:7]
-    evals, evecs = np.linalg.eigh(dt_to_matrix(dt))
-    low = (evals < min_diffusivity).any(axis=1)
+    # Eigenvalues >= m  <=>  D - m I is positive semi-definite: check all principal minors
+    # (cheap), and decompose only the voxels that fail.
+    xx, xy, yy, xz, yz, zz = (
+        params[:, i] - (min_diffusivity if i in (1, 3, 6) else 0.0) for i in range(1, 7)
+    )
+    det = xx * (yy * zz - yz**2) - xy * (xy * zz - yz * xz) + xz * (xy * yz - yy * xz)
+    low = (
+        (np.minimum(np.minimum(xx, yy), zz) < 0)
+        | (np.minimum(np.minimum(xx * yy - xy**2, xx * zz - xz**2), yy * zz - yz**2) < 0)
+        | (det < 0)
+    )
     if low.any():
-        ev = np.maximum(evals[low], min_diffusivity)
-        D = np.einsum("nij,nj,nkj->nik", evecs[low], ev, evecs[low])
+        evals, evecs = np.linalg.eigh(dt_to_matrix(params[low, 1:7]))
+        ev = np.maximum(evals, min_diffusivity)
+        D = np.einsum("nij,nj,nkj->nik", evecs, ev, evecs)
         params[low, 1:7] = D[:, [0, 1, 1, 0, 1, 2], [0, 0, 1, 2, 2, 2]]
     # MD² W(n) must lie in [kmin, kmax] × D(n)², since K(n) = MD² W(n) / D(n)².
-    d_dir = np.einsum("nij,ki,kj->nk", dt_to_matrix(params[:, 1:7]), _DIRS, _DIRS)
+    d_dir = params[:, 1:7] @ _DT_MONO.T
     lo, hi = kurtosis_range[0] * d_dir**2, kurtosis_range[1] * d_dir**2
     a = params[:, 7:] @ _KT_MONO.T
     bad = ((a < lo - 1e-12 * hi) | (a > hi * (1 + 1e-12))).any(axis=1)
@@ -481,8 +492,8 @@ def fit_dki(
     b_max: float | None = None,
     constraints: bool = False,
     outlier_threshold: float = 3.5,
-    max_iter: int = 10,
-    tol: float = 1e-3,
+    max_iter: int = 5,
+    tol: float = 1e-2,
     min_signal: float = MIN_SIGNAL,
     min_diffusivity: float = 1e-5,
     kurtosis_range: tuple[float, float] = (0.0, 10.0),

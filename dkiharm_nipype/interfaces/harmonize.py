@@ -204,7 +204,7 @@ class ApplyHarmonizer(SimpleInterface):
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'cpu')
     >>> sorted(apply.output_spec().get())[:4]
-    ['out_ad', 'out_fa', 'out_files', 'out_kfa']
+    ['out_ad', 'out_ak', 'out_fa', 'out_files']
     """
 
     input_spec = _ApplyHarmonizerInputSpec

@@ -17,6 +17,7 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
+from ..errors import DkiharmInputError
 from ..metrics import auto_wm_roi, snr_in_roi
 
 SNR_COLUMNS = (
@@ -83,6 +84,12 @@ class ComputeSNR(SimpleInterface):
         noise = None
         if isdefined(self.inputs.noise_file):
             noise = np.asanyarray(nb.load(self.inputs.noise_file).dataobj, dtype=np.float32)
+        if not roi.any():
+            raise DkiharmInputError(
+                f"no white-matter voxels ({roi_name}) to measure the SNR of "
+                f"{Path(self.inputs.dwi_file).name}; check its brain mask and DKI fit, or give a "
+                "white-matter ROI."
+            )
         result = snr_in_roi(dwi, bvals, roi, noise_map=noise)
         row = {
             "participant_id": self.inputs.participant_id,

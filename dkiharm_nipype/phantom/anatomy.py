@@ -154,9 +154,9 @@ def _sigmoid(t: np.ndarray) -> np.ndarray:
 def _deform(subject: SubjectAnatomy, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Template coordinates of subject points and the Jacobian of the map (N, 3, 3)."""
     m = subject.modes.astype(np.float32)
-    arg = u @ m[:, :3].T + m[:, 3]  # (N, K)
+    arg = u @ np.ascontiguousarray(m[:, :3].T) + m[:, 3]  # (N, K)
     s, c = np.sin(arg), np.cos(arg)
-    ut = u + s @ m[:, 4:7]
+    ut = u + s @ np.ascontiguousarray(m[:, 4:7])
     outer = (m[:, 4:7, None] * m[:, None, :3]).reshape(len(m), 9)  # a_k w_k^T
     jac = (c @ outer).reshape(-1, 3, 3) + np.eye(3)
     return ut.astype(np.float32), jac.astype(np.float32)
@@ -293,8 +293,9 @@ def evaluate(
         bg = np.clip(1.0 - memb.sum(1, keepdims=True), 0, 1)
         sample.weights = np.concatenate([memb, bg], 1).astype(np.float32)
         tw = subject.texture.astype(np.float32)
-        arg = ut @ tw[:, :3].T + tw[:, 3]
-        sample.texture = (np.sin(arg) @ tw[:, 4] / np.sqrt(len(tw))).astype(np.float32)
+        arg = ut @ np.ascontiguousarray(tw[:, :3].T) + tw[:, 3]
+        tex = np.sin(arg) @ np.ascontiguousarray(tw[:, 4])
+        sample.texture = (tex / np.sqrt(len(tw))).astype(np.float32)
 
     if labels:
         lab = np.zeros(x.shape, dtype=np.int16)

@@ -141,10 +141,11 @@ def grid_points(shape, affine: np.ndarray, oversample: tuple[int, int, int] = (1
     grid's k-space to the coarse matrix returns coarse-grid samples.
     """
     axes = [np.arange(n * f, dtype=np.float32) / f for n, f in zip(shape, oversample, strict=True)]
-    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    return (ijk @ affine[:3, :3].T.astype(np.float32) + affine[:3, 3].astype(np.float32)).astype(
-        np.float32
-    )
+    ijk = np.empty((*(len(a) for a in axes), 3), np.float32)
+    ijk[..., 0] = axes[0][:, None, None]
+    ijk[..., 1] = axes[1][None, :, None]
+    ijk[..., 2] = axes[2][None, None, :]
+    return apply_affine(affine, ijk.reshape(-1, 3))
 
 
 def rotation(angles_rad) -> np.ndarray:
@@ -164,9 +165,13 @@ def random_pose(rng: np.random.Generator, *, rot_deg: float = 3.0, trans_mm: flo
 
 
 def apply_affine(aff: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return (pts @ aff[:3, :3].T.astype(np.float32) + aff[:3, 3].astype(np.float32)).astype(
-        np.float32
-    )
+    """``pts`` (N, 3) mapped by a 4x4 affine, float32 (column-wise: no slow small matmul)."""
+    a = np.asarray(aff, dtype=np.float32)
+    x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
+    out = np.empty(pts.shape, np.float32)
+    for r in range(3):
+        out[:, r] = a[r, 0] * x + a[r, 1] * y + a[r, 2] * z + a[r, 3]
+    return out
 
 
 # --- gradient table -------------------------------------------------------------------
