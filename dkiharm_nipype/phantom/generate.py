@@ -219,20 +219,16 @@ def _session(
     meta = _sidecar(scanner)
     for run in range(1, proto.repeats + 1):
         stem = ses_dir / "dwi" / f"sub-{sub}_ses-{ses}_run-{run}_dwi"
-        noisy = data
-        if eff.noise:
-            noisy = add_noise(data, sigma, scanner.noise_channels, _seed(seed, si, ki, 10 + run))
-        bw.write_nifti(Path(str(stem) + ".nii.gz"), _to_int16(noisy), affine)
+        noisy = _noisy_int16(data, sigma, scanner, _seed(seed, si, ki, 10 + run))
+        bw.write_nifti(Path(str(stem) + ".nii.gz"), noisy, affine)
         bw.write_gradients(stem, bvals, bvecs)
         bw.write_json(Path(str(stem) + ".json"), meta)
         dwi_names.append(f"ses-{ses}/dwi/{stem.name}.nii.gz")
     if rev is not None:
         rdir = reverse_pe(proto.pe_dir)
         stem = ses_dir / "fmap" / f"sub-{sub}_ses-{ses}_dir-{_DIR_LABEL[rdir]}_epi"
-        noisy = rev
-        if eff.noise:
-            noisy = add_noise(rev, sigma, scanner.noise_channels, _seed(seed, si, ki, 9))
-        bw.write_nifti(Path(str(stem) + ".nii.gz"), _to_int16(noisy), affine)
+        noisy = _noisy_int16(rev, sigma, scanner, _seed(seed, si, ki, 9))
+        bw.write_nifti(Path(str(stem) + ".nii.gz"), noisy, affine)
         bw.write_json(
             Path(str(stem) + ".json"),
             {**meta, "PhaseEncodingDirection": rdir, "IntendedFor": dwi_names},
@@ -316,6 +312,17 @@ def _write_tissues(prefix: Path, tissues, labels, shape, affine) -> None:
     brain = tissues[:, :4].sum(1) > 0.5
     bw.write_nifti(_p(prefix, "_desc-brain_mask"), brain.reshape(shape).astype(np.uint8), affine)
     bw.write_nifti(_p(prefix, "_desc-wmrois_dseg"), labels.reshape(shape).astype(np.int16), affine)
+
+
+def _noisy_int16(data: np.ndarray, sigma: float, scanner: Scanner, rng) -> np.ndarray:
+    """One noisy realisation as int16, volume by volume (bounded memory)."""
+    out = np.empty(data.shape, np.int16)
+    for j in range(data.shape[-1]):
+        vol = data[..., j]
+        if scanner.effects.noise:
+            vol = add_noise(vol, sigma, scanner.noise_channels, rng)
+        out[..., j] = _to_int16(vol)
+    return out
 
 
 def _to_int16(data: np.ndarray) -> np.ndarray:
@@ -402,6 +409,10 @@ def check_output(out_dir: Path, overwrite: bool) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise PhantomError(
+            f"cannot create {out}: {probe} is a file, not a folder; choose another output path."
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PhantomError(
             f"cannot write to {probe} (permission denied); choose an output folder you can "
@@ -418,7 +429,7 @@ def check_seed(seed) -> int:
 
 def generate(
     out_dir: str | os.PathLike,
-    preset: str = "tiny",
+    preset: str | Preset = "tiny",
     seed: int = 0,
     *,
     overwrite: bool = False,
@@ -430,8 +441,9 @@ def generate(
     ----------
     out_dir : path
         Dataset root to create (must be empty or absent unless ``overwrite``).
-    preset : str
-        ``tiny``, ``paper-dataset1`` or ``mushac`` (see :mod:`.presets`).
+    preset : str or Preset
+        ``tiny``, ``paper-dataset1`` or ``mushac`` (see :mod:`.presets`), or a custom
+        :class:`~dkiharm_nipype.phantom.presets.Preset`.
     seed : int
         Non-negative seed; the same seed gives byte-identical files.
     overwrite : bool

@@ -17,7 +17,7 @@ Ground truth
 A multi-exponential signal is not exactly a DKI signal, so the ground truth of a scan is
 *defined* as the DKI representation of its noise-free, artefact-free signal at the scan's
 TE/TR: a weighted log-linear least-squares fit on the dense :func:`canonical_scheme`
-(b = 0, 1000, 2000, 3000 s/mm², 64 directions per shell, 12 b0) with weights ``S^2``, the
+(b = 0, 1000, 2000, 3000 s/mm², 48 directions per shell, 9 b0) with weights ``S^2``, the
 noise-free signal squared. This is the infinite-SNR limit of the WLLS/IRLLS estimators used
 in practice (Veraart et al. 2013; dipy ``WLS``). An unweighted fit is not used because a
 compartment signal is not exactly a DKI signal: ordinary and weighted fits of the same
@@ -222,7 +222,7 @@ def prepare(
 
 
 @lru_cache(maxsize=4)
-def canonical_scheme(n_dirs: int = 64, n_b0: int = 12) -> tuple[np.ndarray, np.ndarray]:
+def canonical_scheme(n_dirs: int = 48, n_b0: int = 9) -> tuple[np.ndarray, np.ndarray]:
     """The dense b-table that defines the ground truth: b = 0/1000/2000/3000 s/mm²."""
     from .scanners import shell_directions
 

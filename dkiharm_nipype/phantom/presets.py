@@ -178,7 +178,7 @@ _OVERRIDES = (
 )
 
 
-def get_preset(name: str, **overrides) -> Preset:
+def get_preset(name: str | Preset, **overrides) -> Preset:
     """A preset by name, with optional overrides.
 
     Overrides: ``subjects`` (int), ``scanners`` (labels to keep), ``matrix`` ((i, j) for
@@ -186,11 +186,14 @@ def get_preset(name: str, **overrides) -> Preset:
     ``n_jobs``, ``gibbs_oversample`` (1 disables the finer grid), ``snr_offset_db`` (added
     to every SNR) and any :class:`Effects` switch (``noise=False`` ...).
     """
-    if name not in _FACTORIES:
+    if isinstance(name, Preset):
+        preset, name = name, name.name
+    elif name not in _FACTORIES:
         raise ValueError(
             f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}."
         )
-    preset = _FACTORIES[name]()
+    else:
+        preset = _FACTORIES[name]()
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise ValueError(
