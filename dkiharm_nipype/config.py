@@ -52,4 +52,13 @@ class RunConfig:
     seed: int = 0
     write_graph: bool = False
     verbose: int = 0
+    # harmonization (group level; models_dir also at the participant level)
+    reference_scanner: str | None = None
+    train_participants: tuple[str, ...] = ()
+    registration: str = "auto"
+    epochs: int = 100
+    samples_per_epoch: int = 200_000
+    device: str = "cpu"
+    mc_samples: int = 0
+    models_dir: Path | None = None
     execution: ExecConfig = field(default_factory=ExecConfig)

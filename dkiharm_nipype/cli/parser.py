@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -187,6 +188,59 @@ def get_parser() -> argparse.ArgumentParser:
         help="random seed for every stochastic step (reproducible outputs)",
     )
 
+    harm = parser.add_argument_group("Harmonization")
+    harm.add_argument(
+        "--reference-scanner",
+        metavar="LABEL",
+        help="reference scanner (default: the one with the highest WM SNR)",
+    )
+    harm.add_argument(
+        "--train-participants",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="traveling subjects to train on (default: 40%% of them, seeded)",
+    )
+    harm.add_argument(
+        "--registration",
+        default="auto",
+        choices=["auto", "fnirt", "dipy-syn", "mrtrix", "none"],
+        help="non-linear registration of the reference labels into each target "
+        "scan (auto: FNIRT with FSL, else the best open engine; none: "
+        "scans are already aligned)",
+    )
+    harm.add_argument(
+        "--epochs",
+        type=_positive_int(parser, "--epochs"),
+        default=100,
+        help="maximum training epochs per scanner (early stopping applies)",
+    )
+    harm.add_argument(
+        "--samples-per-epoch",
+        type=_positive_int(parser, "--samples-per-epoch"),
+        default=200_000,
+        help="training voxels drawn per epoch",
+    )
+    harm.add_argument(
+        "--device",
+        default="auto",
+        help="torch device for training and inference: auto, cpu, cuda, cuda:1",
+    )
+    harm.add_argument(
+        "--mc-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="MC-dropout passes for voxelwise uncertainty maps (0: off)",
+    )
+    harm.add_argument(
+        "--models",
+        type=Path,
+        metavar="DIR",
+        help="participant level: trained models (output_dir/models of a group "
+        "run) to write harmonized maps with",
+    )
+
     perf = parser.add_argument_group("Execution")
     perf.add_argument(
         "-w",
@@ -254,6 +308,23 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             f"use {bids_dir / 'derivatives' / 'dkiharm'} or a folder outside it"
         )
     omp = opts.omp_nthreads or min(8, opts.nprocs)
+    if opts.mc_samples < 0 or opts.mc_samples == 1:
+        parser.error(f"--mc-samples must be 0 (off) or at least 2, got {opts.mc_samples}")
+    device = opts.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
+    models_dir = None
+    if opts.models is not None:
+        models_dir = opts.models.expanduser().absolute()
+        if not models_dir.is_dir():
+            parser.error(
+                f"--models {opts.models} is not a folder; give output_dir/models of a "
+                "group-level run"
+            )
     execution = ExecConfig(
         plugin=opts.plugin,
         plugin_args=opts.plugin_args,
@@ -284,6 +355,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         write_graph=opts.write_graph,
         execution=execution,
         verbose=opts.verbose,
+        reference_scanner=opts.reference_scanner,
+        train_participants=tuple(p.removeprefix("sub-") for p in opts.train_participants),
+        registration=opts.registration,
+        epochs=opts.epochs,
+        samples_per_epoch=opts.samples_per_epoch,
+        device=device,
+        mc_samples=opts.mc_samples,
+        models_dir=models_dir,
     )
 
 

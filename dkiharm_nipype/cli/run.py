@@ -52,16 +52,16 @@ def run(config: RunConfig) -> int:
     )
     print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
 
-    from ..utils.checks import check_output_dir, preflight
+    from ..utils.checks import check_models, check_output_dir, preflight
     from ..workflows.preproc import resolve_preproc
 
     check_output_dir(config.output_dir)
-    if config.analysis_level == "participant":
-        # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
-        run_mrtrix, run_fsl = resolve_preproc(config.preproc)
-        effective = "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
-        config = replace(config, preproc=effective)
-    preflight(scans, b_max=config.b_max, run_fsl=config.preproc == "fsl")
+    # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
+    run_mrtrix, run_fsl = resolve_preproc(config.preproc)
+    config = replace(config, preproc="fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none"))
+    preflight(scans, b_max=config.b_max, run_fsl=run_fsl)
+    if config.models_dir is not None:
+        check_models(scans, config.models_dir)
 
     from ..metrics import snr_table
     from ..utils.derivatives import aggregate_snr, publish_derivatives

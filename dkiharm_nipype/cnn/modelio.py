@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..errors import DkiharmInputError
 from .data import B0_THRESHOLD, TargetScaling
 from .model import HierarchicalDKINet
 
@@ -50,11 +51,11 @@ TE_SAME, TE_WARN = 0.5, 5.0
 VOXEL_TOL = 0.05
 
 
-class ModelFileError(ValueError):
+class ModelFileError(DkiharmInputError):
     """A weights or card file that cannot be used."""
 
 
-class ProtocolMismatchError(ValueError):
+class ProtocolMismatchError(DkiharmInputError):
     """A scan whose protocol differs from the one the harmonizer was trained on."""
 
 

@@ -57,12 +57,15 @@ def fit(
     seed: int = 0,
     device: str | torch.device = "cpu",
     loss: str = "mse",
+    samples_per_epoch: int | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on neighbourhood vectors; keep the weights of the best epoch.
 
     Early stopping watches the validation loss (the training loss without ``val_data``) and
     stops after ``patience`` epochs without improvement. Seeded and, on CPU, deterministic.
+    ``samples_per_epoch`` caps the voxels drawn (without replacement, anew each epoch) per
+    epoch, so that an epoch of a large training set stays short on a CPU.
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {sorted(_LOSSES)}; got {loss!r}.")
@@ -82,14 +85,15 @@ def fit(
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             model.train()
-            total = 0.0
-            for idx in _batches(len(train), batch_size, order, device):
+            total, seen = 0.0, 0
+            for idx in _batches(len(train), batch_size, order, device, samples_per_epoch):
                 batch_loss = criterion(model.forward_voxels(train.inputs(idx)), train.targets[idx])
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss.backward()
                 optimizer.step()
                 total += batch_loss.item() * idx.numel()
-            train_loss = total / len(train)
+                seen += idx.numel()
+            train_loss = total / seen
             val_loss = _evaluate(model, val, criterion, batch_size) if val else None
             monitored = train_loss if val_loss is None else val_loss
             record = {"epoch": epoch, "loss": train_loss, "val_loss": val_loss}
@@ -124,6 +128,7 @@ def train_harmonizer(
     batch_size: int = 1024,
     patience: int = 10,
     loss: str = "mse",
+    samples_per_epoch: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     normalization: Mapping | None = None,
@@ -163,13 +168,15 @@ def train_harmonizer(
         batch_size=batch_size,
         patience=patience,
         loss=loss,
+        samples_per_epoch=samples_per_epoch,
         seed=seed,
         device=device,
         log=log,
     )
     metrics = validation_metrics(model, val if val is not None else train, scaling, device=device)
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
-    hyper.update(loss=loss, val_fraction=val_fraction, block_size=block_size)
+    hyper.update(loss=loss, val_fraction=val_fraction, block_size=block_size,
+                 samples_per_epoch=samples_per_epoch)
     card = ModelCard(
         scanner=scanner,
         protocol=dict(protocol),
@@ -218,9 +225,14 @@ def validation_metrics(
 
 
 def _batches(
-    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    yield from (b.to(device) for b in torch.randperm(n, generator=generator).split(batch_size))
+    order = torch.randperm(n, generator=generator)[: limit or n]
+    yield from (b.to(device) for b in order.split(batch_size))
 
 
 @torch.no_grad()

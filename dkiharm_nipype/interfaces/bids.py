@@ -68,7 +68,11 @@ def atomic_write_text(text: str, dst: str | os.PathLike) -> None:
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     base_directory = traits.Directory(mandatory=True, desc="root of the derivatives tree")
-    source_file = File(mandatory=True, desc="raw BIDS file the output derives from")
+    source_file = File(desc="raw BIDS file the output derives from (names the output)")
+    rel_path = traits.Str(
+        desc="relative output path, instead of a name from source_file "
+        "(dataset-level files such as models)"
+    )
     in_file = File(exists=True, mandatory=True, desc="file to store")
     suffix = traits.Str("dwimap", usedefault=True, desc="BIDS suffix of the output")
     extension = traits.Str(".nii.gz", usedefault=True, desc="file extension")
@@ -122,7 +126,7 @@ class DerivativesDataSink(SimpleInterface):
             meta_file = sibling if sibling.is_file() else None
         if meta_file:
             meta = {**json.loads(Path(meta_file).read_text()), **meta}
-        if meta:
+        if meta and isdefined(self.inputs.source_file):
             # provenance points at the raw file (BIDS URI), not at a work-directory name
             meta["Sources"] = [
                 f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"

@@ -72,6 +72,9 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
     val_fraction = traits.Float(0.1, usedefault=True, desc="fraction of blocks for validation")
     loss = traits.Enum("mse", "l1", usedefault=True, desc="loss on the scaled targets")
+    samples_per_epoch = traits.Int(
+        0, usedefault=True, desc="voxels drawn per epoch (0: all training voxels)"
+    )
     seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
     device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
     out_name = traits.Str("harmonizer", usedefault=True, desc="stem of the output file names")
@@ -145,6 +148,7 @@ class TrainHarmonizer(SimpleInterface):
             batch_size=inputs.batch_size,
             patience=inputs.patience,
             loss=inputs.loss,
+            samples_per_epoch=inputs.samples_per_epoch or None,
             seed=inputs.seed,
             device=inputs.device,
             log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),

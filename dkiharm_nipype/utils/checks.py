@@ -92,8 +92,12 @@ def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> No
         _, data = check_nifti(scan.dwi)
         if run_fsl:
             topup = has_reversed_pe(scan.metadata, scan.fmap_metadata)
-            acqparams_from_metadata(scan.metadata, shape=data.shape[:3],
-                                    require_readout=topup, source=str(scan.sidecar or scan.dwi))
+            acqparams_from_metadata(
+                scan.metadata,
+                shape=data.shape[:3],
+                require_readout=topup,
+                source=str(scan.sidecar or scan.dwi),
+            )
         bvals, bvecs = read_gradients(scan.bval, scan.bvec)
         validate_gradients(
             bvals,
@@ -109,3 +113,31 @@ def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> No
                 "with 0 via 'mrcalc dwi.nii.gz -finite dwi.nii.gz 0 -if out.nii.gz') and rerun."
             )
         LOGGER.info("checked %s (%d/%d)", scan.key, number, len(scans))
+
+
+def check_models(scans, models_dir: Path) -> None:
+    """Every scan's scanner has a loadable model trained for its protocol."""
+    import nibabel as nb
+
+    from ..cnn.modelio import check_fingerprint, load_model, scan_fingerprint
+    from ..workflows.base import model_files
+
+    for scanner in sorted({s.scanner for s in scans}):
+        weights, card_path = model_files(Path(models_dir), scanner)
+        _, card = load_model(weights, card_path)  # rejects foreign or corrupted files
+        for scan in (s for s in scans if s.scanner == scanner):
+            img = nb.load(str(scan.dwi))
+            bvals, _ = read_gradients(scan.bval, scan.bvec)
+            te = scan.metadata.get("EchoTime")
+            try:
+                check_fingerprint(
+                    card,
+                    scan_fingerprint(
+                        bvals,
+                        voxel_size=img.header.get_zooms()[:3],
+                        matrix=img.shape[:3],
+                        echo_time=None if te is None else 1000 * float(te),
+                    ),
+                )
+            except DkiharmInputError as exc:
+                raise type(exc)(f"{scan.dwi.name} cannot use {weights.name}: {exc}") from None

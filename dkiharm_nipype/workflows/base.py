@@ -51,7 +51,7 @@ def init_participant_wf(
     scans: list[DWIScan],
     staging_dir: Path,
     config: RunConfig,
-    name: str = "dkiharm_participant_wf",
+    name: str = "dkiharm_wf",
 ) -> pe.Workflow:
     """Preprocess and fit DKI for every selected scan (one sub-workflow per run)."""
     from .dki import init_scan_wf
@@ -73,18 +73,59 @@ def init_participant_wf(
             name=_node_name(f"{scan.key}_wf"),
         )
         workflow.add_nodes([scan_wf])
+        if config.models_dir is not None:
+            _add_harmonization(workflow, scan_wf, scan, staging_dir, config)
     return workflow
 
 
-def init_group_wf(
-    *, scans: list[DWIScan], staging_dir: Path, config: RunConfig, name: str = "dkiharm_group_wf"
-):
-    """Group level: reference choice, network training and harmonized inference.
+def model_files(models_dir: Path, scanner: str) -> tuple[Path, Path]:
+    """The weights and card of ``scanner``'s network in a group run's ``models`` folder."""
+    from ..errors import DkiharmInputError
 
-    Not yet implemented: the participant level (preprocessing, DKI fitting, SNR) is the
-    processing available in this release.
-    """
-    LOGGER.warning(
-        "the group level (harmonization) is not implemented in this release; nothing to run"
+    weights = models_dir / f"scanner-{scanner}_harmonizer.safetensors"
+    card = models_dir / f"scanner-{scanner}_harmonizer.json"
+    if not (weights.is_file() and card.is_file()):
+        found = sorted(p.name for p in models_dir.glob("*_harmonizer.safetensors"))
+        raise DkiharmInputError(
+            f"{models_dir} has no model for scanner '{scanner}' ({weights.name} and "
+            f"{card.name}); found: {', '.join(found) or 'none'}. Train it with the group level."
+        )
+    return weights, card
+
+
+def _add_harmonization(workflow, scan_wf, scan, staging_dir, config) -> None:
+    """Participant level with ``--models``: harmonized maps of the scan."""
+    from .harmonize import init_apply_wf
+
+    weights, card = model_files(config.models_dir, scan.scanner)
+    apply = init_apply_wf(
+        scan=scan,
+        staging_dir=staging_dir,
+        config=config,
+        name=_node_name(f"harmonize_{scan.key}_wf"),
     )
-    return None
+    apply.inputs.inputnode.weights_file = str(weights)
+    apply.inputs.inputnode.card_file = str(card)
+    workflow.connect(
+        [
+            (
+                scan_wf,
+                apply,
+                [
+                    ("outputnode.dwi_file", "inputnode.dwi_file"),
+                    ("outputnode.bval_file", "inputnode.bval_file"),
+                    ("outputnode.bvec_file", "inputnode.bvec_file"),
+                    ("outputnode.mask_file", "inputnode.mask_file"),
+                ],
+            )
+        ]
+    )
+
+
+def init_group_wf(
+    *, scans: list[DWIScan], staging_dir: Path, config: RunConfig, name: str = "dkiharm_wf"
+) -> pe.Workflow:
+    """Group level: see :func:`dkiharm_nipype.workflows.harmonize.init_group_wf`."""
+    from .harmonize import init_group_wf as init_harmonization_wf
+
+    return init_harmonization_wf(scans=scans, staging_dir=staging_dir, config=config, name=name)

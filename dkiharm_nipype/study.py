@@ -1,0 +1,178 @@
+"""The traveling-subject study design: scanners, traveling subjects, reference and split.
+
+Rules (paper, sections 2.1-2.2):
+
+* a scanner is a group of scans sharing a label (session label by default);
+* a *traveling subject* was scanned on two or more scanners; the networks are trained on
+  traveling subjects scanned on *every* scanner (so labels exist for every target);
+* by default 40 % of the traveling subjects train the networks (two of five in the paper),
+  drawn with the run's seed; the others are test subjects;
+* the reference scanner is the one with the highest white-matter SNR unless named;
+* all scanners must share the voxel size, the method's one requirement on protocols.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from .errors import DkiharmInputError
+from .metrics import snr_table
+
+#: Share of the traveling subjects used for training by default (paper: 40 %).
+TRAIN_FRACTION = 0.4
+#: Voxel sizes (mm) closer than this count as equal.
+VOXEL_TOLERANCE = 0.01
+
+
+class StudyDesignError(DkiharmInputError):
+    """The dataset cannot be harmonized as selected."""
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """Who is scanned where, who trains the networks, and the reference (if fixed)."""
+
+    scanners: tuple[str, ...]
+    traveling: tuple[str, ...]
+    training: tuple[str, ...]
+    testing: tuple[str, ...]
+    reference: str | None
+
+    def describe(self) -> str:
+        ref = self.reference or "chosen by SNR at run time"
+        return (
+            f"scanners: {', '.join(self.scanners)}; reference: {ref}; traveling subjects: "
+            f"{len(self.traveling)}; training: {', '.join(self.training)}; testing: "
+            f"{', '.join(self.testing) or 'none'}"
+        )
+
+
+def check_voxel_sizes(scans) -> tuple[float, float, float]:
+    """Return the common voxel size, or stop naming two scans that differ."""
+    first, first_zooms = None, None
+    for scan in scans:
+        zooms = tuple(float(z) for z in nb.load(str(scan.dwi)).header.get_zooms()[:3])
+        if first is None:
+            first, first_zooms = scan, zooms
+        elif np.max(np.abs(np.subtract(zooms, first_zooms))) > VOXEL_TOLERANCE:
+            raise StudyDesignError(
+                f"voxel sizes differ between scanners: {scan.dwi.name} has "
+                f"{'x'.join(f'{z:g}' for z in zooms)} mm but {first.dwi.name} has "
+                f"{'x'.join(f'{z:g}' for z in first_zooms)} mm; the harmonization needs one "
+                "voxel size on every scanner (reslice or select matching scans)."
+            )
+    return first_zooms
+
+
+def plan_study(
+    scans,
+    *,
+    reference: str | None = None,
+    train_participants=(),
+    train_fraction: float = TRAIN_FRACTION,
+    seed: int = 0,
+) -> StudyPlan:
+    """Check the design and split the traveling subjects into training and testing."""
+    by_subject: dict[str, set[str]] = defaultdict(set)
+    for scan in scans:
+        by_subject[scan.subject].add(scan.scanner)
+    scanners = tuple(sorted({s.scanner for s in scans}))
+    if len(scanners) < 2:
+        raise StudyDesignError(
+            f"harmonization needs scans from at least two scanners, but the selection has only "
+            f"{', '.join(scanners)}; check --session-label/--scanner-entity."
+        )
+    if reference is not None and reference not in scanners:
+        raise StudyDesignError(
+            f"reference scanner '{reference}' does not exist; scanners in the dataset: "
+            f"{', '.join(scanners)}."
+        )
+    traveling = tuple(sorted(s for s, sc in by_subject.items() if len(sc) >= 2))
+    if not traveling:
+        raise StudyDesignError(
+            "no traveling subject: every participant was scanned on a single scanner, but the "
+            "networks learn from subjects scanned on two or more scanners."
+        )
+    complete = [s for s in traveling if set(scanners) <= by_subject[s]]
+    if train_participants:
+        for sub in train_participants:
+            if sub not in by_subject:
+                raise StudyDesignError(
+                    f"training participant sub-{sub} is not in the selection; choose among "
+                    f"{', '.join('sub-' + s for s in sorted(by_subject))}."
+                )
+            missing = sorted(set(scanners) - by_subject[sub])
+            if missing:
+                raise StudyDesignError(
+                    f"training participant sub-{sub} has no scan on scanner(s) "
+                    f"{', '.join(missing)}; train on subjects scanned on every scanner "
+                    f"({', '.join('sub-' + s for s in complete) or 'none'})."
+                )
+        training = tuple(sorted(train_participants))
+    else:
+        if not complete:
+            raise StudyDesignError(
+                f"no traveling subject was scanned on every scanner ({', '.join(scanners)}); "
+                "select fewer scanners with --session-label or name --train-participants."
+            )
+        n_train = max(1, round(train_fraction * len(traveling)))
+        if n_train >= len(complete) and len(complete) > 1:
+            n_train = len(complete) - 1  # keep at least one complete subject for testing
+        training = tuple(sorted(random.Random(seed).sample(complete, min(n_train, len(complete)))))
+    testing = tuple(s for s in traveling if s not in training)
+    return StudyPlan(
+        scanners=scanners,
+        traveling=traveling,
+        training=training,
+        testing=testing,
+        reference=reference,
+    )
+
+
+def read_snr_rows(tsv_files) -> list[dict]:
+    """Rows of per-scan SNR tables written by the participant level."""
+    rows = []
+    for tsv in tsv_files:
+        with open(tsv, newline="") as fh:
+            rows.extend(csv.DictReader(fh, delimiter="\t"))
+    return rows
+
+
+def choose_reference(snr_files, override: str | None = None) -> tuple[str, str]:
+    """The reference scanner (highest mean WM SNR, or ``override``) and the SNR table."""
+    table, best = snr_table(read_snr_rows(snr_files))
+    return (override or best), table
+
+
+def first_runs(scans) -> dict[tuple[str, str], object]:
+    """The first run of every (subject, scanner): the scans that provide reference labels."""
+    out = {}
+    for scan in sorted(scans, key=lambda s: (s.run or 0, s.key)):
+        out.setdefault((scan.subject, scan.scanner), scan)
+    return out
+
+
+def write_plan(plan: StudyPlan, path: Path) -> None:
+    """Record the design next to the models (JSON)."""
+    import json
+
+    Path(path).write_text(
+        json.dumps(
+            {
+                "scanners": plan.scanners,
+                "traveling_subjects": plan.traveling,
+                "training_subjects": plan.training,
+                "test_subjects": plan.testing,
+                "reference_scanner": plan.reference,
+            },
+            indent=2,
+        )
+        + "\n"
+    )

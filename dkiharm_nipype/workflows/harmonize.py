@@ -1,0 +1,478 @@
+"""Group level: reference choice, label registration, one CNN per scanner, harmonized maps.
+
+One Nipype graph iterates scanners and subjects (paper, Fig. 1):
+
+1. every scan is preprocessed and fitted (the participant-level sub-workflows, so a group
+   run reuses a participant run's cache in the same work directory);
+2. ``reference`` reads every scan's SNR and picks the scanner with the highest mean
+   white-matter SNR (or the one named with ``--reference-scanner``);
+3. for each training subject and each of its scans, ``labels_*`` registers the reference
+   scanner's IRLLS maps of that subject into the scan's DWI space (the reference scanner's
+   own scans keep their own maps: no registration);
+4. ``train_<scanner>`` trains that scanner's network on its training scans;
+5. ``harmonize_*`` turns every scan of every participant into harmonized maps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..config import RunConfig
+from ..dki.metrics import ALL_METRICS
+from ..interfaces.bids import DerivativesDataSink
+from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
+from ..interfaces.registration import RegisterMaps
+from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study
+from ..utils.bids import DWIScan
+from .dki import init_scan_wf
+
+
+def _node_name(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text)
+
+
+def _pick_reference(snr_files, override):
+    """Nipype Function: the reference scanner from all scans' SNR tables."""
+    import logging
+
+    from dkiharm_nipype.study import choose_reference
+
+    reference, table = choose_reference(snr_files, override or None)
+    logging.getLogger("nipype.workflow").warning(
+        "SNR table:\n%s\nreference scanner: %s", table, reference
+    )
+    return reference
+
+
+def _select_moving(
+    reference,
+    scanner,
+    own_fa,
+    own_maps,
+    own_mask,
+    cand_scanners,
+    cand_fa,
+    cand_maps,
+    cand_masks,
+    engine,
+):
+    """Nipype Function: what to register into a training scan's space.
+
+    For a scan of the reference scanner, its own maps are the labels (engine ``none``);
+    otherwise the reference scanner's first-run maps of the same subject are registered.
+    """
+    if scanner == reference:
+        return own_fa, list(own_maps), own_mask, "none"
+    idx = list(cand_scanners).index(reference)
+    return cand_fa[idx], list(cand_maps[idx]), cand_masks[idx], engine
+
+
+def _write_plan(plan_json, reference):
+    """Nipype Function: the study design with the reference chosen at run time."""
+    import json
+    import os
+
+    plan = json.loads(plan_json)
+    plan["reference_scanner"] = reference
+    out = os.path.abspath("harmonization.json")
+    with open(out, "w") as fh:
+        json.dump(plan, fh, indent=2)
+    return out
+
+
+def _plan_json(plan: StudyPlan, config: RunConfig) -> str:
+    return json.dumps(
+        {
+            "scanners": plan.scanners,
+            "traveling_subjects": [f"sub-{s}" for s in plan.traveling],
+            "training_subjects": [f"sub-{s}" for s in plan.training],
+            "test_subjects": [f"sub-{s}" for s in plan.testing],
+            "reference_rule": (
+                "--reference-scanner"
+                if plan.reference
+                else "highest mean white-matter SNR (b0 mean / noise SD)"
+            ),
+            "registration": config.registration,
+            "epochs": config.epochs,
+            "samples_per_epoch": config.samples_per_epoch,
+            "seed": config.seed,
+        }
+    )
+
+
+def init_group_wf(
+    *, scans: list[DWIScan], staging_dir: Path, config: RunConfig, name: str = "dkiharm_wf"
+) -> pe.Workflow:
+    """Build the whole harmonization graph for the selected scans.
+
+    Parameters
+    ----------
+    scans : list of DWIScan
+        Every selected scan of every participant and scanner.
+    staging_dir : Path
+        Derivatives root the sinks write into (published when the run succeeds).
+    config : RunConfig
+        The run's options (only this factory and :mod:`.base` read it).
+    name : str
+        Workflow name; the same as the participant level's so caches are shared.
+    """
+    check_voxel_sizes(scans)
+    plan = plan_study(
+        scans,
+        reference=config.reference_scanner,
+        train_participants=config.train_participants,
+        seed=config.seed,
+    )
+    workflow = pe.Workflow(name=name)
+    omp = config.execution.omp_nthreads
+
+    scan_wfs = {}
+    for scan in scans:
+        scan_wfs[scan.key] = init_scan_wf(
+            scan=scan,
+            staging_dir=staging_dir,
+            preproc=config.preproc,
+            mask_method=config.mask_method,
+            fit_method=config.fit_method,
+            b_max=config.b_max,
+            omp_nthreads=omp,
+            name=_node_name(f"{scan.key}_wf"),
+        )
+
+    merge_snr = pe.Node(niu.Merge(len(scans)), name="merge_snr", run_without_submitting=True)
+    reference = pe.Node(
+        niu.Function(
+            function=_pick_reference,
+            input_names=["snr_files", "override"],
+            output_names=["reference"],
+        ),
+        name="reference",
+    )
+    reference.inputs.override = config.reference_scanner or ""
+    workflow.connect(
+        [
+            (scan_wfs[s.key], merge_snr, [("outputnode.snr_tsv", f"in{i}")])
+            for i, s in enumerate(scans, 1)
+        ]
+    )
+    workflow.connect(merge_snr, "out", reference, "snr_files")
+
+    plan_node = pe.Node(
+        niu.Function(
+            function=_write_plan, input_names=["plan_json", "reference"], output_names=["out_file"]
+        ),
+        name="plan",
+    )
+    plan_node.inputs.plan_json = _plan_json(plan, config)
+    ds_plan = pe.Node(
+        DerivativesDataSink(base_directory=str(staging_dir), rel_path="models/harmonization.json"),
+        name="ds_plan",
+        run_without_submitting=True,
+    )
+    workflow.connect(
+        [
+            (reference, plan_node, [("reference", "reference")]),
+            (plan_node, ds_plan, [("out_file", "in_file")]),
+        ]
+    )
+
+    # --- labels: reference maps registered into every training scan --------------------
+    firsts = first_runs(scans)
+    training_scans = [s for s in scans if s.subject in plan.training]
+    labels: dict[str, pe.Workflow] = {}
+    for scan in training_scans:
+        cands = [firsts[scan.subject, sc] for sc in plan.scanners]
+        tag = _node_name(scan.key)
+        merge_fa = pe.Node(
+            niu.Merge(len(cands)), name=f"cand_fa_{tag}", run_without_submitting=True
+        )
+        merge_maps = pe.Node(
+            niu.Merge(len(cands), ravel_inputs=False),
+            name=f"cand_maps_{tag}",
+            run_without_submitting=True,
+        )
+        merge_masks = pe.Node(
+            niu.Merge(len(cands)), name=f"cand_masks_{tag}", run_without_submitting=True
+        )
+        select = pe.Node(
+            niu.Function(
+                function=_select_moving,
+                input_names=[
+                    "reference",
+                    "scanner",
+                    "own_fa",
+                    "own_maps",
+                    "own_mask",
+                    "cand_scanners",
+                    "cand_fa",
+                    "cand_maps",
+                    "cand_masks",
+                    "engine",
+                ],
+                output_names=["moving_fa", "moving_maps", "moving_mask", "engine"],
+            ),
+            name=f"select_{tag}",
+            run_without_submitting=True,
+        )
+        select.inputs.scanner = scan.scanner
+        select.inputs.cand_scanners = list(plan.scanners)
+        select.inputs.engine = config.registration
+        register = init_labels_wf(
+            engine=config.registration, omp_nthreads=omp, name=f"labels_{tag}_wf"
+        )
+        labels[scan.key] = register
+        for i, cand in enumerate(cands, 1):
+            workflow.connect(
+                [
+                    (scan_wfs[cand.key], merge_fa, [("outputnode.fa_file", f"in{i}")]),
+                    (scan_wfs[cand.key], merge_maps, [("outputnode.maps", f"in{i}")]),
+                    (scan_wfs[cand.key], merge_masks, [("outputnode.mask_file", f"in{i}")]),
+                ]
+            )
+        workflow.connect(
+            [
+                (reference, select, [("reference", "reference")]),
+                (
+                    scan_wfs[scan.key],
+                    select,
+                    [
+                        ("outputnode.fa_file", "own_fa"),
+                        ("outputnode.maps", "own_maps"),
+                        ("outputnode.mask_file", "own_mask"),
+                    ],
+                ),
+                (merge_fa, select, [("out", "cand_fa")]),
+                (merge_maps, select, [("out", "cand_maps")]),
+                (merge_masks, select, [("out", "cand_masks")]),
+                (
+                    select,
+                    register,
+                    [
+                        ("moving_fa", "inputnode.moving_image"),
+                        ("moving_maps", "inputnode.moving_maps"),
+                        ("moving_mask", "inputnode.moving_mask"),
+                        ("engine", "inputnode.engine"),
+                    ],
+                ),
+                (scan_wfs[scan.key], register, [("outputnode.fa_file", "inputnode.fixed_image")]),
+            ]
+        )
+
+    # --- one network per scanner ----------------------------------------------------------
+    models = {}
+    for scanner in plan.scanners:
+        train_scans = [s for s in training_scans if s.scanner == scanner]
+        n = len(train_scans)
+        fields = {
+            k: pe.Node(
+                niu.Merge(n, ravel_inputs=(k != "labels")),
+                name=f"train_{k}_{_node_name(scanner)}",
+                run_without_submitting=True,
+            )
+            for k in ("dwi", "bval", "bvec", "mask", "labels")
+        }
+        train = pe.Node(
+            TrainHarmonizer(
+                scanner=scanner,
+                epochs=config.epochs,
+                seed=config.seed,
+                device=config.device,
+                samples_per_epoch=config.samples_per_epoch,
+                out_name=f"scanner-{scanner}",
+                subject_ids=[s.key for s in train_scans],
+            ),
+            name=f"train_{_node_name(scanner)}",
+            n_procs=omp,
+            mem_gb=4,
+        )
+        if all(s.sidecar for s in train_scans):  # echo times for the protocol fingerprint
+            train.inputs.sidecar_files = [str(s.sidecar) for s in train_scans]
+        models[scanner] = train
+        for i, scan in enumerate(train_scans, 1):
+            workflow.connect(
+                [
+                    (scan_wfs[scan.key], fields["dwi"], [("outputnode.dwi_file", f"in{i}")]),
+                    (scan_wfs[scan.key], fields["bval"], [("outputnode.bval_file", f"in{i}")]),
+                    (scan_wfs[scan.key], fields["bvec"], [("outputnode.bvec_file", f"in{i}")]),
+                    (scan_wfs[scan.key], fields["mask"], [("outputnode.mask_file", f"in{i}")]),
+                    (
+                        labels[scan.key],
+                        fields["labels"],
+                        [("outputnode.registered_maps", f"in{i}")],
+                    ),
+                ]
+            )
+        workflow.connect(
+            [
+                (fields["dwi"], train, [("out", "dwi_files")]),
+                (fields["bval"], train, [("out", "bval_files")]),
+                (fields["bvec"], train, [("out", "bvec_files")]),
+                (fields["mask"], train, [("out", "mask_files")]),
+                (fields["labels"], train, [("out", "label_files")]),
+            ]
+        )
+        for kind, rel in (
+            ("weights_file", f"models/scanner-{scanner}_harmonizer.safetensors"),
+            ("card_file", f"models/scanner-{scanner}_harmonizer.json"),
+            ("log_file", f"models/scanner-{scanner}_training.tsv"),
+        ):
+            ds = pe.Node(
+                DerivativesDataSink(base_directory=str(staging_dir), rel_path=rel),
+                name=f"ds_{kind.split('_')[0]}_{_node_name(scanner)}",
+                run_without_submitting=True,
+            )
+            workflow.connect(train, kind, ds, "in_file")
+
+    # --- harmonized maps of every scan ---------------------------------------------------
+    for scan in scans:
+        apply = init_apply_wf(
+            scan=scan,
+            staging_dir=staging_dir,
+            config=config,
+            name=f"harmonize_{_node_name(scan.key)}_wf",
+        )
+        workflow.connect(
+            [
+                (
+                    scan_wfs[scan.key],
+                    apply,
+                    [
+                        ("outputnode.dwi_file", "inputnode.dwi_file"),
+                        ("outputnode.bval_file", "inputnode.bval_file"),
+                        ("outputnode.bvec_file", "inputnode.bvec_file"),
+                        ("outputnode.mask_file", "inputnode.mask_file"),
+                    ],
+                ),
+                (
+                    models[scan.scanner],
+                    apply,
+                    [
+                        ("weights_file", "inputnode.weights_file"),
+                        ("card_file", "inputnode.card_file"),
+                    ],
+                ),
+            ]
+        )
+    return workflow
+
+
+def init_labels_wf(
+    *, engine: str = "auto", omp_nthreads: int = 1, name: str = "labels_wf"
+) -> pe.Workflow:
+    """Register reference DKI maps into a target scan's DWI space (training labels).
+
+    Inputs
+    ------
+    fixed_image
+        The target scan's FA map (defines the label grid).
+    moving_image, moving_maps, moving_mask
+        The reference scan's FA, its eight maps and brain mask.
+    engine
+        Registration engine for this pair; ``none`` keeps the maps as they are (a
+        reference-scanner scan labelled with its own fit).
+
+    Outputs
+    -------
+    registered_maps
+        The eight maps on the fixed grid, in ``ALL_METRICS`` order.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=["fixed_image", "moving_image", "moving_maps", "moving_mask", "engine"]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(niu.IdentityInterface(fields=["registered_maps"]), name="outputnode")
+    register = pe.Node(
+        RegisterMaps(n_threads=omp_nthreads), name="register", n_procs=omp_nthreads, mem_gb=2
+    )
+    workflow.connect(
+        [
+            (
+                inputnode,
+                register,
+                [
+                    ("fixed_image", "fixed_image"),
+                    ("moving_image", "moving_image"),
+                    ("moving_maps", "moving_maps"),
+                    ("engine", "engine"),
+                ],
+            ),
+            (register, outputnode, [("out_maps", "registered_maps")]),
+        ]
+    )
+    return workflow
+
+
+def init_apply_wf(
+    *, scan: DWIScan, staging_dir: Path, config: RunConfig, name: str = "harmonize_wf"
+) -> pe.Workflow:
+    """Harmonized maps (and MC-dropout standard deviations) of one scan, stored as BIDS.
+
+    Inputs
+    ------
+    dwi_file, bval_file, bvec_file, mask_file
+        The preprocessed scan.
+    weights_file, card_file
+        The scanner's trained network.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=["dwi_file", "bval_file", "bvec_file", "mask_file", "weights_file", "card_file"]
+        ),
+        name="inputnode",
+    )
+    apply = pe.Node(
+        ApplyHarmonizer(mc_samples=config.mc_samples, device=config.device, seed=config.seed),
+        name="apply",
+        n_procs=config.execution.omp_nthreads,
+        mem_gb=2,
+    )
+    if scan.sidecar:
+        apply.inputs.sidecar_file = str(scan.sidecar)
+    meta = {
+        "Model": "DKI",
+        "Description": "harmonized to the reference scanner by the "
+        "scanner's 3-D hierarchical CNN (dkiharm)",
+        "Scanner": scan.scanner,
+    }
+    workflow.connect(
+        [
+            (
+                inputnode,
+                apply,
+                [
+                    ("dwi_file", "dwi_file"),
+                    ("bval_file", "bval_file"),
+                    ("bvec_file", "bvec_file"),
+                    ("mask_file", "mask_file"),
+                    ("weights_file", "weights_file"),
+                    ("card_file", "card_file"),
+                ],
+            )
+        ]
+    )
+    descs = [("out", "harmonized")] + ([("std", "harmonizedstd")] if config.mc_samples else [])
+    for kind, desc in descs:
+        for param in ALL_METRICS:
+            ds = pe.Node(
+                DerivativesDataSink(
+                    base_directory=str(staging_dir),
+                    source_file=str(scan.dwi),
+                    space="dwi",
+                    model="dki",
+                    param=param,
+                    desc=desc,
+                    meta_dict=meta,
+                ),
+                name=f"ds_{desc}_{param}",
+                run_without_submitting=True,
+            )
+            workflow.connect(apply, f"{kind}_{param}", ds, "in_file")
+    return workflow
