@@ -98,3 +98,50 @@ def snr_table(rows: list[dict]) -> tuple[str, str]:
     lines.append("mean".ljust(width) + "".join(f"{means[sc]:9.2f}" for sc in scanners))
     lines.append(f"reference scanner (highest SNR): {reference}")
     return "\n".join(lines), reference
+
+
+def nrmse(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Root-mean-square error normalised by the mean absolute reference value in ``mask``.
+
+    This is the paper's NRMSE-to-reference (and, between two repeats, its scan-rescan
+    NRMSE): sqrt(mean((x - r)^2)) / mean(|r|) over the voxels of ``mask`` (all finite
+    voxels when ``mask`` is None).
+    """
+    estimate, reference = np.asarray(estimate, float), np.asarray(reference, float)
+    sel = np.isfinite(estimate) & np.isfinite(reference)
+    if mask is not None:
+        sel &= np.asarray(mask, bool)
+    if not sel.any():
+        raise ValueError("NRMSE over an empty set of voxels")
+    diff = estimate[sel] - reference[sel]
+    return float(np.sqrt(np.mean(diff**2)) / np.mean(np.abs(reference[sel])))
+
+
+def cv_map(maps: np.ndarray, *, ddof: int = 1) -> np.ndarray:
+    """Voxelwise coefficient of variation across scanners (first axis): SD / mean.
+
+    ``maps`` stacks one map per scanner, all in one space. Voxels whose mean is not
+    positive get NaN.
+    """
+    maps = np.asarray(maps, float)
+    mean = maps.mean(axis=0)
+    sd = maps.std(axis=0, ddof=ddof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mean > 0, sd / mean, np.nan)
+
+
+def mean_cv(maps: np.ndarray, mask: np.ndarray, *, ddof: int = 1) -> float:
+    """Mean of the voxelwise inter-scanner CV inside ``mask`` (the paper's WM CV)."""
+    cv = cv_map(maps, ddof=ddof)[np.asarray(mask, bool)]
+    return float(np.nanmean(cv))
+
+
+def roi_nrmse(estimate: np.ndarray, reference: np.ndarray, labels: np.ndarray,
+              names: dict[int, str]) -> dict[str, float]:
+    """NRMSE-to-reference in each labelled ROI (e.g. the 15 ICBM-DTI-81 WM regions)."""
+    out = {}
+    for index, name in names.items():
+        roi = np.asarray(labels) == index
+        if roi.any():
+            out[name] = nrmse(estimate, reference, roi)
+    return out
