@@ -23,8 +23,9 @@ from dkiharm_nipype.cnn.data import (
 )
 from dkiharm_nipype.cnn.infer import harmonize_scan
 from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, scan_fingerprint
-from dkiharm_nipype.cnn.train import fit, nrmse, train_harmonizer
+from dkiharm_nipype.cnn.train import fit, train_harmonizer
 from dkiharm_nipype.interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
+from dkiharm_nipype.metrics import nrmse
 
 SHAPE = (18, 18, 12)
 BVALS = np.r_[np.zeros(2), np.full(15, 1000.0), np.full(15, 2000.0)]

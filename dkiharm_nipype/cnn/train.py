@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..metrics import nrmse
 from .data import (
     B0_THRESHOLD,
     CLIP_RANGE,
@@ -31,7 +32,7 @@ from .infer import predict_voxels
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 
-__all__ = ["FitResult", "fit", "nrmse", "train_harmonizer", "validation_metrics"]
+__all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 
@@ -196,12 +197,6 @@ def train_harmonizer(
         },
     )
     return model.cpu(), card, result
-
-
-def nrmse(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Root mean square error normalised by the mean absolute reference value."""
-    prediction, reference = np.asarray(prediction, float), np.asarray(reference, float)
-    return float(np.sqrt(np.mean((prediction - reference) ** 2)) / np.mean(np.abs(reference)))
 
 
 def validation_metrics(
