@@ -38,7 +38,9 @@ def run(preset: str, overrides: dict) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         res = subprocess.run(
             [sys.executable, "-c", _CHILD, str(out), preset, json.dumps(overrides)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         wall = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20

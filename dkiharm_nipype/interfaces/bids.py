@@ -109,12 +109,17 @@ class DerivativesDataSink(SimpleInterface):
     def _run_interface(self, runtime):
         ent = {k: getattr(self.inputs, k) for k in ("space", "model", "param", "label", "desc")}
         ent = {k: (v if isdefined(v) else None) for k, v in ent.items()}
-        rel = derivative_name(
-            self.inputs.source_file,
-            suffix=self.inputs.suffix,
-            extension=self.inputs.extension,
-            **ent,
-        )
+        if isdefined(self.inputs.rel_path):
+            rel = Path(self.inputs.rel_path)
+        elif isdefined(self.inputs.source_file):
+            rel = derivative_name(
+                self.inputs.source_file,
+                suffix=self.inputs.suffix,
+                extension=self.inputs.extension,
+                **ent,
+            )
+        else:
+            raise ValueError("DerivativesDataSink needs source_file or rel_path")
         out = Path(self.inputs.base_directory) / rel
         atomic_copy(self.inputs.in_file, out)
         self._results["out_file"] = str(out)

@@ -225,7 +225,9 @@ def evaluate(
     gm = pial - white
     # Deep structures carved out of the white matter.
     zc = 0.13 - 0.35 * y**2
-    vent_l = inside(_ellipsoid(np.stack([ax, y, z - zc + 0.13], 1), (0.1, 0.0, 0.13), (0.07, 0.36, 0.09)) - 1)
+    vent_l = inside(
+        _ellipsoid(np.stack([ax, y, z - zc + 0.13], 1), (0.1, 0.0, 0.13), (0.07, 0.36, 0.09)) - 1
+    )
     third = inside(_ellipsoid(ut, (0.0, -0.05, -0.05), (0.025, 0.15, 0.1)) - 1)
     ventricles = np.maximum(vent_l, third)
     half = np.stack([ax, y, z], 1)

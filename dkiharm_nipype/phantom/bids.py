@@ -105,7 +105,10 @@ def write_dataset_files(root: Path, preset, seed: int, participants: list[dict])
         root / "participants.json",
         {
             "age": {"Description": "age of the participant", "Units": "year"},
-            "sex": {"Description": "sex of the participant", "Levels": {"F": "female", "M": "male"}},
+            "sex": {
+                "Description": "sex of the participant",
+                "Levels": {"F": "female", "M": "male"},
+            },
         },
     )
 

@@ -47,22 +47,37 @@ def build_parser() -> argparse.ArgumentParser:
         "with ground-truth derivatives (derivatives/phantom-truth).",
     )
     parser.add_argument("out_dir", help="dataset root to create (empty or absent)")
-    parser.add_argument("--preset", type=_preset, default="tiny",
-                        help=f"one of {', '.join(PRESET_NAMES)} (default: tiny)")
+    parser.add_argument(
+        "--preset",
+        type=_preset,
+        default="tiny",
+        help=f"one of {', '.join(PRESET_NAMES)} (default: tiny)",
+    )
     parser.add_argument("--seed", type=_seed, default=0, help="non-negative integer seed")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace out_dir if it is not empty")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace out_dir if it is not empty"
+    )
     parser.add_argument("--subjects", type=_positive, help="number of subjects")
-    parser.add_argument("--scanners", nargs="+", metavar="LABEL",
-                        help="keep only these scanners (session labels)")
-    parser.add_argument("--matrix", type=_positive, nargs=2, metavar=("NI", "NJ"),
-                        help="in-plane matrix of every scanner (centred crop of the FOV)")
+    parser.add_argument(
+        "--scanners", nargs="+", metavar="LABEL", help="keep only these scanners (session labels)"
+    )
+    parser.add_argument(
+        "--matrix",
+        type=_positive,
+        nargs=2,
+        metavar=("NI", "NJ"),
+        help="in-plane matrix of every scanner (centred crop of the FOV)",
+    )
     parser.add_argument("--slices", type=_positive, help="number of slices (centred slab)")
     parser.add_argument("--n-jobs", type=_positive, help="parallel processes (one per subject)")
-    parser.add_argument("--no-effects", nargs="+", default=[], metavar="EFFECT",
-                        choices=["noise", "bias", "gradients", "gibbs", "partial_fourier",
-                                 "distortion", "motion"],
-                        help="switch scanner effects off")
+    parser.add_argument(
+        "--no-effects",
+        nargs="+",
+        default=[],
+        metavar="EFFECT",
+        choices=["noise", "bias", "gradients", "gibbs", "partial_fourier", "distortion", "motion"],
+        help="switch scanner effects off",
+    )
     return parser
 
 
@@ -81,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update({name: False for name in args.no_effects})
     try:
-        root = generate(args.out_dir, args.preset, args.seed, overwrite=args.overwrite,
-                        **overrides)
+        root = generate(
+            args.out_dir, args.preset, args.seed, overwrite=args.overwrite, **overrides
+        )
     except PhantomError as exc:
         parser.error(str(exc).rstrip("."))
     except KeyboardInterrupt:

@@ -193,7 +193,13 @@ def _session(
     bvals, bvecs = scan_table(proto, seed=1000 * ki + 17 + sum(map(ord, ses)))
     bias_seed = (seed, si, ki, 1)
     data, disp = _acquire(
-        subject, scanner, to_subject, affine, bvals, bvecs, _seed(*bias_seed),
+        subject,
+        scanner,
+        to_subject,
+        affine,
+        bvals,
+        bvecs,
+        _seed(*bias_seed),
         pe_dir=proto.pe_dir,
     )
     rev = None
@@ -201,7 +207,13 @@ def _session(
         b0 = np.zeros(proto.n_rev_b0)
         g0 = np.zeros((proto.n_rev_b0, 3))
         rev, _ = _acquire(
-            subject, scanner, to_subject, affine, b0, g0, _seed(*bias_seed),
+            subject,
+            scanner,
+            to_subject,
+            affine,
+            b0,
+            g0,
+            _seed(*bias_seed),
             pe_dir=reverse_pe(proto.pe_dir),
         )
 
@@ -243,8 +255,12 @@ def _session(
             for name in TRUTH_PARAMS:
                 full = np.zeros(len(pts), np.float32)
                 full[brain] = truth[name]
-                bw.write_nifti(_p(prefix, f"_model-dki_param-{name}_desc-truth_dwimap"),
-                               full.reshape(shape), affine, xyzt="mm")
+                bw.write_nifti(
+                    _p(prefix, f"_model-dki_param-{name}_desc-truth_dwimap"),
+                    full.reshape(shape),
+                    affine,
+                    xyzt="mm",
+                )
             _write_tissues(prefix, tissues, labels, shape, affine)
             first = prefix
         else:
@@ -253,10 +269,10 @@ def _session(
             _p(prefix, "_model-dki_desc-truth_dwimap", ".json"),
             {
                 "Description": (
-                    "Ground-truth DKI: weighted log-linear least-squares DKI fit of the noise-free, "
-                    "artefact-free compartment signal at this scan's TE/TR on the canonical "
-                    "b = 0/1000/2000/3000 s/mm2 scheme (64 directions per shell), on the "
-                    "undistorted DWI grid."
+                    "Ground-truth DKI: weighted (S^2) log-linear least-squares DKI fit of "
+                    "the noise-free, artefact-free compartment signal at this scan's TE/TR on "
+                    "the canonical b = 0/1000/2000/3000 s/mm2 scheme (48 directions per "
+                    "shell, 9 b0), on the undistorted DWI grid."
                 ),
                 "Sources": [f"bids::sub-{sub}/{dwi_names[run - 1]}"],
                 "EchoTime": proto.te_ms / 1000,
@@ -271,8 +287,12 @@ def _session(
         )
     xfm = tdir / "xfm" / f"sub-{sub}_ses-{ses}_from-dwi_to-T1w_mode-image_xfm.txt"
     xfm.parent.mkdir(parents=True, exist_ok=True)
-    np.savetxt(xfm, to_subject, fmt="%.10f",
-               header="RAS world(mm) of the DWI -> RAS world(mm) of subject/T1w space")
+    np.savetxt(
+        xfm,
+        to_subject,
+        fmt="%.10f",
+        header="RAS world(mm) of the DWI -> RAS world(mm) of subject/T1w space",
+    )
     if disp is not None:
         fm = tdir / "fmap" / f"sub-{sub}_ses-{ses}_space-dwi_desc-displacement_fieldmap.nii.gz"
         vox = proto.voxel_mm[pe_axis(proto.pe_dir)]
@@ -307,8 +327,9 @@ def _link_all(src_prefix: Path, dst_prefix: Path) -> None:
 def _write_tissues(prefix: Path, tissues, labels, shape, affine) -> None:
     names = {"WM": tissues[:, 0], "GM": tissues[:, 1], "SGM": tissues[:, 2], "CSF": tissues[:, 3]}
     for label, arr in names.items():
-        bw.write_nifti(_p(prefix, f"_label-{label}_probseg"),
-                       arr.reshape(shape).astype(np.float32), affine)
+        bw.write_nifti(
+            _p(prefix, f"_label-{label}_probseg"), arr.reshape(shape).astype(np.float32), affine
+        )
     brain = tissues[:, :4].sum(1) > 0.5
     bw.write_nifti(_p(prefix, "_desc-brain_mask"), brain.reshape(shape).astype(np.uint8), affine)
     bw.write_nifti(_p(prefix, "_desc-wmrois_dseg"), labels.reshape(shape).astype(np.int16), affine)
@@ -386,12 +407,20 @@ def _write_t1w(root: Path, preset: Preset, subject: SubjectAnatomy, si: int, see
     img *= bias_field(pts, rng, 0.1)
     img = add_noise(img, 25.0, 1, rng)
     ref = preset.reference
-    path = root / f"sub-{_sub(si)}" / f"ses-{ref}" / "anat" / f"sub-{_sub(si)}_ses-{ref}_T1w.nii.gz"
+    path = (
+        root / f"sub-{_sub(si)}" / f"ses-{ref}" / "anat" / f"sub-{_sub(si)}_ses-{ref}_T1w.nii.gz"
+    )
     bw.write_nifti(path, _to_int16(img).reshape(shape), aff)
     bw.write_json(
         path.with_name(path.name.replace(".nii.gz", ".json")),
-        {"Manufacturer": "Siemens", "PulseSequenceType": "MPRAGE", "EchoTime": 0.00229,
-         "RepetitionTime": 2.3, "InversionTime": 0.9, "FlipAngle": 8},
+        {
+            "Manufacturer": "Siemens",
+            "PulseSequenceType": "MPRAGE",
+            "EchoTime": 0.00229,
+            "RepetitionTime": 2.3,
+            "InversionTime": 0.9,
+            "FlipAngle": 8,
+        },
     )
 
 

@@ -45,19 +45,51 @@ D_FREE = 3.0e-3
 #: diffusivity distribution (its excess kurtosis is 3 / kappa).
 TISSUE_PARAMS: dict[str, dict[str, float]] = {
     "wm": dict(
-        pd=0.69, f_free=0.0, t1=850.0, t2_intra=80.0, t2_extra=52.0,
-        f_intra=0.5, d_a=2.4e-3, d_ar=0.1e-3, de_par=1.4e-3, de_perp=0.6e-3, kappa=1.5,
+        pd=0.69,
+        f_free=0.0,
+        t1=850.0,
+        t2_intra=80.0,
+        t2_extra=52.0,
+        f_intra=0.5,
+        d_a=2.4e-3,
+        d_ar=0.1e-3,
+        de_par=1.4e-3,
+        de_perp=0.6e-3,
+        kappa=1.5,
     ),
     "wm_bg": dict(
-        f_intra=0.32, d_a=2.2e-3, d_ar=0.45e-3, de_par=1.0e-3, de_perp=0.8e-3, kappa=1.3,
+        f_intra=0.32,
+        d_a=2.2e-3,
+        d_ar=0.45e-3,
+        de_par=1.0e-3,
+        de_perp=0.8e-3,
+        kappa=1.3,
     ),
     "gm": dict(
-        pd=0.80, f_free=0.03, t1=1350.0, t2_intra=90.0, t2_extra=75.0,
-        f_intra=0.25, d_a=1.9e-3, d_ar=0.15e-3, de_par=1.15e-3, de_perp=0.9e-3, kappa=3.0,
+        pd=0.80,
+        f_free=0.03,
+        t1=1350.0,
+        t2_intra=90.0,
+        t2_extra=75.0,
+        f_intra=0.25,
+        d_a=1.9e-3,
+        d_ar=0.15e-3,
+        de_par=1.15e-3,
+        de_perp=0.9e-3,
+        kappa=3.0,
     ),
     "sgm": dict(
-        pd=0.78, f_free=0.02, t1=1150.0, t2_intra=70.0, t2_extra=58.0,
-        f_intra=0.32, d_a=1.9e-3, d_ar=0.1e-3, de_par=1.1e-3, de_perp=0.75e-3, kappa=3.5,
+        pd=0.78,
+        f_free=0.02,
+        t1=1150.0,
+        t2_intra=70.0,
+        t2_extra=58.0,
+        f_intra=0.32,
+        d_a=1.9e-3,
+        d_ar=0.1e-3,
+        de_par=1.1e-3,
+        de_perp=0.75e-3,
+        kappa=3.5,
     ),
     "free": dict(t1=4000.0, t2=1200.0),
     "csf": dict(pd=1.0),
@@ -173,9 +205,7 @@ def prepare(
             return
         t = p[tissue]
         f_free = min(t["f_free"] * sp.get("f_free", 1.0), 0.5)
-        f_in = np.clip(
-            par["f_intra"] * sp.get("f_intra", 1.0) * (1 + 0.06 * tex[sel]), 0.05, 0.9
-        )
+        f_in = np.clip(par["f_intra"] * sp.get("f_intra", 1.0) * (1 + 0.06 * tex[sel]), 0.05, 0.9)
         amp = frac[sel] * t["pd"] * (1 - f_free)
         r_in = _relax(te_ms, tr_ms, t["t2_intra"], t["t1"])
         r_ex = _relax(te_ms, tr_ms, t["t2_extra"], t["t1"])

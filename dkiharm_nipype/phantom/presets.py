@@ -45,124 +45,213 @@ def _echo_spacing(bandwidth_hz_px: float) -> float:
 def _dataset1() -> Preset:
     common = dict(matrix=(110, 110), n_slices=70, voxel_mm=(2.0, 2.0, 2.0), n_b0=6)
     a = Scanner(
-        "A", "Siemens", "TrioTim", "35001", 3.0, coil_channels=32, noise_channels=4,
+        "A",
+        "Siemens",
+        "TrioTim",
+        "35001",
+        3.0,
+        coil_channels=32,
+        noise_channels=1,
         snr_db=(23.51, 23.32, 22.14, 21.65, 20.44),
         protocol=Protocol(
-            (1000, 2000), (30, 30), te_ms=99.0, tr_ms=9200.0, partial_fourier=6 / 8,
-            echo_spacing_s=_echo_spacing(1684), acceleration=2, repeats=2, **common,
+            (1000, 2000),
+            (30, 30),
+            te_ms=99.0,
+            tr_ms=9200.0,
+            partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1684),
+            acceleration=2,
+            repeats=2,
+            **common,
         ),
-        b_scale=1.02, nonlinearity=0.06, bias_strength=0.18, susceptibility_hz=90.0,
+        b_scale=1.02,
+        nonlinearity=0.06,
+        bias_strength=0.18,
+        susceptibility_hz=90.0,
         intensity_scale=1.0,
     )
     b = Scanner(
-        "B", "Siemens", "Skyra", "45002", 3.0, coil_channels=20, noise_channels=4,
+        "B",
+        "Siemens",
+        "Skyra",
+        "45002",
+        3.0,
+        coil_channels=20,
+        noise_channels=1,
         snr_db=(24.28, 24.58, 24.16, 24.93, 21.89),
         protocol=Protocol(
-            (1000, 2000), (20, 40), te_ms=94.0, tr_ms=9300.0, partial_fourier=6 / 8,
-            echo_spacing_s=_echo_spacing(1818), acceleration=2, repeats=2, **common,
+            (1000, 2000),
+            (20, 40),
+            te_ms=94.0,
+            tr_ms=9300.0,
+            partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1818),
+            acceleration=2,
+            repeats=2,
+            **common,
         ),
-        b_scale=0.98, nonlinearity=0.05, bias_strength=0.15, susceptibility_hz=90.0,
+        b_scale=0.98,
+        nonlinearity=0.05,
+        bias_strength=0.15,
+        susceptibility_hz=90.0,
         intensity_scale=0.8,
     )
     c = Scanner(
-        "C", "GE", "DISCOVERY MR750", "MR750-03", 3.0, coil_channels=8, noise_channels=8,
+        "C",
+        "GE",
+        "DISCOVERY MR750",
+        "MR750-03",
+        3.0,
+        coil_channels=8,
+        noise_channels=2,
         snr_db=(23.06, 23.66, 24.96, 25.71, 21.17),
         protocol=Protocol(
-            (1000, 2000), (30, 30), te_ms=80.0, tr_ms=9000.0, partial_fourier=4 / 5,
-            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=1, n_rev_b0=0,
-            pe_dir="j", **common,
+            (1000, 2000),
+            (30, 30),
+            te_ms=80.0,
+            tr_ms=9000.0,
+            partial_fourier=4 / 5,
+            echo_spacing_s=_echo_spacing(2272),
+            acceleration=1,
+            repeats=1,
+            n_rev_b0=0,
+            pe_dir="j",
+            **common,
         ),
-        b_scale=1.03, nonlinearity=0.08, bias_strength=0.12, susceptibility_hz=90.0,
+        b_scale=1.03,
+        nonlinearity=0.08,
+        bias_strength=0.12,
+        susceptibility_hz=90.0,
         intensity_scale=1.3,
     )
     d = Scanner(
-        "D", "Siemens", "Prisma", "66004", 3.0, coil_channels=64, noise_channels=4,
+        "D",
+        "Siemens",
+        "Prisma",
+        "66004",
+        3.0,
+        coil_channels=64,
+        noise_channels=1,
         snr_db=(30.21, 30.02, 30.66, 31.47, 25.85),
         protocol=Protocol(
-            (1000, 2000, 3000), (30, 30, 30), te_ms=75.0, tr_ms=3000.0, partial_fourier=6 / 8,
-            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=2, **common,
+            (1000, 2000, 3000),
+            (30, 30, 30),
+            te_ms=75.0,
+            tr_ms=3000.0,
+            partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(2272),
+            acceleration=1,
+            repeats=2,
+            **common,
         ),
-        b_scale=1.0, nonlinearity=0.04, bias_strength=0.2, susceptibility_hz=90.0,
+        b_scale=1.0,
+        nonlinearity=0.04,
+        bias_strength=0.2,
+        susceptibility_hz=90.0,
         intensity_scale=1.1,
     )
     return Preset(
         name="paper-dataset1",
         description="Dataset 1 of the paper (Table 1): Trio, Skyra, MR750 and Prisma (reference)",
-        scanners=(a, b, c, d), n_subjects=5,
-        brain_radii_mm=(68.0, 84.0, 60.0), brain_centre_mm=(0.0, -4.0, 6.0),
-        subject_shape=(110, 110, 70), subject_voxel_mm=(2.0, 2.0, 2.0), t1w_voxel_mm=1.0,
-        reference="D", n_jobs=2,
+        scanners=(a, b, c, d),
+        n_subjects=5,
+        brain_radii_mm=(68.0, 84.0, 60.0),
+        brain_centre_mm=(0.0, -4.0, 6.0),
+        subject_shape=(110, 110, 70),
+        subject_voxel_mm=(2.0, 2.0, 2.0),
+        t1w_voxel_mm=1.0,
+        reference="D",
+        n_jobs=2,
     )
 
 
 def _mushac() -> Preset:
     common = dict(
-        matrix=(92, 92), n_slices=60, voxel_mm=(2.4, 2.4, 2.4), n_b0=6, n_rev_b0=0,
-        te_ms=89.0, tr_ms=7200.0, partial_fourier=6 / 8, echo_spacing_s=_echo_spacing(2000),
-        acceleration=2, distortion_corrected=True,
+        matrix=(92, 92),
+        n_slices=60,
+        voxel_mm=(2.4, 2.4, 2.4),
+        n_b0=6,
+        n_rev_b0=0,
+        te_ms=89.0,
+        tr_ms=7200.0,
+        partial_fourier=6 / 8,
+        echo_spacing_s=_echo_spacing(2000),
+        acceleration=2,
+        distortion_corrected=True,
     )
     proto = Protocol((1200, 3000), (60, 60), **common)
     prisma = Scanner(
-        "Prisma", "Siemens", "Prisma", "66010", 3.0, coil_channels=32, noise_channels=4,
+        "Prisma",
+        "Siemens",
+        "Prisma",
+        "66010",
+        3.0,
+        coil_channels=32,
+        noise_channels=1,
         snr_db=(24.51, 24.96, 20.36, 23.36, 23.31, 23.25, 23.25, 19.93, 22.59),
-        protocol=proto, b_scale=1.0, nonlinearity=0.04, bias_strength=0.18,
+        protocol=proto,
+        b_scale=1.0,
+        nonlinearity=0.04,
+        bias_strength=0.18,
         intensity_scale=1.0,
     )
     connectom = Scanner(
-        "Connectom", "Siemens", "Connectom", "20300", 3.0, coil_channels=64, noise_channels=4,
+        "Connectom",
+        "Siemens",
+        "Connectom",
+        "20300",
+        3.0,
+        coil_channels=64,
+        noise_channels=1,
         snr_db=(27.98, 25.09, 22.23, 28.75, 26.94, 18.85, 21.68, 25.66, 25.81),
-        protocol=proto, b_scale=1.01, nonlinearity=0.12, bias_strength=0.22,
+        protocol=proto,
+        b_scale=1.01,
+        nonlinearity=0.12,
+        bias_strength=0.22,
         intensity_scale=0.9,
     )
     return Preset(
         name="mushac",
         description="Dataset 2 (MUSHAC standard protocol): Prisma and Connectom (reference)",
-        scanners=(prisma, connectom), n_subjects=9,
-        brain_radii_mm=(68.0, 84.0, 60.0), brain_centre_mm=(0.0, -4.0, 6.0),
-        subject_shape=(92, 92, 60), subject_voxel_mm=(2.4, 2.4, 2.4), t1w_voxel_mm=1.2,
-        reference="Connectom", n_jobs=2,
+        scanners=(prisma, connectom),
+        n_subjects=9,
+        brain_radii_mm=(68.0, 84.0, 60.0),
+        brain_centre_mm=(0.0, -4.0, 6.0),
+        subject_shape=(92, 92, 60),
+        subject_voxel_mm=(2.4, 2.4, 2.4),
+        t1w_voxel_mm=1.2,
+        reference="Connectom",
+        n_jobs=2,
     )
 
 
 def _tiny() -> Preset:
-    common = dict(matrix=(24, 28), n_slices=16, voxel_mm=(2.0, 2.0, 2.0), n_b0=2)
-    a = Scanner(
-        "A", "Siemens", "TrioTim", "35001", 3.0, coil_channels=32, noise_channels=4,
-        snr_db=(23.5, 23.3, 22.1),
-        protocol=Protocol(
-            (1000, 2000), (12, 12), te_ms=99.0, tr_ms=9200.0, partial_fourier=6 / 8,
-            echo_spacing_s=_echo_spacing(1684), acceleration=2, repeats=2, **common,
-        ),
-        b_scale=1.02, nonlinearity=0.06, bias_strength=0.18, susceptibility_hz=60.0,
-    )
-    c = Scanner(
-        "C", "GE", "DISCOVERY MR750", "MR750-03", 3.0, coil_channels=8, noise_channels=8,
-        snr_db=(23.1, 23.7, 25.0),
-        protocol=Protocol(
-            (1000, 2000), (10, 16), te_ms=80.0, tr_ms=9000.0, partial_fourier=4 / 5,
-            echo_spacing_s=_echo_spacing(2272), acceleration=1, repeats=1, n_rev_b0=0,
-            pe_dir="j", **common,
-        ),
-        b_scale=1.03, nonlinearity=0.08, bias_strength=0.12, susceptibility_hz=60.0,
-        intensity_scale=1.3,
-    )
-    d = Scanner(
-        "D", "Siemens", "Prisma", "66004", 3.0, coil_channels=64, noise_channels=4,
-        snr_db=(30.2, 30.0, 30.7),
-        protocol=Protocol(
-            (1000, 2000, 3000), (16, 16, 16), te_ms=75.0, tr_ms=3000.0,
-            partial_fourier=6 / 8, echo_spacing_s=_echo_spacing(2272), repeats=1, **common,
-        ),
-        b_scale=1.0, nonlinearity=0.04, bias_strength=0.2, susceptibility_hz=60.0,
-        intensity_scale=1.1,
-    )
+    """Scanners A, C and D of Dataset 1 on a small grid with fewer directions."""
+    full = {s.label: s for s in _dataset1().scanners}
+    small = dict(matrix=(24, 28), n_slices=16, n_b0=2)
+
+    def shrink(label, directions, repeats, snr_db):
+        sc = full[label]
+        proto = replace(sc.protocol, directions=directions, repeats=repeats, **small)
+        return replace(sc, protocol=proto, snr_db=snr_db, susceptibility_hz=60.0)
+
+    a = shrink("A", (12, 12), 2, (23.5, 23.3, 22.1))
+    c = shrink("C", (10, 16), 1, (23.1, 23.7, 25.0))
+    d = shrink("D", (16, 16, 16), 1, (30.2, 30.0, 30.7))
     return Preset(
         name="tiny",
         description="Tiny test phantom: 3 scanners (A: 2 runs + reversed PE, C, reference D)",
-        scanners=(a, c, d), n_subjects=3,
-        brain_radii_mm=(18.5, 22.0, 13.0), brain_centre_mm=(0.0, 0.0, 2.0),
-        subject_shape=(24, 28, 16), subject_voxel_mm=(2.0, 2.0, 2.0), t1w_voxel_mm=1.0,
-        reference="D", n_jobs=1, motion_deg=2.0, motion_mm=1.0,
+        scanners=(a, c, d),
+        n_subjects=3,
+        brain_radii_mm=(18.5, 22.0, 13.0),
+        brain_centre_mm=(0.0, 0.0, 2.0),
+        subject_shape=(24, 28, 16),
+        subject_voxel_mm=(2.0, 2.0, 2.0),
+        t1w_voxel_mm=1.0,
+        reference="D",
+        n_jobs=1,
+        motion_deg=2.0,
+        motion_mm=1.0,
     )
 
 
@@ -173,7 +262,13 @@ PRESET_NAMES = tuple(_FACTORIES)
 
 _EFFECT_NAMES = {f.name for f in dataclasses.fields(Effects)}
 _OVERRIDES = (
-    "subjects", "scanners", "matrix", "slices", "n_jobs", "gibbs_oversample", "snr_offset_db",
+    "subjects",
+    "scanners",
+    "matrix",
+    "slices",
+    "n_jobs",
+    "gibbs_oversample",
+    "snr_offset_db",
     *sorted(_EFFECT_NAMES),
 )
 
@@ -189,9 +284,7 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
     if isinstance(name, Preset):
         preset, name = name, name.name
     elif name not in _FACTORIES:
-        raise ValueError(
-            f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}."
-        )
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}.")
     else:
         preset = _FACTORIES[name]()
     unknown = sorted(set(overrides) - set(_OVERRIDES))
@@ -208,9 +301,7 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
         labels = [s.label for s in scanners]
         missing = sorted(set(keep) - set(labels))
         if missing:
-            raise ValueError(
-                f"scanner(s) {missing} not in preset {name!r}; choose from {labels}."
-            )
+            raise ValueError(f"scanner(s) {missing} not in preset {name!r}; choose from {labels}.")
         scanners = [s for s in scanners if s.label in keep]
     new = []
     for sc in scanners:
@@ -223,7 +314,9 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
         if overrides.get("gibbs_oversample") is not None:
             sc = replace(sc, gibbs_oversample=int(overrides["gibbs_oversample"]))
         if overrides.get("snr_offset_db"):
-            sc = replace(sc, snr_db=tuple(v + float(overrides["snr_offset_db"]) for v in sc.snr_db))
+            sc = replace(
+                sc, snr_db=tuple(v + float(overrides["snr_offset_db"]) for v in sc.snr_db)
+            )
         new.append(sc)
     kw = dict(scanners=tuple(new), effects=effects)
     if overrides.get("subjects") is not None:

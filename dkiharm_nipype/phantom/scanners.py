@@ -99,8 +99,11 @@ class Scanner:
     ``snr_db`` lists the b0 SNR in the genu of the corpus callosum,
     ``20 log10(mean b0 / noise SD)``, one value per subject (cycled).
     ``noise_channels`` is the effective number of receive channels of the magnitude
-    noise statistics; parallel-imaging and adaptive-combine reconstructions make it much
-    smaller than the coil count (Aja-Fernandez & Tristan-Vega 2013).
+    noise statistics (1 = Rician). It is not the coil count: Siemens adaptive-combine
+    reconstructions give Rician magnitudes whatever the array, and sum-of-squares images of
+    correlated channels behave like a few effective channels (Aja-Fernandez & Tristan-Vega
+    2013). With the coil count itself, a 32-channel scan at the paper's 22 dB would have a
+    noise floor at ~60 % of the b0 signal, above the b = 2000 WM signal.
     """
 
     label: str
@@ -159,7 +162,9 @@ def rotation(angles_rad) -> np.ndarray:
 def random_pose(rng: np.random.Generator, *, rot_deg: float = 3.0, trans_mm: float = 3.0):
     """Rigid subject-to-scanner transform (4x4, world mm) for one visit."""
     pose = np.eye(4)
-    pose[:3, :3] = rotation(np.deg2rad(rng.normal(0, rot_deg, 3).clip(-2.5 * rot_deg, 2.5 * rot_deg)))
+    pose[:3, :3] = rotation(
+        np.deg2rad(rng.normal(0, rot_deg, 3).clip(-2.5 * rot_deg, 2.5 * rot_deg))
+    )
     pose[:3, 3] = rng.normal(0, trans_mm, 3).clip(-2.5 * trans_mm, 2.5 * trans_mm)
     return pose
 

@@ -38,8 +38,12 @@ def _ses(label: str) -> str:
 
 def scan_prefix(bids_root, subject: str, session: str, run: int = 1) -> Path:
     sub, ses = _sub(subject), _ses(session)
-    return truth_root(bids_root) / f"sub-{sub}" / f"ses-{ses}" / "dwi" / (
-        f"sub-{sub}_ses-{ses}_run-{int(run)}_space-dwi"
+    return (
+        truth_root(bids_root)
+        / f"sub-{sub}"
+        / f"ses-{ses}"
+        / "dwi"
+        / (f"sub-{sub}_ses-{ses}_run-{int(run)}_space-dwi")
     )
 
 
@@ -68,7 +72,10 @@ def load_scan_labels(bids_root, subject: str, session: str, run: int = 1, *, wha
 
 
 def load_subject_labels(bids_root, subject: str, *, what: str) -> nib.Nifti1Image:
-    """A subject-space (T1w frame, DWI resolution) tissue/ROI image, see :func:`load_scan_labels`."""
+    """A subject-space (T1w frame, DWI resolution) tissue/ROI image.
+
+    ``what`` as in :func:`load_scan_labels`.
+    """
     sub = _sub(subject)
     suffix = {"brain": "_desc-brain_mask", "wmrois": "_desc-wmrois_dseg"}.get(
         what, f"_label-{what}_probseg"
@@ -88,7 +95,10 @@ def scan_to_subject(bids_root, subject: str, session: str) -> np.ndarray:
     """Rigid 4 x 4 transform: DWI world (mm) -> subject/T1w world (mm)."""
     sub, ses = _sub(subject), _ses(session)
     path = (
-        truth_root(bids_root) / f"sub-{sub}" / f"ses-{ses}" / "xfm"
+        truth_root(bids_root)
+        / f"sub-{sub}"
+        / f"ses-{ses}"
+        / "xfm"
         / f"sub-{sub}_ses-{ses}_from-dwi_to-T1w_mode-image_xfm.txt"
     )
     return np.loadtxt(path)
@@ -122,7 +132,10 @@ def to_subject_space(
         out = map_coordinates(data, src, order=order, cval=cval).reshape(shape)
     else:
         out = np.stack(
-            [map_coordinates(data[..., k], src, order=order, cval=cval).reshape(shape)
-             for k in range(data.shape[3])], -1,
+            [
+                map_coordinates(data[..., k], src, order=order, cval=cval).reshape(shape)
+                for k in range(data.shape[3])
+            ],
+            -1,
         )
     return nib.Nifti1Image(out.astype(np.float32), reference.affine)

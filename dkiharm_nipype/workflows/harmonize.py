@@ -84,7 +84,7 @@ def _write_plan(plan_json, reference):
     return out
 
 
-def _plan_json(plan: StudyPlan, config: RunConfig) -> str:
+def _plan_json(plan: StudyPlan, config: RunConfig, engine: str) -> str:
     return json.dumps(
         {
             "scanners": plan.scanners,
@@ -96,7 +96,7 @@ def _plan_json(plan: StudyPlan, config: RunConfig) -> str:
                 if plan.reference
                 else "highest mean white-matter SNR (b0 mean / noise SD)"
             ),
-            "registration": config.registration,
+            "registration": engine,
             "epochs": config.epochs,
             "samples_per_epoch": config.samples_per_epoch,
             "seed": config.seed,
@@ -120,7 +120,10 @@ def init_group_wf(
     name : str
         Workflow name; the same as the participant level's so caches are shared.
     """
+    from ..registration import resolve_engine
+
     check_voxel_sizes(scans)
+    engine = resolve_engine(config.registration)
     plan = plan_study(
         scans,
         reference=config.reference_scanner,
@@ -167,7 +170,7 @@ def init_group_wf(
         ),
         name="plan",
     )
-    plan_node.inputs.plan_json = _plan_json(plan, config)
+    plan_node.inputs.plan_json = _plan_json(plan, config, engine)
     ds_plan = pe.Node(
         DerivativesDataSink(base_directory=str(staging_dir), rel_path="models/harmonization.json"),
         name="ds_plan",
@@ -191,7 +194,7 @@ def init_group_wf(
             niu.Merge(len(cands)), name=f"cand_fa_{tag}", run_without_submitting=True
         )
         merge_maps = pe.Node(
-            niu.Merge(len(cands), ravel_inputs=False),
+            niu.Merge(len(cands), no_flatten=True),
             name=f"cand_maps_{tag}",
             run_without_submitting=True,
         )
@@ -220,9 +223,9 @@ def init_group_wf(
         )
         select.inputs.scanner = scan.scanner
         select.inputs.cand_scanners = list(plan.scanners)
-        select.inputs.engine = config.registration
+        select.inputs.engine = engine
         register = init_labels_wf(
-            engine=config.registration, omp_nthreads=omp, name=f"labels_{tag}_wf"
+            engine=engine, omp_nthreads=omp, seed=config.seed, name=f"labels_{tag}_wf"
         )
         labels[scan.key] = register
         for i, cand in enumerate(cands, 1):
@@ -269,7 +272,7 @@ def init_group_wf(
         n = len(train_scans)
         fields = {
             k: pe.Node(
-                niu.Merge(n, ravel_inputs=(k != "labels")),
+                niu.Merge(n, no_flatten=(k == "labels")),
                 name=f"train_{k}_{_node_name(scanner)}",
                 run_without_submitting=True,
             )
@@ -361,9 +364,13 @@ def init_group_wf(
 
 
 def init_labels_wf(
-    *, engine: str = "auto", omp_nthreads: int = 1, name: str = "labels_wf"
+    *, engine: str = "auto", omp_nthreads: int = 1, seed: int = 0, name: str = "labels_wf"
 ) -> pe.Workflow:
     """Register reference DKI maps into a target scan's DWI space (training labels).
+
+    With an open engine the pair's engine comes in through ``inputnode.engine``, so that a
+    reference-scanner scan labelled with its own fit skips registration (``none``); with
+    FNIRT the FSL graph of :func:`.registration.init_label_registration_wf` is used.
 
     Inputs
     ------
@@ -372,14 +379,17 @@ def init_labels_wf(
     moving_image, moving_maps, moving_mask
         The reference scan's FA, its eight maps and brain mask.
     engine
-        Registration engine for this pair; ``none`` keeps the maps as they are (a
-        reference-scanner scan labelled with its own fit).
+        Registration engine for this pair (``none``: keep the maps as they are).
 
     Outputs
     -------
     registered_maps
         The eight maps on the fixed grid, in ``ALL_METRICS`` order.
     """
+    from ..registration import resolve_engine
+    from .registration import init_label_registration_wf
+
+    engine = resolve_engine(engine)
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(
@@ -388,8 +398,29 @@ def init_labels_wf(
         name="inputnode",
     )
     outputnode = pe.Node(niu.IdentityInterface(fields=["registered_maps"]), name="outputnode")
+    if engine == "fnirt":
+        register = init_label_registration_wf(
+            engine="fnirt", omp_nthreads=omp_nthreads, seed=seed, name="fnirt_wf"
+        )
+        workflow.connect(
+            [
+                (
+                    inputnode,
+                    register,
+                    [
+                        (f, f"inputnode.{f}")
+                        for f in ("fixed_image", "moving_image", "moving_maps", "moving_mask")
+                    ],
+                ),
+                (register, outputnode, [("outputnode.registered_maps", "registered_maps")]),
+            ]
+        )
+        return workflow
     register = pe.Node(
-        RegisterMaps(n_threads=omp_nthreads), name="register", n_procs=omp_nthreads, mem_gb=2
+        RegisterMaps(num_threads=omp_nthreads, seed=seed),
+        name="register",
+        n_procs=omp_nthreads,
+        mem_gb=2,
     )
     workflow.connect(
         [
@@ -400,10 +431,11 @@ def init_labels_wf(
                     ("fixed_image", "fixed_image"),
                     ("moving_image", "moving_image"),
                     ("moving_maps", "moving_maps"),
+                    ("moving_mask", "moving_mask"),
                     ("engine", "engine"),
                 ],
             ),
-            (register, outputnode, [("out_maps", "registered_maps")]),
+            (register, outputnode, [("registered_maps", "registered_maps")]),
         ]
     )
     return workflow

@@ -1,0 +1,166 @@
+"""Registration of the reference scanner's DKI labels into a target scan's DWI space."""
+
+from __future__ import annotations
+
+from nipype.interfaces import fsl
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.registration import RegisterMaps
+from ..registration import resolve_engine
+
+#: FNIRT configuration shipped with FSL for FA-to-FA registration (Andersson et al. 2007).
+FNIRT_CONFIG = "FA_2_FMRIB58_1mm"
+
+#: Its sub-sampling levels (8, 4, 2, 2 at a 1 mm template) halved for 2 mm DWI grids.
+FNIRT_SUBSAMPLING = [4, 2, 1, 1]
+
+
+def init_label_registration_wf(
+    *,
+    engine: str = "auto",
+    omp_nthreads: int = 1,
+    seed: int = 0,
+    name: str = "label_reg_wf",
+) -> pe.Workflow:
+    """Register reference-scanner DKI maps non-linearly into a target scan's DWI space.
+
+    The paper (section 2.2) registers the reference scanner's IRLLS DKI maps of each
+    training subject to that subject's target-scanner DWIs with FSL FNIRT, so that the
+    network sees voxel-aligned inputs and labels. The moving image (reference FA) is
+    registered to the fixed image (target FA or mean b0): affine, then non-linear, and
+    the same transform carries every map (trilinear) and the mask (nearest neighbour).
+
+    Workflow Graph
+        .. workflow::
+            :graph2use: orig
+            :simple_form: yes
+
+            from dkiharm_nipype.workflows.registration import init_label_registration_wf
+            wf = init_label_registration_wf(engine="dipy-syn")
+
+    Parameters
+    ----------
+    engine : {"auto", "fnirt", "dipy-syn", "mrtrix", "ants", "none"}
+        ``fnirt``: FSL FLIRT (12 dof, correlation ratio) -> FNIRT (``FA_2_FMRIB58_1mm``
+        configuration with sub-sampling adapted to 2 mm) -> ApplyWarp per map. Open
+        engines run in one :class:`~dkiharm_nipype.interfaces.registration.RegisterMaps`
+        node. ``none``: the scans are already aligned on one grid (two protocols of one
+        session); maps pass through unchanged. ``auto``: FNIRT when FSL is installed,
+        otherwise :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE`.
+    omp_nthreads : int
+        Threads of the registration node.
+    seed : int
+        Seed of stochastic engines.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    fixed_image
+        Target scan's FA (or mean b0) in its DWI space.
+    moving_image
+        Reference scan's FA.
+    moving_maps
+        List of reference DKI maps (e.g. the eight of the paper) on the moving grid.
+    moving_mask
+        Reference brain mask on the moving grid.
+
+    Outputs
+    -------
+    registered_maps
+        ``moving_maps`` in the target DWI space, same order.
+    registered_mask
+        ``moving_mask`` in the target DWI space (nearest neighbour).
+    transform
+        FNIRT warp coefficients, or the deformation field of an open engine.
+
+    Raises
+    ------
+    UnknownEngineError, FNIRTNotFoundError, EngineNotAvailableError
+        At build time, if ``engine`` is unknown or its software is missing.
+    """
+    engine = resolve_engine(engine)
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=["fixed_image", "moving_image", "moving_maps", "moving_mask"]
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["registered_maps", "registered_mask", "transform"]),
+        name="outputnode",
+    )
+
+    if engine == "fnirt":
+        flirt = pe.Node(
+            fsl.FLIRT(dof=12, cost="corratio", interp="trilinear"),
+            name="flirt",
+            n_procs=1,
+        )
+        fnirt = pe.Node(
+            fsl.FNIRT(
+                config_file=FNIRT_CONFIG,
+                subsampling_scheme=FNIRT_SUBSAMPLING,
+                fieldcoeff_file=True,
+            ),
+            name="fnirt",
+            n_procs=1,
+        )
+        applywarp_maps = pe.MapNode(
+            fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
+        )
+        applywarp_mask = pe.Node(fsl.ApplyWarp(interp="nn"), name="applywarp_mask")
+        workflow.connect(
+            [
+                (inputnode, flirt, [("moving_image", "in_file"), ("fixed_image", "reference")]),
+                (inputnode, fnirt, [
+                    ("moving_image", "in_file"),
+                    ("fixed_image", "ref_file"),
+                    ("moving_mask", "inmask_file"),
+                ]),
+                (flirt, fnirt, [("out_matrix_file", "affine_file")]),
+                (inputnode, applywarp_maps, [
+                    ("moving_maps", "in_file"),
+                    ("fixed_image", "ref_file"),
+                ]),
+                (inputnode, applywarp_mask, [
+                    ("moving_mask", "in_file"),
+                    ("fixed_image", "ref_file"),
+                ]),
+                (fnirt, applywarp_maps, [("fieldcoeff_file", "field_file")]),
+                (fnirt, applywarp_mask, [("fieldcoeff_file", "field_file")]),
+                (applywarp_maps, outputnode, [("out_file", "registered_maps")]),
+                (applywarp_mask, outputnode, [("out_file", "registered_mask")]),
+                (fnirt, outputnode, [("fieldcoeff_file", "transform")]),
+            ]
+        )  # fmt: skip
+        return workflow
+
+    register_maps = pe.Node(
+        RegisterMaps(engine=engine, num_threads=omp_nthreads, seed=seed),
+        name="register_maps",
+        n_procs=omp_nthreads,
+    )
+    mask_list = pe.Node(niu.Merge(1), name="mask_list")
+    first_label = pe.Node(niu.Select(index=0), name="first_label")
+    workflow.connect(
+        [
+            (inputnode, register_maps, [
+                ("fixed_image", "fixed_image"),
+                ("moving_image", "moving_image"),
+                ("moving_maps", "moving_maps"),
+                ("moving_mask", "moving_mask"),
+            ]),
+            (inputnode, mask_list, [("moving_mask", "in1")]),
+            (mask_list, register_maps, [("out", "label_maps")]),
+            (register_maps, first_label, [("registered_labels", "inlist")]),
+            (register_maps, outputnode, [
+                ("registered_maps", "registered_maps"),
+                ("transform", "transform"),
+            ]),
+            (first_label, outputnode, [("out", "registered_mask")]),
+        ]
+    )  # fmt: skip
+    return workflow
