@@ -1,0 +1,138 @@
+"""The group level end to end on the tiny phantom: reference, training, harmonized maps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+from dkiharm_nipype.dki.metrics import ALL_METRICS
+from dkiharm_nipype.metrics import nrmse
+from dkiharm_nipype.registration import register
+
+DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
+
+
+@pytest.fixture(scope="module")
+def group_run(tiny_bids, tmp_path_factory):
+    root = tmp_path_factory.mktemp("group")
+    out, work = root / "out", root / "work"
+    cmd = [*DKIHARM, str(tiny_bids), str(out), "group", "-w", str(work), "--nprocs", "2",
+           "--omp-nthreads", "1", "--epochs", "40", "--samples-per-epoch", "20000",
+           "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "work": work, "bids": tiny_bids, "stdout": proc.stdout, "root": root}
+
+
+def _map(path):
+    return nb.load(path).get_fdata()
+
+
+def test_models_and_plan(group_run):
+    models = group_run["out"] / "models"
+    plan = json.loads((models / "harmonization.json").read_text())
+    assert plan["reference_scanner"] == "D"  # the highest-SNR scanner of the phantom
+    assert plan["registration"] == "dipy-syn"  # auto without FSL
+    assert len(plan["training_subjects"]) == 1 and len(plan["test_subjects"]) == 2
+    for scanner in plan["scanners"]:
+        card = json.loads((models / f"scanner-{scanner}_harmonizer.json").read_text())
+        assert card["scanner"] == scanner
+        assert card["protocol"]["voxel_size_mm"] == [2.0, 2.0, 2.0]
+        assert card["training"]["subjects"]
+        assert (models / f"scanner-{scanner}_harmonizer.safetensors").stat().st_size > 1e5
+        log = (models / f"scanner-{scanner}_training.tsv").read_text().splitlines()
+        assert log[0].split("\t") == ["epoch", "loss", "val_loss", "seconds"]
+        assert len(log) > 5
+
+
+def test_every_scan_has_harmonized_maps(group_run):
+    bids, out = group_run["bids"], group_run["out"]
+    for dwi in sorted(bids.glob("sub-*/ses-*/dwi/*_dwi.nii.gz")):
+        stem = dwi.name.removesuffix("_dwi.nii.gz")
+        folder = out / dwi.relative_to(bids).parent
+        for param in ALL_METRICS:
+            name = f"{stem}_space-dwi_model-dki_param-{param}_desc-harmonized_dwimap"
+            assert (folder / f"{name}.nii.gz").is_file(), name
+            assert json.loads((folder / f"{name}.json").read_text())["Scanner"] == dwi.parts[-3][4:]
+
+
+def test_harmonization_lowers_target_vs_reference_error(group_run):
+    """Test subjects: scanner A's maps move towards the reference scanner D's."""
+    out = group_run["out"]
+    plan = json.loads((out / "models" / "harmonization.json").read_text())
+    before, after = [], []
+    for sub in plan["test_subjects"]:
+        a = out / sub / "ses-A" / "dwi" / f"{sub}_ses-A_run-1_space-dwi"
+        d = out / sub / "ses-D" / "dwi" / f"{sub}_ses-D_run-1_space-dwi"
+        reg = register(f"{a}_model-dki_param-fa_dwimap.nii.gz",
+                       f"{d}_model-dki_param-fa_dwimap.nii.gz", engine="dipy-syn")
+        mask = _map(f"{a}_desc-brain_mask.nii.gz") > 0
+        wm = mask & (_map(f"{a}_model-dki_param-fa_dwimap.nii.gz") > 0.3)
+        for param in ("mk", "ak", "rk", "kfa"):
+            ref = np.asanyarray(reg.apply(f"{d}_model-dki_param-{param}_dwimap.nii.gz").dataobj)
+            raw = _map(f"{a}_model-dki_param-{param}_dwimap.nii.gz")
+            harm = _map(f"{a}_model-dki_param-{param}_desc-harmonized_dwimap.nii.gz")
+            before.append(nrmse(raw, ref, wm))
+            after.append(nrmse(harm, ref, wm))
+    print(f"NRMSE-to-reference in WM, scanner A, test subjects: before {np.mean(before):.3f}, "
+          f"after {np.mean(after):.3f}")
+    assert np.mean(after) < 0.8 * np.mean(before)
+
+
+def test_participant_level_applies_trained_models(group_run, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*DKIHARM, str(group_run["bids"]), str(out), "participant", "--participant-label", "03",
+         "--session-label", "A", "-w", str(group_run["work"]), "--models",
+         str(group_run["out"] / "models")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    harmonized = sorted(out.glob("sub-03/ses-A/dwi/*_desc-harmonized_dwimap.nii.gz"))
+    assert len(harmonized) == 8 * 2  # two runs
+    # identical to the group level's maps of the same scans (same model, same input)
+    ref = group_run["out"] / harmonized[0].relative_to(out)
+    assert np.allclose(_map(harmonized[0]), _map(ref), atol=1e-6)
+
+
+def _fail(cmd, *fragments):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_group_bad_inputs(tiny_bids, tmp_path):
+    out = tmp_path / "out"
+    base = [*DKIHARM, str(tiny_bids), str(out), "group", "-w", str(tmp_path / "w")]
+    _fail([*base, "--reference-scanner", "Z"], "reference scanner 'Z' does not exist")
+    _fail([*base, "--participant-label", "01", "--session-label", "A"],
+          "at least two scanners")
+    _fail([*base, "--train-participants", "sub-09"], "sub-09 is not in the selection")
+    assert not out.exists()
+
+
+def test_model_files_are_checked(group_run, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(group_run["out"] / "models", models)
+    base = [*DKIHARM, str(group_run["bids"]), str(tmp_path / "out"), "participant",
+            "--participant-label", "01", "--session-label", "A", "-w", str(tmp_path / "w"),
+            "--models", str(models)]
+    weights = models / "scanner-A_harmonizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    _fail(base, "scanner-A_harmonizer.safetensors")
+    shutil.copy(models / "scanner-C_harmonizer.safetensors", weights)  # another scanner's
+    _fail(base, "scanner-A_harmonizer")
+    # a model trained for another protocol: scanner C's files named as scanner A's
+    shutil.copy(models / "scanner-C_harmonizer.json", models / "scanner-A_harmonizer.json")
+    _fail(base, "cannot use", "scanner-A_harmonizer.safetensors")
+    (models / "scanner-A_harmonizer.json").unlink()
+    _fail(base, "no model for scanner 'A'")
+    assert not (tmp_path / "out").exists()
