@@ -29,6 +29,9 @@ class ExecConfig:
             args.setdefault("n_procs", self.nprocs)
             if self.mem_gb:
                 args.setdefault("memory_gb", self.mem_gb)
+            # workers must not inherit torch's thread pools from the parent (a forked
+            # child that touches torch after the parent did can deadlock)
+            args.setdefault("mp_context", "forkserver")
         args.setdefault("raise_insufficient", False)
         return args
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -17,29 +17,35 @@ BIDS_VERSION = "1.9.0"
 TRUTH_PIPELINE = "phantom-truth"
 
 
-@contextmanager
-def _fast_gzip():
-    """nibabel gzip level 1: DWIs compress ~4x slower at the default level 6 for ~5 % size."""
-    from nibabel.openers import Opener
+_GZ_CHUNK = 1 << 24
 
-    old = Opener.default_compresslevel
-    Opener.default_compresslevel = 1
-    try:
-        yield
-    finally:
-        Opener.default_compresslevel = old
+
+def _gzip_bytes(path: Path, payload: bytes | memoryview) -> None:
+    """Write ``payload`` as a gzip file: level 1, run-length strategy, no time stamp.
+
+    The DWIs are noisy int16 data where LZ77 string matching finds almost nothing: the
+    run-length strategy is ~2x faster than the default at level 1 and no larger.
+    """
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # wbits 31: gzip, mtime 0
+    view = memoryview(payload).cast("B")
+    with open(path, "wb") as fh:
+        for i in range(0, len(view), _GZ_CHUNK):
+            fh.write(comp.compress(view[i : i + _GZ_CHUNK]))
+        fh.write(comp.flush())
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, dtype=None, xyzt="mm"):
-    """Save a NIfTI-1 (gzip level 1, deterministic header without time stamps)."""
+    """Save a NIfTI-1 (``.nii.gz``: gzip level 1, deterministic header without time stamps)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.asarray(data) if dtype is None else np.asarray(data).astype(dtype)
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units(xyzt, "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    with _fast_gzip():
+    if not str(path).endswith(".gz"):
         nib.save(img, str(path))
+        return path
+    _gzip_bytes(path, img.to_bytes())
     return path
 
 

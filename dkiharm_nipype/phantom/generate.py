@@ -9,7 +9,8 @@ For each subject and scanner (one session = one visit, one rigid head position):
    to the matrix with partial Fourier; the reversed-PE b0 displaced the other way;
 3. one noisy magnitude realisation per run (fresh noise), stored as int16.
 
-Work is split by subject over ``n_jobs`` processes; seeds come from
+Work is split by session (one subject on one scanner) over ``n_jobs`` processes, longest
+first; seeds come from
 ``SeedSequence([seed, subject, scanner, run])`` so outputs do not depend on ``n_jobs``.
 Everything is written into a temporary sibling folder that is renamed at the end.
 """
@@ -26,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from . import bids as bw
-from .anatomy import ROI_INDEX, SubjectAnatomy, evaluate, make_subject
+from .anatomy import (
+    ROI_INDEX,
+    AnatomySample,
+    SubjectAnatomy,
+    evaluate,
+    make_subject,
+    max_displacement,
+)
 from .microstructure import prepare, truth_dki
 from .presets import Preset, get_preset
 from .scanners import (
@@ -61,11 +69,61 @@ def _evaluate(subject: SubjectAnatomy, pts: np.ndarray, **kw):
         return evaluate(subject, pts, **kw)
     parts = [evaluate(subject, pts[i : i + _CHUNK], **kw) for i in range(0, len(pts), _CHUNK)]
     out = parts[0]
-    for name in ("tissues", "weights", "directions", "radial", "texture", "labels"):
+    for name in _FIELDS:
         vals = [getattr(p, name) for p in parts]
         if vals[0] is not None:
             setattr(out, name, np.concatenate(vals))
     return out
+
+
+_FIELDS = ("tissues", "weights", "directions", "radial", "texture", "labels")
+
+
+def _candidates(subject: SubjectAnatomy, pts: np.ndarray, edge_mm: float = 0.6) -> np.ndarray:
+    """Indices of the points that can hold any tissue (conservative, before deformation).
+
+    Outside the head ellipsoid (normalised radius 1.2) and the brainstem/CSF cylinder the
+    soft tissue indicators are below ``sigmoid(-12)`` ~ 6e-6: zero for the signal. The
+    bound adds the largest possible deformation displacement.
+    """
+    radii = np.asarray(subject.radii_mm, np.float32)
+    u = (pts - np.asarray(subject.centre_mm, np.float32)) / radii
+    margin = max_displacement(subject) + 12.0 * edge_mm / float(radii.min())
+    r2 = u[:, 0] ** 2 + u[:, 1] ** 2 + u[:, 2] ** 2
+    near = r2 < (1.20 + margin) ** 2
+    stem = np.hypot(u[:, 0] / 0.26, (u[:, 1] + 0.12) / 0.24) < 1.0 + margin / 0.24
+    near |= stem & (u[:, 2] < 0)
+    return np.flatnonzero(near)
+
+
+def _tissues(subject: SubjectAnatomy, pts: np.ndarray, **kw) -> np.ndarray:
+    """Tissue fractions (N, 5) at every point, evaluated only where tissue can be."""
+    cand = _candidates(subject, pts, kw.get("edge_mm", 0.6))
+    out = np.zeros((len(pts), 5), np.float32)
+    out[cand] = _evaluate(subject, pts[cand], fibres=False, **kw).tissues
+    return out
+
+
+def _sample(
+    subject: SubjectAnatomy,
+    pts: np.ndarray,
+    *,
+    threshold: float,
+    columns: slice,
+    labels: bool = False,
+) -> tuple[np.ndarray, np.ndarray, AnatomySample]:
+    """Tissues (N, 5) everywhere, and the full sample where ``tissues[:, columns]`` sums
+    above ``threshold``: (tissues, indices, sample at those indices); one evaluation."""
+    cand = _candidates(subject, pts)
+    smp = _evaluate(subject, pts[cand], fibres=True, labels=labels)
+    tissues = np.zeros((len(pts), 5), np.float32)
+    tissues[cand] = smp.tissues
+    keep = smp.tissues[:, columns].sum(1) > threshold
+    for name in _FIELDS:
+        val = getattr(smp, name)
+        if val is not None:
+            setattr(smp, name, val[keep])
+    return tissues, cand[keep], smp
 
 
 def _sub(index: int) -> str:
@@ -76,39 +134,58 @@ def _seed(*keys: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
 
 
+def _interp_along(grid: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``grid`` (R, L) at fractional indices ``t`` (R, L) per row."""
+    n = grid.shape[1]
+    t = np.clip(t, 0, n - 1)
+    i0 = np.minimum(t.astype(np.int32), n - 2)
+    w = (t - i0).astype(np.float32)
+    g0 = np.take_along_axis(grid, i0, 1)
+    g1 = np.take_along_axis(grid, i0 + 1, 1)
+    return g0 + w * (g1 - g0)
+
+
 def _distorted_sources(
     world: np.ndarray,
-    to_subject: np.ndarray,
-    subject: SubjectAnatomy,
+    grid_shape: tuple[int, int, int],
+    hz: np.ndarray,
     scanner: Scanner,
     pe_dir: str,
+    step_mm: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Object positions imaged at ``world`` points by an EPI readout along ``pe_dir``.
+    """Object positions imaged at ``world`` grid points by an EPI readout along ``pe_dir``.
 
     A spin at x appears at ``y = x + D(x) e_pe`` with ``D = s * field(x) * TRT * voxel``;
     ``x`` is found by fixed-point iteration and the intensity scales by ``1 / (1 + dD/dpe)``.
-    Returns the source points (world mm), the Jacobian intensity factor and D (mm).
+    ``hz`` is the off-resonance field at the (undistorted) grid points; D and dD/dpe between
+    grid points come from linear interpolation along the phase-encoding lines (the field
+    is smooth on the scale of centimetres). Returns the source points (world mm), the
+    Jacobian intensity factor and D (mm) at the sources.
     """
     proto = scanner.protocol
     axis = pe_axis(pe_dir)
-    scale = pe_sign(pe_dir) * proto.total_readout_time * proto.voxel_mm[axis]
-    radii, centre, peak = subject.radii_mm, subject.centre_mm, scanner.susceptibility_hz
-
-    def disp(pts):
-        return np.float32(scale) * susceptibility_hz(
-            apply_affine(to_subject, pts), radii, centre, peak
-        )
-
-    src = world.copy()
+    scale = np.float32(pe_sign(pe_dir) * proto.total_readout_time * proto.voxel_mm[axis])
+    disp = np.moveaxis((scale * hz).reshape(grid_shape), axis, -1)
+    lines = disp.shape
+    disp = np.ascontiguousarray(disp.reshape(-1, lines[-1]))
+    deriv = np.gradient(disp, step_mm, axis=1).astype(np.float32)
+    y = np.ascontiguousarray(
+        np.moveaxis(world[:, axis].reshape(grid_shape), axis, -1).reshape(disp.shape)
+    )
+    y0 = y[:, :1]
+    src = y.copy()
     for _ in range(4):
-        src[:, axis] = world[:, axis] - disp(src)
-    h = np.float32(0.5)
-    plus, minus = src.copy(), src.copy()
-    plus[:, axis] += h
-    minus[:, axis] -= h
-    deriv = (disp(plus) - disp(minus)) / (2 * h)
-    jac = 1.0 / np.clip(1.0 + deriv, 0.2, 5.0)
-    return src, jac.astype(np.float32), disp(src)
+        src = y - _interp_along(disp, (src - y0) / step_mm)
+    t = (src - y0) / step_mm
+    d_src = _interp_along(disp, t)
+    jac = 1.0 / np.clip(1.0 + _interp_along(deriv, t), 0.2, 5.0)
+
+    def back(a):
+        return np.moveaxis(a.reshape(lines), -1, axis).reshape(-1)
+
+    out = world.copy()
+    out[:, axis] = back(src)
+    return out, back(jac).astype(np.float32), back(d_src)
 
 
 def _acquire(
@@ -121,8 +198,10 @@ def _acquire(
     bias_rng: np.random.Generator,
     *,
     pe_dir: str,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Noise-free magnitude images (X, Y, Z, M) of one acquisition, and the displacement."""
+    hz: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Noise-free magnitude images (X, Y, Z, M) of one acquisition, the displacement and
+    the off-resonance field on the fine grid (reused by the reversed-PE acquisition)."""
     proto, eff = scanner.protocol, scanner.effects
     shape = proto.shape
     f = scanner.gibbs_oversample if eff.gibbs else 1
@@ -131,11 +210,18 @@ def _acquire(
     jac = np.ones(len(world), np.float32)
     disp = None
     if eff.distortion and not proto.distortion_corrected:
-        world, jac, disp = _distorted_sources(world, to_subject, subject, scanner, pe_dir)
+        if hz is None:
+            hz = susceptibility_hz(
+                apply_affine(to_subject, world),
+                subject.radii_mm,
+                subject.centre_mm,
+                scanner.susceptibility_hz,
+            )
+        axis = pe_axis(pe_dir)
+        step = proto.voxel_mm[axis] / (f if axis < 2 else 1)
+        world, jac, disp = _distorted_sources(world, fine_shape, hz, scanner, pe_dir, step)
     pts = apply_affine(to_subject, world)
-    tissues = _evaluate(subject, pts, fibres=False).tissues
-    head = np.flatnonzero(tissues.sum(1) > 1e-3)
-    sample = _evaluate(subject, pts[head], fibres=True)
+    _, head, sample = _sample(subject, pts, threshold=1e-3, columns=slice(None))
     model = prepare(sample, subject, te_ms=proto.te_ms, tr_ms=proto.tr_ms)
     grad = None
     if eff.gradients:
@@ -148,14 +234,21 @@ def _acquire(
     pf = proto.partial_fourier if eff.partial_fourier else 1.0
     out = np.empty((*shape, len(bvals)), np.float32)
     fine = np.zeros(int(np.prod(fine_shape)), np.float32)
+    cache: dict[tuple, np.ndarray] = {}
     for j, (b, g) in enumerate(zip(bvals, bvecs, strict=True)):
+        key = (float(b), *np.round(g, 8))
+        if key in cache:  # repeated b0s are identical before noise
+            out[..., j] = cache[key]
+            continue
         fine[head] = model.volume(float(b), g, grad) * amp
         out[..., j] = kspace_sample(
             fine.reshape(fine_shape), oversample=f, partial_fourier=pf, pe_axis=pe_axis(pe_dir)
         )
+        if b == 0:
+            cache[key] = out[..., j]
     if disp is not None:
         disp = disp.reshape(fine_shape)[::f, ::f, :]
-    return out, disp
+    return out, disp, hz
 
 
 def _session(
@@ -181,9 +274,9 @@ def _session(
     # 1. truth on the native grid
     world = grid_points(shape, affine)
     pts = apply_affine(to_subject, world)
-    tissues = _evaluate(subject, pts, fibres=False).tissues
-    brain = np.flatnonzero(tissues[:, :4].sum(1) > 1e-2)
-    sample = _evaluate(subject, pts[brain], fibres=True, labels=True)
+    tissues, brain, sample = _sample(
+        subject, pts, threshold=1e-2, columns=slice(0, 4), labels=True
+    )
     model = prepare(sample, subject, te_ms=proto.te_ms, tr_ms=proto.tr_ms)
     truth = truth_dki(model, metrics=TRUTH_PARAMS)
     labels = np.zeros(len(pts), np.int16)
@@ -192,7 +285,7 @@ def _session(
     # 2. acquisition (noise-free)
     bvals, bvecs = scan_table(proto, seed=1000 * ki + 17 + sum(map(ord, ses)))
     bias_seed = (seed, si, ki, 1)
-    data, disp = _acquire(
+    data, disp, hz = _acquire(
         subject,
         scanner,
         to_subject,
@@ -206,7 +299,7 @@ def _session(
     if proto.n_rev_b0 > 0:
         b0 = np.zeros(proto.n_rev_b0)
         g0 = np.zeros((proto.n_rev_b0, 3))
-        rev, _ = _acquire(
+        rev, _, _ = _acquire(
             subject,
             scanner,
             to_subject,
@@ -215,6 +308,7 @@ def _session(
             g0,
             _seed(*bias_seed),
             pe_dir=reverse_pe(proto.pe_dir),
+            hz=hz,
         )
 
     # noise level from the b0 SNR in the genu of the corpus callosum
@@ -372,25 +466,48 @@ def _sidecar(scanner: Scanner) -> dict:
     return meta
 
 
+def _make_subject(preset: Preset, seed: int, si: int) -> SubjectAnatomy:
+    return make_subject(_seed(seed, si, 999), preset.brain_radii_mm, preset.brain_centre_mm)
+
+
 def _subject_worker(args) -> dict:
+    """Subject-space (= T1w space) tissues and ROIs on the DWI-resolution grid, T1w image."""
     root, truth_root, preset, seed, si = args
-    rng = _seed(seed, si, 999)
-    subject = make_subject(rng, preset.brain_radii_mm, preset.brain_centre_mm)
+    subject = _make_subject(preset, seed, si)
     sub = _sub(si)
-    # subject space (= T1w space): tissues and ROIs on the DWI-resolution grid, T1w image
     aff = grid_affine(preset.subject_shape, preset.subject_voxel_mm)
     pts = grid_points(preset.subject_shape, aff)
-    tissues = _evaluate(subject, pts, fibres=False).tissues
+    tissues = _tissues(subject, pts)
     brain = np.flatnonzero(tissues[:, :4].sum(1) > 1e-2)
     labels = np.zeros(len(pts), np.int16)
     labels[brain] = _evaluate(subject, pts[brain], fibres=False, labels=True).labels
     prefix = truth_root / f"sub-{sub}" / "anat" / f"sub-{sub}_space-T1w"
     _write_tissues(prefix, tissues, labels, preset.subject_shape, aff)
     _write_t1w(root, preset, subject, si, seed)
-    sessions = []
-    for ki, scanner in enumerate(preset.scanners):
-        sessions.append(_session(root, truth_root, preset, subject, si, ki, scanner, seed))
     return {"participant_id": f"sub-{sub}", "age": subject.age, "sex": subject.sex}
+
+
+def _session_worker(args) -> dict:
+    root, truth_root, preset, seed, si, ki = args
+    subject = _make_subject(preset, seed, si)
+    return _session(root, truth_root, preset, subject, si, ki, preset.scanners[ki], seed)
+
+
+def _job(args) -> tuple[str, dict]:
+    kind, rest = args[0], args[1:]
+    if kind == "subject":
+        return kind, _subject_worker(rest)
+    return kind, _session_worker(rest)
+
+
+def _cost(preset: Preset, ki: int) -> float:
+    """Relative cost of a session (for longest-first scheduling)."""
+    sc = preset.scanners[ki]
+    p = sc.protocol
+    f = sc.gibbs_oversample if sc.effects.gibbs else 1
+    return float(np.prod(p.shape)) * (
+        f * f * (p.n_volumes + p.n_rev_b0) + 2 * p.repeats * p.n_volumes + 200
+    )
 
 
 def _write_t1w(root: Path, preset: Preset, subject: SubjectAnatomy, si: int, seed: int) -> None:
@@ -400,7 +517,7 @@ def _write_t1w(root: Path, preset: Preset, subject: SubjectAnatomy, si: int, see
     vox = (preset.t1w_voxel_mm,) * 3
     aff = grid_affine(shape, vox)
     pts = grid_points(shape, aff)
-    tis = _evaluate(subject, pts, fibres=False, edge_mm=0.4).tissues
+    tis = _tissues(subject, pts, edge_mm=0.4)
     contrast = np.array([1.0, 0.62, 0.72, 0.12, 0.85], np.float32)
     img = (tis @ contrast) * 1000.0
     rng = _seed(seed, si, 998)
@@ -498,15 +615,24 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         truth_root = tmp / "derivatives" / bw.TRUTH_PIPELINE
-        jobs = [(tmp, truth_root, cfg, seed, si) for si in range(cfg.n_subjects)]
-        n_jobs = max(1, min(cfg.n_jobs, cfg.n_subjects, os.cpu_count() or 1))
+        jobs = [
+            ("session", tmp, truth_root, cfg, seed, si, ki)
+            for si in range(cfg.n_subjects)
+            for ki in range(len(cfg.scanners))
+        ]
+        jobs.sort(key=lambda j: -_cost(cfg, j[-1]))  # longest first: balanced workers
+        jobs += [("subject", tmp, truth_root, cfg, seed, si) for si in range(cfg.n_subjects)]
+        n_jobs = max(1, min(cfg.n_jobs, len(jobs), os.cpu_count() or 1))
         if n_jobs == 1:
-            participants = [_subject_worker(j) for j in jobs]
+            results = [_job(j) for j in jobs]
         else:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
-                participants = list(ex.map(_subject_worker, jobs))
+                results = list(ex.map(_job, jobs))
+        participants = sorted(
+            (r for kind, r in results if kind == "subject"), key=lambda r: r["participant_id"]
+        )
         bw.write_dataset_files(tmp, cfg, seed, participants)
         bw.write_truth_dataset_files(truth_root, cfg, seed)
         if out.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -26,7 +27,12 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
     ``output_dir`` once the run has succeeded. ``workflow`` is ``None`` when there is
     nothing to run.
     """
-    staging = config.work_dir / "derivatives_staging"
+    # one staging folder per selection, so that a run publishes only its own outputs even
+    # when several runs (participant and group levels, other subjects) share the work dir
+    selection = "\n".join([config.analysis_level, str(config.models_dir or ""),
+                           *sorted(s.key for s in scans)])
+    digest = hashlib.sha1(selection.encode()).hexdigest()[:12]
+    staging = config.work_dir / "derivatives_staging" / f"{config.analysis_level}-{digest}"
     if config.analysis_level == "participant":
         workflow = init_participant_wf(scans=scans, staging_dir=staging, config=config)
     else:
