@@ -14,7 +14,12 @@ Rates are brain voxels per second including the eight maps (MD, AD, RD, FA, MK, 
 KFA) unless noted. NRMSE = RMSE / mean(truth) over white matter. Implausible: MK < 0 or
 MK > 3 over the brain.
 
-Run: ``.venv/bin/python benchmarks/dki_fit.py [--quick]``.
+By default the scan is the phantom's reference-scanner scan of ``paper-dataset1`` (subject
+1, Prisma-like, 110x110x70, 6 b0 + 30 directions at b = 1000/2000/3000, generated on the
+fly or read with ``--phantom ROOT``), scored against the phantom's truth maps in white
+matter; ``--synthetic`` uses the synthetic scan above instead.
+
+Run: ``.venv/bin/python benchmarks/dki_fit.py [--phantom ROOT | --synthetic | --quick]``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,35 @@ def synthesize(shape=(64, 64, 40), snr=25.0, seed=0):
         for z in rng.choice(shape[2], size=4, replace=False):
             signal[:, :, z, vol] *= 0.3
     return signal.astype(np.float32), bvals, bvecs, brain, wm, dt, kt
+
+
+def load_phantom(root=None, seed=0):
+    """Subject 1's reference-scanner scan (Prisma-like, 110x110x70x96) of paper-dataset1.
+
+    Returns the same tuple as :func:`synthesize` but with truth maps instead of tensors.
+    """
+    from dkiharm_nipype.phantom import generate
+
+    if root is None:
+        root = Path(tempfile.mkdtemp()) / "paper-dataset1"
+        print("generating paper-dataset1, subject 1, scanner D ...", flush=True)
+        generate(root, preset="paper-dataset1", seed=seed, subjects=1, scanners=["D"])
+    root = Path(root)
+    dwi = sorted(root.glob("sub-*/ses-D/dwi/*_run-1_dwi.nii.gz"))[0]
+    stem = dwi.name.removesuffix("_dwi.nii.gz")
+    truth_dir = root / "derivatives" / "phantom-truth" / dwi.relative_to(root).parent
+    signal = nb.load(dwi).get_fdata(dtype=np.float32)
+    bvals = np.loadtxt(str(dwi).replace(".nii.gz", ".bval"))
+    bvecs = np.loadtxt(str(dwi).replace(".nii.gz", ".bvec")).T
+    brain = nb.load(truth_dir / f"{stem}_space-dwi_desc-brain_mask.nii.gz").get_fdata() > 0
+    wm = nb.load(truth_dir / f"{stem}_space-dwi_label-WM_probseg.nii.gz").get_fdata() > 0.9
+    truth = {
+        k: nb.load(
+            truth_dir / f"{stem}_space-dwi_model-dki_param-{k}_desc-truth_dwimap.nii.gz"
+        ).get_fdata()
+        for k in ALL_METRICS
+    }
+    return signal, bvals, bvecs, brain, wm, truth
 
 
 def score(maps, truth, brain, wm, select=None):
@@ -142,18 +176,28 @@ def run_mrtrix(signal, bvals, bvecs, brain, threads):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32x32x20 scan, fewer voxels")
+    parser.add_argument("--quick", action="store_true", help="32x32x20 synthetic scan")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="64x64x40 synthetic scan with slice dropouts instead of the phantom",
+    )
+    parser.add_argument("--phantom", type=Path, help="an existing paper-dataset1 phantom root")
     parser.add_argument("--rwls-voxels", type=int, default=3000, help="dipy RWLS subset size")
     parser.add_argument(
         "--threads", type=int, default=1, help="threads for dkiharm and MRtrix (dipy: 1)"
     )
     args = parser.parse_args(argv)
-    shape = (32, 32, 20) if args.quick else (64, 64, 40)
-    signal, bvals, bvecs, brain, wm, dt, kt = synthesize(shape)
-    truth = {k: np.zeros(shape) for k in ALL_METRICS}
-    values = dki_metrics(dt[brain], kt[brain])
-    for k in ALL_METRICS:
-        truth[k][brain] = values[k]
+    if args.quick or args.synthetic:
+        shape = (32, 32, 20) if args.quick else (64, 64, 40)
+        signal, bvals, bvecs, brain, wm, dt, kt = synthesize(shape)
+        truth = {k: np.zeros(shape) for k in ALL_METRICS}
+        values = dki_metrics(dt[brain], kt[brain])
+        for k in ALL_METRICS:
+            truth[k][brain] = values[k]
+    else:
+        signal, bvals, bvecs, brain, wm, truth = load_phantom(args.phantom)
+        shape = brain.shape
     n = int(brain.sum())
     print(f"scan {shape + (bvals.size,)}, {n} brain voxels, {int(wm.sum())} WM voxels")
     print(f"threads: {args.threads}; load average before: {os.getloadavg()}")
