@@ -1,0 +1,204 @@
+"""Benchmark of the whole harmonization on the phantom's ``paper-dataset1``.
+
+Generates the traveling-subject phantom (4 scanners as in the paper's Table 1, 5 subjects),
+runs ``dkiharm ... group`` (2 training subjects, 3 test subjects, as in the paper), then, for
+the test subjects, in the reference scanner's space (every scanner's first run registered
+to it with dipy SyN on FA, within subject):
+
+* WM inter-scanner CV of MK/AK/RK/KFA before (IRLLS fits) and after (harmonized maps);
+* NRMSE-to-reference of each target scanner before and after (reference: the reference
+  scanner's IRLLS maps, the training labels' source);
+* error to the phantom's truth (the reference scan's true maps) before and after;
+* training time per scanner, inference time per scan, peak memory of the run.
+
+White matter: the phantom's true WM (probability > 0.9) in the reference scan's space.
+
+Run: ``.venv/bin/python benchmarks/harmonize.py [--slices N] [--epochs E] [--keep DIR]``.
+``--slices`` cuts the volume to a central slab (the full 70 slices by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from dkiharm_nipype.metrics import mean_cv, nrmse
+from dkiharm_nipype.registration import register
+
+KURTOSIS = ("mk", "ak", "rk", "kfa")
+PAPER_CV = {"mk": (13.6, 6.6), "ak": (17.3, 5.9), "rk": (24.4, 11.3), "kfa": (16.7, 9.4)}
+
+
+def _load(path) -> np.ndarray:
+    return np.asanyarray(nb.load(str(path)).dataobj, dtype=np.float64)
+
+
+def _scan_prefix(root: Path, sub: str, scanner: str) -> Path:
+    return root / sub / f"ses-{scanner}" / "dwi" / f"{sub}_ses-{scanner}_run-1_space-dwi"
+
+
+def evaluate(bids: Path, out: Path) -> dict:
+    plan = json.loads((out / "models" / "harmonization.json").read_text())
+    ref = plan["reference_scanner"]
+    targets = [s for s in plan["scanners"] if s != ref]
+    cv = {k: {"before": [], "after": []} for k in KURTOSIS}
+    to_ref = {t: {k: {"before": [], "after": []} for k in KURTOSIS} for t in targets}
+    to_truth = {t: {k: {"before": [], "after": []} for k in KURTOSIS} for t in plan["scanners"]}
+    for sub in plan["test_subjects"]:
+        ref_prefix = _scan_prefix(out, sub, ref)
+        truth_prefix = _scan_prefix(bids / "derivatives" / "phantom-truth", sub, ref)
+        wm = _load(f"{truth_prefix}_label-WM_probseg.nii.gz") > 0.9
+        stacks = {k: {"before": [], "after": []} for k in KURTOSIS}
+        for scanner in plan["scanners"]:
+            prefix = _scan_prefix(out, sub, scanner)
+            if scanner == ref:
+                warp = None
+            else:
+                warp = register(
+                    f"{ref_prefix}_model-dki_param-fa_dwimap.nii.gz",
+                    f"{prefix}_model-dki_param-fa_dwimap.nii.gz",
+                    engine="dipy-syn",
+                )
+            for k in KURTOSIS:
+                for when, suffix in (("before", "_dwimap"), ("after", "_desc-harmonized_dwimap")):
+                    path = f"{prefix}_model-dki_param-{k}{suffix}.nii.gz"
+                    data = (
+                        _load(path)
+                        if warp is None
+                        else np.asanyarray(warp.apply(path).dataobj, dtype=np.float64)
+                    )
+                    stacks[k][when].append(data)
+                    truth = _load(f"{truth_prefix}_model-dki_param-{k}_desc-truth_dwimap.nii.gz")
+                    to_truth[scanner][k][when].append(nrmse(data, truth, wm))
+                    if scanner != ref:
+                        label = _load(f"{ref_prefix}_model-dki_param-{k}_dwimap.nii.gz")
+                        to_ref[scanner][k][when].append(nrmse(data, label, wm))
+        for k in KURTOSIS:
+            for when in ("before", "after"):
+                cv[k][when].append(100 * mean_cv(np.stack(stacks[k][when]), wm))
+    return {"plan": plan, "cv": cv, "to_ref": to_ref, "to_truth": to_truth}
+
+
+def timings(out: Path, work: Path) -> dict:
+    train = {}
+    for log in sorted((out / "models").glob("scanner-*_training.tsv")):
+        with open(log) as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        train[log.name.split("_")[0][8:]] = (sum(float(r["seconds"]) for r in rows), len(rows))
+    infer = []
+    for report in work.glob("dkiharm_wf/harmonize_*_wf/apply/_report/report.rst"):
+        text = report.read_text()
+        for line in text.splitlines():
+            if line.strip().startswith("* duration :"):
+                infer.append(float(line.split(":")[1]))
+    return {"train": train, "infer": infer}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=None, help="central slab thickness")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--samples-per-epoch", type=int, default=100_000)
+    parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="dkiharm-bench-"))
+    bids, out, work = root / "bids", root / "out", root / "work"
+
+    started = time.time()
+    if not (bids / "dataset_description.json").exists():
+        from dkiharm_nipype.phantom import generate
+
+        overrides = {"slices": args.slices} if args.slices else {}
+        print(f"generating paper-dataset1 {overrides} into {bids} ...", flush=True)
+        generate(bids, preset="paper-dataset1", seed=args.seed, overwrite=True, **overrides)
+    t_gen = time.time() - started
+
+    started = time.time()
+    cmd = [
+        sys.executable,
+        "-m",
+        "dkiharm_nipype.cli.run",
+        str(bids),
+        str(out),
+        "group",
+        "-w",
+        str(work),
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+        "--seed",
+        str(args.seed),
+        "--epochs",
+        str(args.epochs),
+        "--samples-per-epoch",
+        str(args.samples_per_epoch),
+    ]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    t_group = time.time() - started
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+
+    res = evaluate(bids, out)
+    times = timings(out, work)
+    plan = res["plan"]
+    print(
+        f"\nphantom generation {t_gen:.0f} s; group level {t_group:.0f} s; peak RSS of one "
+        f"process {peak_gb:.2f} GB; reference {plan['reference_scanner']}; training "
+        f"{', '.join(plan['training_subjects'])}; testing {', '.join(plan['test_subjects'])}"
+    )
+    print("\nWM inter-scanner CV (%), mean over test subjects")
+    print("| map | before | after | reduction | paper before -> after (reduction) |")
+    print("|---|---:|---:|---:|---|")
+    for k in KURTOSIS:
+        b, a = np.mean(res["cv"][k]["before"]), np.mean(res["cv"][k]["after"])
+        pb, pa = PAPER_CV[k]
+        print(
+            f"| {k.upper()} | {b:.1f} | {a:.1f} | {100 * (1 - a / b):.1f} % | "
+            f"{pb} -> {pa} ({100 * (1 - pa / pb):.1f} %) |"
+        )
+    print("\nNRMSE-to-reference in WM, mean over test subjects (before -> after)")
+    print("| scanner | " + " | ".join(k.upper() for k in KURTOSIS) + " |")
+    print("|---|" + "---|" * len(KURTOSIS))
+    for scanner, vals in res["to_ref"].items():
+        cells = []
+        for k in KURTOSIS:
+            b, a = np.mean(vals[k]["before"]), np.mean(vals[k]["after"])
+            cells.append(f"{b:.3f} -> {a:.3f} ({100 * (1 - a / b):.0f} % lower)")
+        print(f"| {scanner} | " + " | ".join(cells) + " |")
+    print("\nNRMSE to the phantom truth (reference scan's true maps) in WM (before -> after)")
+    print("| scanner | " + " | ".join(k.upper() for k in KURTOSIS) + " |")
+    print("|---|" + "---|" * len(KURTOSIS))
+    for scanner, vals in res["to_truth"].items():
+        cells = [
+            f"{np.mean(vals[k]['before']):.3f} -> {np.mean(vals[k]['after']):.3f}"
+            for k in KURTOSIS
+        ]
+        print(f"| {scanner} | " + " | ".join(cells) + " |")
+    print(
+        "\ntraining time per scanner: "
+        + ", ".join(f"{s}: {sec:.0f} s ({n} epochs)" for s, (sec, n) in times["train"].items())
+    )
+    if times["infer"]:
+        print(
+            f"inference per scan: median {np.median(times['infer']):.1f} s "
+            f"(max {max(times['infer']):.1f} s, {len(times['infer'])} scans)"
+        )
+    (root / "results.json").write_text(
+        json.dumps({**res, "times": times}, indent=2, default=float)
+    )
+
+
+if __name__ == "__main__":
+    main()
