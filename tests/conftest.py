@@ -19,3 +19,34 @@ def tiny_bids(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom") / "tiny"
     generate(out, preset="tiny", seed=0)
     return out
+
+
+def install_fake_fsl(root: Path, monkeypatch, scripts: dict[str, str]) -> Path:
+    """An ``$FSLDIR`` at ``root`` whose ``bin`` holds stand-in Python scripts for FSL tools.
+
+    ``scripts`` maps a tool name to the body of its script (a Python program receiving the
+    tool's arguments in ``sys.argv``). ``FSLDIR``, ``FSLOUTPUTTYPE`` and ``PATH`` are set.
+    """
+    import stat
+    import sys
+
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    for tool, body in scripts.items():
+        script = root / "bin" / tool
+        script.write_text(f"#!{sys.executable}\n{body}")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("FSLDIR", str(root))
+    monkeypatch.setenv("FSLOUTPUTTYPE", "NIFTI_GZ")
+    monkeypatch.setenv("PATH", f"{root / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return root
+
+
+def hide_tools(monkeypatch, tools) -> None:
+    """Hide an FSL installation: unset ``$FSLDIR`` and drop folders holding ``tools``."""
+    monkeypatch.delenv("FSLDIR", raising=False)
+    keep = [
+        folder
+        for folder in os.environ["PATH"].split(os.pathsep)
+        if not any((Path(folder) / tool).exists() for tool in tools)
+    ]
+    monkeypatch.setenv("PATH", os.pathsep.join(keep))

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
-import sys
 import textwrap
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import pytest
+from conftest import hide_tools, install_fake_fsl
 
 from dkiharm_nipype.errors import DkiharmInputError
 from dkiharm_nipype.interfaces.preproc import TopupEddyFiles
@@ -195,31 +193,18 @@ FAKE_EDDY = """
 def fake_fsl(tmp_path, monkeypatch) -> Path:
     """An ``$FSLDIR`` whose ``topup``/``eddy`` check their inputs and write dummy outputs."""
     fsldir = tmp_path / "fsl"
-    (fsldir / "bin").mkdir(parents=True)
-    header = f"#!{sys.executable}\nimport sys\nfrom pathlib import Path\n"
-    header += "import nibabel as nb\nimport numpy as np\n"
+    header = "import sys\nfrom pathlib import Path\nimport nibabel as nb\nimport numpy as np\n"
+    scripts = {}
     for tool, body in (("topup", FAKE_TOPUP), ("eddy", FAKE_EDDY)):
-        script = fsldir / "bin" / tool
         log = f"Path({str(fsldir / (tool + '.log'))!r}).write_text(' '.join(sys.argv))\n"
-        script.write_text(header + log + textwrap.dedent(body))
-        script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("FSLDIR", str(fsldir))
-    monkeypatch.setenv("FSLOUTPUTTYPE", "NIFTI_GZ")
-    monkeypatch.setenv("PATH", f"{fsldir / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    return fsldir
+        scripts[tool] = header + log + textwrap.dedent(body)
+    return install_fake_fsl(fsldir, monkeypatch, scripts)
 
 
 @pytest.fixture
 def no_fsl(monkeypatch) -> None:
     """Hide any FSL installation: unset ``$FSLDIR``, drop its tools' folders from ``PATH``."""
-    monkeypatch.delenv("FSLDIR", raising=False)
-    tools = ("topup", *env.EDDY_COMMANDS)
-    keep = [
-        folder
-        for folder in os.environ["PATH"].split(os.pathsep)
-        if not any((Path(folder) / tool).exists() for tool in tools)
-    ]
-    monkeypatch.setenv("PATH", os.pathsep.join(keep))
+    hide_tools(monkeypatch, ("topup", *env.EDDY_COMMANDS))
 
 
 # ------------------------------------------------------------------ plain functions

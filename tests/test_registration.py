@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-import sys
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 import pytest
+from conftest import hide_tools, install_fake_fsl
 from scipy import ndimage
 
 from dkiharm_nipype import registration as reg
@@ -313,27 +311,13 @@ def test_workflow_none_runs(tiny_bids, tmp_path):
 @pytest.fixture
 def fake_fsl(tmp_path, monkeypatch) -> Path:
     """An ``$FSLDIR`` with stand-in ``flirt``/``fnirt``/``applywarp`` so graphs build."""
-    fsldir = tmp_path / "fsl"
-    (fsldir / "bin").mkdir(parents=True)
-    for tool in reg.FNIRT_COMMANDS:
-        script = fsldir / "bin" / tool
-        script.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(1)\n")
-        script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("FSLDIR", str(fsldir))
-    monkeypatch.setenv("FSLOUTPUTTYPE", "NIFTI_GZ")
-    monkeypatch.setenv("PATH", f"{fsldir / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    return fsldir
+    scripts = dict.fromkeys(reg.FNIRT_COMMANDS, "import sys\nsys.exit(1)\n")
+    return install_fake_fsl(tmp_path / "fsl", monkeypatch, scripts)
 
 
 @pytest.fixture
 def no_fsl(monkeypatch) -> None:
-    monkeypatch.delenv("FSLDIR", raising=False)
-    keep = [
-        folder
-        for folder in os.environ["PATH"].split(os.pathsep)
-        if not any((Path(folder) / tool).exists() for tool in reg.FNIRT_COMMANDS)
-    ]
-    monkeypatch.setenv("PATH", os.pathsep.join(keep))
+    hide_tools(monkeypatch, reg.FNIRT_COMMANDS)
 
 
 def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):

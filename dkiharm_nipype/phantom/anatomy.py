@@ -144,6 +144,7 @@ class AnatomySample:
     directions: np.ndarray | None = None  # (N, 4, 3) unit fibre directions (subject mm frame)
     radial: np.ndarray | None = None  # (N, 3) unit direction towards the cortex
     texture: np.ndarray | None = None  # (N,) smooth relative variation of tissue parameters
+    texture2: np.ndarray | None = None  # (N,) a second, independent smooth field (dispersion)
     labels: np.ndarray | None = None  # (N,) ROI index (0 = none)
 
 
@@ -322,6 +323,8 @@ def evaluate(
         arg = ut @ np.ascontiguousarray(tw[:, :3].T) + tw[:, 3]
         tex = np.sin(arg) @ np.ascontiguousarray(tw[:, 4])
         sample.texture = (tex / np.sqrt(len(tw))).astype(np.float32)
+        tex2 = np.cos(arg) @ np.ascontiguousarray(tw[:, 4])
+        sample.texture2 = (tex2 / np.sqrt(len(tw))).astype(np.float32)
 
     if labels:
         lab = np.zeros(x.shape, dtype=np.int16)

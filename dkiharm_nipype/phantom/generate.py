@@ -76,7 +76,7 @@ def _evaluate(subject: SubjectAnatomy, pts: np.ndarray, **kw):
     return out
 
 
-_FIELDS = ("tissues", "weights", "directions", "radial", "texture", "labels")
+_FIELDS = ("tissues", "weights", "directions", "radial", "texture", "texture2", "labels")
 
 
 def _candidates(subject: SubjectAnatomy, pts: np.ndarray, edge_mm: float = 0.6) -> np.ndarray:

@@ -64,7 +64,14 @@ TISSUE_PARAMS: dict[str, dict[str, float]] = {
         de_par=1.0e-3,
         de_perp=0.8e-3,
         kappa=1.3,
+        mu=0.8,
+        mu_spread=0.12,
     ),
+    # per-bundle overrides of "wm": intra-axonal fraction and orientation coherence
+    # ``mu = <(n . e)^2>`` (1: parallel axons, 1/3: isotropic) with its spatial spread
+    "wm_cc": dict(f_intra=0.56, mu=0.88, mu_spread=0.08),
+    "wm_proj": dict(f_intra=0.50, mu=0.82, mu_spread=0.1),
+    "wm_assoc": dict(f_intra=0.46, mu=0.78, mu_spread=0.1),
     "gm": dict(
         pd=0.80,
         f_free=0.03,
@@ -228,6 +235,8 @@ def prepare(
     a_scalp = tis[:, 4] * sc["pd"] * _relax(te_ms, tr_ms, sc["t2"], sc["t1"])
     groups: list[_Group] = []
 
+    tex2 = sample.texture2 if sample.texture2 is not None else np.zeros(n_vox, np.float32)
+
     def add(frac, dirs, par, tissue):
         sel = np.flatnonzero(frac > min_fraction)
         if sel.size == 0:
@@ -241,27 +250,36 @@ def prepare(
         dax = sp.get("d_axial", 1.0) * (1 + 0.02 * tex[sel])
         dex = sp.get("d_extra", 1.0) * (1 - 0.03 * tex[sel])
         ones = np.ones(sel.size, np.float32)
+        d_a, d_ar = par["d_a"] * dax, par["d_ar"] * ones
+        de_par, de_perp = par["de_par"] * dex, par["de_perp"] * dex
+        if "mu" in par:
+            # Orientation dispersion: an axially symmetric fibre-orientation distribution
+            # with <(n . e)^2> = mu averages each compartment's tensor to
+            # D_par' = mu D_par + (1 - mu) D_perp, D_perp' = ((1 - mu) D_par + (1 + mu) D_perp) / 2
+            mu = np.clip(par["mu"] + par["mu_spread"] * 2.0 * tex2[sel], 0.4, 0.98)
+            d_a, d_ar = mu * d_a + (1 - mu) * d_ar, ((1 - mu) * d_a + (1 + mu) * d_ar) / 2
+            de_par, de_perp = (
+                mu * de_par + (1 - mu) * de_perp,
+                ((1 - mu) * de_par + (1 + mu) * de_perp) / 2,
+            )
         groups.append(
             _Group(
                 idx=sel,
                 n=np.ascontiguousarray(dirs[sel].T, dtype=np.float32),
                 a_intra=(amp * f_in * r_in).astype(np.float32),
                 a_extra=(amp * (1 - f_in) * r_ex).astype(np.float32),
-                d_a=(par["d_a"] * dax).astype(np.float32),
-                d_ar=(par["d_ar"] * ones).astype(np.float32),
-                de_par=(par["de_par"] * dex).astype(np.float32),
-                de_perp=(par["de_perp"] * dex).astype(np.float32),
+                d_a=np.asarray(d_a, np.float32),
+                d_ar=np.asarray(d_ar, np.float32),
+                de_par=np.asarray(de_par, np.float32),
+                de_perp=np.asarray(de_perp, np.float32),
                 kappa=(par["kappa"] * sp.get("heterogeneity", 1.0) * ones).astype(np.float32),
             )
         )
         return f_free
 
-    wm_par = p["wm"]
-    bg_par = {**p["wm"], **p["wm_bg"]}
     w = sample.weights
-    for k in range(3):
-        add(tis[:, 0] * w[:, k], sample.directions[:, k], wm_par, "wm")
-    add(tis[:, 0] * w[:, 3], sample.directions[:, 3], bg_par, "wm")
+    for k, pop in enumerate(("wm_cc", "wm_proj", "wm_assoc", "wm_bg")):
+        add(tis[:, 0] * w[:, k], sample.directions[:, k], {**p["wm"], **p[pop]}, "wm")
     add(tis[:, 1], sample.radial, p["gm"], "gm")
     add(tis[:, 2], sample.directions[:, 1], p["sgm"], "sgm")
     for tissue, col in (("wm", 0), ("gm", 1), ("sgm", 2)):
