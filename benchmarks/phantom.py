@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -31,10 +32,15 @@ print(time.perf_counter() - t)
 """
 
 
-def run(preset: str, overrides: dict) -> tuple[float, float, float]:
-    """(wall seconds, generate() seconds, peak RSS MiB) of one preset in a child process."""
+def run(preset: str, overrides: dict) -> tuple[float, float, float, float, float]:
+    """(wall s, generate() s, CPU s, peak RSS MiB, size MiB) of one preset in a child process.
+
+    CPU time is user + system of the child and its worker processes: on a shared machine
+    it is the more reliable number (wall time grows with the other jobs' load).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / preset
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         res = subprocess.run(
             [sys.executable, "-c", _CHILD, str(out), preset, json.dumps(overrides)],
@@ -44,8 +50,10 @@ def run(preset: str, overrides: dict) -> tuple[float, float, float]:
         )
         wall = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return wall, float(res.stdout.strip().splitlines()[-1]), peak, size
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    peak = after.ru_maxrss / 1024
+    return wall, float(res.stdout.strip().splitlines()[-1]), cpu, peak, size
 
 
 def main(argv=None) -> int:
@@ -54,12 +62,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=list(PRESET_NAMES))
     parser.add_argument("--subjects", type=int)
+    parser.add_argument("--n-jobs", type=int)
     args = parser.parse_args(argv)
     overrides = {"subjects": args.subjects} if args.subjects else {}
-    print(f"{'preset':16s} {'wall s':>8s} {'generate s':>11s} {'peak MiB':>9s} {'size MiB':>9s}")
+    if args.n_jobs:
+        overrides["n_jobs"] = args.n_jobs
+    print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print(
+        f"{'preset':16s} {'wall s':>8s} {'generate s':>11s} {'CPU s':>8s} {'peak MiB':>9s} "
+        f"{'size MiB':>9s}"
+    )
     for preset in args.presets:
-        wall, gen, peak, size = run(preset, overrides)
-        print(f"{preset:16s} {wall:8.1f} {gen:11.1f} {peak:9.0f} {size:9.0f}", flush=True)
+        wall, gen, cpu, peak, size = run(preset, overrides)
+        print(
+            f"{preset:16s} {wall:8.1f} {gen:11.1f} {cpu:8.1f} {peak:9.0f} {size:9.0f}",
+            flush=True,
+        )
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -268,6 +268,23 @@ def evaluate(
     if not (fibres or labels):
         return sample
 
+    n_all = len(x)
+    if fibres:
+        # radial direction and parameter textures everywhere (GM and all tissues use them)
+        inv_all = _inv3(jac)
+        radial_u = ut / np.maximum(rho, 1e-3)[:, None]
+        r_mm = (inv_all * radial_u[:, None, :]).sum(-1) * radii
+        sample.radial = _unit(r_mm).astype(np.float32)
+        tw = subject.texture.astype(np.float32)
+        arg = ut @ np.ascontiguousarray(tw[:, :3].T) + tw[:, 3]
+        tex = np.sin(arg) @ np.ascontiguousarray(tw[:, 4])
+        sample.texture = (tex / np.sqrt(len(tw))).astype(np.float32)
+        tex2 = np.cos(arg) @ np.ascontiguousarray(tw[:, 4])
+        sample.texture2 = (tex2 / np.sqrt(len(tw))).astype(np.float32)
+    # The fibre systems only matter in WM and deep GM: evaluate them there only.
+    sel = np.flatnonzero(wm + sgm > 1e-5)
+    x, y, z, ax, ut, rho, wm = x[sel], y[sel], z[sel], ax[sel], ut[sel], rho[sel], wm[sel]
+
     # --- fibre systems in template coordinates (tangents in u-space) ---
     sgn = np.where(x >= 0, 1.0, -1.0).astype(np.float32)
     one = np.ones_like(x)
@@ -307,27 +324,24 @@ def evaluate(
 
     if fibres:
         radial = ut / np.maximum(rho, 1e-3)[:, None]
-        tangents = np.stack([t_cc, t_proj, t_assoc, radial], axis=1)  # (N, 4, 3) u-space
+        tangents = np.stack([t_cc, t_proj, t_assoc, radial], axis=1)  # (n, 4, 3) u-space
         # u-space tangent -> subject mm: x = radii * u_subj, u_t = phi(u_subj).
-        inv = _inv3(jac)
+        inv = inv_all[sel]
         dirs = (inv[:, None, :, :] * tangents[:, :, None, :]).sum(-1) * radii
-        sample.directions = _unit(dirs).astype(np.float32)
-        r_mm = (inv * radial[:, None, :]).sum(-1) * radii
-        sample.radial = _unit(r_mm).astype(np.float32)
+        directions = np.repeat(sample.radial[:, None, :], 4, axis=1)
+        directions[sel] = _unit(dirs)
+        sample.directions = directions
         memb = np.stack([m_cc, m_proj, m_assoc], 1)
         total = memb.sum(1, keepdims=True)
         memb = memb / np.maximum(total, 1.0)
         bg = np.clip(1.0 - memb.sum(1, keepdims=True), 0, 1)
-        sample.weights = np.concatenate([memb, bg], 1).astype(np.float32)
-        tw = subject.texture.astype(np.float32)
-        arg = ut @ np.ascontiguousarray(tw[:, :3].T) + tw[:, 3]
-        tex = np.sin(arg) @ np.ascontiguousarray(tw[:, 4])
-        sample.texture = (tex / np.sqrt(len(tw))).astype(np.float32)
-        tex2 = np.cos(arg) @ np.ascontiguousarray(tw[:, 4])
-        sample.texture2 = (tex2 / np.sqrt(len(tw))).astype(np.float32)
+        weights = np.zeros((n_all, 4), np.float32)
+        weights[:, 3] = 1.0
+        weights[sel] = np.concatenate([memb, bg], 1)
+        sample.weights = weights
 
     if labels:
-        lab = np.zeros(x.shape, dtype=np.int16)
+        lab = np.zeros(x.shape, dtype=np.int16)  # on the WM/deep-GM subset
         core = wm > 0.5
 
         def put_label(abbr: str, cond: np.ndarray) -> None:
@@ -353,5 +367,6 @@ def evaluate(
         put_label("ACR", cr & (eta > 0.33))
         put_label("PCR", cr & (eta < -0.33))
         put_label("SCR", cr)
-        sample.labels = lab
+        sample.labels = np.zeros(n_all, np.int16)
+        sample.labels[sel] = lab
     return sample
