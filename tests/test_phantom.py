@@ -247,13 +247,21 @@ def _denoise(data: np.ndarray) -> np.ndarray:
 
 
 def test_inter_scanner_cv_before_harmonization(tmp_path):
-    """Voxelwise CV across the four scanners' first runs in subject-space WM (paper Fig. 3)."""
+    """Voxelwise CV across the four scanners' first runs in subject-space WM (paper Fig. 3).
+
+    Central 40 x 56 x 6 crop of subject 1 (~3 000 subject-space WM voxels with probability
+    > 0.9 covered by all four scans; the number is printed). Each scan is fitted only on
+    its WM core (probability > 0.8) dilated by one voxel (3 x 3 x 3), which holds every
+    trilinear neighbour of a subject voxel whose nearest scan voxel is in the core: the
+    interpolated maps equal those of a whole-brain fit.
+    """
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dki import DiffusionKurtosisModel
+    from scipy.ndimage import binary_dilation
 
     paper = {"mk": 13.6, "ak": 17.3, "rk": 24.4, "kfa": 16.7}
     root = generate(
-        tmp_path / "cv", preset="paper-dataset1", seed=0, subjects=1, matrix=(64, 80), slices=8
+        tmp_path / "cv", preset="paper-dataset1", seed=0, subjects=1, matrix=(40, 56), slices=6
     )
     wm_subject = load_subject_labels(root, "01", what="WM").get_fdata() > 0.9
     valid = wm_subject.copy()
@@ -263,11 +271,13 @@ def test_inter_scanner_cv_before_harmonization(tmp_path):
         img = nib.load(f"{stem}.nii.gz")
         data = _denoise(img.get_fdata(dtype=np.float32))
         gtab = gradient_table(np.loadtxt(f"{stem}.bval"), bvecs=np.loadtxt(f"{stem}.bvec").T)
-        mask = load_scan_labels(root, "01", ses, what="WM").get_fdata() > 0.3
+        wm_scan = load_scan_labels(root, "01", ses, what="WM").get_fdata()
+        core = wm_scan > 0.8
+        mask = binary_dilation(core, np.ones((3, 3, 3), bool)) & (wm_scan > 0.3)
         fit = DiffusionKurtosisModel(gtab, fit_method="WLS").fit(data, mask=mask)
         kw = dict(min_kurtosis=0, max_kurtosis=3)
         fitted = {"mk": fit.mk(**kw), "ak": fit.ak(**kw), "rk": fit.rk(**kw), "kfa": fit.kfa}
-        covered = nib.Nifti1Image(mask.astype(np.float32), img.affine)
+        covered = nib.Nifti1Image(core.astype(np.float32), img.affine)
         valid &= to_subject_space(covered, root, "01", ses, order=0).get_fdata() > 0.5
         for k in KURTOSIS:
             moved = to_subject_space(
@@ -282,12 +292,9 @@ def test_inter_scanner_cv_before_harmonization(tmp_path):
         cv = values.std(-1, ddof=1) / np.maximum(np.abs(values.mean(-1)), 1e-6) * 100
         cvs[k] = float(cv.mean())
         print(f"{k:6s}  {cvs[k]:11.1f}  {paper[k]:10.1f}   {np.round(values.mean(0), 3)}")
-    assert valid.sum() > 500
-    for k in ("mk", "ak", "rk"):
+    assert valid.sum() > 1000
+    for k in KURTOSIS:  # all four within 0.5x - 1.6x of the paper (docs/phantom.md)
         assert 0.5 * paper[k] <= cvs[k] <= 1.6 * paper[k], k
-    # KFA varies less between the phantom's scanners than in the paper (measured 4.9 % vs
-    # 16.7 %; see docs/phantom.md, "Calibration"): only a lower bound is asserted.
-    assert 0.25 * paper["kfa"] <= cvs["kfa"] <= 1.6 * paper["kfa"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from ..errors import DkiharmInputError
 LOGGER = logging.getLogger("dkiharm")
 
 
-def _setup_logging(verbose: int) -> None:
+def _setup_logging(verbose: int, work_dir: Path | None = None) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)  # INFO by default, DEBUG with -v
     logging.basicConfig(
         level=level,
@@ -26,14 +26,32 @@ def _setup_logging(verbose: int) -> None:
         stream=sys.stdout,
         force=True,
     )
-    nipype_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    # node chatter only with -v; interface messages (training loss per epoch) by default
+    levels = {
+        "workflow_level": {0: "WARNING", 1: "INFO"}.get(verbose, "DEBUG"),
+        "interface_level": "INFO" if verbose < 2 else "DEBUG",
+    }
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    ncfg.set("logging", "workflow_level", logging.getLevelName(nipype_level))
-    ncfg.set("logging", "interface_level", logging.getLevelName(nipype_level))
+    for key, value in levels.items():
+        ncfg.set("logging", key, value)
     ncfg.set("execution", "check_version", "false")
     nlogging.update_logging(ncfg)
+    # MultiProc workers start fresh interpreters that read nipype.cfg, not this process's
+    # settings: give them the same levels through a config folder in the work directory
+    if work_dir is not None and "NIPYPE_CONFIG_DIR" not in os.environ:
+        cfg_dir = work_dir / ".nipype"
+        cfg_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "[logging]",
+            *(f"{k} = {v}" for k, v in levels.items()),
+            "[execution]",
+            "check_version = false",
+            "",
+        ]
+        (cfg_dir / "nipype.cfg").write_text("\n".join(lines))
+        os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 
 def run(config: RunConfig) -> int:
@@ -127,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from .parser import parse_args
 
     config = parse_args(argv)
-    _setup_logging(config.verbose)
+    _setup_logging(config.verbose, config.work_dir)
     if not config.verbose:
         # numerical warnings of the tools (also in MultiProc workers) are noise for users
         os.environ.setdefault("PYTHONWARNINGS", "ignore")

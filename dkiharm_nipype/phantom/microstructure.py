@@ -64,8 +64,8 @@ TISSUE_PARAMS: dict[str, dict[str, float]] = {
         de_par=1.0e-3,
         de_perp=0.8e-3,
         kappa=1.3,
-        mu=0.8,
-        mu_spread=0.12,
+        mu=0.75,
+        mu_spread=0.14,
     ),
     # per-bundle overrides of "wm": intra-axonal fraction and orientation coherence
     # ``mu = <(n . e)^2>`` (1: parallel axons, 1/3: isotropic) with its spatial spread
