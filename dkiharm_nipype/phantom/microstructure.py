@@ -12,6 +12,12 @@ so the signal fractions at the scan's echo and repetition times are
 and the apparent kurtosis of a voxel changes with TE as it does on real scanners
 (Veraart et al. 2018 measured a longer T2 inside axons than outside).
 
+White-matter populations (callosal, projection, association, background) have their own
+intra-axonal fraction and a spatially varying orientation dispersion ``mu = <(n.e)^2>``,
+applied to each compartment's tensor as its orientation average; this brings the WM KFA
+to the in vivo range (~0.3-0.6, wide spread) and the inter-scanner KFA CV to the paper's
+range (docs/phantom.md, "KFA calibration").
+
 Ground truth
 ------------
 A multi-exponential signal is not exactly a DKI signal, so the ground truth of a scan is
