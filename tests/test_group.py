@@ -22,9 +22,24 @@ DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 def group_run(tiny_bids, tmp_path_factory):
     root = tmp_path_factory.mktemp("group")
     out, work = root / "out", root / "work"
-    cmd = [*DKIHARM, str(tiny_bids), str(out), "group", "-w", str(work), "--nprocs", "2",
-           "--omp-nthreads", "1", "--epochs", "40", "--samples-per-epoch", "20000",
-           "--seed", "1"]
+    cmd = [
+        *DKIHARM,
+        str(tiny_bids),
+        str(out),
+        "group",
+        "-w",
+        str(work),
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+        "--epochs",
+        "40",
+        "--samples-per-epoch",
+        "20000",
+        "--seed",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "work": work, "bids": tiny_bids, "stdout": proc.stdout, "root": root}
@@ -59,7 +74,9 @@ def test_every_scan_has_harmonized_maps(group_run):
         for param in ALL_METRICS:
             name = f"{stem}_space-dwi_model-dki_param-{param}_desc-harmonized_dwimap"
             assert (folder / f"{name}.nii.gz").is_file(), name
-            assert json.loads((folder / f"{name}.json").read_text())["Scanner"] == dwi.parts[-3][4:]
+            assert (
+                json.loads((folder / f"{name}.json").read_text())["Scanner"] == dwi.parts[-3][4:]
+            )
 
 
 def test_harmonization_lowers_target_vs_reference_error(group_run):
@@ -70,8 +87,11 @@ def test_harmonization_lowers_target_vs_reference_error(group_run):
     for sub in plan["test_subjects"]:
         a = out / sub / "ses-A" / "dwi" / f"{sub}_ses-A_run-1_space-dwi"
         d = out / sub / "ses-D" / "dwi" / f"{sub}_ses-D_run-1_space-dwi"
-        reg = register(f"{a}_model-dki_param-fa_dwimap.nii.gz",
-                       f"{d}_model-dki_param-fa_dwimap.nii.gz", engine="dipy-syn")
+        reg = register(
+            f"{a}_model-dki_param-fa_dwimap.nii.gz",
+            f"{d}_model-dki_param-fa_dwimap.nii.gz",
+            engine="dipy-syn",
+        )
         mask = _map(f"{a}_desc-brain_mask.nii.gz") > 0
         wm = mask & (_map(f"{a}_model-dki_param-fa_dwimap.nii.gz") > 0.3)
         for param in ("mk", "ak", "rk", "kfa"):
@@ -80,17 +100,34 @@ def test_harmonization_lowers_target_vs_reference_error(group_run):
             harm = _map(f"{a}_model-dki_param-{param}_desc-harmonized_dwimap.nii.gz")
             before.append(nrmse(raw, ref, wm))
             after.append(nrmse(harm, ref, wm))
-    print(f"NRMSE-to-reference in WM, scanner A, test subjects: before {np.mean(before):.3f}, "
-          f"after {np.mean(after):.3f}")
+    print(
+        f"NRMSE-to-reference in WM, scanner A, test subjects: before {np.mean(before):.3f}, "
+        f"after {np.mean(after):.3f}"
+    )
     assert np.mean(after) < 0.8 * np.mean(before)
 
 
 def test_participant_level_applies_trained_models(group_run, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*DKIHARM, str(group_run["bids"]), str(out), "participant", "--participant-label", "03",
-         "--session-label", "A", "-w", str(group_run["work"]), "--models",
-         str(group_run["out"] / "models")], capture_output=True, text=True, timeout=900)
+        [
+            *DKIHARM,
+            str(group_run["bids"]),
+            str(out),
+            "participant",
+            "--participant-label",
+            "03",
+            "--session-label",
+            "A",
+            "-w",
+            str(group_run["work"]),
+            "--models",
+            str(group_run["out"] / "models"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     harmonized = sorted(out.glob("sub-03/ses-A/dwi/*_desc-harmonized_dwimap.nii.gz"))
     assert len(harmonized) == 8 * 2  # two runs
@@ -113,8 +150,7 @@ def test_group_bad_inputs(tiny_bids, tmp_path):
     out = tmp_path / "out"
     base = [*DKIHARM, str(tiny_bids), str(out), "group", "-w", str(tmp_path / "w")]
     _fail([*base, "--reference-scanner", "Z"], "reference scanner 'Z' does not exist")
-    _fail([*base, "--participant-label", "01", "--session-label", "A"],
-          "at least two scanners")
+    _fail([*base, "--participant-label", "01", "--session-label", "A"], "at least two scanners")
     _fail([*base, "--train-participants", "sub-09"], "sub-09 is not in the selection")
     assert not out.exists()
 
@@ -122,9 +158,20 @@ def test_group_bad_inputs(tiny_bids, tmp_path):
 def test_model_files_are_checked(group_run, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(group_run["out"] / "models", models)
-    base = [*DKIHARM, str(group_run["bids"]), str(tmp_path / "out"), "participant",
-            "--participant-label", "01", "--session-label", "A", "-w", str(tmp_path / "w"),
-            "--models", str(models)]
+    base = [
+        *DKIHARM,
+        str(group_run["bids"]),
+        str(tmp_path / "out"),
+        "participant",
+        "--participant-label",
+        "01",
+        "--session-label",
+        "A",
+        "-w",
+        str(tmp_path / "w"),
+        "--models",
+        str(models),
+    ]
     weights = models / "scanner-A_harmonizer.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
     _fail(base, "scanner-A_harmonizer.safetensors")
