@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import DkiharmInputError
+from .metrics import nrmse  # noqa: F401 - re-exported for registration scoring
 from .utils.env import FSLNotFoundError, ToolNotFoundError
 
 #: Names accepted by ``registration=``.
@@ -290,13 +291,6 @@ def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     if x.size < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def nrmse(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
-    """Root-mean-square error in ``mask`` divided by the mean of ``|reference|`` there."""
-    mask = mask.astype(bool)
-    diff = estimate[mask].astype(float) - reference[mask].astype(float)
-    return float(np.sqrt(np.mean(diff**2)) / np.mean(np.abs(reference[mask])))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..utils.dwi import B0_THRESHOLD
 from .model import OUTPUT_NAMES
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "padded_neighbourhoods",
 ]
 
-B0_THRESHOLD = 50.0
 """Volumes with b below this (s/mm^2) are b0s."""
 CLIP_RANGE = (0.0, 1.5)
 """Normalised signals are clipped to this range (S/S0 > 1 is noise or artefact)."""

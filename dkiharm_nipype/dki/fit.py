@@ -58,14 +58,13 @@ import numpy as np
 import torch
 
 from ..errors import DkiharmInputError
+from ..utils.dwi import B0_THRESHOLD
 from .design import DT_ORDER, KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
 from .metrics import ALL_METRICS, dki_metrics, dt_to_matrix
 
 #: Fit methods accepted by :func:`fit_dki`.
 METHODS = ("ols", "wls", "irlls")
 
-#: b-values at or below this (s/mm²) are treated as b = 0.
-B0_THRESHOLD = 50.0
 
 #: Largest plausible b-value in s/mm²; larger ones suggest s/m².
 B_UNIT_MAX = 100_000.0
