@@ -69,22 +69,34 @@ def snr_in_roi(
     }
 
 
+def snr_matrix(
+    rows: list[dict],
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, float], str]:
+    """Per-scan SNR rows as ``(cells, scanner_means, reference)`` (the Table 3 numbers).
+
+    ``cells[(participant_id, scanner)]`` lists the SNRs (dB) of that subject's runs; the
+    reference is the scanner with the highest mean over its scans (the paper's rule).
+    """
+    cells: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        cells.setdefault((row["participant_id"], row["scanner"]), []).append(float(row["snr_db"]))
+    scanners = sorted({s for _, s in cells})
+    means = {
+        sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
+        for sc in scanners
+    }
+    return cells, means, max(scanners, key=means.get)
+
+
 def snr_table(rows: list[dict]) -> tuple[str, str]:
     """Format per-scan SNR rows as the paper's Table 3 (subjects x scanners, dB).
 
     Returns ``(table_text, reference_scanner)``; the reference scanner is the one with the
     highest mean SNR over its scans (the paper's rule). Repeated runs are averaged per cell.
     """
-    cells: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        cells.setdefault((row["participant_id"], row["scanner"]), []).append(float(row["snr_db"]))
-    scanners = sorted({s for _, s in cells})
+    cells, means, reference = snr_matrix(rows)
+    scanners = sorted(means)
     subjects = sorted({p for p, _ in cells})
-    means = {
-        sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
-        for sc in scanners
-    }
-    reference = max(scanners, key=means.get)
     width = max(len("subject"), *(len(p) for p in subjects)) + 2
     lines = ["SNR (dB)".ljust(width) + "".join(f"{sc:>9}" for sc in scanners)]
     for sub in subjects:
@@ -145,3 +157,64 @@ def roi_nrmse(estimate: np.ndarray, reference: np.ndarray, labels: np.ndarray,
         if roi.any():
             out[name] = nrmse(estimate, reference, roi)
     return out
+
+
+#: Default white-matter rule on the reference scan's fit (see :func:`wm_mask_from_fit`).
+WM_FA_MIN = 0.2
+WM_MD_MAX = 1.5e-3
+
+
+def wm_mask_from_fit(
+    fa: np.ndarray,
+    md: np.ndarray,
+    brain_mask: np.ndarray | None = None,
+    *,
+    fa_min: float = WM_FA_MIN,
+    md_max: float = WM_MD_MAX,
+) -> np.ndarray:
+    """White matter from the reference scan's DKI fit, when no WM mask is given.
+
+    Voxels (inside ``brain_mask`` when given) with FA >= ``fa_min`` and
+    0 < MD <= ``md_max`` mm^2/s: the usual FA > 0.2 white-matter threshold of DTI studies,
+    with free water (CSF, MD ~ 3e-3) excluded. Unlike :func:`auto_wm_roi` (the SNR region:
+    coherent WM only) this keeps the whole white matter, the paper's CV/NRMSE domain.
+    """
+    fa, md = np.asarray(fa, float), np.asarray(md, float)
+    wm = np.isfinite(fa) & np.isfinite(md) & (fa >= fa_min) & (md > 0) & (md <= md_max)
+    if brain_mask is not None:
+        wm &= np.asarray(brain_mask, bool)
+    return wm
+
+
+def masked_stats(values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Mean, median and count of the finite ``values`` inside ``mask``."""
+    sel = np.asarray(values, float)[np.asarray(mask, bool)]
+    sel = sel[np.isfinite(sel)]
+    if sel.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "n_voxels": 0}
+    return {"mean": float(sel.mean()), "median": float(np.median(sel)), "n_voxels": int(sel.size)}
+
+
+def roi_stats(
+    values: np.ndarray, labels: np.ndarray, names: dict[int, str]
+) -> dict[str, dict[str, float]]:
+    """:func:`masked_stats` of ``values`` in each labelled ROI present in ``labels``."""
+    labels = np.asarray(labels)
+    return {
+        name: masked_stats(values, labels == index)
+        for index, name in names.items()
+        if (labels == index).any()
+    }
+
+
+def cv_histogram(
+    cv: np.ndarray, mask: np.ndarray, *, bins: int = 40, upper: float = 0.8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of the voxelwise CV inside ``mask`` (the paper's Fig. 9, lower row).
+
+    ``bins`` equal bins over [0, ``upper``]; CVs above ``upper`` go into the last bin so
+    every finite voxel is counted. Returns ``(counts, edges)``.
+    """
+    sel = np.asarray(cv, float)[np.asarray(mask, bool)]
+    sel = np.clip(sel[np.isfinite(sel)], 0, upper)
+    return np.histogram(sel, bins=bins, range=(0.0, upper))
