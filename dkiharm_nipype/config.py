@@ -54,6 +54,7 @@ class RunConfig:
     b_max: float | None = None
     seed: int = 0
     write_graph: bool = False
+    boilerplate_only: bool = False
     verbose: int = 0
     # harmonization (group level; models_dir also at the participant level)
     reference_scanner: str | None = None

@@ -279,6 +279,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="write the workflow graph (PNG/SVG) into output_dir/logs",
     )
     perf.add_argument(
+        "--boilerplate-only",
+        "--boilerplate_only",
+        action="store_true",
+        help="write the methods text (output_dir/logs/CITATION.{md,html,tex,bib}), and "
+        "the graphs with --write-graph, then exit without processing",
+    )
+    perf.add_argument(
         "-v",
         "--verbose",
         action="count",
@@ -353,6 +360,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         b_max=opts.b_max,
         seed=opts.seed,
         write_graph=opts.write_graph,
+        boilerplate_only=opts.boilerplate_only,
         execution=execution,
         verbose=opts.verbose,
         reference_scanner=opts.reference_scanner,

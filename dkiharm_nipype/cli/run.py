@@ -86,8 +86,16 @@ def run(config: RunConfig) -> int:
     from ..workflows.base import init_dkiharm_wf
 
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+    from .boilerplate import write_citation
+
+    write_citation(config, config.output_dir / "logs", scans=scans)
     if config.write_graph:
-        _write_graphs(workflow, config.output_dir / "logs")
+        from .graphs import write_graphs
+
+        write_graphs(config, scans, workflow, staging)
+    if config.boilerplate_only:
+        LOGGER.info("methods text written to %s (--boilerplate-only)", config.output_dir / "logs")
+        return 0
     if workflow is None:
         return 0
     started = time.time()
@@ -104,18 +112,6 @@ def run(config: RunConfig) -> int:
         config.output_dir,
     )
     return 0
-
-
-def _write_graphs(workflow, logs: Path) -> None:
-    logs.mkdir(parents=True, exist_ok=True)
-    for fmt in ("png", "svg"):
-        workflow.write_graph(
-            graph2use="colored",
-            format=fmt,
-            simple_form=True,
-            dotfilename=str(logs / f"graph_{workflow.name}.dot"),
-        )
-    LOGGER.info("workflow graph written to %s", logs)
 
 
 def _crash_summary(exc: BaseException, crash_dir: Path) -> str:
