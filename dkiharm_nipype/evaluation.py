@@ -25,6 +25,7 @@ once below (``*_COLUMNS``).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import tempfile
 import warnings
@@ -88,6 +89,8 @@ TABLE_FILES = {
     "maps": "maps.tsv",
     "rois": "rois.tsv",
 }
+#: What was evaluated (reference scanner, scanners, methods, parameters, engine).
+SUMMARY_FILE = "evaluation.json"
 
 
 class EvaluationInputError(DkiharmInputError):
@@ -401,6 +404,18 @@ def evaluate_study(
         }
         for key, (rows, columns) in tables.items():
             write_tsv(rows, columns, stage / TABLE_FILES[key])
+        summary = {
+            "reference": reference,
+            "scanners": scanners,
+            "params": list(params),
+            "methods": sorted({r["method"] for r in result.nrmse}),
+            "engine": engine,
+            "reference_method": reference_method,
+            "wm": "user mask"
+            if wm_masks is not None
+            else "reference fit (FA >= 0.2, MD <= 1.5e-3)",
+        }
+        (stage / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         for src in sorted(p for p in stage.rglob("*") if p.is_file()):
             atomic_copy(src, out_dir / src.relative_to(stage))
     result.tables = {k: out_dir / v for k, v in TABLE_FILES.items()}

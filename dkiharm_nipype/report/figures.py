@@ -1,0 +1,369 @@
+"""The report's figures (the paper's Figs. 2-9), drawn with matplotlib's Agg canvas.
+
+Each ``fig_*`` function takes plain tables (lists of dicts as read from the tidy TSVs of
+:mod:`dkiharm_nipype.evaluation`) and arrays, and returns a :class:`matplotlib.figure.Figure`;
+:func:`to_data_uri` turns one into an inline PNG so the report needs no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+#: Scanner colours (tab10), stable across figures.
+_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+#: ROIs of the paper's Fig. 5 (scan-rescan scatter), when the atlas has them.
+SCATTER_ROIS = ("GCC", "PLIC", "ACR")
+
+
+def color(index: int) -> str:
+    return _COLORS[index % len(_COLORS)]
+
+
+def to_data_uri(fig: Figure, *, dpi: int = 80) -> str:
+    """``data:image/png;base64,...`` of ``fig``."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def best_slice(mask: np.ndarray) -> int:
+    """The axial slice holding the most white-matter voxels."""
+    counts = np.asarray(mask, bool).sum(axis=(0, 1))
+    return int(np.argmax(counts)) if counts.any() else mask.shape[2] // 2
+
+
+def _axial(data: np.ndarray, z: int) -> np.ndarray:
+    return np.rot90(np.asarray(data)[:, :, z])
+
+
+def _hide(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def fig_maps(
+    maps: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
+    *,
+    scanners: Sequence[str],
+    methods: Sequence[str],
+    params: Sequence[str],
+    wm: np.ndarray,
+    reference: str | None = None,
+) -> Figure:
+    """Fig. 2 (and Fig. 9, top): one axial slice of every map, rows param x method,
+    columns scanners. ``maps[(method, scanner)][param]``; the reference column is outlined.
+    """
+    z = best_slice(wm)
+    rows = [(p, m) for p in params for m in methods]
+    fig = Figure(figsize=(1.6 * len(scanners) + 0.8, 1.6 * len(rows)))
+    axes = fig.subplots(len(rows), len(scanners), squeeze=False)
+    for i, (param, method) in enumerate(rows):
+        values = [maps[(method, s)][param][wm] for s in scanners if (method, s) in maps]
+        finite = np.concatenate(values) if values else np.array([0.0, 1.0])
+        finite = finite[np.isfinite(finite)]
+        vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+        for j, scanner in enumerate(scanners):
+            ax = axes[i, j]
+            _hide(ax)
+            if (method, scanner) in maps:
+                ax.imshow(
+                    _axial(maps[(method, scanner)][param], z), cmap="gray", vmin=0, vmax=vmax
+                )
+            else:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+            if scanner == reference:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#d62728")
+                    spine.set_linewidth(2)
+            if i == 0:
+                ax.set_title(f"{scanner}" + (" (ref)" if scanner == reference else ""))
+            if j == 0:
+                ax.set_ylabel(f"{param.upper()}\n{method}")
+    fig.subplots_adjust(wspace=0.03, hspace=0.03)
+    return fig
+
+
+def fig_cv_maps(
+    cv: Mapping[tuple[str, str], np.ndarray],
+    *,
+    methods: Sequence[str],
+    params: Sequence[str],
+    wm: np.ndarray,
+    vmax: float = 0.5,
+) -> Figure:
+    """Fig. 3: inter-scanner CV maps (one axial slice), rows method, columns param."""
+    z = best_slice(wm)
+    fig = Figure(figsize=(1.9 * len(params) + 1.2, 1.9 * len(methods)))
+    axes = fig.subplots(len(methods), len(params), squeeze=False)
+    image = None
+    for i, method in enumerate(methods):
+        for j, param in enumerate(params):
+            ax = axes[i, j]
+            _hide(ax)
+            if (method, param) in cv:
+                image = ax.imshow(_axial(cv[(method, param)], z), cmap="hot", vmin=0, vmax=vmax)
+                ax.set_facecolor("black")
+            if i == 0:
+                ax.set_title(param.upper())
+            if j == 0:
+                ax.set_ylabel(method)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="CV")
+    return fig
+
+
+def fig_roi_nrmse(
+    rows: Sequence[Mapping],
+    *,
+    scanners: Sequence[str],
+    params: Sequence[str],
+    rois: Sequence[str],
+    before: str,
+    after: str | None,
+) -> Figure:
+    """Fig. 4: circular bar diagrams of the NRMSE-to-reference in each ROI, one per param;
+    each scanner in its colour, ``before`` light and ``after`` dark."""
+    value = {(r["method"], r["scanner"], r["param"], r["roi"]): float(r["nrmse"]) for r in rows}
+    fig = Figure(figsize=(3.2 * len(params), 3.6))
+    n_roi = len(rois)
+    theta = np.linspace(0, 2 * np.pi, n_roi, endpoint=False)
+    width = 2 * np.pi / n_roi / max(len(scanners), 1)
+    for k, param in enumerate(params):
+        ax = fig.add_subplot(1, len(params), k + 1, projection="polar")
+        for s, scanner in enumerate(scanners):
+            offset = theta + (s - (len(scanners) - 1) / 2) * width
+            for method, alpha in ((before, 0.35), (after, 1.0)):
+                if method is None:
+                    continue
+                heights = [value.get((method, scanner, param, roi), np.nan) for roi in rois]
+                ax.bar(
+                    offset, np.nan_to_num(heights), width=width * 0.9, color=color(s),
+                    alpha=alpha, label=f"{scanner} {method}" if k == 0 else None,
+                )  # fmt: skip
+        ax.set_xticks(theta)
+        ax.set_xticklabels(rois, fontsize=6)
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title(param.upper(), pad=12)
+    fig.legend(loc="lower center", ncol=max(len(scanners), 1), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.2)
+    return fig
+
+
+def fig_scanrescan(
+    values: Mapping[tuple[str, str, str, str], tuple[np.ndarray, np.ndarray]],
+    *,
+    scanners: Sequence[str],
+    methods: Sequence[str],
+    params: Sequence[str],
+    rois: Sequence[str],
+) -> Figure:
+    """Fig. 5: voxel values of the first vs the repeated run in a few ROIs, coloured by
+    scanner, with the line of equality. ``values[(method, scanner, param, roi)]``."""
+    cols = [(roi, m) for roi in rois for m in methods]
+    fig = Figure(figsize=(2.2 * len(cols), 2.2 * len(params)))
+    axes = fig.subplots(len(params), len(cols), squeeze=False)
+    for i, param in enumerate(params):
+        for j, (roi, method) in enumerate(cols):
+            ax = axes[i, j]
+            lo, hi = np.inf, -np.inf
+            for s, scanner in enumerate(scanners):
+                pair = values.get((method, scanner, param, roi))
+                if pair is None:
+                    continue
+                x, y = pair
+                ax.scatter(x, y, s=3, color=color(s), alpha=0.6, label=scanner)
+                if x.size:
+                    lo = min(lo, np.nanmin(x), np.nanmin(y))
+                    hi = max(hi, np.nanmax(x), np.nanmax(y))
+            if np.isfinite(lo):
+                ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+            ax.tick_params(labelsize=6)
+            if i == 0:
+                ax.set_title(f"{roi} - {method}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{param.upper()} run 2", fontsize=8)
+            if i == len(params) - 1:
+                ax.set_xlabel("run 1", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=7, markerscale=3)
+    fig.tight_layout()
+    return fig
+
+
+def _groups(rows, keys, metric: str = "nrmse") -> dict[tuple, list[float]]:
+    out: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("metric", metric) == metric:
+            out[tuple(r[k] for k in keys)].append(float(r["value"]))
+    return out
+
+
+def fig_trainsize(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
+    """Fig. 6: NRMSE-to-reference against the number of training subjects, mean and SD
+    over the training combinations, one line per scanner."""
+    groups = _groups(rows, ("scanner", "param", "n_train"))
+    scanners = sorted({k[0] for k in groups})
+    fig = Figure(figsize=(3.0 * len(params), 2.8))
+    axes = fig.subplots(1, len(params), squeeze=False)[0]
+    for ax, param in zip(axes, params, strict=True):
+        for s, scanner in enumerate(scanners):
+            ns = sorted({int(k[2]) for k in groups if k[:2] == (scanner, param)})
+            stats = [groups[(scanner, param, str(n))] for n in ns]
+            ax.errorbar(
+                ns, [np.mean(v) for v in stats], yerr=[np.std(v) for v in stats],
+                marker="o", capsize=3, color=color(s), label=scanner,
+            )  # fmt: skip
+        ax.set_title(param.upper())
+        ax.set_xlabel("training subjects")
+    axes[0].set_ylabel("NRMSE-to-reference")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_leavepout(rows: Sequence[Mapping]) -> Figure:
+    """Fig. 7: one square per subject and training set (row), grey for the training
+    subjects, coloured by the NRMSE-to-reference averaged over the parameters; one panel
+    per scanner (rows) and p (columns)."""
+    nrmse_rows = [r for r in rows if r.get("metric", "nrmse") == "nrmse"]
+    scanners = sorted({r["scanner"] for r in nrmse_rows})
+    ps = sorted({int(r["p"]) for r in nrmse_rows})
+    subjects = sorted(
+        {s for r in nrmse_rows for k in ("train_subjects", "test_subjects") for s in _split(r[k])}
+    )
+    values = [float(r["value"]) for r in nrmse_rows]
+    vmin, vmax = (min(values), max(values)) if values else (0, 1)
+    fig = Figure(figsize=(2.6 * len(ps) + 1.2, 1.8 * len(scanners) + 0.4))
+    axes = fig.subplots(len(scanners), len(ps), squeeze=False)
+    image = None
+    for i, scanner in enumerate(scanners):
+        for j, p in enumerate(ps):
+            ax = axes[i, j]
+            sel = [r for r in nrmse_rows if r["scanner"] == scanner and int(r["p"]) == p]
+            reps = sorted({r["replicate"] for r in sel}, key=_natural)
+            grid = np.full((len(reps), len(subjects)), np.nan)
+            train = np.zeros_like(grid, dtype=bool)
+            for a, rep in enumerate(reps):
+                acc: dict[str, list[float]] = defaultdict(list)
+                for r in (r for r in sel if r["replicate"] == rep):
+                    for sub in _split(r["test_subjects"]):
+                        acc[sub].append(float(r["value"]))
+                    for sub in _split(r["train_subjects"]):
+                        train[a, subjects.index(sub)] = True
+                for sub, v in acc.items():
+                    grid[a, subjects.index(sub)] = np.mean(v)
+            ax.imshow(np.where(train, 1, np.nan), cmap="Greys", vmin=0, vmax=2, aspect="auto")
+            image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+            ax.set_xticks(range(len(subjects)))
+            ax.set_xticklabels(subjects, fontsize=7)
+            ax.set_yticks(range(len(reps)))
+            ax.set_yticklabels(reps, fontsize=6)
+            if i == 0:
+                ax.set_title(f"leave-{p}-out")
+            if j == 0:
+                ax.set_ylabel(f"scanner {scanner}\ntraining set")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="mean NRMSE-to-reference")
+    return fig
+
+
+def fig_tissue(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
+    """Fig. 8: NRMSE-to-reference (and CV) per tissue for the trainings with the whole
+    brain, without subcortical GM and without CSF; mean and standard error over repeats
+    and scanners."""
+    metrics = [m for m in ("nrmse", "cv") if any(r["metric"] == m for r in rows)]
+    tissues = sorted({r["tissue"] for r in rows})
+    left = [x for x in ("none", "subcortical_gm", "csf") if any(r["left_out"] == x for r in rows)]
+    shades = {"none": "white", "subcortical_gm": "lightgrey", "csf": "dimgrey"}
+    fig = Figure(figsize=(3.0 * len(params), 2.6 * len(metrics)))
+    axes = fig.subplots(len(metrics), len(params), squeeze=False)
+    width = 0.8 / max(len(left), 1)
+    for i, metric in enumerate(metrics):
+        groups = _groups(rows, ("left_out", "tissue", "param"), metric)
+        for j, param in enumerate(params):
+            ax = axes[i, j]
+            for k, lo in enumerate(left):
+                vals = [groups.get((lo, t, param), []) for t in tissues]
+                ax.bar(
+                    np.arange(len(tissues)) + (k - (len(left) - 1) / 2) * width,
+                    [np.mean(v) if v else 0 for v in vals],
+                    yerr=[np.std(v) / np.sqrt(len(v)) if len(v) > 1 else 0 for v in vals],
+                    width=width, color=shades.get(lo, "grey"), edgecolor="k", capsize=2,
+                    label=f"without {lo}" if lo != "none" else "whole brain",
+                )  # fmt: skip
+            ax.set_xticks(range(len(tissues)))
+            ax.set_xticklabels(tissues)
+            if i == 0:
+                ax.set_title(param.upper())
+            if j == 0:
+                ax.set_ylabel(metric.upper())
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_cv_histograms(
+    rows: Sequence[Mapping], *, methods: Sequence[str], params: Sequence[str]
+) -> Figure:
+    """Fig. 9, lower row: histograms of the voxelwise inter-scanner CV in white matter,
+    one line per method."""
+    fig = Figure(figsize=(3.0 * len(params), 2.6))
+    axes = fig.subplots(1, len(params), squeeze=False)[0]
+    for ax, param in zip(axes, params, strict=True):
+        for k, method in enumerate(methods):
+            sel = [r for r in rows if r["method"] == method and r["param"] == param]
+            if not sel:
+                continue
+            centres = [(float(r["bin_lower"]) + float(r["bin_upper"])) / 2 for r in sel]
+            counts = np.array([float(r["count"]) for r in sel])
+            ax.plot(centres, counts / max(counts.sum(), 1), color=color(k), label=method)
+        ax.set_title(param.upper())
+        ax.set_xlabel("inter-scanner CV (WM)")
+    axes[0].set_ylabel("fraction of WM voxels")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_seeds(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
+    """Training-seed stability: the metric of each seed (dots) per scanner and parameter."""
+    metrics = [m for m in ("nrmse", "cv") if any(r["metric"] == m for r in rows)]
+    scanners = sorted({r["scanner"] for r in rows})
+    fig = Figure(figsize=(3.0 * len(params), 2.4 * len(metrics)))
+    axes = fig.subplots(len(metrics), len(params), squeeze=False)
+    for i, metric in enumerate(metrics):
+        groups = _groups(rows, ("scanner", "param"), metric)
+        for j, param in enumerate(params):
+            ax = axes[i, j]
+            for s, scanner in enumerate(scanners):
+                v = groups.get((scanner, param), [])
+                ax.scatter(np.full(len(v), s), v, color=color(s), s=12)
+                if v:
+                    ax.errorbar(s + 0.2, np.mean(v), yerr=np.std(v), fmt="k_", capsize=3)
+            ax.set_xticks(range(len(scanners)))
+            ax.set_xticklabels(scanners)
+            if i == 0:
+                ax.set_title(param.upper())
+            if j == 0:
+                ax.set_ylabel(metric.upper())
+    fig.tight_layout()
+    return fig
+
+
+def _split(value: str) -> list[str]:
+    parts = str(value).replace(";", ",").split(",")
+    return [s.strip().removeprefix("sub-") for s in parts if s.strip()]
+
+
+def _natural(value: str):
+    return (0, int(value)) if str(value).isdigit() else (1, str(value))
