@@ -70,10 +70,11 @@ def run(config: RunConfig) -> int:
     )
     print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
 
-    from ..utils.checks import check_models, check_output_dir, preflight
+    from ..utils.checks import check_models, check_output_dir, check_plugin, preflight
     from ..workflows.preproc import resolve_preproc
 
     check_output_dir(config.output_dir)
+    check_plugin(config.execution.plugin)
     # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
     run_mrtrix, run_fsl = resolve_preproc(config.preproc)
     config = replace(config, preproc="fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none"))

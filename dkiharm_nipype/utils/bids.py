@@ -76,12 +76,29 @@ def load_layout(bids_dir: Path, *, database_path: Path | None = None):
         raise BIDSInputError(
             f"{bids_dir / 'dataset_description.json'} is not valid JSON ({exc}); fix the file."
         ) from None
-    return BIDSLayout(
-        str(bids_dir),
-        validate=False,
-        derivatives=False,
-        database_path=str(database_path) if database_path else None,
-    )
+    try:
+        return BIDSLayout(
+            str(bids_dir),
+            validate=False,
+            derivatives=False,
+            database_path=str(database_path) if database_path else None,
+        )
+    except OSError:  # pybids names no file when a sidecar is not JSON: find it
+        _raise_on_bad_sidecar(bids_dir)
+        raise
+
+
+def _raise_on_bad_sidecar(bids_dir: Path) -> None:
+    for sidecar in sorted(bids_dir.rglob("*.json")):
+        if {"derivatives", "sourcedata", "code"} & set(sidecar.relative_to(bids_dir).parts):
+            continue
+        try:
+            json.loads(sidecar.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BIDSInputError(
+                f"sidecar {sidecar} is not valid JSON ({exc}); fix or regenerate it "
+                "(e.g. with dcm2niix)."
+            ) from None
 
 
 def load_bids_filters(path: Path | None) -> dict[str, dict[str, Any]]:

@@ -66,7 +66,14 @@ def check_nifti(path: Path, *, min_ndim: int = 4):
     try:
         img = nb.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        gzip.BadGzipFile,
+        ValueError,
+        nb.filebasedimages.ImageFileError,
+    ) as exc:
         raise DkiharmInputError(
             f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is truncated or "
             "not NIfTI: copy or convert it again."
@@ -112,6 +119,11 @@ def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> No
                 f"{scan.dwi} has {bad} voxel(s) with NaN or Inf values; replace them (e.g. "
                 "with 0 via 'mrcalc dwi.nii.gz -finite dwi.nii.gz 0 -if out.nii.gz') and rerun."
             )
+        if not np.any(data):
+            raise DkiharmInputError(
+                f"{scan.dwi} holds only zeros (no signal); the conversion failed or the "
+                "file is a placeholder: export the scan again."
+            )
         LOGGER.info("checked %s (%d/%d)", scan.key, number, len(scans))
 
 
@@ -141,3 +153,34 @@ def check_models(scans, models_dir: Path) -> None:
                 )
             except DkiharmInputError as exc:
                 raise type(exc)(f"{scan.dwi.name} cannot use {weights.name}: {exc}") from None
+
+
+#: Submission commands each cluster plugin calls (checked before the run starts).
+CLUSTER_COMMANDS = {
+    "SLURM": ("sbatch", "squeue"),
+    "SLURMGraph": ("sbatch",),
+    "SGE": ("qsub", "qstat"),
+    "SGEGraph": ("qsub",),
+    "PBS": ("qsub", "qstat"),
+    "PBSGraph": ("qsub",),
+    "LSF": ("bsub", "bjobs"),
+    "Condor": ("condor_submit", "condor_q"),
+    "CondorDAGMan": ("condor_submit_dag",),
+    "OAR": ("oarsub", "oarstat"),
+}
+
+
+def check_plugin(plugin: str) -> None:
+    """A cluster plugin needs its scheduler's commands; batch plugins also read ``$LOGNAME``."""
+    import getpass
+    import shutil
+
+    missing = [cmd for cmd in CLUSTER_COMMANDS.get(plugin, ()) if shutil.which(cmd) is None]
+    if missing:
+        raise DkiharmInputError(
+            f"--plugin {plugin} needs {', '.join(missing)} on PATH, which this machine lacks; "
+            "run on a submit host of the cluster or use --plugin MultiProc."
+        )
+    if plugin in CLUSTER_COMMANDS and not os.environ.get("LOGNAME"):
+        # Nipype's batch plugins name jobs after $LOGNAME (unset in containers and cron)
+        os.environ["LOGNAME"] = getpass.getuser()
