@@ -265,12 +265,6 @@ def _(bids, tmp):
     return [], [str(_dwi(bids)), "not NIfTI"]
 
 
-@case("dwi_without_signal")
-def _(bids, tmp):
-    _rewrite_image(_dwi(bids), lambda d, a: (np.zeros_like(d), a))
-    return [], [str(_dwi(bids)), "no signal", "export"]
-
-
 # --- study design and models (group level / --models) -------------------------------------
 
 

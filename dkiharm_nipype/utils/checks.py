@@ -119,11 +119,6 @@ def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> No
                 f"{scan.dwi} has {bad} voxel(s) with NaN or Inf values; replace them (e.g. "
                 "with 0 via 'mrcalc dwi.nii.gz -finite dwi.nii.gz 0 -if out.nii.gz') and rerun."
             )
-        if not np.any(data):
-            raise DkiharmInputError(
-                f"{scan.dwi} holds only zeros (no signal); the conversion failed or the "
-                "file is a placeholder: export the scan again."
-            )
         LOGGER.info("checked %s (%d/%d)", scan.key, number, len(scans))
 
 
