@@ -31,7 +31,7 @@ def color(index: int) -> str:
 def to_data_uri(fig: Figure, *, dpi: int = 80) -> str:
     """``data:image/png;base64,...`` of ``fig``."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -43,6 +43,24 @@ def best_slice(mask: np.ndarray) -> int:
 
 def _axial(data: np.ndarray, z: int) -> np.ndarray:
     return np.rot90(np.asarray(data)[:, :, z])
+
+
+def _layout(fig: Figure) -> None:
+    """Fixed margins (``tight_layout`` costs a full extra draw per figure)."""
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.17, top=0.88, wspace=0.35, hspace=0.45)
+
+
+def _image_grid(n_rows: int, n_cols: int, shape, *, left: float, right: float, size=1.4):
+    """A figure of ``n_rows x n_cols`` image panels sized to the slice (no empty margins)."""
+    h = size * shape[0] / shape[1]
+    width, height = n_cols * size * 1.04 + left + right, n_rows * h * 1.04 + 0.4
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width, right=1 - right / width, top=1 - 0.3 / height, bottom=0.1 / height,
+        wspace=0.04, hspace=0.04,
+    )  # fmt: skip
+    return fig, axes
 
 
 def _hide(ax) -> None:
@@ -64,8 +82,7 @@ def fig_maps(
     """
     z = best_slice(wm)
     rows = [(p, m) for p in params for m in methods]
-    fig = Figure(figsize=(1.6 * len(scanners) + 0.8, 1.6 * len(rows)))
-    axes = fig.subplots(len(rows), len(scanners), squeeze=False)
+    fig, axes = _image_grid(len(rows), len(scanners), _axial(wm, z).shape, left=0.7, right=0.1)
     for i, (param, method) in enumerate(rows):
         values = [maps[(method, s)][param][wm] for s in scanners if (method, s) in maps]
         finite = np.concatenate(values) if values else np.array([0.0, 1.0])
@@ -88,7 +105,6 @@ def fig_maps(
                 ax.set_title(f"{scanner}" + (" (ref)" if scanner == reference else ""))
             if j == 0:
                 ax.set_ylabel(f"{param.upper()}\n{method}")
-    fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return fig
 
 
@@ -102,8 +118,7 @@ def fig_cv_maps(
 ) -> Figure:
     """Fig. 3: inter-scanner CV maps (one axial slice), rows method, columns param."""
     z = best_slice(wm)
-    fig = Figure(figsize=(1.9 * len(params) + 1.2, 1.9 * len(methods)))
-    axes = fig.subplots(len(methods), len(params), squeeze=False)
+    fig, axes = _image_grid(len(methods), len(params), _axial(wm, z).shape, left=0.5, right=1.2)
     image = None
     for i, method in enumerate(methods):
         for j, param in enumerate(params):
@@ -117,7 +132,7 @@ def fig_cv_maps(
             if j == 0:
                 ax.set_ylabel(method)
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="CV")
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="CV", pad=0.02)
     return fig
 
 
@@ -151,10 +166,11 @@ def fig_roi_nrmse(
                 )  # fmt: skip
         ax.set_xticks(theta)
         ax.set_xticklabels(rois, fontsize=6)
-        ax.tick_params(axis="y", labelsize=6)
+        ax.set_yticks(ax.get_yticks()[1::2])
+        ax.tick_params(axis="y", labelsize=5)
         ax.set_title(param.upper(), pad=12)
     fig.legend(loc="lower center", ncol=max(len(scanners), 1), fontsize=7, frameon=False)
-    fig.subplots_adjust(bottom=0.2)
+    fig.subplots_adjust(left=0.03, right=0.97, bottom=0.2, top=0.85, wspace=0.45)
     return fig
 
 
@@ -196,7 +212,7 @@ def fig_scanrescan(
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=7, markerscale=3)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.92, wspace=0.3, hspace=0.3)
     return fig
 
 
@@ -227,7 +243,7 @@ def fig_trainsize(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
         ax.set_xlabel("training subjects")
     axes[0].set_ylabel("NRMSE-to-reference")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _layout(fig)
     return fig
 
 
@@ -308,7 +324,7 @@ def fig_tissue(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
             if j == 0:
                 ax.set_ylabel(metric.upper())
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    _layout(fig)
     return fig
 
 
@@ -331,7 +347,7 @@ def fig_cv_histograms(
         ax.set_xlabel("inter-scanner CV (WM)")
     axes[0].set_ylabel("fraction of WM voxels")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    _layout(fig)
     return fig
 
 
@@ -356,7 +372,7 @@ def fig_seeds(rows: Sequence[Mapping], *, params: Sequence[str]) -> Figure:
                 ax.set_title(param.upper())
             if j == 0:
                 ax.set_ylabel(metric.upper())
-    fig.tight_layout()
+    _layout(fig)
     return fig
 
 
