@@ -97,10 +97,34 @@ class _DerivativesDataSinkOutputSpec(TraitedSpec):
 class DerivativesDataSink(SimpleInterface):
     """Store one output under its BIDS-Derivatives name (atomic copy, optional sidecar).
 
+    Examples
+    --------
     >>> sink = DerivativesDataSink(base_directory="/out", space="dwi", model="dki",
     ...                            param="fa")
     >>> sink.inputs.suffix
     'dwimap'
+
+    Store a map made by any node of an existing pipeline under its BIDS-Derivatives name:
+
+    >>> import tempfile
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> _ = (tmp / "mk.nii.gz").write_bytes(b"any file")
+    >>> wf = pe.Workflow(name="my_pipeline", base_dir=str(tmp / "work"))
+    >>> fit = pe.Node(niu.IdentityInterface(fields=["mk_file"]), name="fit")
+    >>> fit.inputs.mk_file = str(tmp / "mk.nii.gz")
+    >>> ds_mk = pe.Node(DerivativesDataSink(base_directory=str(tmp / "out"), space="dwi",
+    ...                                     model="dki", param="mk",
+    ...                                     meta_dict={"Description": "mean kurtosis"}),
+    ...                 name="ds_mk")
+    >>> ds_mk.inputs.source_file = "/data/sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"
+    >>> wf.connect(fit, "mk_file", ds_mk, "in_file")
+    >>> _ = wf.run()
+    >>> sorted(p.relative_to(tmp / "out").as_posix() for p in (tmp / "out").rglob("*.*"))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_model-dki_param-mk_dwimap.json',
+     'sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz']
     """
 
     input_spec = _DerivativesDataSinkInputSpec

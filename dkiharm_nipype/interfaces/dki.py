@@ -107,6 +107,25 @@ class FitDKI(SimpleInterface):
     'sub-01_model-dki_param-mk_dwimap.nii.gz'
     >>> json.loads(Path(res.outputs.sidecar_files[4]).read_text())["FitMethod"]
     'IRLLS'
+
+    In an existing pipeline, after any preprocessing that gives a DWI series and a mask,
+    and before a sink of your own:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> preproc = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "mask"]),
+    ...                   name="preproc")
+    >>> fit_dki = pe.Node(FitDKI(method="wls", b_max=2000.0, n_threads=2), name="fit_dki",
+    ...                   n_procs=2)
+    >>> collect = pe.Node(niu.IdentityInterface(fields=["mk", "kfa"]), name="collect")
+    >>> wf.connect([
+    ...     (preproc, fit_dki, [("dwi", "dwi_file"), ("bval", "bval_file"),
+    ...                         ("bvec", "bvec_file"), ("mask", "mask_file")]),
+    ...     (fit_dki, collect, [("mk_file", "mk"), ("kfa_file", "kfa")]),
+    ... ])
+    >>> sorted(wf.inputs.fit_dki.get())  # what is left to set: the fit options only
+    ['b_max', 'constraints', 'method', 'n_threads', 'outlier_threshold']
     >>> os.chdir(cwd)
     """
 

@@ -91,9 +91,32 @@ class TrainHarmonizer(SimpleInterface):
 
     All subjects must share the target scanner's protocol, which is recorded in the card.
 
+    Examples
+    --------
     >>> train = TrainHarmonizer(scanner="A", epochs=50, seed=1)
     >>> train.inputs.hidden_channels, train.inputs.target_scaling
     (150, 'zscore')
+
+    In an existing pipeline: the training scans of one scanner and the reference maps
+    registered into each of them come in as lists (``label_files``: one list of eight maps
+    per scan), e.g. from ``Merge`` nodes; the outputs feed :class:`ApplyHarmonizer`.
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> scans = pe.Node(niu.IdentityInterface(fields=["dwis", "bvals", "bvecs", "masks",
+    ...                                               "labels"]), name="scans")
+    >>> train_a = pe.Node(TrainHarmonizer(scanner="A", epochs=30, device="cpu",
+    ...                                   samples_per_epoch=50_000), name="train_a")
+    >>> apply_a = pe.Node(ApplyHarmonizer(), name="apply_a")
+    >>> wf.connect([
+    ...     (scans, train_a, [("dwis", "dwi_files"), ("bvals", "bval_files"),
+    ...                       ("bvecs", "bvec_files"), ("masks", "mask_files"),
+    ...                       ("labels", "label_files")]),
+    ...     (train_a, apply_a, [("weights_file", "weights_file"), ("card_file", "card_file")]),
+    ... ])
+    >>> sorted({"weights_file", "card_file", "dwi_file"} & set(wf.inputs.apply_a.get()))
+    ['dwi_file']
     """
 
     input_spec = _TrainHarmonizerInputSpec
@@ -204,11 +227,27 @@ class ApplyHarmonizer(SimpleInterface):
     The scan's protocol is checked against the model card: a different protocol is
     refused, a near match (TE within 5 ms, b-values within 2.5 %, other matrix) warns.
 
+    Examples
+    --------
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'cpu')
     >>> sorted(apply.output_spec().get())[:4]
     ['out_ad', 'out_ak', 'out_fa', 'out_files']
+
+    In an existing pipeline, with a network trained by a group-level run (its
+    ``models/`` folder) and any preprocessing of a scan of that scanner:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> preproc = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "mask"]),
+    ...                   name="preproc")
+    >>> harmonize = pe.Node(ApplyHarmonizer(mc_samples=10), name="harmonize")
+    >>> wf.connect([(preproc, harmonize, [("dwi", "dwi_file"), ("bval", "bval_file"),
+    ...                                   ("bvec", "bvec_file"), ("mask", "mask_file")])])
+    >>> sorted(k for k in wf.inputs.harmonize.get() if k.endswith("_file"))  # still to set
+    ['card_file', 'sidecar_file', 'weights_file']
     """
 
     input_spec = _ApplyHarmonizerInputSpec

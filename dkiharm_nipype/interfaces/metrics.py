@@ -60,8 +60,39 @@ class _ComputeSNROutputSpec(TraitedSpec):
 class ComputeSNR(SimpleInterface):
     """SNR of one scan in a white-matter ROI (the paper's Table 3 measure).
 
+    Examples
+    --------
     >>> ComputeSNR(participant_id="sub-01", scanner="D").inputs.scanner
     'D'
+
+    On a scan whose b=0 signal is 100 in a white-matter ROI with a noise map of 5 (SNR 20,
+    i.e. 26 dB):
+
+    >>> import os, tempfile
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> dwi = np.concatenate([np.full((4, 4, 4, 2), 100.0), np.full((4, 4, 4, 2), 30.0)], -1)
+    >>> for name, data in [("sub-01_dwi.nii.gz", dwi), ("mask.nii.gz", np.ones((4, 4, 4))),
+    ...                    ("noise.nii.gz", np.full((4, 4, 4), 5.0))]:
+    ...     nb.Nifti1Image(data.astype("f4"), np.eye(4)).to_filename(name)
+    >>> np.savetxt("sub-01_dwi.bval", [[0, 0, 1000, 2000]])
+    >>> res = ComputeSNR(dwi_file="sub-01_dwi.nii.gz", bval_file="sub-01_dwi.bval",
+    ...                  brain_mask="mask.nii.gz", roi_file="mask.nii.gz",
+    ...                  noise_file="noise.nii.gz").run()
+    >>> round(res.outputs.snr_db, 2)
+    26.02
+
+    In an existing pipeline, after the fit that gives the FA and MD of the automatic ROI:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> fit = pe.Node(niu.IdentityInterface(fields=["fa_file", "md_file"]), name="fit")
+    >>> snr = pe.Node(ComputeSNR(scanner="D"), name="snr")
+    >>> wf.connect(fit, "fa_file", snr, "fa_file")
+    >>> wf.connect(fit, "md_file", snr, "md_file")
+    >>> sorted(k for k in wf.inputs.snr.get() if k.endswith("_file"))
+    ['bval_file', 'dwi_file', 'noise_file', 'roi_file']
+    >>> os.chdir(cwd)
     """
 
     input_spec = _ComputeSNRInputSpec

@@ -27,10 +27,30 @@ class DWI2Mask(MRTrix3Base, BrainMask):
     gradient inputs but, being a plain ``CommandLine``, cannot render ``-fslgrad``; a NIfTI
     DWI has no gradient table in its header, so ``dwi2mask`` needs it.
 
-    >>> mask = DWI2Mask(in_file='dwi.nii.gz', in_bvec='dwi.bvec', in_bval='dwi.bval',
-    ...                 out_file='brainmask.nii.gz')  # doctest: +SKIP
-    >>> mask.cmdline  # doctest: +SKIP
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> for name in ("dwi.nii.gz", "dwi.bvec", "dwi.bval"):
+    ...     _ = open(name, "w")
+    >>> mask = DWI2Mask(in_file="dwi.nii.gz", in_bvec="dwi.bvec", in_bval="dwi.bval",
+    ...                 out_file="brainmask.nii.gz")
+    >>> mask.cmdline
     'dwi2mask -fslgrad dwi.bvec dwi.bval dwi.nii.gz brainmask.nii.gz'
+
+    In an existing pipeline, after a node that gives the DWI and its gradient table:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec"]), name="source")
+    >>> brain_mask = pe.Node(DWI2Mask(out_file="brainmask.nii.gz", nthreads=2),
+    ...                      name="brain_mask")
+    >>> wf.connect([(source, brain_mask, [("dwi", "in_file"), ("bval", "in_bval"),
+    ...                                   ("bvec", "in_bvec")])])
+    >>> sorted({"in_file", "in_bval", "in_bvec"} & set(wf.inputs.brain_mask.get()))
+    []
+    >>> os.chdir(cwd)
     """
 
 
@@ -56,7 +76,31 @@ class _MeanB0OutputSpec(TraitedSpec):
 
 
 class MeanB0(SimpleInterface):
-    """Average the b=0 volumes of a DWI series."""
+    """Average the b=0 volumes of a DWI series.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> data = np.stack([np.full((2, 2, 2), v, "f4") for v in (100, 40, 110, 30)], -1)
+    >>> nb.Nifti1Image(data, np.eye(4)).to_filename("dwi.nii.gz")
+    >>> np.savetxt("dwi.bval", [[0, 1000, 5, 2000]])
+    >>> res = MeanB0(in_file="dwi.nii.gz", in_bval="dwi.bval").run()
+    >>> float(nb.load(res.outputs.out_file).get_fdata().mean())  # b=0 and b=5 volumes
+    105.0
+
+    In an existing pipeline, e.g. to give a registration its reference image:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> denoise = pe.Node(niu.IdentityInterface(fields=["out_file", "bval"]), name="denoise")
+    >>> mean_b0 = pe.Node(MeanB0(b0_threshold=50.0), name="mean_b0")
+    >>> wf.connect([(denoise, mean_b0, [("out_file", "in_file"), ("bval", "in_bval")])])
+    >>> sorted(wf.inputs.mean_b0.get())
+    ['b0_threshold']
+    >>> os.chdir(cwd)
+    """
 
     input_spec = _MeanB0InputSpec
     output_spec = _MeanB0OutputSpec
@@ -85,7 +129,31 @@ class _MedianOtsuMaskOutputSpec(TraitedSpec):
 
 
 class MedianOtsuMask(SimpleInterface):
-    """Brain mask of a mean b0 with DIPY's ``median_otsu``."""
+    """Brain mask of a mean b0 with DIPY's ``median_otsu``.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> zz, yy, xx = np.mgrid[:16, :16, :16]
+    >>> ball = ((xx - 8) ** 2 + (yy - 8) ** 2 + (zz - 8) ** 2 < 25).astype("f4")
+    >>> nb.Nifti1Image(100 * ball + 1, np.eye(4)).to_filename("b0.nii.gz")
+    >>> res = MedianOtsuMask(in_file="b0.nii.gz", median_radius=1).run()
+    >>> mask = nb.load(res.outputs.out_file).get_fdata() > 0
+    >>> int(mask.sum()), int((mask & (ball > 0)).sum()), int(ball.sum())  # inside the ball
+    (461, 461, 485)
+
+    In an existing pipeline, after :class:`MeanB0`:
+
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> mean_b0 = pe.Node(MeanB0(), name="mean_b0")
+    >>> brain_mask = pe.Node(MedianOtsuMask(numpass=2), name="brain_mask")
+    >>> wf.connect(mean_b0, "out_file", brain_mask, "in_file")
+    >>> "in_file" in wf.inputs.brain_mask.get()
+    False
+    >>> os.chdir(cwd)
+    """
 
     input_spec = _MedianOtsuMaskInputSpec
     output_spec = _MedianOtsuMaskOutputSpec
@@ -126,7 +194,42 @@ class _TopupEddyFilesOutputSpec(TraitedSpec):
 
 
 class TopupEddyFiles(SimpleInterface):
-    """Write ``acqparams.txt``, ``index.txt`` and TOPUP's merged b0s from BIDS metadata."""
+    """Write ``acqparams.txt``, ``index.txt`` and TOPUP's merged b0s from BIDS metadata.
+
+    See :func:`dkiharm_nipype.utils.fsl.write_topup_files`.
+
+    Examples
+    --------
+    Eddy's files for a series without reversed-PE fieldmap (no TOPUP):
+
+    >>> import os, tempfile
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> nb.Nifti1Image(np.ones((4, 4, 2, 3), "f4"), np.eye(4)).to_filename("dwi.nii.gz")
+    >>> np.savetxt("dwi.bval", [[0, 1000, 2000]])
+    >>> res = TopupEddyFiles(in_file="dwi.nii.gz", in_bval="dwi.bval", use_topup=False,
+    ...                      metadata={"PhaseEncodingDirection": "j-",
+    ...                                "TotalReadoutTime": 0.05}).run()
+    >>> open(res.outputs.acqparams).read().split()
+    ['0', '-1', '0', '0.05']
+    >>> open(res.outputs.index).read().split()
+    ['1', '1', '1']
+
+    In an existing pipeline, feeding FSL's Eddy (the node is built, not run):
+
+    >>> from nipype.interfaces import fsl, utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "meta"]), name="source")
+    >>> fsl_files = pe.Node(TopupEddyFiles(use_topup=False), name="fsl_files")
+    >>> eddy = pe.Node(fsl.Eddy(repol=True), name="eddy")
+    >>> wf.connect([
+    ...     (source, fsl_files, [("dwi", "in_file"), ("bval", "in_bval"), ("meta", "metadata")]),
+    ...     (fsl_files, eddy, [("acqparams", "in_acqp"), ("index", "in_index")]),
+    ... ])
+    >>> sorted({"in_acqp", "in_index"} & set(wf.inputs.eddy.get()))
+    []
+    >>> os.chdir(cwd)
+    """
 
     input_spec = _TopupEddyFilesInputSpec
     output_spec = _TopupEddyFilesOutputSpec

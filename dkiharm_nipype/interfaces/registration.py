@@ -88,6 +88,22 @@ class RegisterMaps(SimpleInterface):
     'fa_registered.nii.gz'
     >>> json.loads(open(res.outputs.report).read())["engine"]
     'none'
+
+    In an existing pipeline, to bring maps of one scan into the space of another
+    (e.g. an atlas FA to a subject's FA):
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> subject = pe.Node(niu.IdentityInterface(fields=["fa", "mask"]), name="subject")
+    >>> atlas = pe.Node(niu.IdentityInterface(fields=["fa", "labels"]), name="atlas")
+    >>> to_subject = pe.Node(RegisterMaps(engine="dipy-syn", num_threads=2), name="to_subject")
+    >>> wf.connect([
+    ...     (subject, to_subject, [("fa", "fixed_image"), ("mask", "fixed_mask")]),
+    ...     (atlas, to_subject, [("fa", "moving_image"), ("labels", "label_maps")]),
+    ... ])
+    >>> to_subject.inputs.engine, "label_maps" in wf.inputs.to_subject.get()
+    ('dipy-syn', False)
     >>> os.chdir(cwd)
     """
 
