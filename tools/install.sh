@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install dkiharm and its system tools on a Debian machine (run as root, from anywhere).
 #   bash tools/install.sh          # package + MRtrix3 + graphviz in ./.venv
-#   bash tools/install.sh --test   # ... plus the test and docs extras
+#   bash tools/install.sh --test   # ... plus the test and docs extras and Chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -12,6 +12,8 @@ command -v dwidenoise >/dev/null 2>&1 || need_apt+=(mrtrix3)
 command -v dot >/dev/null 2>&1 || need_apt+=(graphviz)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv python3-pip)
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
+# headless Chromium renders the HTML report in tests/test_report.py
+if [ -n "$extras" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[install] apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
