@@ -160,6 +160,8 @@ def fig_roi_nrmse(
                 if method is None:
                     continue
                 heights = [value.get((method, scanner, param, roi), np.nan) for roi in rois]
+                if not np.isfinite(heights).any():  # e.g. the reference scan's own raw fit
+                    continue
                 ax.bar(
                     offset, np.nan_to_num(heights), width=width * 0.9, color=color(s),
                     alpha=alpha, label=f"{scanner} {method}" if k == 0 else None,

@@ -437,11 +437,11 @@ def build_report(
     complete = sorted({r["subject"] for r in study.tables["cv"]})
     rep = representative or (complete[0] if complete else (study.subjects or [None])[0])
     rep = rep.removeprefix("sub-") if rep else rep
-    pages = {}
-    pages["report.html"] = _page(title, _group_body(study, rep, after))
+    panels = {s: _subject_panels(study, s, after) for s in study.subjects}
+    pages = {"report.html": _page(title, _group_body(study, rep, after, panels.get(rep)))}
     for subject in study.subjects:
         pages[f"sub-{subject}.html"] = _page(
-            f"{title}: sub-{subject}", _subject_body(study, subject, after)
+            f"{title}: sub-{subject}", _subject_body(study, subject, panels[subject])
         )
     written = []
     for name, text in pages.items():
@@ -465,7 +465,7 @@ def _summary(study: _Study) -> str:
     )
 
 
-def _group_body(study: _Study, rep: str | None, after: str | None) -> str:
+def _group_body(study: _Study, rep: str | None, after: str | None, panels=None) -> str:
     links = " ".join(f'<a href="sub-{s}.html">sub-{s}</a>' for s in study.subjects)
     parts = [_summary(study), f"<p>Subject pages: {links}</p>"]
     parts += [
@@ -476,12 +476,7 @@ def _group_body(study: _Study, rep: str | None, after: str | None) -> str:
     ]
     if rep is not None:
         parts.append(f"<p class='note'>Figures 2-5 and 9 show sub-{html.escape(rep)}.</p>")
-        parts += [
-            figure_maps(study, rep, [m for m in (BEFORE, after) if m]),
-            figure_cv(study, rep),
-            figure_roi_nrmse(study, rep, after),
-            figure_scanrescan(study, rep, after),
-        ]
+        parts += panels or _subject_panels(study, rep, after)
     exp = study.experiments
     parts.append(
         _figure("fig-trainsize", F.fig_trainsize(exp["trainsize"], params=study.params))
@@ -508,15 +503,22 @@ def _group_body(study: _Study, rep: str | None, after: str | None) -> str:
     return "".join(parts)
 
 
-def _subject_body(study: _Study, subject: str, after: str | None) -> str:
+def _subject_panels(study: _Study, subject: str, after: str | None) -> list[str]:
+    """Figs. 2-5 of one subject (drawn once, shown on its page and maybe the group page)."""
+    return [
+        figure_maps(study, subject, [m for m in (BEFORE, after) if m]),
+        figure_cv(study, subject),
+        figure_roi_nrmse(study, subject, after),
+        figure_scanrescan(study, subject, after),
+    ]
+
+
+def _subject_body(study: _Study, subject: str, panels: list[str]) -> str:
     parts = [
         '<p><a href="report.html">back to the group report</a></p>',
         table_cv(study, [subject]),
         table_nrmse(study, [subject]),
         table_scanrescan(study, [subject]),
-        figure_maps(study, subject, [m for m in (BEFORE, after) if m]),
-        figure_cv(study, subject),
-        figure_roi_nrmse(study, subject, after),
-        figure_scanrescan(study, subject, after),
+        *panels,
     ]
     return "".join(parts)
