@@ -178,6 +178,11 @@ def read_roi_table(path: str | Path) -> dict[int, str]:
         ) from None
 
 
+def run_key(run: str) -> tuple:
+    """Sort key of run labels: numbers in numeric order (``2`` before ``10``), then text."""
+    return (0, int(run), "") if str(run).isdigit() else (1, 0, str(run))
+
+
 def _same_grid(img: nb.spatialimages.SpatialImage, ref: nb.spatialimages.SpatialImage) -> bool:
     return img.shape[:3] == ref.shape[:3] and np.allclose(
         img.affine, ref.affine, atol=VOXEL_TOLERANCE_MM
@@ -186,9 +191,9 @@ def _same_grid(img: nb.spatialimages.SpatialImage, ref: nb.spatialimages.Spatial
 
 def _grid_error(what: str, path, ref_path, img, ref) -> EvaluationInputError:
     return EvaluationInputError(
-        f"The {what} {path} is on a {img.shape[:3]} grid with another affine than the "
-        f"reference scan's map {ref_path} {ref.shape[:3]}; resample it into the reference "
-        "scan's space (the evaluation's common space) first."
+        f"The {what} {path} ({img.shape[:3]} voxels) is not on the voxel grid of the "
+        f"reference scan's map {ref_path} ({ref.shape[:3]} voxels, or another affine); "
+        "resample it into the reference scan's space (the evaluation's common space) first."
     )
 
 
@@ -315,7 +320,7 @@ def evaluate_study(
     plans = []
     # validate everything first: an error leaves nothing behind
     for subject in sorted(by_subject):
-        subject_scans = sorted(by_subject[subject], key=lambda s: (s.scanner, int(s.run)))
+        subject_scans = sorted(by_subject[subject], key=lambda s: (s.scanner, run_key(s.run)))
         refs = [s for s in subject_scans if s.scanner == reference]
         present = {s.scanner for s in subject_scans}
         if not refs:
@@ -606,7 +611,7 @@ def _align_subject(
 
 
 def _first_run(aligned, method: str, scanner: str) -> str | None:
-    runs = sorted((r for m, s, r in aligned if m == method and s == scanner), key=int)
+    runs = sorted((r for m, s, r in aligned if m == method and s == scanner), key=run_key)
     return runs[0] if runs else None
 
 

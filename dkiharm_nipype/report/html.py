@@ -27,6 +27,7 @@ from ..evaluation import (
     TABLE_FILES,
     WM,
     read_tsv,
+    run_key,
 )
 from ..interfaces.bids import atomic_write_text
 from ..metrics import snr_matrix
@@ -261,7 +262,7 @@ def _first_runs(rows) -> dict[tuple[str, str], str]:
     first: dict[tuple[str, str], str] = {}
     for r in rows:
         key = (r["subject"], r["scanner"])
-        first[key] = min(first.get(key, r["run"]), r["run"], key=int)
+        first[key] = min(first.get(key, r["run"]), r["run"], key=run_key)
     return first
 
 
@@ -310,7 +311,7 @@ def figure_maps(study: _Study, subject: str, methods: Sequence[str], fig_id="fig
         return _missing(fig_id, f"no registered maps of sub-{subject} (evaluation save_maps)")
     first = {}
     for method, scanner, run, _ in paths:
-        if (method, scanner) not in first or int(run) < int(first[(method, scanner)]):
+        if (method, scanner) not in first or run_key(run) < run_key(first[(method, scanner)]):
             first[(method, scanner)] = run
     maps = defaultdict(dict)
     for (method, scanner, run, param), path in paths.items():
@@ -341,7 +342,7 @@ def figure_roi_nrmse(study: _Study, subject: str, after: str | None) -> str:
     run_one = {}
     for r in rows:
         key = (r["method"], r["scanner"])
-        run_one[key] = min(run_one.get(key, r["run"]), r["run"], key=int)
+        run_one[key] = min(run_one.get(key, r["run"]), r["run"], key=run_key)
     rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]]
     rois = [roi for roi in study.rois if any(r["roi"] == roi for r in rows)]
     fig = F.fig_roi_nrmse(
@@ -355,7 +356,7 @@ def figure_scanrescan(study: _Study, subject: str, after: str | None) -> str:
     repeated = {}
     for method, scanner, run, _ in paths:
         repeated.setdefault((method, scanner), set()).add(run)
-    pairs = {k: sorted(v, key=int)[:2] for k, v in repeated.items() if len(v) > 1}
+    pairs = {k: sorted(v, key=run_key)[:2] for k, v in repeated.items() if len(v) > 1}
     if not pairs:
         return _missing("fig-scanrescan", f"no scanner has repeated runs of sub-{subject}")
     labels = study.image("atlas", subject)
