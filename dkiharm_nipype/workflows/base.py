@@ -26,6 +26,32 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
     ``staging_dir`` (inside the work directory) and the caller publishes them into
     ``output_dir`` once the run has succeeded. ``workflow`` is ``None`` when there is
     nothing to run.
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), participant_label=["01"])
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="participant", work_dir=Path("/tmp/work"),
+    ...                    preproc="mrtrix")
+    >>> workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+    >>> workflow.base_dir, staging.parent
+    ('/tmp/work', PosixPath('/tmp/work/derivatives_staging'))
+    >>> sorted({n.split(".")[0] for n in workflow.list_node_names()})  # one per run
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['sub_01_ses_A_run_1_wf', 'sub_01_ses_A_run_2_wf', 'sub_01_ses_C_run_1_wf',
+     'sub_01_ses_D_run_1_wf']
+
+    Nested in a study workflow of your own, a step can read each scan's outputs:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> study_wf = pe.Workflow(name="my_study")
+    >>> qc = pe.Node(niu.IdentityInterface(fields=["snr"]), name="qc")
+    >>> study_wf.connect(workflow, "sub_01_ses_D_run_1_wf.outputnode.snr_tsv", qc, "snr")
+    >>> "qc" in study_wf.list_node_names()
+    True
     """
     # one staging folder per selection, so that a run publishes only its own outputs even
     # when several runs (participant and group levels, other subjects) share the work dir
@@ -59,7 +85,33 @@ def init_participant_wf(
     config: RunConfig,
     name: str = "dkiharm_wf",
 ) -> pe.Workflow:
-    """Preprocess and fit DKI for every selected scan (one sub-workflow per run)."""
+    """Preprocess and fit DKI for every selected scan (one sub-workflow per run).
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), participant_label=["02"],
+    ...                       session_label=["C", "D"])
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="participant", work_dir=Path("work"),
+    ...                    preproc="mrtrix", fit_method="wls")
+    >>> participant_wf = init_participant_wf(scans=scans, staging_dir=Path("staging"),
+    ...                                      config=config)
+    >>> participant_wf.get_node("sub_02_ses_D_run_1_wf.dki_fit_wf.fit").inputs.method
+    'wls'
+
+    Nested in a study workflow of your own, next to other steps:
+
+    >>> study_wf = pe.Workflow(name="my_study")
+    >>> from nipype.interfaces import utility as niu
+    >>> tract_stats = pe.Node(niu.IdentityInterface(fields=["mk"]), name="tract_stats")
+    >>> study_wf.connect(participant_wf, "sub_02_ses_D_run_1_wf.outputnode.maps",
+    ...                  tract_stats, "mk")
+    >>> len(study_wf.list_node_names()) > 40
+    True
+    """
     from .dki import init_scan_wf
     from .preproc import resolve_preproc
 
@@ -131,7 +183,30 @@ def _add_harmonization(workflow, scan_wf, scan, staging_dir, config) -> None:
 def init_group_wf(
     *, scans: list[DWIScan], staging_dir: Path, config: RunConfig, name: str = "dkiharm_wf"
 ) -> pe.Workflow:
-    """Group level: see :func:`dkiharm_nipype.workflows.harmonize.init_group_wf`."""
+    """Group level: see :func:`dkiharm_nipype.workflows.harmonize.init_group_wf`.
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), session_label=["C", "D"])
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="group", work_dir=Path("work"), preproc="mrtrix",
+    ...                    registration="none", reference_scanner="D")
+    >>> group_wf = init_group_wf(scans=scans, staging_dir=Path("staging"), config=config)
+    >>> sorted(n for n in group_wf.list_node_names() if n.endswith(".register"))
+    ['labels_sub_02_ses_C_run_1_wf.register', 'labels_sub_02_ses_D_run_1_wf.register']
+
+    A step of your own can follow the reference choice (the scanner name, at run time):
+
+    >>> from nipype.interfaces import utility as niu
+    >>> study_wf = pe.Workflow(name="my_study")
+    >>> log_reference = pe.Node(niu.IdentityInterface(fields=["scanner"]), name="log_reference")
+    >>> study_wf.connect(group_wf, "reference.reference", log_reference, "scanner")
+    >>> group_wf.get_node("reference").inputs.override
+    'D'
+    """
     from .harmonize import init_group_wf as init_harmonization_wf
 
     return init_harmonization_wf(scans=scans, staging_dir=staging_dir, config=config, name=name)

@@ -70,6 +70,25 @@ def init_dki_fit_wf(
         Share of volumes rejected per voxel by IRLLS.
     snr_tsv
         One-row SNR table of the scan.
+
+    Examples
+    --------
+    After your own preprocessing (the SNR is measured on the raw series):
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> preproc = pe.Node(niu.IdentityInterface(fields=["raw", "dwi", "bval", "bvec", "mask"]),
+    ...                   name="preproc")
+    >>> fit_wf = init_dki_fit_wf(fit_method="wls", b_max=2000.0)
+    >>> fit_wf.inputs.inputnode.snr_info = {"participant_id": "sub-01", "session": "A",
+    ...                                     "run": "1", "scanner": "A"}
+    >>> wf.connect([(preproc, fit_wf, [
+    ...     ("dwi", "inputnode.dwi_file"), ("bval", "inputnode.bval_file"),
+    ...     ("bvec", "inputnode.bvec_file"), ("mask", "inputnode.mask_file"),
+    ...     ("raw", "inputnode.raw_dwi_file"), ("bval", "inputnode.raw_bval_file")])])
+    >>> sorted(fit_wf.list_node_names())
+    ['fit', 'inputnode', 'outputnode', 'snr', 'snr_fields']
+    >>> fit_wf.get_node("fit").inputs.method, fit_wf.get_node("fit").inputs.b_max
+    ('wls', 2000.0)
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -189,6 +208,31 @@ def init_scan_wf(
         See :func:`~dkiharm_nipype.workflows.preproc.init_dwi_preproc_wf`.
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scan = collect_scans(load_layout(bids_dir), participant_label=["01"],
+    ...                      session_label=["D"])[0]
+    >>> scan_wf = init_scan_wf(scan=scan, staging_dir=Path("derivatives"), preproc="mrtrix",
+    ...                        fit_method="irlls", name="scan_wf")
+    >>> scan_wf.inputs.inputnode.dwi_file == str(scan.dwi)
+    True
+    >>> sorted(n for n in scan_wf.list_node_names() if n.startswith("ds_"))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    ['ds_ad', 'ds_ak', 'ds_bval', 'ds_bvec', 'ds_dwi', 'ds_fa', 'ds_kfa', 'ds_mask', 'ds_md',
+     'ds_mk', 'ds_outlierfraction', 'ds_rd', 'ds_rk', 'ds_snr']
+
+    Its outputs feed steps of your own, in a larger workflow:
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> tbss = pe.Node(niu.IdentityInterface(fields=["fa", "mask"]), name="tbss")
+    >>> wf.connect([(scan_wf, tbss, [("outputnode.fa_file", "fa"),
+    ...                              ("outputnode.mask_file", "mask")])])
+    >>> len(wf.list_node_names()) > 30
+    True
     """
     # float32 size of the series: the memory estimate that lets MultiProc schedule scans
     mem_gb = max(0.1, 4 * float(np.prod(nb.load(str(scan.dwi)).shape)) / 1024**3)

@@ -119,6 +119,31 @@ def init_group_wf(
         The run's options (only this factory and :mod:`.base` read it).
     name : str
         Workflow name; the same as the participant level's so caches are shared.
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> from dkiharm_nipype.config import RunConfig
+    >>> scans = collect_scans(load_layout(bids_dir), session_label=["C", "D"])
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="group", work_dir=Path("work"), preproc="mrtrix",
+    ...                    registration="dipy-syn", epochs=20, reference_scanner="D")
+    >>> group_wf = init_group_wf(scans=scans, staging_dir=Path("staging"), config=config)
+    >>> names = group_wf.list_node_names()
+    >>> sorted(n for n in names if n in ("reference", "plan", "train_C", "train_D"))
+    ['plan', 'reference', 'train_C', 'train_D']
+    >>> group_wf.get_node("train_C").inputs.epochs
+    20
+
+    Nested in a larger workflow, a step of your own can wait for a trained network:
+
+    >>> wf = pe.Workflow(name="my_study")
+    >>> notify = pe.Node(niu.IdentityInterface(fields=["weights"]), name="notify")
+    >>> wf.connect(group_wf, "train_C.weights_file", notify, "weights")
+    >>> "notify" in wf.list_node_names()
+    True
     """
     from ..registration import resolve_engine
 
@@ -385,6 +410,19 @@ def init_labels_wf(
     -------
     registered_maps
         The eight maps on the fixed grid, in ``ALL_METRICS`` order.
+
+    Examples
+    --------
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> pair = pe.Node(niu.IdentityInterface(fields=["target_fa", "ref_fa", "ref_maps",
+    ...                                              "ref_mask"]), name="pair")
+    >>> labels_wf = init_labels_wf(engine="dipy-syn")
+    >>> labels_wf.inputs.inputnode.engine = "dipy-syn"
+    >>> wf.connect([(pair, labels_wf, [
+    ...     ("target_fa", "inputnode.fixed_image"), ("ref_fa", "inputnode.moving_image"),
+    ...     ("ref_maps", "inputnode.moving_maps"), ("ref_mask", "inputnode.moving_mask")])])
+    >>> sorted(labels_wf.list_node_names())
+    ['inputnode', 'outputnode', 'register']
     """
     from ..registration import resolve_engine
     from .registration import init_label_registration_wf
@@ -452,6 +490,29 @@ def init_apply_wf(
         The preprocessed scan.
     weights_file, card_file
         The scanner's trained network.
+
+    Examples
+    --------
+    ``bids_dir`` is the root of a BIDS dataset, e.g. ``dkiharm-phantom DIR --preset tiny``:
+
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> from dkiharm_nipype.config import RunConfig
+    >>> scan = collect_scans(load_layout(bids_dir), participant_label=["02"],
+    ...                      session_label=["C"])[0]
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="participant", work_dir=Path("work"), mc_samples=10)
+    >>> apply_wf = init_apply_wf(scan=scan, staging_dir=Path("staging"), config=config)
+    >>> apply_wf.inputs.inputnode.weights_file = "models/scanner-C_harmonizer.safetensors"
+    >>> apply_wf.inputs.inputnode.card_file = "models/scanner-C_harmonizer.json"
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> preproc = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "mask"]),
+    ...                   name="preproc")
+    >>> wf.connect([(preproc, apply_wf, [
+    ...     ("dwi", "inputnode.dwi_file"), ("bval", "inputnode.bval_file"),
+    ...     ("bvec", "inputnode.bvec_file"), ("mask", "inputnode.mask_file")])])
+    >>> sinks = [n for n in apply_wf.list_node_names() if n.startswith("ds_")]
+    >>> len(sinks), sorted(sinks)[:2]  # eight maps and, with MC dropout, eight std maps
+    (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(

@@ -155,6 +155,33 @@ def init_dwi_preproc_wf(
         Mean b=0 image of the preprocessed series.
     noise_file
         Noise level map (sigma) estimated by ``dwidenoise``; undefined with ``none``.
+
+    Examples
+    --------
+    In front of a fit of your own:
+
+    >>> from dkiharm_nipype.interfaces.dki import FitDKI
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "meta"]),
+    ...                  name="source")
+    >>> preproc_wf = init_dwi_preproc_wf(preproc="mrtrix", mask_method="median_otsu",
+    ...                                  omp_nthreads=2)
+    >>> preproc_wf.inputs.inputnode.fmap_epi_files = []
+    >>> preproc_wf.inputs.inputnode.fmap_metadata = []
+    >>> fit = pe.Node(FitDKI(), name="fit")
+    >>> wf.connect([
+    ...     (source, preproc_wf, [("dwi", "inputnode.dwi_file"),
+    ...                           ("bval", "inputnode.bval_file"),
+    ...                           ("bvec", "inputnode.bvec_file"),
+    ...                           ("meta", "inputnode.metadata")]),
+    ...     (preproc_wf, fit, [("outputnode.dwi_file", "dwi_file"),
+    ...                        ("outputnode.bval_file", "bval_file"),
+    ...                        ("outputnode.bvec_file", "bvec_file"),
+    ...                        ("outputnode.mask_file", "mask_file")]),
+    ... ])
+    >>> sorted(preproc_wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
+    ['degibbs', 'denoise', 'inputnode', 'mask_wf.brain_mask', 'mask_wf.inputnode',
+     'mask_wf.mean_b0', 'mask_wf.outputnode', 'outputnode', 'slice_axes']
     """
     if mask_method not in MASK_METHODS:
         raise DkiharmInputError(
@@ -347,6 +374,35 @@ def init_dwi_mask_wf(
         Binary brain mask.
     b0_file
         Mean of the b=0 volumes.
+
+    Examples
+    --------
+    Built and run on a small synthetic series:
+
+    >>> import os, tempfile
+    >>> import nibabel as nb, numpy as np
+    >>> cwd = os.getcwd(); os.chdir(tempfile.mkdtemp())
+    >>> zz, yy, xx = np.mgrid[:16, :16, :16]
+    >>> ball = ((xx - 8) ** 2 + (yy - 8) ** 2 + (zz - 8) ** 2 < 25).astype("f4")
+    >>> dwi = np.stack([100 * ball + 1, 100 * ball + 1, 40 * ball + 1], -1)
+    >>> nb.Nifti1Image(dwi, np.eye(4)).to_filename("dwi.nii.gz")
+    >>> np.savetxt("dwi.bval", [[0, 0, 1000]])
+    >>> np.savetxt("dwi.bvec", [[0, 0, 1], [0, 0, 0], [0, 0, 0]])
+    >>> mask_wf = init_dwi_mask_wf(mask_method="median_otsu")
+    >>> wf = pe.Workflow(name="my_pipeline", base_dir=os.getcwd())
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec"]), name="source")
+    >>> source.inputs.dwi = os.path.abspath("dwi.nii.gz")
+    >>> source.inputs.bval = os.path.abspath("dwi.bval")
+    >>> source.inputs.bvec = os.path.abspath("dwi.bvec")
+    >>> wf.connect([(source, mask_wf, [("dwi", "inputnode.dwi_file"),
+    ...                                ("bval", "inputnode.bval_file"),
+    ...                                ("bvec", "inputnode.bvec_file")])])
+    >>> result = wf.run()
+    >>> node = next(n for n in result.nodes() if n.name == "brain_mask")
+    >>> mask = nb.load(node.result.outputs.out_file).get_fdata() > 0
+    >>> int(mask.sum()), int((mask & (ball > 0)).sum()), int(ball.sum())  # inside the ball
+    (341, 341, 485)
+    >>> os.chdir(cwd)
     """
     if mask_method not in MASK_METHODS:
         raise DkiharmInputError(

@@ -79,6 +79,24 @@ def init_label_registration_wf(
     ------
     UnknownEngineError, FNIRTNotFoundError, EngineNotAvailableError
         At build time, if ``engine`` is unknown or its software is missing.
+
+    Examples
+    --------
+    Bring an atlas's maps and mask into a subject's DWI space, in a larger workflow:
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> subject = pe.Node(niu.IdentityInterface(fields=["fa"]), name="subject")
+    >>> atlas = pe.Node(niu.IdentityInterface(fields=["fa", "maps", "mask"]), name="atlas")
+    >>> reg_wf = init_label_registration_wf(engine="dipy-syn", omp_nthreads=2, seed=1)
+    >>> wf.connect([
+    ...     (subject, reg_wf, [("fa", "inputnode.fixed_image")]),
+    ...     (atlas, reg_wf, [("fa", "inputnode.moving_image"), ("maps", "inputnode.moving_maps"),
+    ...                      ("mask", "inputnode.moving_mask")]),
+    ... ])
+    >>> sorted(reg_wf.list_node_names())
+    ['first_label', 'inputnode', 'mask_list', 'outputnode', 'register_maps']
+    >>> reg_wf.get_node("register_maps").inputs.engine
+    'dipy-syn'
     """
     engine = resolve_engine(engine)
     workflow = pe.Workflow(name=name)
