@@ -98,11 +98,15 @@ def test_group_page_tables(report):
     assert "sub-02 excluded from cv" in text
 
 
-def test_missing_experiments_are_labelled(evaluated, tmp_path):
+def test_missing_experiments_are_labelled_interface(evaluated, tmp_path):
     empty = tmp_path / "no-experiments"
     empty.mkdir()
-    pages = build_report(evaluated, tmp_path / "html", experiment_dir=empty)
-    text = pages[0].read_text()
+    from dkiharm_nipype.interfaces.evaluation import HarmonizationReport
+
+    node = HarmonizationReport(tsv_dir=str(evaluated), experiment_dir=str(empty))
+    outputs = node.run(cwd=str(tmp_path)).outputs
+    assert [Path(p).name for p in outputs.subject_pages] == ["sub-01.html", "sub-02.html"]
+    text = Path(outputs.report).read_text()
     for fig_id, name in (
         ("fig-trainsize", "trainsize"),
         ("fig-leavepout", "leavepout"),
