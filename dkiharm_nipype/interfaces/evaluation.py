@@ -54,8 +54,28 @@ class _EvaluateHarmonizationOutputSpec(TraitedSpec):
 class EvaluateHarmonization(SimpleInterface):
     """CV, NRMSE-to-reference and scan-rescan NRMSE of every method on every subject.
 
+    Each entry of ``scans`` names one scan and its maps per method, e.g.
+    ``{"subject": "01", "scanner": "A", "run": "1", "maps": {"before": {"fa": ..., "md":
+    ..., "mk": ...}, "dl": {"mk": ...}}}`` (see :func:`~dkiharm_nipype.evaluation.
+    evaluate_study`).
+
+    Examples
+    --------
     >>> EvaluateHarmonization(reference="D", engine="none").inputs.engine
     'none'
+
+    In an existing pipeline, the scans gathered by an upstream node, then the report:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> gather = pe.Node(niu.IdentityInterface(fields=["scans", "atlas"]), name="gather")
+    >>> evaluate = pe.Node(EvaluateHarmonization(reference="D"), name="evaluate")
+    >>> report = pe.Node(HarmonizationReport(), name="report")
+    >>> wf.connect([(gather, evaluate, [("scans", "scans"), ("atlas", "roi_atlas")]),
+    ...             (evaluate, report, [("out_dir", "tsv_dir")])])
+    >>> sorted(wf.get_node("evaluate").inputs.get())[:3]
+    ['engine', 'num_threads', 'params']
     """
 
     input_spec = _EvaluateHarmonizationInputSpec
@@ -112,7 +132,23 @@ class _HarmonizationReportOutputSpec(TraitedSpec):
 
 
 class HarmonizationReport(SimpleInterface):
-    """The self-contained HTML report (:func:`dkiharm_nipype.report.html.build_report`)."""
+    """The self-contained HTML report (:func:`dkiharm_nipype.report.html.build_report`).
+
+    Examples
+    --------
+    After the evaluation, with the SNR table of the participant level:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> evaluate = pe.Node(EvaluateHarmonization(reference="D"), name="evaluate")
+    >>> snr = pe.Node(niu.IdentityInterface(fields=["snr_tsv"]), name="snr")
+    >>> report = pe.Node(HarmonizationReport(representative="01"), name="report")
+    >>> wf.connect([(evaluate, report, [("out_dir", "tsv_dir")]),
+    ...             (snr, report, [("snr_tsv", "snr_tsv")])])
+    >>> report.inputs.representative
+    '01'
+    """
 
     input_spec = _HarmonizationReportInputSpec
     output_spec = _HarmonizationReportOutputSpec
