@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nb
 import numpy as np
 import pytest
+import torch
 from dipy.core.gradients import gradient_table
 from dipy.data import get_fnames
 from dipy.reconst.dki import DiffusionKurtosisModel
@@ -59,14 +60,25 @@ def signals(scheme, truth):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("constraints", [False, True])
-def test_noise_free_recovery(scheme, truth, signals, method, constraints):
-    """Noise-free signals give back the true tensors to < 1e-6 relative error."""
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-6), (torch.float32, 1e-3)])
+def test_noise_free_recovery(scheme, truth, signals, method, constraints, dtype, tol):
+    """Noise-free signals give back the true tensors: < 1e-6 relative error in float64,
+    < 1e-3 with the default float32 solves."""
     bvals, bvecs = scheme
     dt, kt = truth
-    fit = fit_dki(signals[0], bvals, bvecs, method=method, constraints=constraints)
-    assert np.abs(fit.dt - dt).max() / np.abs(dt).max() < 1e-6
-    assert np.abs(fit.kt - kt).max() / np.abs(kt).max() < 1e-6
-    np.testing.assert_allclose(fit.s0, 1000.0, rtol=1e-6)
+    # The synthetic tensors reach K(n) = 3.1, above the default plausible range [0, 3].
+    fit = fit_dki(
+        signals[0],
+        bvals,
+        bvecs,
+        method=method,
+        constraints=constraints,
+        dtype=dtype,
+        kurtosis_range=(0.0, 10.0),
+    )
+    assert np.abs(fit.dt - dt).max() / np.abs(dt).max() < tol
+    assert np.abs(fit.kt - kt).max() / np.abs(kt).max() < tol
+    np.testing.assert_allclose(fit.s0, 1000.0, rtol=tol)
     assert fit.outlier_fraction.max() == 0
 
 
@@ -130,7 +142,7 @@ def test_wls_agrees_with_dipy_on_synthetic(scheme, signals):
     """Same WLS as dipy: maps agree to 1e-8 relative (MK to 1e-8 with dipy's Carlson)."""
     bvals, bvecs = scheme
     noisy = signals[1][:500]
-    fit = fit_dki(noisy, bvals, bvecs, method="wls")
+    fit = fit_dki(noisy, bvals, bvecs, method="wls", dtype=torch.float64)
     ours = fit.metrics()
     ours["mk"] = fit.metrics(("mk",), dipy_compat=True)["mk"]
     _assert_agree(ours, _dipy_maps(noisy, bvals, bvecs), np.ones(500, bool), 1e-8)
@@ -145,7 +157,7 @@ def test_wls_agrees_with_dipy_on_small_101D():
     data = np.asanyarray(nb.load(fdata).dataobj, dtype=np.float64)
     bvals, bvecs = np.loadtxt(fbval), np.loadtxt(fbvec)
     mask = data[..., 0] > 0
-    fit = fit_dki(data, bvals, bvecs, method="wls", mask=mask)
+    fit = fit_dki(data, bvals, bvecs, method="wls", mask=mask, dtype=torch.float64)
     ours = fit.metrics()
     ours["mk"] = fit.metrics(("mk",), dipy_compat=True)["mk"]
     _assert_agree(ours, _dipy_maps(data, bvals, bvecs.T, mask), mask, 1e-5)
@@ -155,7 +167,8 @@ def test_wls_agrees_with_dipy_on_small_101D():
 
 
 def test_constraints_give_plausible_maps(scheme, signals):
-    """The projection keeps MK in [0, 10] and halves the implausible voxels at SNR 10."""
+    """The projection keeps MK in [0, 3]: a third of the voxels are implausible at SNR 10
+    without it, none with it."""
     bvals, bvecs = scheme
     rng = np.random.default_rng(5)
     clean = signals[0]
@@ -165,8 +178,8 @@ def test_constraints_give_plausible_maps(scheme, signals):
     con = fit_dki(noisy, bvals, bvecs, method="wls", constraints=True).metrics(("mk", "md"))
     implausible_free = ((free < 0) | (free > 3)).sum()
     assert implausible_free > 0.05 * free.size
-    assert ((con["mk"] < -1e-6) | (con["mk"] > 10)).sum() == 0
-    assert ((con["mk"] < 0) | (con["mk"] > 3)).sum() < 0.5 * implausible_free
+    # K(n) is bounded on 64 directions; MK, its spherical mean, stays in [0, 3] (+ 1 %).
+    assert ((con["mk"] < -1e-6) | (con["mk"] > 3.03)).sum() == 0
     assert (con["md"] > 0).all()
 
 
@@ -177,7 +190,7 @@ def test_mask_chunks_and_images(scheme, signals):
     image = noisy.reshape(4, 5, 6, -1)
     mask = np.zeros((4, 5, 6), dtype=bool)
     mask[1:3] = True
-    flat = fit_dki(noisy, bvals, bvecs)
-    fit = fit_dki(image, bvals, bvecs, mask=mask, chunk_size=7)
+    flat = fit_dki(noisy, bvals, bvecs, dtype=torch.float64)
+    fit = fit_dki(image, bvals, bvecs, mask=mask, chunk_size=7, dtype=torch.float64, n_threads=2)
     np.testing.assert_allclose(fit.kt[mask], flat.kt.reshape(4, 5, 6, 15)[mask], rtol=1e-9)
     assert (fit.kt[~mask] == 0).all() and fit.metrics()["mk"].shape == (4, 5, 6)
