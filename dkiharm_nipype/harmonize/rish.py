@@ -3,8 +3,11 @@
 Rotation-invariant spherical-harmonic features (Mirzaalian et al. 2016, *NeuroImage*
 135:311; Cetin Karayumak et al. 2019, *NeuroImage* 184:180): on each shell the
 b0-normalized signal ``S / S0`` is fitted with DIPY's real, symmetric SH basis
-(``descoteaux07``, orthonormal) of even orders up to ``lmax``, with the Laplace-Beltrami
-regularization of DIPY's ``QballModel`` (lambda = 0.006). The RISH feature of order
+(``descoteaux07``, orthonormal) of even orders up to ``lmax`` by plain least squares
+(DIPY ``sf_to_sh``'s default, ``smooth=0``). A Laplace-Beltrami weight (0.006 in
+``QballModel``) would shrink order ``l`` by a factor that depends on the direction count
+(l = 4 halved with 30 directions), so scale maps between protocols with different counts
+would learn the estimator rather than the scanner. The RISH feature of order
 ``l`` is the energy ``sum_m c_lm^2``, invariant to rotations of the signal on the
 sphere. ``lmax`` follows the direction count as in dMRIharmonization: the largest even
 order with at most as many coefficients as directions (6 -> 2, 15 -> 4, 28 -> 6, 45 -> 8),
@@ -54,8 +57,8 @@ from .commonspace import build_common_space
 #: Shells whose b-values differ by at most this (s/mm^2) are the same shell.
 B_TOLERANCE = 100.0
 
-#: DIPY QballModel's Laplace-Beltrami regularization weight.
-SH_SMOOTH = 0.006
+#: Laplace-Beltrami regularization weight of the SH fit (0: least squares; see above).
+SH_SMOOTH = 0.0
 
 #: Floor of the resynthesized ``S / S0`` (below CSF's ``exp(-2000 * 3e-3)``).
 MIN_NORMALIZED_SIGNAL = 1e-3

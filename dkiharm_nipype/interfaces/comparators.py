@@ -254,7 +254,7 @@ class TrainRISH(SimpleInterface):
             work_dir=runtime.cwd,
         )
         paths = [
-            fname_presuffix(inputs.out_name + suffix, newpath=runtime.cwd, use_ext=False)
+            fname_presuffix(inputs.out_name + suffix, newpath=runtime.cwd)
             for suffix in ("_scales.nii.gz", "_template.nii.gz", "_card.json")
         ]
         model.save(*paths)
