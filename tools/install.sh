@@ -14,6 +14,8 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3 python3-venv python3-pi
 python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 # headless Chromium renders the HTML report in tests/test_report.py
 if [ -n "$extras" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
+# a single-node Slurm cluster for tests/test_slurm.py (started by tools/slurm/start.sh)
+if [ -n "$extras" ]; then [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm munge); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[install] apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
