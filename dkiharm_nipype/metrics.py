@@ -116,7 +116,7 @@ def nrmse(estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None =
     """Root-mean-square error normalised by the mean absolute reference value in ``mask``.
 
     This is the paper's NRMSE-to-reference (and, between two repeats, its scan-rescan
-    NRMSE): sqrt(mean((x - r)^2)) / mean(|r|) over the voxels of ``mask`` (all finite
+    NRMSE): ``sqrt(mean((x - r)^2)) / mean(|r|)`` over the voxels of ``mask`` (all finite
     voxels when ``mask`` is None).
     """
     estimate, reference = np.asarray(estimate, float), np.asarray(reference, float)
