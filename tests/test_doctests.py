@@ -32,19 +32,9 @@ def _module_name(path: Path) -> str:
 MODULES = sorted(
     _module_name(p) for p in PACKAGE.rglob("*.py") if ">>>" in p.read_text(encoding="utf-8")
 )
-XFAIL = {
-    "dkiharm_nipype.dki.fit": "fit_dki example: float32 IRLLS misses one noise-free voxel "
-    "(kt error 2.1 on voxel 0); reported, owned by the DKI fit",
-}
 
 
-def _params():
-    for name in MODULES:
-        marks = [pytest.mark.xfail(strict=False, reason=XFAIL[name])] if name in XFAIL else []
-        yield pytest.param(name, marks=marks, id=name.removeprefix("dkiharm_nipype."))
-
-
-@pytest.mark.parametrize("name", list(_params()))
+@pytest.mark.parametrize("name", MODULES, ids=[m.removeprefix("dkiharm_nipype.") for m in MODULES])
 def test_docstring_examples_pass(name, request, tmp_path, monkeypatch):
     module = importlib.import_module(name)
     monkeypatch.chdir(tmp_path)
