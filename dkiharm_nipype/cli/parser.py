@@ -276,7 +276,8 @@ def get_parser() -> argparse.ArgumentParser:
     perf.add_argument(
         "--write-graph",
         action="store_true",
-        help="write the workflow graph (PNG/SVG) into output_dir/logs",
+        help="write the workflow graphs (hierarchical and colored, PNG and SVG; the "
+        "group level adds the participant graph) into output_dir/logs",
     )
     perf.add_argument(
         "--boilerplate-only",
