@@ -10,6 +10,7 @@ from dkiharm_nipype.dki.simulate import random_rotations, random_tissue_tensors
 from dkiharm_nipype.harmonize.rish import (
     DWIScan,
     RISHInputError,
+    RISHModel,
     apply_scales,
     find_shells,
     fit_sh,
@@ -127,6 +128,11 @@ def test_shells_without_scale_maps_are_left_out_and_bad_shells_refused():
     assert "\n" not in str(err.value)
     with pytest.raises(RISHInputError, match="paired scans of the same subjects"):
         train_rish([target, target], [reference], engine="none")
+    # a test scan with a shell the model was not trained for
+    model = RISHModel([1000.0], [4], np.ones((*scan.mask.shape, 1, 3)), scan.affine,
+                      np.ones(scan.mask.shape), scan.mask)  # fmt: skip
+    with pytest.raises(RISHInputError, match=r"^target.nii.gz has shell\(s\) b=2000 that"):
+        harmonize_dwi(model, target)
 
 
 def _phantom_scan(root, sub, ses):
@@ -159,8 +165,12 @@ def test_rish_on_the_phantom_moves_target_maps_towards_the_reference(tiny_bids, 
     (tmp_path / "apply").mkdir()
     out = (
         ApplyRISH(
-            dwi_file=test[0], bval_file=test[1], bvec_file=test[2], mask_file=test[3],
-            scales_file=trained.scales_file, template_file=trained.template_file,
+            dwi_file=test[0],
+            bval_file=test[1],
+            bvec_file=test[2],
+            mask_file=test[3],
+            scales_file=trained.scales_file,
+            template_file=trained.template_file,
             card_file=trained.card_file,
         )  # fmt: skip
         .run(cwd=str(tmp_path / "apply"))

@@ -68,7 +68,8 @@ def invert_deformation(
     ``x <- x + A^-1 (y - phi(x))`` from ``x = A^-1 (y - t)``, with ``(A, t)`` the
     least-squares affine part of ``phi``; it converges while the non-linear part of
     ``phi`` is a contraction (smooth, diffeomorphic fields such as SyN's). Outside the
-    fixed field of view ``phi`` is extended by its edge values.
+    fixed field of view ``phi`` is extended by its affine part plus the edge values of
+    the non-linear remainder.
 
     Returns
     -------
@@ -84,22 +85,26 @@ def invert_deformation(
     ok = np.all(np.abs(y_fixed) < 1e6, axis=1)  # mrregister marks "nowhere" with 1e9
     design = np.c_[x_fixed[ok], np.ones(ok.sum())]
     coef = np.linalg.lstsq(design, y_fixed[ok], rcond=None)[0]
-    a_inv = np.linalg.inv(coef[:3].T)
-    y = grid_positions(shape, affine).reshape(-1, 3).astype(np.float64)
-    x = (y - coef[3]) @ a_inv.T
+    a, t = coef[:3].T, coef[3]
+    a_inv = np.linalg.inv(a)
+    # phi = affine part + non-linear remainder; only the remainder is interpolated (and
+    # extended by its edge values outside the fixed grid)
+    rest = (y_fixed - (x_fixed @ a.T + t)).reshape(*fixed_shape, 3)
+    rest[~ok.reshape(fixed_shape)] = 0.0
+    comps = [np.ascontiguousarray(rest[..., k]) for k in range(3)]
     to_vox = np.linalg.inv(registration.fixed_affine)
-    comps = [np.ascontiguousarray(phi[..., k]) for k in range(3)]
-    for _ in range(int(iterations)):
+
+    def phi_at(x):
         ijk = (x @ to_vox[:3, :3].T + to_vox[:3, 3]).T
-        mapped = np.stack(
-            [ndimage.map_coordinates(c, ijk, order=1, mode="nearest") for c in comps], axis=1
-        )
-        x = x + (y - mapped) @ a_inv.T
-    ijk = x @ to_vox[:3, :3].T + to_vox[:3, 3]
+        r = np.stack([ndimage.map_coordinates(c, ijk, order=1, mode="nearest") for c in comps])
+        return x @ a.T + t + r.T, ijk.T
+
+    y = grid_positions(shape, affine).reshape(-1, 3).astype(np.float64)
+    x = (y - t) @ a_inv.T
+    for _ in range(int(iterations)):
+        x = x + (y - phi_at(x)[0]) @ a_inv.T
+    mapped, ijk = phi_at(x)
     inside = np.all((ijk >= 0) & (ijk <= np.asarray(fixed_shape) - 1), axis=1)
-    mapped = np.stack(
-        [ndimage.map_coordinates(c, ijk.T, order=1, mode="nearest") for c in comps], axis=1
-    )
     err = np.linalg.norm(mapped - y, axis=1)[inside]
     residual = float(np.median(err)) if err.size else float("nan")
     return x.reshape(*shape[:3], 3).astype(np.float32), residual
