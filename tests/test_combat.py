@@ -172,7 +172,8 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
     for i, (sub, ses) in enumerate(scans):
         scan_files = []
         for p in ("fa", "md"):
-            path = tmp_path / f"sub-{sub}_ses-{ses}_run-1_space-dwi_model-dki_param-{p}_dwimap.nii.gz"
+            name = f"sub-{sub}_ses-{ses}_run-1_space-dwi_model-dki_param-{p}_dwimap.nii.gz"
+            path = tmp_path / name
             maps[p][i].to_filename(path)
             scan_files.append(str(path))
         files.append(scan_files)

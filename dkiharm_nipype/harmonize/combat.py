@@ -26,13 +26,14 @@ neuroCombat).
 Going back to scan space
 ------------------------
 For fixed site and covariates ComBat's adjustment is affine in the data,
-``y* = a y + b`` per voxel, with ``a = 1 / sqrt(delta*)`` of the scan's site (neuroCombat's
-``delta.star``) and ``b = y* - a y``. By default (``backmap="affine"``) ``a`` and ``b`` are mapped to
-the scan's grid and applied to the scan's own map: the result is ComBat's adjustment
-without the blur of resampling the maps twice. ``backmap="values"`` instead resamples
-the harmonized template-space maps back (the paper's literal description). Voxels of a
-scan's mask that fall outside the voxels shared by all scans keep their values (the
-adjustment fades to the identity at that border).
+``y* = a y + b`` per voxel, with ``a = 1 / sqrt(delta*)`` of the scan's site
+(neuroCombat's ``delta.star``) and ``b = y* - a y``. By default (``backmap="affine"``)
+``a`` and ``b`` are mapped to the scan's grid and applied to the scan's own map: the
+result is ComBat's adjustment without the blur of resampling the maps twice.
+``backmap="values"`` instead resamples the harmonized template-space maps back (the
+paper's literal description). Voxels of a scan's mask that fall outside the voxels
+shared by all scans keep their values (the adjustment fades to the identity at that
+border).
 """
 
 from __future__ import annotations
@@ -185,8 +186,7 @@ def combat(
         )
     if reference_site is not None and str(reference_site) not in levels:
         raise ComBatInputError(
-            f"reference_site={reference_site!r} is not one of the scanners "
-            f"{', '.join(levels)}."
+            f"reference_site={reference_site!r} is not one of the scanners {', '.join(levels)}."
         )
     n = len(sites)
     cont = _frame(continuous, n, "continuous")
