@@ -23,7 +23,7 @@ from dkiharm_nipype.cnn.data import (
 )
 from dkiharm_nipype.cnn.infer import harmonize_scan
 from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, scan_fingerprint
-from dkiharm_nipype.cnn.train import fit, train_harmonizer
+from dkiharm_nipype.cnn.train import TooFewVoxelsError, fit, train_harmonizer
 from dkiharm_nipype.interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from dkiharm_nipype.metrics import nrmse
 
@@ -222,3 +222,18 @@ def test_interfaces(subjects, tmp_path):
     apply.inputs.bvec_file = other["bvec"]
     with pytest.raises(ProtocolMismatchError, match="directions per shell"):
         apply.run(cwd=str(tmp_path / "apply"))
+
+
+def test_too_few_voxels_is_refused(subjects):
+    """A nearly empty brain mask stops training with one line naming the scans."""
+    dwi, lab, mask = subjects[0]
+    small = np.zeros_like(mask)
+    small[8:10, 8:10, 5:7] = True  # 8 voxels
+    train = [TrainingSubject(normalize_dwi(dwi, BVALS), lab, small, name="sub-01_ses-A_dwi")]
+    protocol = scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=80.0)
+    with pytest.raises(TooFewVoxelsError) as err:
+        train_harmonizer(train, scanner="A", protocol=protocol, epochs=1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "Only 8 labelled brain voxels" in message and "sub-01_ses-A_dwi: 8" in message
+    assert "--train-participants" in message

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DkiharmInputError
 from ..metrics import nrmse
 from .data import (
     B0_THRESHOLD,
@@ -35,6 +36,34 @@ from .modelio import ModelCard
 __all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
+#: Fewest labelled brain voxels (all training subjects together) a network is trained on:
+#: the default network has ~460,000 weights for 96 volumes; below this it fits noise.
+MIN_TRAINING_VOXELS = 1000
+
+
+class TooFewVoxelsError(DkiharmInputError):
+    """The training subjects hold too few labelled brain voxels to train a network."""
+
+
+def check_training_voxels(
+    subjects: Sequence[TrainingSubject], *, scanner: str, minimum: int = MIN_TRAINING_VOXELS
+) -> int:
+    """Count the training voxels; raise :class:`TooFewVoxelsError` below ``minimum``."""
+    counts = {
+        (s.name or f"subject {i + 1}"): int(s.training_mask().sum())
+        for i, s in enumerate(subjects)
+    }
+    total = sum(counts.values())
+    if total < minimum:
+        detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        raise TooFewVoxelsError(
+            f"Only {total} labelled brain voxels to train the scanner-{scanner} network "
+            f"({detail}); at least {minimum} are needed: check the brain masks and the "
+            "registered reference maps of these scans, or add training participants "
+            "(--train-participants)."
+        )
+    return total
 
 
 @dataclass
@@ -134,6 +163,7 @@ def train_harmonizer(
     device: str | torch.device = "cpu",
     normalization: Mapping | None = None,
     log: Callable[[dict], None] | None = None,
+    min_voxels: int = MIN_TRAINING_VOXELS,
 ) -> tuple[HierarchicalDKINet, ModelCard, FitResult]:
     """Train a harmonizer for one target scanner from traveling subjects.
 
@@ -142,6 +172,7 @@ def train_harmonizer(
     defaults) and reference-scanner labels registered to them. Returns the trained network
     (best epoch), its card (to save with :func:`.modelio.save_model`) and the fit history.
     """
+    check_training_voxels(subjects, scanner=scanner, minimum=min_voxels)
     normalization = dict(normalization or {"b0_threshold": B0_THRESHOLD, "clip": CLIP_RANGE})
     normalization["clip"] = list(normalization["clip"])
     normalization.setdefault(
@@ -176,8 +207,12 @@ def train_harmonizer(
     )
     metrics = validation_metrics(model, val if val is not None else train, scaling, device=device)
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
-    hyper.update(loss=loss, val_fraction=val_fraction, block_size=block_size,
-                 samples_per_epoch=samples_per_epoch)
+    hyper.update(
+        loss=loss,
+        val_fraction=val_fraction,
+        block_size=block_size,
+        samples_per_epoch=samples_per_epoch,
+    )
     card = ModelCard(
         scanner=scanner,
         protocol=dict(protocol),
