@@ -125,6 +125,7 @@ def init_label_registration_wf(
             ),
             name="fnirt",
             n_procs=1,
+            mem_gb=2,  # FNIRT's warp field and Hessian at 2 mm
         )
         applywarp_maps = pe.MapNode(
             fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
@@ -160,6 +161,7 @@ def init_label_registration_wf(
         RegisterMaps(engine=engine, num_threads=omp_nthreads, seed=seed),
         name="register_maps",
         n_procs=omp_nthreads,
+        mem_gb=2,  # SyN keeps several displacement fields of the full volume
     )
     mask_list = pe.Node(niu.Merge(1), name="mask_list")
     first_label = pe.Node(niu.Select(index=0), name="first_label")
