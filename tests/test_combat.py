@@ -158,8 +158,8 @@ def test_combat_maps_through_the_template_on_the_phantom(tiny_bids):
             ratios[ses].append(np.median(out[mask] / clean[i][mask]))
         site_means = np.array([np.mean(r) for r in ratios.values()])
         spreads[backmap] = np.ptp(site_means)
-    # site-mean MD ratio spread 0.25 before; measured 0.06 (affine) and 0.04 (values)
-    assert spreads["affine"] < 0.1 and spreads["values"] < 0.1
+    # site-mean MD ratio spread 0.25 before; measured 0.026 (affine) and 0.017 (values)
+    assert spreads["affine"] < 0.06 and spreads["values"] < 0.06
 
 
 def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):

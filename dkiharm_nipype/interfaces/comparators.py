@@ -105,7 +105,17 @@ class ComBatHarmonize(SimpleInterface):
     >>> combat.inputs.params[:4], combat.inputs.backmap, combat.inputs.engine
     (['md', 'ad', 'rd', 'fa'], 'affine', 'auto')
 
-    Outputs are named ``<sub>_<ses>_<run>_desc-combat_param-<map>_dwimap.nii.gz``.
+    Outputs are named ``<sub>_<ses>_<run>_desc-combat_param-<map>_dwimap.nii.gz``. In an
+    existing pipeline, after the DKI fits of all scans:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> fits = pe.Node(niu.IdentityInterface(fields=["maps", "masks"]), name="fits")
+    >>> combat = pe.Node(ComBatHarmonize(sites=["A", "A", "D", "D"]), name="combat")
+    >>> wf.connect([(fits, combat, [("maps", "map_files"), ("masks", "mask_files")])])
+    >>> "participants_file" in wf.inputs.combat.get()
+    True
     """
 
     input_spec = _ComBatHarmonizeInputSpec
@@ -235,6 +245,20 @@ class TrainRISH(SimpleInterface):
     >>> train = TrainRISH(smoothing_mm=3.0)
     >>> train.inputs.max_scale, train.inputs.b_tolerance, train.inputs.lmax
     (4.0, 100.0, 0)
+
+    In an existing pipeline, with the preprocessed DWIs of the training subjects:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> scans = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "mask"]),
+    ...                 name="scans")
+    >>> train_rish = pe.Node(TrainRISH(), name="train_rish")
+    >>> wf.connect([(scans, train_rish, [
+    ...     ("dwi", "target_dwi_files"), ("bval", "target_bval_files"),
+    ...     ("bvec", "target_bvec_files"), ("mask", "target_mask_files")])])
+    >>> wf.inputs.train_rish.smoothing_mm
+    2.0
     """
 
     input_spec = _TrainRISHInputSpec
@@ -290,6 +314,18 @@ class ApplyRISH(SimpleInterface):
     (False, 'auto')
 
     Outputs are named ``<sub>_<ses>_<run>_desc-rish_dwi.nii.gz`` (+ ``.bval``/``.bvec``).
+    In an existing pipeline, before the DKI fit of the harmonized series:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> from dkiharm_nipype.interfaces.dki import FitDKI
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> apply_rish = pe.Node(ApplyRISH(), name="apply_rish")
+    >>> fit = pe.Node(FitDKI(), name="fit")
+    >>> wf.connect([(apply_rish, fit, [("out_file", "dwi_file"), ("out_bval", "bval_file"),
+    ...                                ("out_bvec", "bvec_file")])])
+    >>> sorted(wf.inputs.apply_rish.get())[:2]
+    ['b_tolerance', 'bval_file']
     """
 
     input_spec = _ApplyRISHInputSpec
