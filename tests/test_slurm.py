@@ -128,3 +128,44 @@ def test_participant_level_runs_through_slurm(slurm, tiny_bids, tmp_path):
         assert np.array_equal(got, expected, equal_nan=True), path.name
     tsv = next(local.rglob("*_desc-snr_qc.tsv"))
     assert (via_slurm / tsv.relative_to(local)).read_text() == tsv.read_text()
+
+
+def test_heavy_nodes_declare_threads_and_memory(tiny_bids, tmp_path):
+    """MultiProc and the batch plugins schedule with each node's ``n_procs`` and ``mem_gb``."""
+    from dkiharm_nipype.cli.parser import parse_args
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.base import init_dkiharm_wf
+
+    selection = tmp_path / "filter.json"
+    selection.write_text(json.dumps({"dwi": {"run": 1}}))
+    config = parse_args(
+        [str(tiny_bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work")]
+        + ["--participant-label", "01", "--session-label", "C", "D", "--device", "cpu"]
+        + ["--bids-filter-file", str(selection), "--nprocs", "4", "--omp-nthreads", "3"]
+    )
+    scans = collect_scans(
+        load_layout(tiny_bids),
+        participant_label=config.participant_label,
+        session_label=config.session_label,
+        bids_filters=config.bids_filters,
+    )
+    workflow, _ = init_dkiharm_wf(config=config, scans=scans)
+    nodes = {}
+    for node in workflow._get_all_nodes():
+        nodes.setdefault(node.name, []).append(node)
+    # the DWI series is 24x28x16x~28 float32 (0.3 MB): estimates floor at 0.1 GB per copy
+    expected = {
+        "denoise": (3, 0.3),
+        "degibbs": (3, 0.2),
+        "brain_mask": (3, None),
+        "fit": (3, 0.3),
+        "register": (3, 2),
+        "train_C": (3, 4),
+        "apply": (3, 2),
+    }
+    for name, (n_procs, mem_gb) in expected.items():
+        assert name in nodes, sorted(nodes)
+        for node in nodes[name]:
+            assert node.n_procs == n_procs, (name, node.n_procs)
+            if mem_gb is not None:
+                assert node.mem_gb == pytest.approx(mem_gb), (name, node.mem_gb)
