@@ -102,7 +102,10 @@ def invert_deformation(
     y = grid_positions(shape, affine).reshape(-1, 3).astype(np.float64)
     x = (y - t) @ a_inv.T
     for _ in range(int(iterations)):
-        x = x + (y - phi_at(x)[0]) @ a_inv.T
+        step = (y - phi_at(x)[0]) @ a_inv.T
+        x = x + step
+        if np.abs(step).max() < 1e-4:  # mm
+            break
     mapped, ijk = phi_at(x)
     inside = np.all((ijk >= 0) & (ijk <= np.asarray(fixed_shape) - 1), axis=1)
     err = np.linalg.norm(mapped - y, axis=1)[inside]

@@ -36,6 +36,7 @@ from ..harmonize.rish import (
     train_rish,
 )
 from ..registration import ENGINES
+from .harmonize import _save_map
 
 _ENTITY = re.compile(r"(sub|ses|acq|rec|run)-[a-zA-Z0-9]+")
 _OPEN_ENGINES = tuple(e for e in ENGINES if e not in ("fnirt", "none"))
@@ -50,14 +51,6 @@ def source_stem(path: str) -> str:
     name = Path(path).name
     found = [m.group(0) for m in _ENTITY.finditer(name.split("_dwi")[0])]
     return "_".join(found) if found else name.split(".")[0]
-
-
-def _save(data: np.ndarray, ref: nb.Nifti1Image, path: str) -> None:
-    header = ref.header.copy()
-    header.set_data_dtype(np.float32)
-    out = nb.Nifti1Image(np.asarray(data, dtype=np.float32), ref.affine, header)
-    out.header.set_slope_inter(1.0, 0.0)
-    out.to_filename(path)
 
 
 # ----------------------------------------------------------------------------- ComBat
@@ -162,7 +155,7 @@ class ComBatHarmonize(SimpleInterface):
                 path = fname_presuffix(
                     f"{stem}_desc-combat_param-{p}_dwimap.nii.gz", newpath=runtime.cwd
                 )
-                _save(result.maps[p][i], ref, path)
+                _save_map(result.maps[p][i], ref, path)
                 scan_files.append(path)
             out_files.append(scan_files)
         report = fname_presuffix("combat_report.json", newpath=runtime.cwd)
@@ -351,7 +344,7 @@ class ApplyRISH(SimpleInterface):
         stem = source_stem(inputs.dwi_file)
         out = fname_presuffix(f"{stem}_desc-rish_dwi.nii.gz", newpath=runtime.cwd)
         ref = nb.load(inputs.dwi_file)
-        _save(dwi, ref, out)
+        _save_map(dwi, ref, out)
         bval = out.replace(".nii.gz", ".bval")
         bvec = out.replace(".nii.gz", ".bvec")
         np.savetxt(bval, bvals[None], fmt="%g")
