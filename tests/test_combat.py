@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import nibabel as nb
 import numpy as np
 import pytest
@@ -84,6 +87,10 @@ def test_combat_reference_site_is_left_unchanged():
         ({"sites": ["A", "A", "B"]}, r"data has shape \(4, 10\) for 3 site labels"),
         ({"reference_site": "D"}, "reference_site='D' is not one of the scanners A, B"),
         ({"continuous": {"age": [20, 30]}}, "continuous covariates have 2 values for 4 scans"),
+        (
+            {"continuous": {"age": [20, 30, 20, 30]}, "discrete": {"sex": list("MFMF")}},
+            "design .* has 4 columns for 4 scans",
+        ),
     ],
 )
 def test_combat_bad_input_gives_one_line_errors(kwargs, message):
@@ -184,6 +191,8 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
     (tmp_path / "work").mkdir()
     out = node.run(cwd=str(tmp_path / "work")).outputs
     assert [len(f) for f in out.out_files] == [2, 2, 2, 2]
+    report = json.loads(Path(out.report_file).read_text())
+    assert report["ReferenceSite"] == "D" and report["TemplateVoxels"] > 1000
     assert out.out_files[2][1].endswith("sub-01_ses-A_run-1_desc-combat_param-md_dwimap.nii.gz")
     for i in range(4):
         img, src = nb.load(out.out_files[i][1]), nb.load(files[i][1])

@@ -191,6 +191,13 @@ def combat(
     n = len(sites)
     cont = _frame(continuous, n, "continuous")
     disc = _frame(discrete, n, "discrete")
+    columns = levels.size + (0 if cont is None else cont.shape[1])
+    columns += 0 if disc is None else sum(disc[c].nunique() - 1 for c in disc.columns)
+    if n <= columns:
+        raise ComBatInputError(
+            f"ComBat's design (sites + covariates) has {columns} columns for {n} scans, "
+            "leaving no residual to estimate the variances; drop covariates or add scans."
+        )
     covars = pd.DataFrame({_SITE: sites})
     for frame in (cont, disc):
         if frame is not None:

@@ -39,6 +39,7 @@ from ..registration import ENGINES
 from .harmonize import _save_map
 
 _ENTITY = re.compile(r"(sub|ses|acq|rec|run)-[a-zA-Z0-9]+")
+_SUBJECT = re.compile(r"sub-([a-zA-Z0-9]+)")
 _OPEN_ENGINES = tuple(e for e in ENGINES if e not in ("fnirt", "none"))
 
 
@@ -65,7 +66,9 @@ class _ComBatHarmonizeInputSpec(BaseInterfaceInputSpec):
     )
     mask_files = InputMultiObject(File(exists=True), mandatory=True, desc="brain mask per scan")
     sites = traits.List(traits.Str, mandatory=True, desc="scanner of each scan (site = scanner)")
-    subjects = traits.List(traits.Str, desc="subject of each scan, for the covariates")
+    subjects = traits.List(
+        traits.Str, desc="subject of each scan, for the covariates (default: the sub- entity)"
+    )
     participants_file = File(
         exists=True, desc="BIDS participants.tsv: age and sex are kept as covariates if present"
     )
@@ -125,7 +128,11 @@ class ComBatHarmonize(SimpleInterface):
                     f"{params}; give one map per parameter, in that order."
                 )
         maps = {p: [files[k] for files in inputs.map_files] for k, p in enumerate(params)}
-        subjects = inputs.subjects if isdefined(inputs.subjects) else None
+        if isdefined(inputs.subjects):
+            subjects = list(inputs.subjects)
+        else:
+            found = [_SUBJECT.search(Path(f[0]).name) for f in inputs.map_files]
+            subjects = [m.group(1) if m else None for m in found]
         participants = (
             read_participants(inputs.participants_file)
             if isdefined(inputs.participants_file)
