@@ -1,9 +1,10 @@
-"""The participant level through Nipype's SLURM plugin on a real single-node Slurm cluster.
+"""Execution engines: the participant level through Nipype's SLURM plugin on a real
+single-node Slurm cluster, MultiProc and Linear give the same maps.
 
 The fixture starts munged, slurmctld and slurmd (Debian's ``slurm-wlm``, installed by
 ``tools/install.sh --test``) with ``tools/slurm/start.sh`` in a private folder, and stops them
-at the end. The maps must equal those of a MultiProc run of the same scan, and every
-submitted node must appear in Slurm's job-completion log.
+at the end. The maps must equal those of MultiProc and Linear runs of the same scan, and
+every submitted node must appear in Slurm's job-completion log.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def test_participant_level_runs_through_slurm(slurm, tiny_bids, tmp_path):
+def test_slurm_multiproc_and_linear_give_the_same_maps(slurm, tiny_bids, tmp_path):
     # LOGNAME is unset in containers and cron jobs; Nipype's batch plugins need it
     env = {k: v for k, v in os.environ.items() if k != "LOGNAME"}
     env["SLURM_CONF"] = str(slurm["conf"])
@@ -105,9 +106,11 @@ def test_participant_level_runs_through_slurm(slurm, tiny_bids, tmp_path):
     local_run = _participant(
         tiny_bids, tmp_path / "multiproc", "--plugin", "MultiProc", "--nprocs", "2"
     )
-    _finish(slurm_run)
-    _finish(local_run)
+    linear_run = _participant(tiny_bids, tmp_path / "linear", "--plugin", "Linear")
+    for proc in (slurm_run, local_run, linear_run):
+        _finish(proc)
     via_slurm, local = tmp_path / "slurm" / "out", tmp_path / "multiproc" / "out"
+    linear = tmp_path / "linear" / "out"
 
     # every heavy node ran as a Slurm job that completed
     log = (slurm["dir"] / "jobcomp.log").read_text().splitlines()
@@ -119,15 +122,16 @@ def test_participant_level_runs_through_slurm(slurm, tiny_bids, tmp_path):
     scripts = list((tmp_path / "slurm" / "work").rglob("batch/batchscript_*.sh"))
     assert len(scripts) == len(jobs)
 
-    # the same derivatives, voxel for voxel
+    # the same derivatives from the three engines, voxel for voxel
     maps = sorted(local.rglob("*.nii.gz"))
     assert len(maps) == 11
-    for path in maps:
-        expected = np.asanyarray(nb.load(path).dataobj)
-        got = np.asanyarray(nb.load(via_slurm / path.relative_to(local)).dataobj)
-        assert np.array_equal(got, expected, equal_nan=True), path.name
     tsv = next(local.rglob("*_desc-snr_qc.tsv"))
-    assert (via_slurm / tsv.relative_to(local)).read_text() == tsv.read_text()
+    for other in (via_slurm, linear):
+        for path in maps:
+            expected = np.asanyarray(nb.load(path).dataobj)
+            got = np.asanyarray(nb.load(other / path.relative_to(local)).dataobj)
+            assert np.array_equal(got, expected, equal_nan=True), (other, path.name)
+        assert (other / tsv.relative_to(local)).read_text() == tsv.read_text()
 
 
 def test_heavy_nodes_declare_threads_and_memory(tiny_bids, tmp_path):
