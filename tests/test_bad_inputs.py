@@ -10,6 +10,7 @@ Nipype node runs (no node folder in the work directory), i.e. in the preflight c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -376,12 +377,26 @@ def _(bids, tmp):
 
 @pytest.fixture
 def isolated_process():
-    """main() sets environment variables and warning filters: undo them after each case."""
+    """main() sets environment variables, warning filters, logging handlers and Nipype's
+    log levels for the whole process: undo all of that after each case."""
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
     environ = dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    keys = [("logging", "workflow_level"), ("logging", "interface_level")]
+    keys.append(("execution", "check_version"))
+    nipype_values = {key: ncfg.get(*key) for key in keys}
     with warnings.catch_warnings():
         yield
     os.environ.clear()
     os.environ.update(environ)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for key, value in nipype_values.items():
+        ncfg.set(*key, value)
+    nlogging.update_logging(ncfg)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
