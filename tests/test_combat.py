@@ -186,7 +186,7 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
         files.append(scan_files)
     node = ComBatHarmonize(
         map_files=files, params=["fa", "md"], mask_files=[m.get_filename() for m in masks],
-        sites=[ses for _, ses in scans], reference_site="D",
+        sites=[ses for _, ses in scans], reference_site="D", num_threads=2,  # 2 processes
     )  # fmt: skip
     (tmp_path / "work").mkdir()
     out = node.run(cwd=str(tmp_path / "work")).outputs

@@ -281,6 +281,7 @@ def combat_maps(
     engine: str = "auto",
     space: CommonSpace | None = None,
     n_threads: int = 1,
+    n_jobs: int = 1,
     work_dir: str | os.PathLike | None = None,
 ) -> ComBatMaps:
     """ComBat of DKI maps of several scans, through a template scan's space.
@@ -303,8 +304,9 @@ def combat_maps(
         Index of the template scan.
     reference_site, backmap
         See :func:`combat` and the module notes (``affine`` or ``values``).
-    engine, n_threads, work_dir
-        Registration options (:func:`~dkiharm_nipype.registration.register`).
+    engine, n_threads, n_jobs, work_dir
+        Registration options (:func:`~dkiharm_nipype.registration.register`; ``n_jobs``
+        scans at once).
     space
         A :class:`CommonSpace` already built for these scans (skips registration).
 
@@ -347,6 +349,7 @@ def combat_maps(
             template=template,
             engine=engine,
             n_threads=n_threads,
+            n_jobs=n_jobs,
             work_dir=work_dir,
         )
     common = space.common_mask

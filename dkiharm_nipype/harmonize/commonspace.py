@@ -165,6 +165,7 @@ def build_common_space(
     engine: str = "auto",
     use_masks: bool = False,
     n_threads: int = 1,
+    n_jobs: int = 1,
     work_dir: str | os.PathLike | None = None,
 ) -> CommonSpace:
     """Register every scan to ``images[template]`` (affine + non-linear) and invert.
@@ -185,6 +186,8 @@ def build_common_space(
         already zero outside the brain.
     n_threads, work_dir
         Passed to :func:`~dkiharm_nipype.registration.register`.
+    n_jobs
+        Scans registered in parallel (processes).
     """
     images = [_image(img, name=f"image {i}") for i, img in enumerate(images)]
     masks = [_image(m, name=f"mask {i}") for i, m in enumerate(masks)]
@@ -205,21 +208,22 @@ def build_common_space(
         check_same_grid(mask, img, names=("brain mask", "registration image"))
     fixed = images[template]
     shape, affine = tuple(fixed.shape[:3]), fixed.affine
-    to_template, to_scan, warped_masks, residuals, metrics = [], [], [], [], []
-    for i, (img, mask) in enumerate(zip(images, masks, strict=True)):
-        if i == template:
-            reg = Registration("identity", affine_deformation(shape, affine), affine)
-        else:
-            kw = {"fixed_mask": masks[template], "moving_mask": mask} if use_masks else {}
-            reg = register(fixed, img, engine=engine, n_threads=n_threads, work_dir=work_dir, **kw)
-        back, residual = invert_deformation(reg, img.shape[:3], img.affine)
-        mask_img = nb.Nifti1Image((np.asanyarray(mask.dataobj) > 0).astype(np.uint8), img.affine)
-        warped = np.asanyarray(reg.apply(mask_img, label=True).dataobj) > 0
-        to_template.append(reg.deformation)
-        to_scan.append(back)
-        warped_masks.append(warped)
-        residuals.append(residual)
-        metrics.append(dict(reg.metrics, engine=reg.engine))
+    jobs = [
+        (fixed, img, mask, masks[template] if use_masks else None, i == template)
+        for i, (img, mask) in enumerate(zip(images, masks, strict=True))
+    ]
+    options = {"engine": engine, "n_threads": n_threads, "work_dir": work_dir}
+    if n_jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked copy of a process that already ran torch or BLAS threads can hang
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=context) as pool:
+            done = list(pool.map(_align, jobs, [options] * len(jobs)))
+    else:
+        done = [_align(job, options) for job in jobs]
+    to_template, to_scan, warped_masks, residuals, metrics = map(list, zip(*done, strict=True))
     return CommonSpace(
         template=template,
         affine=affine,
@@ -232,3 +236,18 @@ def build_common_space(
         inverse_residual_mm=residuals,
         metrics=metrics,
     )
+
+
+def _align(job, options):
+    """Register one scan to the template and invert; runs in a worker with ``n_jobs``."""
+    fixed, img, mask, fixed_mask, is_template = job
+    shape, affine = tuple(fixed.shape[:3]), fixed.affine
+    if is_template:
+        reg = Registration("identity", affine_deformation(shape, affine), affine)
+    else:
+        kw = {"fixed_mask": fixed_mask, "moving_mask": mask} if fixed_mask is not None else {}
+        reg = register(fixed, img, **options, **kw)
+    back, residual = invert_deformation(reg, img.shape[:3], img.affine)
+    mask_img = nb.Nifti1Image((np.asanyarray(mask.dataobj) > 0).astype(np.uint8), img.affine)
+    warped = np.asanyarray(reg.apply(mask_img, label=True).dataobj) > 0
+    return reg.deformation, back, warped, residual, dict(reg.metrics, engine=reg.engine)

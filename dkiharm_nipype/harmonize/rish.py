@@ -401,6 +401,7 @@ def train_rish(
     lmax: int | None = None,
     engine: str = "auto",
     n_threads: int = 1,
+    n_jobs: int = 1,
     work_dir: str | os.PathLike | None = None,
 ) -> RISHModel:
     """Learn RISH scale maps (target -> reference scanner) from traveling subjects.
@@ -416,8 +417,8 @@ def train_rish(
         Smoothing of the mean RISH maps and clipping of their ratio (see module notes).
     lmax
         SH order to use on every shell (default: from the smallest direction count).
-    engine, n_threads, work_dir
-        Registration options.
+    engine, n_threads, n_jobs, work_dir
+        Registration options (``n_jobs`` scans at once).
     """
     if len(targets) != len(references) or not targets:
         raise RISHInputError(
@@ -456,6 +457,7 @@ def train_rish(
         template=0,
         engine=engine,
         n_threads=n_threads,
+        n_jobs=n_jobs,
         work_dir=work_dir,
     )
     common = space.common_mask

@@ -84,7 +84,7 @@ class _ComBatHarmonizeInputSpec(BaseInterfaceInputSpec):
         "space; values: harmonized template maps resampled back",
     )
     engine = traits.Enum(*_OPEN_ENGINES, usedefault=True, desc="registration engine")
-    num_threads = traits.Int(1, usedefault=True, desc="threads of the registration engine")
+    num_threads = traits.Int(1, usedefault=True, desc="scans registered in parallel")
 
 
 class _ComBatHarmonizeOutputSpec(TraitedSpec):
@@ -151,7 +151,7 @@ class ComBatHarmonize(SimpleInterface):
             reference_site=inputs.reference_site if isdefined(inputs.reference_site) else None,
             backmap=inputs.backmap,
             engine=inputs.engine,
-            n_threads=inputs.num_threads,
+            n_jobs=inputs.num_threads,
             work_dir=runtime.cwd,
         )
         out_files = []
@@ -194,7 +194,9 @@ class _RISHScansInputSpec(BaseInterfaceInputSpec):
         B_TOLERANCE, usedefault=True, desc="shells match within this many s/mm^2"
     )
     engine = traits.Enum(*_OPEN_ENGINES, usedefault=True, desc="registration engine")
-    num_threads = traits.Int(1, usedefault=True, desc="threads of the registration engine")
+    num_threads = traits.Int(
+        1, usedefault=True, desc="scans registered in parallel (TrainRISH), engine threads"
+    )
 
 
 class _TrainRISHInputSpec(_RISHScansInputSpec):
@@ -274,7 +276,7 @@ class TrainRISH(SimpleInterface):
             max_scale=inputs.max_scale,
             lmax=inputs.lmax or None,
             engine=inputs.engine,
-            n_threads=inputs.num_threads,
+            n_jobs=inputs.num_threads,
             work_dir=runtime.cwd,
         )
         paths = [
