@@ -1,0 +1,277 @@
+"""The validation experiments on a tiny phantom with tiny networks.
+
+The phantom is the ``tiny`` preset with four subjects, scanners A and D (reference), and
+neither head motion nor susceptibility distortion, so that every scan of a subject lies on
+one voxel grid (registration engine ``none``). The networks are 16 channels wide and see
+5 x 2000 voxels: they learn little more than the reference's level, which is enough to
+check the experiments' bookkeeping and the paper's main effect (harmonized maps are far
+closer to the reference than the raw fits).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from dkiharm_nipype.evaluation import EXPERIMENTS
+from dkiharm_nipype.experiments import (
+    ALL_SCANNERS,
+    ExperimentInputError,
+    ExperimentScan,
+    TrainingOptions,
+    choose_combinations,
+    leavepout_splits,
+    run_experiment,
+    trainsize_splits,
+)
+from dkiharm_nipype.interfaces.experiments import RunExperiment
+from dkiharm_nipype.metrics import mean_cv, nrmse, wm_mask_from_fit
+
+PARAMS = ("mk", "ak", "rk", "kfa")
+SUBJECTS = ("01", "02", "03", "04")
+OPTIONS = TrainingOptions(
+    epochs=5, samples_per_epoch=2000, hidden_channels=16, batch_size=256, patience=100
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks run fastest on one thread (and CI runs two test workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    """Aligned 4-subject phantom, raw IRLLS fits written as NIfTI, one ExperimentScan each."""
+    from dkiharm_nipype.dki.fit import fit_dki
+    from dkiharm_nipype.phantom import generate, truth
+
+    tmp = tmp_path_factory.mktemp("experiments")
+    root = generate(
+        tmp / "bids", preset="tiny", seed=0, subjects=len(SUBJECTS), scanners=("A", "D"),
+        motion=False, distortion=False, gibbs_oversample=1,
+    )  # fmt: skip
+    scans, raw = [], {}
+    for dwi in sorted(root.glob("sub-*/ses-*/dwi/*_dwi.nii.gz")):
+        sub, ses, run = (part.split("-")[1] for part in dwi.name.split("_")[:3])
+        stem = str(dwi).removesuffix(".nii.gz")
+        img = nb.load(dwi)
+        brain = truth.load_scan_labels(root, sub, ses, int(run), what="brain")
+        fit = fit_dki(
+            img.get_fdata(dtype=np.float32), np.loadtxt(f"{stem}.bval"),
+            np.loadtxt(f"{stem}.bvec"), mask=np.asanyarray(brain.dataobj) > 0, n_threads=1,
+            b_max=2000,
+        )  # fmt: skip
+        raw[(sub, ses, run)] = fit.metrics()
+        maps = {}
+        for param, data in raw[(sub, ses, run)].items():
+            maps[param] = tmp / "fits" / f"sub-{sub}_ses-{ses}_run-{run}_param-{param}.nii.gz"
+            maps[param].parent.mkdir(exist_ok=True)
+            nb.Nifti1Image(data.astype(np.float32), img.affine).to_filename(maps[param])
+        tissues = {
+            t: truth.load_scan_labels(root, sub, ses, int(run), what=t).get_filename()
+            for t in ("SGM", "CSF")
+        }
+        scans.append(
+            ExperimentScan(sub, ses, dwi, f"{stem}.bval", brain.get_filename(), maps,
+                           run=run, tissues=tissues)
+        )  # fmt: skip
+    return {"scans": scans, "raw": raw, "root": root}
+
+
+def _read(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t")
+        return list(reader.fieldnames), list(reader)
+
+
+def _raw_scores(raw, subject: str) -> dict:
+    """NRMSE-to-reference and CV of the raw fits of one subject in its WM (one grid)."""
+    a, d = raw[(subject, "A", "1")], raw[(subject, "D", "1")]
+    wm = wm_mask_from_fit(d["fa"], d["md"], d["fa"] > 0)
+    return {
+        p: {"nrmse": nrmse(a[p], d[p], wm), "cv": mean_cv(np.stack([a[p], d[p]]), wm)}
+        for p in PARAMS
+    }
+
+
+# --------------------------------------------------------------------------- training sets
+def test_training_sets_follow_the_paper_and_sample_when_many():
+    five = ("01", "02", "03", "04", "05")
+    sweep = trainsize_splits(five, max_combinations=None)
+    # subject 05 held out; 4 + 6 + 4 + 1 training sets of sizes 1..4
+    assert [len(s.train) for s in sweep] == [1] * 4 + [2] * 6 + [3] * 4 + [4]
+    assert all(s.test == ("05",) and "05" not in s.train for s in sweep)
+    assert len({s.train for s in sweep}) == 15
+    capped = trainsize_splits(five, max_combinations=2, seed=3)
+    assert [s.label["n_train"] for s in capped] == [1, 1, 2, 2, 3, 3, 4]
+    assert capped == trainsize_splits(five, max_combinations=2, seed=3)  # seeded
+    lpo = leavepout_splits(five, ps=(3, 1), max_combinations=None)
+    assert [s.label["p"] for s in lpo] == [3] * 10 + [1] * 5
+    for split in lpo:
+        assert sorted(split.train + split.test) == list(five)
+    sample = choose_combinations(list("abcdefgh"), 4, max_combinations=7, seed=1)
+    assert len(set(sample)) == 7 and all(len(set(c)) == 4 for c in sample)
+    with pytest.raises(ExperimentInputError, match="choose p between 1 and 2"):
+        leavepout_splits(("01", "02", "03"), ps=(3,))
+    with pytest.raises(ExperimentInputError, match=r"holds out sub-09 .* hold out one of them"):
+        trainsize_splits(five, test_subjects=["09"])
+
+
+# --------------------------------------------------------------------------- experiments
+def test_trainsize_sweep_lowers_nrmse_and_cv_at_every_size(study, tmp_path):
+    out = tmp_path / "experiment-trainsize.tsv"
+    trainings, lines = [], []
+    rows = run_experiment(
+        "trainsize", study["scans"], reference="D", engine="none", options=OPTIONS,
+        max_combinations=None, out_file=out, trainings=trainings, log=lines.append,
+    )  # fmt: skip
+    header, table = _read(out)
+    assert tuple(header) == EXPERIMENTS["trainsize"][1]
+    # sub-04 held out: 3 + 3 + 1 training sets, two networks each (A and the reference D)
+    assert len(trainings) == 14 and len(lines) == 14
+    assert lines[3] == (
+        "sweep 4/14: scanner A, train sub-01+sub-02, test sub-04 (n_train 2, replicate 1, seed 0)"
+    )
+    assert len(table) == len(rows) == 7 * len(PARAMS) * 3  # nrmse A, nrmse D, cv
+    assert {r["scanner"] for r in table if r["metric"] == "cv"} == {ALL_SCANNERS}
+    # more subjects, more training voxels (brain voxels of every run of each subject)
+    voxels = {tuple(t["train"]): t["n_voxels"] for t in trainings if t["scanner"] == "A"}
+    assert voxels[("01", "02", "03")] == voxels[("01",)] + voxels[("02",)] + voxels[("03",)]
+
+    before = _raw_scores(study["raw"], "04")
+    value = {
+        (r["n_train"], r["replicate"], r["scanner"], r["param"], r["metric"]): float(r["value"])
+        for r in table
+    }
+    by_size = {}
+    for param in PARAMS:
+        for n in ("1", "2", "3"):
+            a = [v for k, v in value.items() if k[0] == n and k[2:] == ("A", param, "nrmse")]
+            cv = [
+                v for k, v in value.items() if k[0] == n and k[2:] == (ALL_SCANNERS, param, "cv")
+            ]
+            by_size[(param, n)] = np.mean(a)
+            # measured (MK): raw A-to-D NRMSE 0.93, harmonized 0.25; raw CV 2.7, after < 0.01
+            assert np.mean(a) < 0.6 * before[param]["nrmse"], (param, n)
+            assert np.mean(cv) < 0.5 * before[param]["cv"], (param, n)
+        # tiny networks: the sweep is flat (measured within 5 %), no size is much worse
+        sizes = [by_size[(param, n)] for n in ("1", "2", "3")]
+        assert max(sizes) < 1.1 * min(sizes), param
+    print({k: round(v, 3) for k, v in by_size.items()}, before)
+
+
+def test_leavepout_through_the_interface(study, tmp_path, caplog):
+    scans = study["scans"]
+    node = RunExperiment(
+        experiment="leavepout", reference="D", engine="none", ps=[2, 1], max_combinations=1,
+        epochs=OPTIONS.epochs, samples_per_epoch=OPTIONS.samples_per_epoch,
+        hidden_channels=OPTIONS.hidden_channels,
+        subjects=[s.subject for s in scans], scanners=[s.scanner for s in scans],
+        runs=[s.run for s in scans], dwi_files=[str(s.dwi) for s in scans],
+        bval_files=[str(s.bval) for s in scans], mask_files=[str(s.mask) for s in scans],
+        map_files=[[str(s.maps[p]) for p in
+                    ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")] for s in scans],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="nipype.interface"):
+        result = node.run(cwd=str(tmp_path))
+    progress = [r.getMessage() for r in caplog.records if "leave-p-out" in r.getMessage()]
+    assert len(progress) == 4 and progress[0].startswith("RunExperiment leave-p-out 1/4:")
+    header, table = _read(result.outputs.tsv)
+    assert Path(result.outputs.tsv).name == "experiment-leavepout.tsv"
+    assert tuple(header) == EXPERIMENTS["leavepout"][1]
+    # p=2: one split with two test subjects; p=1: one split with one; 12 rows per test subject
+    assert len(table) == (2 + 1) * len(PARAMS) * 3
+    for row in table:
+        train = row["train_subjects"].split(",")
+        assert row["test_subjects"] not in train
+        assert len(train) == {"2": 2, "1": 3}[row["p"]]
+    # the held-out subjects' harmonized MK is far closer to the reference than raw A
+    for row in table:
+        if row["metric"] == "nrmse" and row["scanner"] == "A" and row["param"] == "mk":
+            raw = _raw_scores(study["raw"], row["test_subjects"])["mk"]["nrmse"]
+            assert float(row["value"]) < 0.6 * raw
+
+
+def test_tissue_left_out_removes_its_voxels_from_training(study, tmp_path):
+    from dkiharm_nipype.phantom import truth
+
+    trainings = []
+    rows = run_experiment(
+        "tissue", study["scans"], reference="D", engine="none", options=OPTIONS, repeats=1,
+        train_subjects=["01", "02"], out_file=tmp_path / "t.tsv", trainings=trainings,
+    )  # fmt: skip
+    header, table = _read(tmp_path / "t.tsv")
+    assert tuple(header) == EXPERIMENTS["tissue"][1]
+    assert {r["left_out"] for r in table} == {"none", "subcortical_gm", "csf"}
+    assert {r["tissue"] for r in table} == {"WM", "SGM", "CSF"}
+    assert len(rows) == 3 * 3 * len(PARAMS) * 3  # left_out x tissue x param x (A, D, cv)
+    n_voxels = {(t["scanner"], t["left_out"]): t["n_voxels"] for t in trainings}
+    for scanner, runs in (("A", ("1", "2")), ("D", ("1",))):
+        for left_out, what in (("subcortical_gm", "SGM"), ("csf", "CSF")):
+            removed = 0
+            for sub in ("01", "02"):
+                for run in runs:
+                    prob = truth.load_scan_labels(study["root"], sub, scanner, int(run), what=what)
+                    brain = truth.load_scan_labels(study["root"], sub, scanner, int(run),
+                                                   what="brain")  # fmt: skip
+                    removed += int(((prob.get_fdata() >= 0.5) & (brain.get_fdata() > 0)).sum())
+            assert removed > 0
+            # every voxel of the tissue, and only those, left the training set
+            assert n_voxels[(scanner, "none")] - n_voxels[(scanner, left_out)] == removed
+
+
+def test_seeds_give_different_but_close_results(study, tmp_path):
+    rows = run_experiment(
+        "seeds", study["scans"], reference="D", engine="none", options=OPTIONS, n_seeds=3,
+        seed=5, train_subjects=["01", "02"], out_file=tmp_path / "s.tsv",
+    )  # fmt: skip
+    header, table = _read(tmp_path / "s.tsv")
+    assert tuple(header) == EXPERIMENTS["seeds"][1]
+    assert len(table) == len(rows) == 3 * len(PARAMS) * 3
+    assert {r["seed"] for r in table} == {"5", "6", "7"}
+    raw = {p: np.mean([_raw_scores(study["raw"], s)[p]["nrmse"] for s in ("03", "04")])
+           for p in PARAMS}  # fmt: skip
+    for scanner in ("A", "D", ALL_SCANNERS):
+        for param in PARAMS:
+            values = [float(r["value"]) for r in table
+                      if r["scanner"] == scanner and r["param"] == param]  # fmt: skip
+            assert len(set(values)) == 3, (scanner, param)  # each seed trains its own network
+            spread = max(values) - min(values)
+            if scanner == "A":
+                # small next to what harmonization does: measured at most 19 % (KFA: seeds
+                # 0.229-0.274, raw 0.48), 1-6 % for MK, AK, RK
+                assert spread < 0.3 * (raw[param] - np.mean(values)), (param, values)
+            elif scanner == "D":  # the reference's own network: measured within 3 %
+                assert spread < 0.1 * np.mean(values), (param, values)
+
+
+def test_bad_inputs_are_refused_in_one_line(study, tmp_path):
+    scans = study["scans"]
+    with pytest.raises(ExperimentInputError, match="reference scanner 'Z' has no scan"):
+        run_experiment("seeds", scans, reference="Z", engine="none")
+    only_one = [s for s in scans if s.subject == "01" or s.scanner == "A"]
+    with pytest.raises(ExperimentInputError, match=r"at least two subjects .* found sub-01\.$"):
+        run_experiment("seeds", only_one, reference="D", engine="none")
+    no_tissue = [ExperimentScan(s.subject, s.scanner, s.dwi, s.bval, s.mask, s.maps, run=s.run)
+                 for s in scans]  # fmt: skip
+    with pytest.raises(ExperimentInputError, match=r"^sub-01 scanner A run 1 has no SGM, CSF"):
+        run_experiment("tissue", no_tissue, reference="D", engine="none")
+    with pytest.raises(ExperimentInputError, match="got 1 runs for 12 scans"):
+        RunExperiment(
+            experiment="seeds", reference="D", subjects=[s.subject for s in scans],
+            scanners=[s.scanner for s in scans], runs=["1"],
+            dwi_files=[str(s.dwi) for s in scans], bval_files=[str(s.bval) for s in scans],
+            mask_files=[str(s.mask) for s in scans],
+            map_files=[[str(s.maps["fa"])] * 8 for s in scans],
+        ).run(cwd=str(tmp_path))  # fmt: skip
+    assert not list(tmp_path.glob("*.tsv"))
