@@ -148,7 +148,7 @@ def test_combat_maps_through_the_template_on_the_phantom(tiny_bids):
     effects = {"A": 1.15, "C": 0.9, "D": 1.0}
     scans = [(sub, ses) for ses in "DAC" for sub in ("01", "02", "03")]
     maps, masks, clean = _phantom_maps(tiny_bids, scans, effects)
-    space = build_common_space(maps["fa"], masks)
+    space = build_common_space(maps["fa"], masks, n_jobs=2)  # two worker processes
     assert max(space.inverse_residual_mm) < 0.01
     assert min(m["correlation_after"] for m in space.metrics[1:]) > 0.85
     sites, subjects = [ses for _, ses in scans], [sub for sub, _ in scans]
@@ -186,7 +186,7 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
         files.append(scan_files)
     node = ComBatHarmonize(
         map_files=files, params=["fa", "md"], mask_files=[m.get_filename() for m in masks],
-        sites=[ses for _, ses in scans], reference_site="D", num_threads=2,  # 2 processes
+        sites=[ses for _, ses in scans], reference_site="D",
     )  # fmt: skip
     (tmp_path / "work").mkdir()
     out = node.run(cwd=str(tmp_path / "work")).outputs
