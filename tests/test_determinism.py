@@ -1,12 +1,12 @@
 """Determinism on CPU: the same inputs and ``--seed`` give identical outputs.
 
 The group level (preprocessing, DKI fits, label registration, CNN training and harmonized
-inference) runs on one traveling subject scanned on two scanners with ``--seed 1``, then
-``--seed 2``, then ``--seed 1`` again in the same work directory. Every node that takes the
-seed runs again each time (the seed-free preprocessing and fits come from Nipype's cache; their
-reproducibility across runs and engines is tested in test_slurm.py and test_resume.py). The two
-``--seed 1`` runs must agree bit for bit in every map and network weight; ``--seed 2`` changes
-every network and harmonized map and none of the DKI fits.
+inference) runs on one traveling subject scanned on two scanners with ``--seed 1`` and
+``--seed 2`` from scratch (at the same time), then with ``--seed 1`` again in the work
+directory of the ``--seed 2`` run, where every node that takes the seed runs again while the
+seed-free preprocessing and fits come from that run's cache. The two ``--seed 1`` runs must
+agree bit for bit in every map and network weight; ``--seed 2`` changes every network and
+harmonized map and none of the DKI fits (computed independently of the first run).
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def _arrays(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_same_seed_same_outputs_other_seed_other_networks(tiny_bids, tmp_path):
-    work = tmp_path / "work"
-    _finish(_group(tiny_bids, tmp_path / "a", work, seed=1))
-    # seed 2, then seed 1 again on the same work directory: the seed-free nodes come from
-    # the cache, every node that takes the seed (and everything downstream) runs again
-    _finish(_group(tiny_bids, tmp_path / "c", work, seed=2))
-    _finish(_group(tiny_bids, tmp_path / "b", work, seed=1))
+    # seeds 1 and 2 from scratch, at the same time; then seed 1 again in the work directory
+    # of seed 2: the seed-free nodes come from that cache, every node that takes the seed
+    # (and everything downstream) runs again
+    first = _group(tiny_bids, tmp_path / "a", tmp_path / "a" / "work", seed=1)
+    other = _group(tiny_bids, tmp_path / "c", tmp_path / "c" / "work", seed=2)
+    _finish(first)
+    _finish(other)
+    _finish(_group(tiny_bids, tmp_path / "b", tmp_path / "c" / "work", seed=1))
     a, b, c = (_arrays(tmp_path / run / "out") for run in "abc")
     harmonized = [k for k in a if "desc-harmonized" in k]
     weights = [k for k in a if ".safetensors:" in k]
