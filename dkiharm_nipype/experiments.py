@@ -242,6 +242,30 @@ def default_split(
     return train, test
 
 
+def find_tissue_files(
+    derivatives_dir: str | Path, subject: str, session: str | None = None, run=None
+) -> dict[str, Path]:
+    """The SGM and CSF probability maps of one scan in a derivatives folder.
+
+    Looks for ``sub-<subject>[_ses-<session>][_run-<run>]_*label-{SGM,CSF}_probseg.nii.gz``
+    in ``sub-<subject>/[ses-<session>/]dwi`` (the phantom's ``derivatives/phantom-truth``
+    names them so, in each scan's DWI space). Returns ``{}`` unless both are found once.
+    """
+    folder = Path(derivatives_dir) / f"sub-{subject}"
+    stem = f"sub-{subject}"
+    if session:
+        folder, stem = folder / f"ses-{session}", f"{stem}_ses-{session}"
+    if run not in (None, ""):
+        stem = f"{stem}_run-{run}"
+    found = {}
+    for tissue in ("SGM", "CSF"):
+        hits = sorted((folder / "dwi").glob(f"{stem}_*label-{tissue}_probseg.nii.gz"))
+        if len(hits) != 1:
+            return {}
+        found[tissue] = hits[0]
+    return found
+
+
 # --------------------------------------------------------------------------- the study
 @dataclass
 class _Loaded:
@@ -262,8 +286,8 @@ class ExperimentStudy:
     """The traveling subjects of an experiment, with everything computed once.
 
     Holds the subjects scanned on every scanner, each subject's reference scan and its
-    evaluation masks, and (lazily, cached) the registration of every test scan into its
-    reference scan and the training labels of scans given without any.
+    scoring masks, and (lazily, cached) the registration of every test scan into its
+    reference scan, computed once on the raw FA and reused by every training.
     """
 
     def __init__(
@@ -312,7 +336,6 @@ class ExperimentStudy:
                     f"; got {', '.join(sorted(scan.labels))}."
                 )
         self._registrations: dict[tuple, object] = {}
-        self._labels: dict[tuple, np.ndarray] = {}
         self._masks: dict[str, dict[str, np.ndarray]] = {}
 
     # -- lookup
@@ -380,7 +403,7 @@ class ExperimentStudy:
 
     def labels(self, scan: ExperimentScan) -> np.ndarray:
         """``(X, Y, Z, 8)`` training labels of ``scan``: given, its own fit (reference
-        scanner, as in the group run), or the reference scan's fit registered here once."""
+        scanner, as in the group run), or the reference scan's fit registered into it."""
         if scan.labels:
             return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1)
         source = (
@@ -395,15 +418,12 @@ class ExperimentStudy:
         stack = np.stack([_load(source.maps[p]) for p in ALL_METRICS], -1)
         if source is scan:
             return stack
-        key = (scan.subject, scan.scanner, scan.run)
-        if key not in self._labels:
-            reg = register(
-                scan.maps["fa"], source.maps["fa"], engine=self.engine,
-                moving_mask=source.mask, seed=self.seed, n_threads=self.n_threads,
-            )  # fmt: skip
-            img = nb.Nifti1Image(stack, nb.load(source.maps["fa"]).affine)
-            self._labels[key] = np.asarray(reg.apply(img).dataobj, dtype=np.float32)
-        return self._labels[key]
+        reg = register(
+            scan.maps["fa"], source.maps["fa"], engine=self.engine, moving_mask=source.mask,
+            seed=self.seed, n_threads=self.n_threads,
+        )  # fmt: skip
+        img = nb.Nifti1Image(stack, nb.load(source.maps["fa"]).affine)
+        return np.asarray(reg.apply(img).dataobj, dtype=np.float32)
 
     def load(self, scan: ExperimentScan, tissues: Iterable[str] = ()) -> _Loaded:
         """The scan's DWI, mask, labels and tissue masks, cropped to the brain."""
@@ -458,13 +478,14 @@ def run_splits(
     out: list[Harmonized] = [{} for _ in splits]
     total, done = len(splits) * len(study.scanners), 0
     left_out = sorted({LEFT_OUT_TISSUE[s.left_out] for s in splits} - {None})
-    involved = {sub for sp in splits for sub in (*sp.train, *sp.test)}
+    trained = {sub for sp in splits for sub in sp.train}
+    tested = {sub for sp in splits for sub in sp.test}
     for scanner in study.scanners:
-        loaded = {
-            (s.subject, s.run): study.load(s, left_out)
-            for s in study.scans
-            if s.scanner == scanner and s.subject in involved
-        }
+        # every run of a training subject; the first run of a test subject
+        needed = study.training_scans(trained, scanner) + [
+            study.first(sub, scanner) for sub in sorted(tested - trained)
+        ]
+        loaded = {(s.subject, s.run): study.load(s, left_out) for s in needed}
         for i, split in enumerate(splits):
             done += 1
             log(f"{title} {done}/{total}: scanner {scanner}, {_describe(split)}")

@@ -26,6 +26,7 @@ from dkiharm_nipype.experiments import (
     ExperimentScan,
     TrainingOptions,
     choose_combinations,
+    find_tissue_files,
     leavepout_splits,
     run_experiment,
     trainsize_splits,
@@ -77,10 +78,8 @@ def study(tmp_path_factory) -> dict:
             maps[param] = tmp / "fits" / f"sub-{sub}_ses-{ses}_run-{run}_param-{param}.nii.gz"
             maps[param].parent.mkdir(exist_ok=True)
             nb.Nifti1Image(data.astype(np.float32), img.affine).to_filename(maps[param])
-        tissues = {
-            t: truth.load_scan_labels(root, sub, ses, int(run), what=t).get_filename()
-            for t in ("SGM", "CSF")
-        }
+        tissues = find_tissue_files(root / "derivatives" / "phantom-truth", sub, ses, run)
+        assert set(tissues) == {"SGM", "CSF"}
         scans.append(
             ExperimentScan(sub, ses, dwi, f"{stem}.bval", brain.get_filename(), maps,
                            run=run, tissues=tissues)
@@ -215,6 +214,8 @@ def test_tissue_left_out_removes_its_voxels_from_training(study, tmp_path):
     assert {r["left_out"] for r in table} == {"none", "subcortical_gm", "csf"}
     assert {r["tissue"] for r in table} == {"WM", "SGM", "CSF"}
     assert len(rows) == 3 * 3 * len(PARAMS) * 3  # left_out x tissue x param x (A, D, cv)
+    print({(r["left_out"], r["tissue"], r["param"]): round(float(r["value"]), 3)
+           for r in table if r["scanner"] == "A"})  # fmt: skip
     n_voxels = {(t["scanner"], t["left_out"]): t["n_voxels"] for t in trainings}
     for scanner, runs in (("A", ("1", "2")), ("D", ("1",))):
         for left_out, what in (("subcortical_gm", "SGM"), ("csf", "CSF")):

@@ -146,7 +146,7 @@ class RunExperiment(SimpleInterface):
                     dwi=inputs.dwi_files[i], bval=inputs.bval_files[i],
                     mask=inputs.mask_files[i],
                     maps=dict(zip(ALL_METRICS, inputs.map_files[i], strict=True)),
-                    labels=dict(zip(ALL_METRICS, labels, strict=True)),
+                    labels=dict(zip(ALL_METRICS, labels, strict=bool(labels))),
                     run=inputs.runs[i], tissues=tissues,
                 )
             )  # fmt: skip
