@@ -52,7 +52,7 @@ from .dki.metrics import ALL_METRICS
 from .errors import DkiharmInputError
 from .evaluation import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, run_key, write_tsv
 from .metrics import mean_cv, nrmse, wm_mask_from_fit
-from .registration import register, voxel_sizes
+from .registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
 from .study import plan_study
 from .utils.dwi import check_volumes
 
@@ -335,6 +335,7 @@ class ExperimentStudy:
                     f"The labels of {scan.name} must be the eight maps {', '.join(ALL_METRICS)}"
                     f"; got {', '.join(sorted(scan.labels))}."
                 )
+            _check_grids(scan)
         self._registrations: dict[tuple, object] = {}
         self._masks: dict[str, dict[str, np.ndarray]] = {}
 
@@ -429,20 +430,9 @@ class ExperimentStudy:
         """The scan's DWI, mask, labels and tissue masks, cropped to the brain."""
         img = nb.load(scan.dwi)
         bvals = np.loadtxt(scan.bval, ndmin=1).ravel()
-        check_volumes(img.shape, bvals, source=str(scan.dwi))
         mask = _load_mask(scan.mask)
-        if mask.shape != img.shape[:3]:
-            raise ExperimentInputError(
-                f"The brain mask {scan.mask} ({mask.shape}) is not on the grid of {scan.dwi} "
-                f"({img.shape[:3]}); give the mask of this scan."
-            )
         box = mask_bounding_box(mask, margin=1)
         labels = self.labels(scan)
-        if labels.shape[:3] != mask.shape:
-            raise ExperimentInputError(
-                f"The labels of {scan.name} ({labels.shape[:3]}) are not on its DWI grid "
-                f"({mask.shape}); register the reference maps into this scan."
-            )
         return _Loaded(
             box=box, shape=mask.shape, affine=img.affine,
             dwi=np.asarray(img.dataobj[box], dtype=np.float32), bvals=bvals,
@@ -702,6 +692,29 @@ def _load(path) -> np.ndarray:
 
 def _load_mask(path) -> np.ndarray:
     return np.asarray(nb.load(path).dataobj) > 0
+
+
+def _check_grids(scan: ExperimentScan) -> None:
+    """Headers only: one b-value per volume, and every 3-D file of the scan on its grid."""
+    img = nb.load(scan.dwi)
+    check_volumes(img.shape, np.loadtxt(scan.bval, ndmin=1).ravel(), source=str(scan.dwi))
+    files = {"brain mask": scan.mask, **{f"{p} map": f for p, f in scan.maps.items()}}
+    files.update({f"{p} label": f for p, f in scan.labels.items()})
+    files.update({f"{t} probability map": f for t, f in scan.tissues.items()})
+    for what, path in files.items():
+        other = nb.load(path)
+        if other.shape[:3] != img.shape[:3] or not np.allclose(
+            other.affine, img.affine, atol=VOXEL_TOLERANCE_MM
+        ):
+            raise ExperimentInputError(
+                f"The {what} {path} ({_dims(other)} voxels) is not on the grid of its DWI "
+                f"{scan.dwi} ({_dims(img)} voxels, or another affine); give {scan.name}'s "
+                "own files, in its DWI space."
+            )
+
+
+def _dims(img) -> str:
+    return "x".join(str(n) for n in img.shape[:3])
 
 
 def _join(subjects: Iterable[str]) -> str:

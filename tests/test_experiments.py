@@ -11,6 +11,7 @@ closer to the reference than the raw fits).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -267,6 +268,13 @@ def test_bad_inputs_are_refused_in_one_line(study, tmp_path):
                  for s in scans]  # fmt: skip
     with pytest.raises(ExperimentInputError, match=r"^sub-01 scanner A run 1 has no SGM, CSF"):
         run_experiment("tissue", no_tissue, reference="D", engine="none")
+    mask = nb.load(scans[0].mask)
+    cropped = tmp_path / "cropped_mask.nii.gz"
+    nb.Nifti1Image(np.asanyarray(mask.dataobj)[:, :, 2:], mask.affine).to_filename(cropped)
+    wrong = [dataclasses.replace(scans[0], mask=cropped), *scans[1:]]
+    message = r"brain mask .*cropped_mask.nii.gz \(24x28x14 voxels\) is not on the grid of its DWI"
+    with pytest.raises(ExperimentInputError, match=message):
+        run_experiment("seeds", wrong, reference="D", engine="none")
     with pytest.raises(ExperimentInputError, match="got 1 runs for 12 scans"):
         RunExperiment(
             experiment="seeds", reference="D", subjects=[s.subject for s in scans],
@@ -275,4 +283,30 @@ def test_bad_inputs_are_refused_in_one_line(study, tmp_path):
             mask_files=[str(s.mask) for s in scans],
             map_files=[[str(s.maps["fa"])] * 8 for s in scans],
         ).run(cwd=str(tmp_path))  # fmt: skip
-    assert not list(tmp_path.glob("*.tsv"))
+    assert not list(tmp_path.rglob("*.tsv"))
+
+
+def test_experiment_workflow_runs_and_sinks_the_table(study, tmp_path):
+    from dkiharm_nipype.workflows.experiments import init_experiment_wf
+
+    scans = study["scans"]
+    wf = init_experiment_wf(
+        experiment="seeds", engine="none", n_seeds=1, epochs=OPTIONS.epochs,
+        samples_per_epoch=OPTIONS.samples_per_epoch, hidden_channels=OPTIONS.hidden_channels,
+        staging_dir=tmp_path / "out",
+    )  # fmt: skip
+    wf.base_dir = str(tmp_path / "work")
+    fields = {
+        "reference": "D", "subjects": [s.subject for s in scans],
+        "scanners": [s.scanner for s in scans], "runs": [s.run for s in scans],
+        "dwi_files": [str(s.dwi) for s in scans], "bval_files": [str(s.bval) for s in scans],
+        "mask_files": [str(s.mask) for s in scans],
+        "map_files": [[str(s.maps[p]) for p in ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")]
+                      for s in scans],
+    }  # fmt: skip
+    for key, value in fields.items():
+        setattr(wf.inputs.inputnode, key, value)
+    wf.run(plugin="Linear")
+    header, table = _read(tmp_path / "out" / "evaluation" / "experiment-seeds.tsv")
+    assert tuple(header) == EXPERIMENTS["seeds"][1]
+    assert len(table) == len(PARAMS) * 3 and {r["seed"] for r in table} == {"0"}
