@@ -65,4 +65,10 @@ class RunConfig:
     device: str = "cpu"
     mc_samples: int = 0
     models_dir: Path | None = None
+    # evaluation (group level): user WM mask / ROI atlas ("{subject}" for one per subject)
+    wm_mask: str | None = None
+    roi_atlas: str | None = None
+    roi_table: Path | None = None
+    comparators: tuple[str, ...] = ()
+    experiments: tuple[str, ...] = ()
     execution: ExecConfig = field(default_factory=ExecConfig)

@@ -183,3 +183,30 @@ def test_model_files_are_checked(group_run, tmp_path):
     (models / "scanner-A_harmonizer.json").unlink()
     _fail(base, "no model for scanner 'A'")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_and_report(group_run):
+    """The group level scores the test subjects before/after and writes the HTML report."""
+    import csv
+
+    out = group_run["out"]
+    with open(out / "evaluation" / "cv.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    plan = json.loads((out / "models" / "harmonization.json").read_text())
+    tested = {s.removeprefix("sub-") for s in plan["test_subjects"]}
+    assert {r["subject"] for r in rows} <= tested and rows
+    wm = {(r["method"], r["param"]): [] for r in rows if r["roi"] == "WM"}
+    for r in rows:
+        if r["roi"] == "WM":
+            wm[r["method"], r["param"]].append(float(r["cv_mean"]))
+    before = {p: np.mean(wm["before", p]) for p in ("mk", "ak", "rk", "kfa")}
+    after = {p: np.mean(wm["dl", p]) for p in ("mk", "ak", "rk", "kfa")}
+    print("WM inter-scanner CV before / after:", before, after)
+    for p in before:  # the networks make the scanners agree
+        assert after[p] < 0.7 * before[p], (p, before[p], after[p])
+    assert (out / "evaluation" / "nrmse.tsv").is_file()
+    report = (out / "report.html").read_text()
+    assert "<script" not in report and report.count("data:image/png") >= 5
+    assert sorted(p.name for p in out.glob("sub-*.html")) == [
+        f"sub-{s}.html" for s in sorted(tested)
+    ]

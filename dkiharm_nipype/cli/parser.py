@@ -241,6 +241,40 @@ def get_parser() -> argparse.ArgumentParser:
         "run) to write harmonized maps with",
     )
 
+    ev = parser.add_argument_group("Evaluation and report (group level)")
+    ev.add_argument(
+        "--wm-mask",
+        metavar="FILE",
+        help="white-matter mask in each subject's reference scan space; '{subject}' in the "
+        "path is replaced by the label (default: FA >= 0.2 and MD <= 1.5e-3 mm2/s of the "
+        "reference fit)",
+    )
+    ev.add_argument(
+        "--roi-atlas",
+        metavar="FILE",
+        help="ROI label image in each subject's reference scan space ('{subject}' as above); "
+        "needs --roi-table (default: the phantom's 15 WM ROIs when the dataset has them)",
+    )
+    ev.add_argument(
+        "--roi-table", type=Path, metavar="TSV", help="index, name[, abbreviation] per label"
+    )
+    ev.add_argument(
+        "--comparators",
+        nargs="+",
+        choices=["combat", "rish"],
+        default=[],
+        help="also harmonize the test subjects with ComBat and/or RISH and compare",
+    )
+    ev.add_argument(
+        "--experiment",
+        dest="experiments",
+        nargs="+",
+        choices=["trainsize", "leavepout", "tissue", "seeds"],
+        default=[],
+        help="the paper's validation experiments: training-size sweep, leave-p-subjects-out, "
+        "leave-one-tissue-out, repeated trainings (each retrains networks: slow)",
+    )
+
     perf = parser.add_argument_group("Execution")
     perf.add_argument(
         "-w",
@@ -333,6 +367,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                 f"--models {opts.models} is not a folder; give output_dir/models of a "
                 "group-level run"
             )
+    for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
+        if value and "{subject}" not in value and not Path(value).expanduser().is_file():
+            parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
+    if bool(opts.roi_atlas) != bool(opts.roi_table):
+        parser.error("--roi-atlas and --roi-table go together; give both")
+    if opts.roi_table and not opts.roi_table.is_file():
+        parser.error(f"--roi-table {opts.roi_table} does not exist; give a TSV of labels")
     execution = ExecConfig(
         plugin=opts.plugin,
         plugin_args=opts.plugin_args,
@@ -372,6 +413,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         device=device,
         mc_samples=opts.mc_samples,
         models_dir=models_dir,
+        wm_mask=opts.wm_mask,
+        roi_atlas=opts.roi_atlas,
+        roi_table=opts.roi_table.expanduser().absolute() if opts.roi_table else None,
+        comparators=tuple(dict.fromkeys(opts.comparators)),
+        experiments=tuple(dict.fromkeys(opts.experiments)),
     )
 
 

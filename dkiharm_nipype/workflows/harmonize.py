@@ -10,7 +10,9 @@ One Nipype graph iterates scanners and subjects (paper, Fig. 1):
    scanner's IRLLS maps of that subject into the scan's DWI space (the reference scanner's
    own scans keep their own maps: no registration);
 4. ``train_<scanner>`` trains that scanner's network on its training scans;
-5. ``harmonize_*`` turns every scan of every participant into harmonized maps.
+5. ``harmonize_*`` turns every scan of every participant into harmonized maps;
+6. ``evaluation_wf`` scores the test subjects before and after (CV, NRMSE, scan-rescan)
+   and writes the HTML report (:mod:`dkiharm_nipype.workflows.evaluation`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..interfaces.registration import RegisterMaps
 from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study
 from ..utils.bids import DWIScan
 from .dki import init_scan_wf
+from .evaluation import init_comparators_node, init_evaluation_wf
 
 
 def _node_name(text: str) -> str:
@@ -356,8 +359,9 @@ def init_group_wf(
             workflow.connect(train, kind, ds, "in_file")
 
     # --- harmonized maps of every scan ---------------------------------------------------
+    applied = {}
     for scan in scans:
-        apply = init_apply_wf(
+        apply = applied[scan.key] = init_apply_wf(
             scan=scan,
             staging_dir=staging_dir,
             config=config,
@@ -385,6 +389,63 @@ def init_group_wf(
                 ),
             ]
         )
+
+    # --- evaluation of the test subjects and the HTML report ------------------------------
+    evaluated = [s for s in scans if s.subject in plan.testing] or scans
+    evaluation = init_evaluation_wf(
+        scans=evaluated, staging_dir=staging_dir, config=config, engine=engine
+    )
+    n = len(evaluated)
+    gathered = {
+        key: pe.Node(
+            niu.Merge(n, no_flatten=key != "masks"),
+            name=f"eval_{key}",
+            run_without_submitting=True,
+        )
+        for key in ("before", "dl", "masks")
+    }
+    for i, scan in enumerate(evaluated, 1):
+        workflow.connect(
+            [
+                (scan_wfs[scan.key], gathered["before"], [("outputnode.maps", f"in{i}")]),
+                (scan_wfs[scan.key], gathered["masks"], [("outputnode.mask_file", f"in{i}")]),
+                (applied[scan.key], gathered["dl"], [("outputnode.maps", f"in{i}")]),
+            ]
+        )
+    workflow.connect(
+        [(gathered[k], evaluation, [("out", f"inputnode.{k}")]) for k in gathered]
+        + [
+            (reference, evaluation, [("reference", "inputnode.reference")]),
+            (merge_snr, evaluation, [("out", "inputnode.snr_files")]),
+        ]
+    )
+    if config.comparators:
+        compare = init_comparators_node(
+            scans=scans, evaluated=evaluated, config=config, engine=engine, training=plan.training
+        )
+        everything = {
+            key: pe.Node(
+                niu.Merge(len(scans), no_flatten=key == "maps"),
+                name=f"all_{key}",
+                run_without_submitting=True,
+            )
+            for key in ("dwis", "bvals", "bvecs", "masks", "maps")
+        }
+        outputs = {"dwis": "dwi_file", "bvals": "bval_file", "bvecs": "bvec_file",
+                   "masks": "mask_file", "maps": "maps"}  # fmt: skip
+        for i, scan in enumerate(scans, 1):
+            workflow.connect(
+                [(scan_wfs[scan.key], everything[k], [(f"outputnode.{o}", f"in{i}")])
+                 for k, o in outputs.items()]
+            )  # fmt: skip
+        workflow.connect(
+            [(everything[k], compare, [("out", k)]) for k in everything]
+            + [
+                (reference, compare, [("reference", "reference")]),
+                (compare, evaluation, [("combat", "inputnode.combat"),
+                                       ("rish", "inputnode.rish")]),
+            ]
+        )  # fmt: skip
     return workflow
 
 
@@ -551,6 +612,12 @@ def init_apply_wf(
             )
         ]
     )
+    outputnode = pe.Node(niu.IdentityInterface(fields=["maps"]), name="outputnode")
+    merge = pe.Node(niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True)
+    workflow.connect(
+        [(apply, merge, [(f"out_{p}", f"in{i}") for i, p in enumerate(ALL_METRICS, 1)]),
+         (merge, outputnode, [("out", "maps")])]
+    )  # fmt: skip
     descs = [("out", "harmonized")] + ([("std", "harmonizedstd")] if config.mc_samples else [])
     for kind, desc in descs:
         for param in ALL_METRICS:

@@ -1,0 +1,332 @@
+"""Group level, last step: evaluate the harmonization and write the HTML report.
+
+The test subjects' scans (all scans when every traveling subject was used for training)
+are compared within subject after non-linear registration into the subject's reference
+scan (:func:`dkiharm_nipype.evaluation.evaluate_study`): inter-scanner CV, NRMSE to the
+reference and scan-rescan NRMSE, before (the scans' own IRLLS fits) and after (the
+networks' harmonized maps), plus any comparator (ComBat, RISH). The tables land in
+``output_dir/evaluation/``, the report in ``output_dir/report.html`` and one
+``output_dir/sub-<label>.html`` per subject.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..config import RunConfig
+from ..dki.metrics import ALL_METRICS
+from ..interfaces.evaluation import EvaluateHarmonization, HarmonizationReport
+from ..utils.bids import DWIScan
+
+#: Methods whose maps the evaluation receives, in ``inputnode`` field order.
+METHODS = ("before", "dl", "combat", "rish")
+
+
+def _gather(meta, masks, reference, method_maps, bids_dir, wm_mask, roi_atlas, params):
+    """Nipype Function: EvaluateHarmonization's scan records, WM masks and atlases.
+
+    ``method_maps`` maps a method to one list of map files (``params`` order) per scan;
+    ``wm_mask``/``roi_atlas`` are user paths (``{subject}`` expanded) or empty; without a
+    user atlas the phantom's per-scan ROI labels of the reference scans are used when the
+    dataset has them.
+    """
+    from pathlib import Path
+
+    scans = []
+    for i, m in enumerate(meta):
+        maps = {
+            method: dict(zip(params, files[i], strict=True))
+            for method, files in method_maps.items()
+            if files and files[i]  # a comparator may skip scans (ComBat: repeated runs)
+        }
+        scans.append({**m, "maps": maps, "brain_mask": masks[i]})
+    subjects = sorted({m["subject"] for m in meta})
+
+    def per_subject(pattern):
+        if not pattern:
+            return {}
+        return {s: str(Path(pattern.replace("{subject}", s)).absolute()) for s in subjects}
+
+    wm_masks, atlases = per_subject(wm_mask), per_subject(roi_atlas)
+    truth = Path(bids_dir) / "derivatives" / "phantom-truth"
+    if not roi_atlas and (truth / "desc-wmrois_dseg.tsv").is_file():
+        for s in subjects:
+            runs = sorted(
+                (truth / f"sub-{s}" / f"ses-{reference}" / "dwi").glob(
+                    f"sub-{s}_ses-{reference}_run-*_space-dwi_desc-wmrois_dseg.nii.gz"
+                )
+            )
+            if runs:
+                atlases[s] = str(runs[0])
+    missing = [p for p in (*wm_masks.values(), *atlases.values()) if not Path(p).is_file()]
+    if missing:
+        from dkiharm_nipype.evaluation import EvaluationInputError
+
+        raise EvaluationInputError(
+            f"{missing[0]} does not exist; give --wm-mask/--roi-atlas paths that exist for "
+            "every evaluated subject ('{subject}' stands for the label)."
+        )
+    return scans, wm_masks, atlases
+
+
+def _merge_snr(snr_files):
+    """Nipype Function: one SNR table (the paper's Table 3) from every scan's TSV."""
+    import csv
+    import os
+
+    rows, fields = [], []
+    for path in snr_files:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t")
+            fields = fields or list(reader.fieldnames or [])
+            rows.extend(reader)
+    out = os.path.abspath("snr.tsv")
+    with open(out, "w") as fh:
+        fh.write("\t".join(fields) + "\n")
+        for row in rows:
+            fh.write("\t".join(row.get(f, "") for f in fields) + "\n")
+    return out
+
+
+def _experiment_dir(tsv_files):
+    """Nipype Function: a folder holding the experiments' TSVs (for the report)."""
+    import os
+    import shutil
+
+    out = os.path.abspath("experiments")
+    os.makedirs(out, exist_ok=True)
+    for path in tsv_files or []:
+        shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
+    return out
+
+
+def _stage(paths, staging_dir, rel):
+    """Nipype Function: copy files, or the files of folders, into ``staging_dir/rel``."""
+    from pathlib import Path
+
+    from dkiharm_nipype.interfaces.bids import atomic_copy
+
+    dst = Path(staging_dir) / rel
+    written = []
+    for item in [paths] if isinstance(paths, str) else paths:
+        item = Path(item)
+        files = sorted(f for f in item.rglob("*") if f.is_file()) if item.is_dir() else [item]
+        for f in files:
+            target = dst / (f.relative_to(item) if item.is_dir() else f.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_copy(f, target)
+            written.append(str(target))
+    return written
+
+
+def init_evaluation_wf(
+    *,
+    scans: list[DWIScan],
+    staging_dir: Path,
+    config: RunConfig,
+    engine: str,
+    name: str = "evaluation_wf",
+) -> pe.Workflow:
+    """Evaluation tables and the HTML report of the evaluated ``scans``.
+
+    Inputs
+    ------
+    reference
+        The reference scanner (chosen at run time).
+    masks
+        Brain masks of ``scans``.
+    before, dl, combat, rish
+        Per scan, the eight maps (``ALL_METRICS`` order) of each method; ``combat`` and
+        ``rish`` may stay empty.
+    snr_files
+        Every scan's SNR table (Table 3).
+    experiment_tsvs
+        Tables of the ``--experiment`` runs (may stay empty).
+
+    Examples
+    --------
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), participant_label=["03"])
+    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
+    ...                    analysis_level="group", work_dir=Path("work"))
+    >>> eval_wf = init_evaluation_wf(scans=scans, staging_dir=Path("staging"),
+    ...                              config=config, engine="dipy-syn")
+    >>> wf = pe.Workflow(name="my_study")
+    >>> ref = pe.Node(niu.IdentityInterface(fields=["scanner"]), name="ref")
+    >>> ref.inputs.scanner = "D"
+    >>> wf.connect(ref, "scanner", eval_wf, "inputnode.reference")
+    >>> sorted(n for n in eval_wf.list_node_names() if not n.startswith("stage"))
+    ['evaluate', 'experiment_dir', 'gather', 'inputnode', 'merge_snr', 'report']
+    """
+    workflow = pe.Workflow(name=name)
+    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs"]
+    inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
+    inputnode.inputs.combat = []
+    inputnode.inputs.rish = []
+    inputnode.inputs.experiment_tsvs = []
+
+    gather = pe.Node(
+        niu.Function(
+            function=_gather,
+            input_names=[
+                "meta",
+                "masks",
+                "reference",
+                "method_maps",
+                "bids_dir",
+                "wm_mask",
+                "roi_atlas",
+                "params",
+            ],
+            output_names=["scans", "wm_masks", "atlases"],
+        ),
+        name="gather",
+        run_without_submitting=True,
+    )
+    gather.inputs.meta = [
+        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
+    ]
+    gather.inputs.bids_dir = str(config.bids_dir)
+    gather.inputs.wm_mask = config.wm_mask or ""
+    gather.inputs.roi_atlas = config.roi_atlas or ""
+    gather.inputs.params = list(ALL_METRICS)
+    methods = pe.Node(niu.Function(function=_as_dict, input_names=list(METHODS),
+                                   output_names=["out"]), name="methods",
+                      run_without_submitting=True)  # fmt: skip
+    # Within-subject registration for the evaluation: FNIRT is the label engine only.
+    eval_engine = "dipy-syn" if engine in ("fnirt", "auto") else engine
+    evaluate = pe.Node(
+        EvaluateHarmonization(
+            engine=eval_engine, seed=config.seed, num_threads=config.execution.omp_nthreads
+        ),
+        name="evaluate",
+        n_procs=config.execution.omp_nthreads,
+        mem_gb=2,
+    )
+    if config.roi_table:
+        evaluate.inputs.roi_table = str(config.roi_table)
+    else:
+        table = Path(config.bids_dir) / "derivatives" / "phantom-truth" / "desc-wmrois_dseg.tsv"
+        if table.is_file():
+            evaluate.inputs.roi_table = str(table)
+    merge_snr = pe.Node(
+        niu.Function(function=_merge_snr, input_names=["snr_files"], output_names=["out"]),
+        name="merge_snr",
+        run_without_submitting=True,
+    )
+    experiment_dir = pe.Node(
+        niu.Function(function=_experiment_dir, input_names=["tsv_files"], output_names=["out"]),
+        name="experiment_dir",
+        run_without_submitting=True,
+    )
+    # Folder inputs are hashed by path, not content: rebuild the report and restage the
+    # tables on every run, so that a rerun never publishes a stale evaluation.
+    report = pe.Node(HarmonizationReport(), name="report", mem_gb=1, overwrite=True)
+    stages = {
+        key: pe.Node(
+            niu.Function(
+                function=_stage, input_names=["paths", "staging_dir", "rel"], output_names=["out"]
+            ),
+            name=f"stage_{key}",
+            run_without_submitting=True,
+            overwrite=True,
+        )
+        for key in ("tables", "report", "pages")
+    }
+    for key, rel in (("tables", "evaluation"), ("report", ""), ("pages", "")):
+        stages[key].inputs.staging_dir = str(staging_dir)
+        stages[key].inputs.rel = rel
+
+    workflow.connect(
+        [
+            (inputnode, methods, [(m, m) for m in METHODS]),
+            (methods, gather, [("out", "method_maps")]),
+            (inputnode, gather, [("masks", "masks"), ("reference", "reference")]),
+            (inputnode, evaluate, [("reference", "reference")]),
+            (gather, evaluate, [("scans", "scans"), ("wm_masks", "wm_masks"),
+                                ("atlases", "roi_atlases")]),
+            (inputnode, merge_snr, [("snr_files", "snr_files")]),
+            (inputnode, experiment_dir, [("experiment_tsvs", "tsv_files")]),
+            (evaluate, report, [("out_dir", "tsv_dir")]),
+            (merge_snr, report, [("out", "snr_tsv")]),
+            (experiment_dir, report, [("out", "experiment_dir")]),
+            (evaluate, stages["tables"], [("out_dir", "paths")]),
+            (report, stages["report"], [("report", "paths")]),
+            (report, stages["pages"], [("subject_pages", "paths")]),
+        ]
+    )  # fmt: skip
+    return workflow
+
+
+def _as_dict(before, dl, combat, rish):
+    """Nipype Function: the methods' map lists keyed by method name."""
+    return {"before": before, "dl": dl, "combat": combat, "rish": rish}
+
+
+def _run_comparators(
+    methods, meta, dwis, bvals, bvecs, masks, maps, reference, training, evaluated,
+    participants_file, fit_method, engine, n_threads,
+):  # fmt: skip
+    """Nipype Function: ComBat / RISH maps of the evaluated scans (see ``run_comparators``)."""
+    import os
+
+    from dkiharm_nipype.harmonize.compare import run_comparators
+
+    scans = [
+        dict(m, dwi=d, bval=b, bvec=v, mask=k, maps=list(mp))
+        for m, d, b, v, k, mp in zip(meta, dwis, bvals, bvecs, masks, maps, strict=True)
+    ]
+    res = run_comparators(
+        methods, scans=scans, reference=reference, training=training, evaluated=evaluated,
+        participants_file=participants_file or None, fit_method=fit_method, engine=engine,
+        n_threads=n_threads, out_dir=os.getcwd(),
+    )  # fmt: skip
+    return res.get("combat", []), res.get("rish", [])
+
+
+def init_comparators_node(*, scans, evaluated, config: RunConfig, engine: str, training):
+    """The ``comparators`` node: ComBat / RISH of the evaluated scans (``--comparators``).
+
+    Its inputs ``dwis``, ``bvals``, ``bvecs``, ``masks``, ``maps`` (one entry per scan of
+    ``scans``) and ``reference`` are connected by the group workflow; outputs ``combat``
+    and ``rish`` feed :func:`init_evaluation_wf`'s inputnode.
+    """
+    names = [
+        "methods",
+        "meta",
+        "dwis",
+        "bvals",
+        "bvecs",
+        "masks",
+        "maps",
+        "reference",
+        "training",
+        "evaluated",
+        "participants_file",
+        "fit_method",
+        "engine",
+        "n_threads",
+    ]
+    node = pe.Node(
+        niu.Function(function=_run_comparators, input_names=names,
+                     output_names=["combat", "rish"]),
+        name="comparators",
+        n_procs=config.execution.omp_nthreads,
+        mem_gb=4,
+    )  # fmt: skip
+    node.inputs.methods = list(config.comparators)
+    node.inputs.meta = [
+        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
+    ]
+    node.inputs.training = list(training)
+    keys = [s.key for s in scans]
+    node.inputs.evaluated = [keys.index(s.key) for s in evaluated]
+    participants = Path(config.bids_dir) / "participants.tsv"
+    node.inputs.participants_file = str(participants) if participants.is_file() else ""
+    node.inputs.fit_method = config.fit_method
+    node.inputs.engine = "dipy-syn" if engine in ("fnirt", "auto") else engine
+    node.inputs.n_threads = config.execution.omp_nthreads
+    return node
