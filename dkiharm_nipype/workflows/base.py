@@ -55,8 +55,9 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
     """
     # one staging folder per selection, so that a run publishes only its own outputs even
     # when several runs (participant and group levels, other subjects) share the work dir
-    selection = "\n".join([config.analysis_level, str(config.models_dir or ""),
-                           *sorted(s.key for s in scans)])
+    selection = "\n".join(
+        [config.analysis_level, str(config.models_dir or ""), *sorted(s.key for s in scans)]
+    )
     digest = hashlib.sha1(selection.encode()).hexdigest()[:12]
     staging = config.work_dir / "derivatives_staging" / f"{config.analysis_level}-{digest}"
     if config.analysis_level == "participant":

@@ -239,12 +239,22 @@ def init_scan_wf(
 
     workflow = pe.Workflow(name=name)
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file", "mask_file",
-                                      "maps", "fa_file", "snr_tsv"]),
+        niu.IdentityInterface(
+            fields=[
+                "dwi_file",
+                "bval_file",
+                "bvec_file",
+                "mask_file",
+                "maps",
+                "fa_file",
+                "snr_tsv",
+            ]
+        ),
         name="outputnode",
     )
-    merge_maps = pe.Node(niu.Merge(len(ALL_METRICS)), name="merge_maps",
-                         run_without_submitting=True)
+    merge_maps = pe.Node(
+        niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True
+    )
     inputnode = pe.Node(
         niu.IdentityInterface(
             fields=[
@@ -362,15 +372,27 @@ def init_scan_wf(
             (preproc_wf, ds_bvec, [("outputnode.bvec_file", "in_file")]),
             (preproc_wf, ds_mask, [("outputnode.mask_file", "in_file")]),
             (fit_wf, ds_snr, [("outputnode.snr_tsv", "in_file")]),
-        (preproc_wf, outputnode, [("outputnode.dwi_file", "dwi_file"),
-                                  ("outputnode.bval_file", "bval_file"),
-                                  ("outputnode.bvec_file", "bvec_file"),
-                                  ("outputnode.mask_file", "mask_file")]),
-        (fit_wf, merge_maps, [(f"outputnode.{m}_file", f"in{i}")
-                              for i, m in enumerate(ALL_METRICS, 1)]),
-        (merge_maps, outputnode, [("out", "maps")]),
-        (fit_wf, outputnode, [("outputnode.fa_file", "fa_file"),
-                              ("outputnode.snr_tsv", "snr_tsv")]),
+            (
+                preproc_wf,
+                outputnode,
+                [
+                    ("outputnode.dwi_file", "dwi_file"),
+                    ("outputnode.bval_file", "bval_file"),
+                    ("outputnode.bvec_file", "bvec_file"),
+                    ("outputnode.mask_file", "mask_file"),
+                ],
+            ),
+            (
+                fit_wf,
+                merge_maps,
+                [(f"outputnode.{m}_file", f"in{i}") for i, m in enumerate(ALL_METRICS, 1)],
+            ),
+            (merge_maps, outputnode, [("out", "maps")]),
+            (
+                fit_wf,
+                outputnode,
+                [("outputnode.fa_file", "fa_file"), ("outputnode.snr_tsv", "snr_tsv")],
+            ),
             *((fit_wf, ds_maps[m], [(f"outputnode.{m}_file", "in_file")]) for m in ALL_METRICS),
             (
                 fit_wf,
