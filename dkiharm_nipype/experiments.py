@@ -336,7 +336,7 @@ class ExperimentStudy:
                     f"; got {', '.join(sorted(scan.labels))}."
                 )
             _check_grids(scan)
-        self._registrations: dict[tuple, object] = {}
+        self._registrations: dict[int, object] = {}
         self._masks: dict[str, dict[str, np.ndarray]] = {}
 
     # -- lookup
@@ -389,7 +389,7 @@ class ExperimentStudy:
         ref = self.first(scan.subject, self.reference)
         if scan is ref:
             return maps
-        key = (scan.subject, scan.scanner, scan.run)
+        key = id(scan)
         if key not in self._registrations:
             reg = register(
                 ref.maps["fa"], scan.maps["fa"], engine=self.engine, moving_mask=scan.mask,
@@ -475,7 +475,7 @@ def run_splits(
         needed = study.training_scans(trained, scanner) + [
             study.first(sub, scanner) for sub in sorted(tested - trained)
         ]
-        loaded = {(s.subject, s.run): study.load(s, left_out) for s in needed}
+        loaded = {id(s): study.load(s, left_out) for s in needed}
         for i, split in enumerate(splits):
             done += 1
             log(f"{title} {done}/{total}: scanner {scanner}, {_describe(split)}")
@@ -489,7 +489,7 @@ def run_splits(
                 )  # fmt: skip
             for subject in split.test:
                 scan = study.first(subject, scanner)
-                data = loaded[(subject, scan.run)]
+                data = loaded[id(scan)]
                 maps, _ = harmonize_scan(
                     model, card, data.dwi, data.bvals, data.mask, device=options.device
                 )
@@ -509,7 +509,7 @@ def _train(study: ExperimentStudy, loaded: Mapping, split: Split, scanner: str, 
     tissue = LEFT_OUT_TISSUE[split.left_out]
     subjects = []
     for scan in study.training_scans(split.train, scanner):
-        data = loaded[(scan.subject, scan.run)]
+        data = loaded[id(scan)]
         if data.normalized is None:
             data.normalized = normalize_dwi(data.dwi, data.bvals)
         subjects.append(
@@ -518,7 +518,7 @@ def _train(study: ExperimentStudy, loaded: Mapping, split: Split, scanner: str, 
                 exclude=data.tissues[tissue] if tissue else None, name=scan.name,
             )
         )  # fmt: skip
-    first = loaded[(split.train[0], study.first(split.train[0], scanner).run)]
+    first = loaded[id(study.first(split.train[0], scanner))]
     protocol = scan_fingerprint(
         first.bvals, voxel_size=voxel_sizes(first.affine), matrix=first.shape
     )

@@ -11,6 +11,7 @@ from ..evaluation import EXPERIMENTS
 from ..experiments import MAX_COMBINATIONS, PAPER_PS, PAPER_REPEATS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.experiments import RunExperiment
+from ..registration import DEFAULT_OPEN_ENGINE
 
 #: Per-scan lists (one entry per scan, all aligned) of the input node.
 SCAN_FIELDS = (
@@ -54,7 +55,9 @@ def init_experiment_wf(
         (Fig. 8) or repeated trainings with ``n_seeds`` seeds.
     engine : str
         Registration engine of the test scans into their reference scan (and of labels
-        not given).
+        not given); ``auto`` and ``fnirt`` become
+        :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE` (the node registers
+        in-process).
     seed, epochs, samples_per_epoch, hidden_channels, device
         How every network is trained (as the group run's networks).
     max_combinations, ps, n_seeds, repeats
@@ -108,6 +111,8 @@ def init_experiment_wf(
         raise ValueError(
             f"experiment must be one of {', '.join(EXPERIMENTS)}; got {experiment!r}."
         )
+    if engine in ("auto", "fnirt"):  # registrations run inside the node: an open engine
+        engine = DEFAULT_OPEN_ENGINE
     workflow = pe.Workflow(name=name or f"{experiment}_experiment_wf")
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["reference", *SCAN_FIELDS]), name="inputnode"
