@@ -310,3 +310,22 @@ def test_experiment_workflow_runs_and_sinks_the_table(study, tmp_path):
     header, table = _read(tmp_path / "out" / "evaluation" / "experiment-seeds.tsv")
     assert tuple(header) == EXPERIMENTS["seeds"][1]
     assert len(table) == len(PARAMS) * 3 and {r["seed"] for r in table} == {"0"}
+
+
+def test_labels_are_the_reference_fit_in_the_scan_space(study):
+    """Without label files, a target scan's labels are the reference scan's fit registered
+    into it (here identity: one grid) and a reference scan's its own fit; given label
+    files are used as they are."""
+    from dkiharm_nipype.dki.metrics import ALL_METRICS
+    from dkiharm_nipype.experiments import ExperimentStudy
+
+    scans = study["scans"]
+    a2 = next(s for s in scans if (s.subject, s.scanner, s.run) == ("02", "A", "2"))
+    d = next(s for s in scans if (s.subject, s.scanner) == ("02", "D"))
+    given = dataclasses.replace(a2, labels=dict(a2.maps))  # A's own fit as labels
+    exp = ExperimentStudy([*scans, given], reference="D", engine="none")
+    ref_fit = np.stack([study["raw"][("02", "D", "1")][p] for p in ALL_METRICS], -1)
+    own_fit = np.stack([study["raw"][("02", "A", "2")][p] for p in ALL_METRICS], -1)
+    np.testing.assert_allclose(exp.labels(a2), ref_fit, rtol=1e-6)
+    np.testing.assert_allclose(exp.labels(d), ref_fit, rtol=1e-6)
+    np.testing.assert_allclose(exp.labels(given), own_fit, rtol=1e-6)
