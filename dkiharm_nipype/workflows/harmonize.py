@@ -419,6 +419,9 @@ def init_group_wf(
             (merge_snr, evaluation, [("out", "inputnode.snr_files")]),
         ]
     )
+    if config.experiments:
+        _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
+                         config, engine)  # fmt: skip
     if config.comparators:
         compare = init_comparators_node(
             scans=scans, evaluated=evaluated, config=config, engine=engine, training=plan.training
@@ -636,3 +639,69 @@ def init_apply_wf(
             )
             workflow.connect(apply, f"{kind}_{param}", ds, "in_file")
     return workflow
+
+
+def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
+                     config, engine) -> None:  # fmt: skip
+    """The ``--experiment`` runs on the traveling subjects; their tables feed the report."""
+    from ..experiments import find_tissue_files
+    from ..study import StudyDesignError
+    from .experiments import init_experiment_wf
+
+    exp_scans = [s for s in scans if s.subject in plan.traveling]
+    n = len(exp_scans)
+    fields = {"dwi_files": "dwi_file", "bval_files": "bval_file", "mask_files": "mask_file",
+              "map_files": "maps"}  # fmt: skip
+    merges = {
+        k: pe.Node(
+            niu.Merge(n, no_flatten=k == "map_files"),
+            name=f"exp_{k}",
+            run_without_submitting=True,
+        )
+        for k in fields
+    }
+    for i, scan in enumerate(exp_scans, 1):
+        workflow.connect(
+            [(scan_wfs[scan.key], merges[k], [(f"outputnode.{o}", f"in{i}")])
+             for k, o in fields.items()]
+        )  # fmt: skip
+    tables = pe.Node(
+        niu.Merge(len(config.experiments)), name="exp_tables", run_without_submitting=True
+    )
+    for j, name in enumerate(config.experiments, 1):
+        exp_wf = init_experiment_wf(
+            experiment=name,
+            engine=engine,
+            seed=config.seed,
+            epochs=config.epochs,
+            samples_per_epoch=config.samples_per_epoch,
+            device=config.device,
+            omp_nthreads=config.execution.omp_nthreads,
+            staging_dir=staging_dir,
+            rel_dir="evaluation",
+            name=f"experiment_{name}_wf",
+        )
+        exp_wf.inputs.inputnode.subjects = [s.subject for s in exp_scans]
+        exp_wf.inputs.inputnode.scanners = [s.scanner for s in exp_scans]
+        exp_wf.inputs.inputnode.runs = [
+            str(s.run) if s.run is not None else "1" for s in exp_scans
+        ]
+        if name == "tissue":
+            truth = Path(config.bids_dir) / "derivatives" / "phantom-truth"
+            tissues = [find_tissue_files(truth, s.subject, s.session, s.run) for s in exp_scans]
+            if not all(tissues):
+                raise StudyDesignError(
+                    f"--experiment tissue needs subcortical GM and CSF probability maps of every "
+                    f"scan (*_label-SGM_probseg / *_label-CSF_probseg in {truth}); none found "
+                    "for some scans: provide them or leave this experiment out."
+                )
+            exp_wf.inputs.inputnode.sgm_files = [str(t["SGM"]) for t in tissues]
+            exp_wf.inputs.inputnode.csf_files = [str(t["CSF"]) for t in tissues]
+        workflow.connect(
+            [(merges[k], exp_wf, [("out", f"inputnode.{k}")]) for k in merges]
+            + [
+                (reference, exp_wf, [("reference", "inputnode.reference")]),
+                (exp_wf, tables, [("outputnode.tsv", f"in{j}")]),
+            ]
+        )
+    workflow.connect(tables, "out", evaluation, "inputnode.experiment_tsvs")
