@@ -89,6 +89,11 @@ def run_comparators(
     first = _first_runs(scans)
     results: dict[str, list[list[str] | None]] = {}
 
+    def workdir(name: str) -> Path:
+        path = out_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def stem(i: int, method: str) -> Path:
         s = scans[i]
         return out_dir / f"sub-{s['subject']}_ses-{s['scanner']}_run-{s['run']}_desc-{method}"
@@ -113,7 +118,7 @@ def run_comparators(
             reference_site=reference,
             engine=engine,
             n_threads=n_threads,
-            work_dir=out_dir / "combat_work",
+            work_dir=workdir("combat_work"),
         )
         row = {i: j for j, i in enumerate(members)}
         results["combat"] = []
@@ -155,7 +160,7 @@ def run_comparators(
                 [load(r) for _, r in pairs],
                 engine=engine,
                 n_threads=n_threads,
-                work_dir=out_dir / f"rish_{target}_work",
+                work_dir=workdir(f"rish_{target}_work"),
             )
         results["rish"] = []
         for i in evaluated:
@@ -168,7 +173,7 @@ def run_comparators(
                 scan = load(i)
                 dwi, bvals, bvecs = harmonize_dwi(
                     models[s["scanner"]], scan, engine=engine, n_threads=n_threads,
-                    work_dir=out_dir / f"rish_apply_{i}",
+                    work_dir=workdir(f"rish_apply_{i}"),
                 )  # fmt: skip
                 maps = _fit_maps(dwi, bvals, bvecs, scan.mask, method=fit_method, b_max=None,
                                  n_threads=n_threads)  # fmt: skip

@@ -20,13 +20,22 @@ TRUTH_PIPELINE = "phantom-truth"
 _GZ_CHUNK = 1 << 24
 
 
-def _gzip_bytes(path: Path, payload: bytes | memoryview) -> None:
-    """Write ``payload`` as a gzip file: level 1, run-length strategy, no time stamp.
+def _compressor():
+    """A gzip stream compressor (wbits 31: gzip header, mtime 0).
 
-    The DWIs are noisy int16 data where LZ77 string matching finds almost nothing: the
-    run-length strategy is ~2x faster than the default at level 1 and no larger.
+    ISA-L (``isal``) level 2 compresses the noisy int16 DWIs 3x faster than zlib's fastest
+    setting (level 1, run-length strategy) and slightly smaller; zlib is the fallback.
     """
-    comp = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # wbits 31: gzip, mtime 0
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+        return zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
+    return isal_zlib.compressobj(2, isal_zlib.DEFLATED, 31)
+
+
+def _gzip_bytes(path: Path, payload: bytes | memoryview) -> None:
+    """Write ``payload`` as a gzip file (no time stamp, so reruns are byte-identical)."""
+    comp = _compressor()
     view = memoryview(payload).cast("B")
     with open(path, "wb") as fh:
         for i in range(0, len(view), _GZ_CHUNK):

@@ -328,15 +328,14 @@ def fit_wlls(
     scale = np.abs(x).max(0)
     xs = x / scale
     n_par = xs.shape[1]
-    iu, ju = np.triu_indices(n_par)
-    pairs = xs[:, iu] * xs[:, ju]  # unique entries of the symmetric normal matrix
+    # All n_par² products: one GEMM fills the normal matrices (scattering only the unique
+    # half costs more than the redundant multiplications).
+    outer = (xs[:, :, None] * xs[:, None, :]).reshape(len(xs), n_par * n_par)
     out = np.empty((signals.shape[0], n_par))
     for i in range(0, signals.shape[0], chunk):
         s = np.maximum(signals[i : i + chunk].astype(np.float64), 1e-6)
         w = (s / s.max(1, keepdims=True)) ** 2
-        a = np.empty((len(s), n_par, n_par))
-        a[:, iu, ju] = w @ pairs
-        a[:, ju, iu] = a[:, iu, ju]
+        a = (w @ outer).reshape(len(s), n_par, n_par)
         rhs = (w * np.log(s)) @ xs
         out[i : i + chunk] = np.linalg.solve(a, rhs[..., None])[..., 0]
     return out / scale
