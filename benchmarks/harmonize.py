@@ -89,6 +89,21 @@ def evaluate(bids: Path, out: Path) -> dict:
     return {"plan": plan, "cv": cv, "to_ref": to_ref, "to_truth": to_truth}
 
 
+def method_cv(out: Path) -> dict[str, dict[str, float]]:
+    """Mean WM CV per method and map from the group level's ``evaluation/cv.tsv``."""
+    path = out / "evaluation" / "cv.tsv"
+    if not path.is_file():
+        return {}
+    values: dict[str, dict[str, list[float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh, delimiter="\t"):
+            if row["roi"] == "WM":
+                values.setdefault(row["method"], {}).setdefault(row["param"], []).append(
+                    float(row["cv_mean"])
+                )
+    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in values.items()}
+
+
 def timings(out: Path, work: Path) -> dict:
     train = {}
     for log in sorted((out / "models").glob("scanner-*_training.tsv")):
@@ -111,6 +126,9 @@ def main(argv=None) -> None:
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--comparators", nargs="*", default=["combat", "rish"], help="also run these (or none)"
+    )
     args = parser.parse_args(argv)
     root = args.keep or Path(tempfile.mkdtemp(prefix="dkiharm-bench-"))
     bids, out, work = root / "bids", root / "out", root / "work"
@@ -145,6 +163,8 @@ def main(argv=None) -> None:
         "--samples-per-epoch",
         str(args.samples_per_epoch),
     ]
+    if args.comparators:
+        cmd += ["--comparators", *args.comparators]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     t_group = time.time() - started
@@ -168,6 +188,15 @@ def main(argv=None) -> None:
             f"| {k.upper()} | {b:.1f} | {a:.1f} | {100 * (1 - a / b):.1f} % | "
             f"{pb} -> {pa} ({100 * (1 - pa / pb):.1f} %) |"
         )
+    methods = method_cv(out)
+    if methods:
+        names = [m for m in ("before", "dl", "combat", "rish") if m in methods]
+        print("\nWM inter-scanner CV (%) by method, group-level evaluation (evaluation/cv.tsv)")
+        print("| map | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for k in KURTOSIS:
+            cells = [f"{100 * methods[m].get(k, float('nan')):.1f}" for m in names]
+            print(f"| {k.upper()} | " + " | ".join(cells) + " |")
     print("\nNRMSE-to-reference in WM, mean over test subjects (before -> after)")
     print("| scanner | " + " | ".join(k.upper() for k in KURTOSIS) + " |")
     print("|---|" + "---|" * len(KURTOSIS))
