@@ -159,7 +159,7 @@ def init_evaluation_wf(
     >>> ref.inputs.scanner = "D"
     >>> wf.connect(ref, "scanner", eval_wf, "inputnode.reference")
     >>> sorted(n for n in eval_wf.list_node_names() if not n.startswith("stage"))
-    ['evaluate', 'experiment_dir', 'gather', 'inputnode', 'merge_snr', 'report']
+    ['evaluate', 'experiment_dir', 'gather', 'inputnode', 'merge_snr', 'methods', 'report']
     """
     workflow = pe.Workflow(name=name)
     fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs"]
