@@ -216,3 +216,41 @@ def test_evaluation_and_report(group_run):
     assert sorted(p.name for p in out.glob("sub-*.html")) == [
         f"sub-{s}.html" for s in sorted(tested)
     ]
+
+
+def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
+    """--experiment and --comparators add their nodes, fed by every traveling scan."""
+    from pathlib import Path
+
+    from dkiharm_nipype.config import RunConfig
+    from dkiharm_nipype.study import StudyDesignError
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.harmonize import init_group_wf
+
+    scans = collect_scans(load_layout(tiny_bids))
+    config = RunConfig(
+        bids_dir=Path(tiny_bids), output_dir=tmp_path / "out", analysis_level="group",
+        work_dir=tmp_path / "work", registration="dipy-syn",
+        experiments=("seeds", "tissue"), comparators=("combat", "rish"),
+    )  # fmt: skip
+    wf = init_group_wf(scans=scans, staging_dir=tmp_path / "stage", config=config)
+    names = wf.list_node_names()
+    assert {"experiment_seeds_wf.run", "experiment_tissue_wf.run", "comparators"} <= set(names)
+    tissue = wf.get_node("experiment_tissue_wf").get_node("inputnode").inputs
+    assert len(tissue.sgm_files) == len(scans) and all(Path(f).is_file() for f in tissue.csf_files)
+    compare = wf.get_node("comparators").inputs
+    assert compare.methods == ["combat", "rish"] and len(compare.meta) == len(scans)
+    # without tissue maps the tissue experiment is refused at build time, in one line
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bids, bare, ignore=shutil.ignore_patterns("derivatives"))
+    bare_scans = collect_scans(load_layout(bare))
+    with pytest.raises(StudyDesignError, match="needs subcortical GM and CSF") as err:
+        init_group_wf(
+            scans=bare_scans,
+            staging_dir=tmp_path / "stage2",
+            config=RunConfig(
+                bids_dir=bare, output_dir=tmp_path / "out2", analysis_level="group",
+                work_dir=tmp_path / "work2", experiments=("tissue",),
+            ),
+        )  # fmt: skip
+    assert "\n" not in str(err.value)
