@@ -360,3 +360,20 @@ def test_error_during_generation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         generate(tmp_path / "out", preset="tiny", seed=0, subjects=1, scanners=["C"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_voxel_mm_override_keeps_the_field_of_view():
+    """``voxel_mm`` puts the same head on a coarser grid (whole-brain quick benchmarks)."""
+    full = get_preset("paper-dataset1")
+    coarse = get_preset("paper-dataset1", voxel_mm=3.0)
+    fov = np.multiply(full.subject_shape, full.subject_voxel_mm)
+    assert np.allclose(np.multiply(coarse.subject_shape, coarse.subject_voxel_mm), fov, atol=3.0)
+    assert coarse.subject_shape == (73, 73, 47)
+    for a, b in zip(full.scanners, coarse.scanners, strict=True):
+        assert b.protocol.voxel_mm == (3.0, 3.0, 3.0)
+        assert b.protocol.shells == a.protocol.shells and b.snr_db == a.snr_db
+        extent_a = np.multiply([*a.protocol.matrix, a.protocol.n_slices], a.protocol.voxel_mm)
+        extent_b = np.multiply([*b.protocol.matrix, b.protocol.n_slices], 3.0)
+        assert np.all(np.abs(extent_a - extent_b) <= 1.5)
+    with pytest.raises(ValueError, match=r"voxel_mm 20.0 is outside \[0.5, 8\] mm"):
+        get_preset("paper-dataset1", voxel_mm=20)

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-plane matrix of every scanner (centred crop of the FOV)",
     )
     parser.add_argument("--slices", type=_positive, help="number of slices (centred slab)")
+    parser.add_argument(
+        "--voxel-mm",
+        type=float,
+        metavar="MM",
+        help="isotropic voxel size: the same field of view on a coarser/finer grid",
+    )
     parser.add_argument("--n-jobs", type=_positive, help="parallel processes (one per subject)")
     parser.add_argument(
         "--no-effects",
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "scanners": args.scanners,
         "matrix": tuple(args.matrix) if args.matrix else None,
         "slices": args.slices,
+        "voxel_mm": args.voxel_mm,
         "n_jobs": args.n_jobs,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
