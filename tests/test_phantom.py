@@ -377,3 +377,38 @@ def test_voxel_mm_override_keeps_the_field_of_view():
         assert np.all(np.abs(extent_a - extent_b) <= 1.5)
     with pytest.raises(ValueError, match=r"voxel_mm 20.0 is outside \[0.5, 8\] mm"):
         get_preset("paper-dataset1", voxel_mm=20)
+
+
+def test_reversed_pe_b0_from_line_interpolation_matches_direct_sampling():
+    """The reversed-PE b0 reuses the forward readout's anatomy (1-D interpolation along PE)."""
+    import importlib
+
+    from dkiharm_nipype.phantom.scanners import grid_affine, random_pose, reverse_pe
+
+    gen = importlib.import_module("dkiharm_nipype.phantom.generate")
+    cfg = get_preset("paper-dataset1", voxel_mm=4.0, subjects=1)
+    scanner = cfg.scanners[0]
+    proto = scanner.protocol
+    subject = gen._make_subject(cfg, 0, 0)
+    affine = grid_affine(proto.shape, proto.voxel_mm)
+    to_subject = np.linalg.inv(random_pose(np.random.default_rng(3), rot_deg=2, trans_mm=3))
+    bvals, bvecs = np.array([0.0, 1000.0]), np.array([[0.0, 0, 0], [1, 0, 0]])
+    data, disp, hz, rev = gen._acquire(
+        subject, scanner, to_subject, affine, bvals, bvecs, gen._seed(1),
+        pe_dir=proto.pe_dir, n_reversed=2,
+    )  # fmt: skip
+    direct, *_ = gen._acquire(
+        subject, scanner, to_subject, affine, np.zeros(1), np.zeros((1, 3)), gen._seed(1),
+        pe_dir=reverse_pe(proto.pe_dir), hz=hz,
+    )  # fmt: skip
+    assert rev.shape == (*proto.shape, 2) and np.array_equal(rev[..., 0], rev[..., 1])
+    ref = direct[..., 0]
+    inside = ref > 0.1 * ref.max()
+
+    def nrmse(a):
+        return np.sqrt(np.mean((a - ref)[inside] ** 2)) / ref[inside].mean()
+
+    assert np.abs(disp).max() > proto.voxel_mm[1]  # distortion of more than a voxel
+    assert nrmse(data[..., 0]) > 0.1  # forward and reversed b0 differ a lot ...
+    # ... the interpolated reversed b0 is the direct one (1 % at 4 mm, 0.45 % at 2 mm)
+    assert nrmse(rev[..., 0]) < 0.02

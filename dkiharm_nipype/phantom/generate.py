@@ -199,9 +199,16 @@ def _acquire(
     *,
     pe_dir: str,
     hz: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Noise-free magnitude images (X, Y, Z, M) of one acquisition, the displacement and
-    the off-resonance field on the fine grid (reused by the reversed-PE acquisition)."""
+    n_reversed: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Noise-free magnitude images (X, Y, Z, M) of one acquisition, the displacement, the
+    off-resonance field on the fine grid, and ``n_reversed`` b0 images with the phase
+    encoding reversed (or None).
+
+    The reversed-PE b0s reuse this acquisition's anatomy: the b0 object, known at the
+    source positions of this readout, is interpolated along each phase-encoding line to the
+    reversed readout's source positions (:func:`_resample_lines`) instead of evaluating
+    the anatomy again (a third of a session's cost)."""
     proto, eff = scanner.protocol, scanner.effects
     shape = proto.shape
     f = scanner.gibbs_oversample if eff.gibbs else 1
@@ -219,6 +226,7 @@ def _acquire(
             )
         axis = pe_axis(pe_dir)
         step = proto.voxel_mm[axis] / (f if axis < 2 else 1)
+        grid_world = world
         world, jac, disp = _distorted_sources(world, fine_shape, hz, scanner, pe_dir, step)
     pts = apply_affine(to_subject, world)
     _, head, sample = _sample(subject, pts, threshold=1e-3, columns=slice(None))
@@ -232,7 +240,9 @@ def _acquire(
     if eff.bias:
         amp = amp * bias_field(world[head], bias_rng, scanner.bias_strength)
     pf = proto.partial_fourier if eff.partial_fourier else 1.0
-    out = np.empty((*shape, len(bvals)), np.float32)
+    # Fortran order: volume j is contiguous (noise and int16 conversion per volume) and
+    # the array is already in NIfTI's on-disk order (written without a transposed copy).
+    out = np.empty((*shape, len(bvals)), np.float32, order="F")
     fine = np.zeros(int(np.prod(fine_shape)), np.float32)
     cache: dict[tuple, np.ndarray] = {}
     for j, (b, g) in enumerate(zip(bvals, bvecs, strict=True)):
@@ -246,9 +256,66 @@ def _acquire(
         )
         if b == 0:
             cache[key] = out[..., j]
+    reversed_b0 = None
+    if n_reversed:
+        obj = np.zeros(int(np.prod(fine_shape)), np.float32)
+        obj[head] = model.volume(0.0, np.zeros(3)) * (amp / jac[head])  # b0 object
+        rev_pe = reverse_pe(pe_dir)
+        if disp is None:  # no distortion: the reversed readout images the same object
+            rev_fine, rev_jac = obj, 1.0
+        else:
+            axis = pe_axis(pe_dir)
+            step = proto.voxel_mm[axis] / (f if axis < 2 else 1)
+            rev_world, rev_jac, _ = _distorted_sources(
+                grid_world, fine_shape, hz, scanner, rev_pe, step
+            )
+            rev_fine = _resample_lines(obj, world[:, axis], rev_world[:, axis], fine_shape, axis)
+        img = kspace_sample(
+            (rev_fine * rev_jac).reshape(fine_shape),
+            oversample=f,
+            partial_fourier=pf,
+            pe_axis=pe_axis(rev_pe),
+        )
+        reversed_b0 = np.empty((*shape, n_reversed), np.float32, order="F")
+        reversed_b0[...] = img[..., None]
     if disp is not None:
         disp = disp.reshape(fine_shape)[::f, ::f, :]
-    return out, disp, hz
+    return out, disp, hz, reversed_b0
+
+
+def _resample_lines(
+    values: np.ndarray, src: np.ndarray, dst: np.ndarray, grid_shape, axis: int
+) -> np.ndarray:
+    """Values known at positions ``src`` along each line of ``axis`` of the grid, linearly
+    interpolated at positions ``dst`` on the same lines (all flat, grid point order).
+
+    ``src`` is made non-decreasing along each line (an EPI readout never folds the object
+    here: the Jacobian stays positive); outside a line's sampled span the edge value holds.
+    """
+
+    def lines(a):
+        return np.moveaxis(a.reshape(grid_shape), axis, -1).reshape(-1, grid_shape[axis])
+
+    x = np.maximum.accumulate(lines(src).astype(np.float64), axis=1)
+    v = lines(values)
+    q = lines(dst).astype(np.float64)
+    n_lines, n = x.shape
+    # one global search: shift each line past the previous one
+    span = float(max(x.max() - x.min(), q.max() - q.min())) + 1.0
+    base = (np.arange(n_lines, dtype=np.float64) * 3 * span - x[:, :1].min())[:, None]
+    flat_x = (x + base).ravel()
+    hi = np.searchsorted(flat_x, (np.clip(q, x[:, :1], x[:, -1:]) + base).ravel())
+    hi = hi.reshape(n_lines, n) - (np.arange(n_lines) * n)[:, None]
+    hi = np.clip(hi, 1, n - 1)
+    lo = hi - 1
+    x0 = np.take_along_axis(x, lo, 1)
+    x1 = np.take_along_axis(x, hi, 1)
+    w = np.clip((np.clip(q, x[:, :1], x[:, -1:]) - x0) / np.maximum(x1 - x0, 1e-9), 0, 1)
+    v0 = np.take_along_axis(v, lo, 1)
+    v1 = np.take_along_axis(v, hi, 1)
+    out = (v0 + w.astype(np.float32) * (v1 - v0)).astype(np.float32)
+    other = [n for k, n in enumerate(grid_shape) if k != axis]
+    return np.moveaxis(out.reshape(*other, grid_shape[axis]), -1, axis).reshape(-1)
 
 
 def _session(
@@ -285,7 +352,7 @@ def _session(
     # 2. acquisition (noise-free)
     bvals, bvecs = scan_table(proto, seed=1000 * ki + 17 + sum(map(ord, ses)))
     bias_seed = (seed, si, ki, 1)
-    data, disp, hz = _acquire(
+    data, disp, hz, rev = _acquire(
         subject,
         scanner,
         to_subject,
@@ -294,22 +361,8 @@ def _session(
         bvecs,
         _seed(*bias_seed),
         pe_dir=proto.pe_dir,
+        n_reversed=proto.n_rev_b0,
     )
-    rev = None
-    if proto.n_rev_b0 > 0:
-        b0 = np.zeros(proto.n_rev_b0)
-        g0 = np.zeros((proto.n_rev_b0, 3))
-        rev, _, _ = _acquire(
-            subject,
-            scanner,
-            to_subject,
-            affine,
-            b0,
-            g0,
-            _seed(*bias_seed),
-            pe_dir=reverse_pe(proto.pe_dir),
-            hz=hz,
-        )
 
     # noise level from the b0 SNR in the genu of the corpus callosum
     b0_mean = data[..., bvals == 0].mean(-1).ravel()
@@ -430,8 +483,8 @@ def _write_tissues(prefix: Path, tissues, labels, shape, affine) -> None:
 
 
 def _noisy_int16(data: np.ndarray, sigma: float, scanner: Scanner, rng) -> np.ndarray:
-    """One noisy realisation as int16, volume by volume (bounded memory)."""
-    out = np.empty(data.shape, np.int16)
+    """One noisy realisation as int16 (Fortran order), volume by volume (bounded memory)."""
+    out = np.empty(data.shape, np.int16, order="F")
     for j in range(data.shape[-1]):
         vol = data[..., j]
         if scanner.effects.noise:
@@ -441,7 +494,10 @@ def _noisy_int16(data: np.ndarray, sigma: float, scanner: Scanner, rng) -> np.nd
 
 
 def _to_int16(data: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(data), 0, 32767).astype(np.int16)
+    """Round and clip to [0, 32767] as int16 (one temporary, in the input's layout)."""
+    tmp = np.rint(data, dtype=np.float32)
+    np.clip(tmp, 0, 32767, out=tmp)
+    return tmp.astype(np.int16, order="K")
 
 
 def _sidecar(scanner: Scanner) -> dict:

@@ -283,8 +283,8 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
     every scanner, a centred crop of the field of view), ``slices`` (int, a centred slab),
     ``voxel_mm`` (float, isotropic voxel size: the same field of view on a coarser or finer
     grid, e.g. 3.0 for a quick whole-brain run of ``paper-dataset1``; applied before
-    ``matrix``/``slices``), ``n_jobs``, ``gibbs_oversample`` (1 disables the finer grid), ``snr_offset_db`` (added
-    to every SNR) and any :class:`Effects` switch (``noise=False`` ...).
+    ``matrix``/``slices``), ``n_jobs``, ``gibbs_oversample`` (1 disables the finer grid),
+    ``snr_offset_db`` (added to every SNR) and any :class:`Effects` switch (``noise=False`` ...).
     """
     if isinstance(name, Preset):
         preset, name = name, name.name

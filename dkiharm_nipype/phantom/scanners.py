@@ -340,24 +340,30 @@ def add_noise(
 
     For L channels combined by sum of squares, ``M^2 = (S + s z1)^2 + s^2 chi2_{2L-1}``;
     the chi-square term uses the Wilson-Hilferty cube transform of a normal variate,
-    accurate to <1 % for 2L-1 >= 3 and much faster than Gamma sampling.
+    accurate to <1 % for 2L-1 >= 3 and much faster than Gamma sampling. The normal
+    variates come from torch (vectorised Box-Muller, ~2x numpy's ziggurat here), seeded
+    from ``rng`` so that a seed still fixes every byte. Returns float32 in the input's
+    memory layout.
     """
-    s = np.float32(sigma)
-    real = rng.standard_normal(magnitude.shape, dtype=np.float32)
-    real *= s
-    real += magnitude
-    real *= real
-    rest = rng.standard_normal(magnitude.shape, dtype=np.float32)
+    import torch
+
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+    mag = np.asarray(magnitude, dtype=np.float32)
+    order = "F" if mag.flags.f_contiguous and not mag.flags.c_contiguous else "C"
+    shape = (mag.size,)
+    s = float(sigma)
+    real = torch.randn(shape, generator=gen)
+    rest = torch.randn(shape, generator=gen)
+    real.mul_(s).add_(torch.from_numpy(np.ravel(mag, order=order)))
+    real.mul_(real)
     if channels <= 1:
-        rest *= s
-        rest *= rest
+        rest.mul_(s)
+        rest.mul_(rest)
     else:
         dof = 2 * channels - 1
-        c = np.float32(2.0 / (9.0 * dof))
-        rest *= np.sqrt(c)
-        rest += 1 - c
-        np.maximum(rest, 0, out=rest)
+        c = 2.0 / (9.0 * dof)
+        rest.mul_(float(np.sqrt(c))).add_(1 - c).clamp_(min=0)
         rest = rest * rest * rest
-        rest *= np.float32(dof) * s * s
-    real += rest
-    return np.sqrt(real, out=real)
+        rest.mul_(dof * s * s)
+    real.add_(rest).sqrt_()
+    return real.numpy().reshape(mag.shape, order=order)
