@@ -14,9 +14,12 @@ prints from ``OUT/snr.tsv`` and ``OUT/evaluation/*.tsv``:
 * Table 4: NRMSE-to-reference in WM per scanner, before -> after (mean over test subjects);
 * Table 5: scan-rescan NRMSE in WM per scanner, before -> after.
 
-This is a long run (hours on 2 CPU cores at full size): ``--slices`` keeps a central slab,
-``--epochs``/``--samples-per-epoch`` shorten training, ``--keep DIR`` reuses a previous run
-(Nipype's cache). Run: ``.venv/bin/python benchmarks/reproduce_paper.py [--dataset NAME]``.
+This is a long run (hours on 2 CPU cores at full size, most of it MRtrix3 ``dwidenoise``):
+``--preproc none`` skips denoising/Gibbs removal, ``--voxel-mm 3`` puts the whole brain on a
+coarser grid, ``--epochs``/``--samples-per-epoch`` shorten training, ``--keep DIR`` reuses a
+previous run (Nipype's cache): the group command is the one ``benchmarks/harmonize.py`` runs,
+so ``harmonize.py --keep DIR/paper-dataset1`` and this script with ``--keep DIR`` share one
+run. Run: ``.venv/bin/python benchmarks/reproduce_paper.py [--dataset NAME]``.
 """
 
 from __future__ import annotations
@@ -78,11 +81,14 @@ def run_dataset(name: str, args, root: Path) -> None:
         from dkiharm_nipype.phantom import generate
 
         overrides = {"slices": args.slices} if args.slices else {}
+        if args.voxel_mm:
+            overrides["voxel_mm"] = args.voxel_mm
         print(f"[{name}] generating the phantom {overrides} ...", flush=True)
         generate(bids, preset=name, seed=args.seed, overwrite=True, **overrides)
     cmd = [sys.executable, "-m", "dkiharm_nipype.cli.run", str(bids), str(out), "group",
-           "-w", str(work), "--nprocs", str(args.nprocs), "--seed", str(args.seed),
-           "--epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch),
+           "-w", str(work), "--nprocs", str(args.nprocs), "--omp-nthreads", "1",
+           "--seed", str(args.seed), "--epochs", str(args.epochs),
+           "--samples-per-epoch", str(args.samples_per_epoch), "--preproc", args.preproc,
            "--comparators", "combat", "rish"]  # fmt: skip
     if args.experiments:
         cmd += ["--experiment", *args.experiments]
@@ -136,6 +142,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", choices=["paper-dataset1", "mushac", "both"],
                         default="both")  # fmt: skip
     parser.add_argument("--slices", type=int, help="central slab thickness (default: full)")
+    parser.add_argument("--voxel-mm", type=float, help="whole brain on a coarser grid (e.g. 3)")
+    parser.add_argument("--preproc", default="auto", choices=["auto", "mrtrix", "none"],
+                        help="the BIDS-App's --preproc")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--experiment", dest="experiments", nargs="*", default=[],
