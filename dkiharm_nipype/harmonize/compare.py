@@ -55,7 +55,10 @@ def _save_maps(maps: dict[str, np.ndarray], ref: nb.Nifti1Image, stem: Path) -> 
 
 
 def _fit_maps(dwi, bvals, bvecs, mask, *, method, b_max, n_threads) -> dict[str, np.ndarray]:
-    fit = fit_dki(dwi, bvals, bvecs, mask=mask, method=method, b_max=b_max, n_threads=n_threads)
+    # the same fit as the pipeline's DKI node (plausibility constraints on), so that the
+    # comparators differ from "before" and the DL maps only by the harmonization
+    fit = fit_dki(dwi, bvals, bvecs, mask=mask, method=method, b_max=b_max,
+                  constraints=True, n_threads=n_threads)  # fmt: skip
     return fit.metrics(ALL_METRICS)
 
 

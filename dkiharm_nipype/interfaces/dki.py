@@ -50,7 +50,7 @@ class _FitDKIInputSpec(BaseInterfaceInputSpec):
     constraints = traits.Bool(
         True,
         usedefault=True,
-        desc="project onto D >= 0 and directional kurtosis in [0, 10] after the fit",
+        desc="project onto D >= 0 and directional kurtosis in [0, 3] after the fit",
     )
     outlier_threshold = traits.Float(
         3.5, usedefault=True, desc="IRLLS rejects |S - S_hat| > threshold x robust sigma"
