@@ -77,6 +77,11 @@ def _mean_by(rows, keys, value, **where) -> dict[tuple, float]:
 def run_dataset(name: str, args, root: Path) -> None:
     bids, out, work = root / name / "bids", root / name / "out", root / name / "work"
     started = time.time()
+    if args.print_only:
+        if not (out / "evaluation" / "cv.tsv").is_file():
+            sys.exit(f"{out / 'evaluation' / 'cv.tsv'} not found: run without --print-only first.")
+        print_tables(name, out)
+        return
     if not (bids / "dataset_description.json").exists():
         from dkiharm_nipype.phantom import generate
 
@@ -95,7 +100,11 @@ def run_dataset(name: str, args, root: Path) -> None:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     print(f"\n[{name}] done in {time.time() - started:.0f} s; report: {out / 'report.html'}")
+    print_tables(name, out)
 
+
+def print_tables(name: str, out: Path) -> None:
+    """The paper's tables beside ours, from a finished group run's outputs."""
     snr = _mean_by(_rows(out / "snr.tsv"), ["scanner"], "snr_db")
     print(f"\nTable 3 - mean WM SNR (dB) per scanner ({name})")
     print("| scanner | phantom | paper |\n|---|---:|---:|")
@@ -132,7 +141,7 @@ def run_dataset(name: str, args, root: Path) -> None:
                 paper_row = table.get(scanner, {}) if name == "paper-dataset1" else {}
                 pb, pa = paper_row.get(k, (None, None))
                 ours = f"{b:.2f} -> {a:.2f}" if b is not None and a is not None else "-"
-                paper = f" ({pb} -> {pa})" if pa is not None else ""
+                paper = f" ({pb if pb is not None else '-'} -> {pa})" if pa is not None else ""
                 cells.append(ours + paper)
             print(f"| {scanner} | " + " | ".join(cells) + " |")
 
@@ -152,7 +161,11 @@ def main(argv=None) -> None:
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the runs in")
+    parser.add_argument("--print-only", action="store_true",
+                        help="only print the tables of a finished run in --keep")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.print_only and not args.keep:
+        parser.error("--print-only needs --keep DIR (the folder of a finished run)")
     root = args.keep or Path(tempfile.mkdtemp(prefix="dkiharm-paper-"))
     names = ["paper-dataset1", "mushac"] if args.dataset == "both" else [args.dataset]
     for name in names:
