@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -556,6 +557,24 @@ def _job(args) -> tuple[str, dict]:
     return kind, _session_worker(rest)
 
 
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def _single_threaded_children():
+    """Spawned children start with one BLAS/OpenMP thread (environment set around spawn)."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _cost(preset: Preset, ki: int) -> float:
     """Relative cost of a session (for longest-first scheduling)."""
     sc = preset.scanners[ki]
@@ -684,7 +703,12 @@ def generate(
         else:
             import multiprocessing as mp
 
-            with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex:
+            # one thread per worker: BLAS (the truth fit) and torch (the noise) would
+            # otherwise start a thread per core in every worker and oversubscribe the CPU
+            with (
+                _single_threaded_children(),
+                ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("spawn")) as ex,
+            ):
                 results = list(ex.map(_job, jobs))
         participants = sorted(
             (r for kind, r in results if kind == "subject"), key=lambda r: r["participant_id"]
