@@ -125,7 +125,15 @@ def test_maps_agree_with_phantom_truth(participant_run):
 
 
 def test_rerun_reuses_the_cache(participant_run):
-    started = time.time()
+    """A rerun with the same work directory recomputes no node (result files untouched).
+
+    (Compared by the nodes' result files, not by wall time: a timing ratio flaked when the
+    other test worker loaded the machine during the rerun.)
+    """
+    results = sorted(Path(participant_run["work"]).rglob("result_*.pklz"))
+    assert results
+    before = {str(f): f.stat().st_mtime_ns for f in results}
     proc = subprocess.run(participant_run["cmd"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert time.time() - started < 0.7 * participant_run["elapsed"]
+    after = {str(f): f.stat().st_mtime_ns for f in results}
+    assert after == before
