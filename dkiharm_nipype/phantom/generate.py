@@ -226,7 +226,7 @@ def _acquire(
                 scanner.susceptibility_hz,
             )
         axis = pe_axis(pe_dir)
-        step = proto.voxel_mm[axis] / (f if axis < 2 else 1)
+        step = proto.voxel_mm[axis] / (f if axis < 2 else 1)  # PE spacing of the fine grid
         grid_world = world
         world, jac, disp = _distorted_sources(world, fine_shape, hz, scanner, pe_dir, step)
     pts = apply_affine(to_subject, world)
@@ -264,9 +264,7 @@ def _acquire(
         rev_pe = reverse_pe(pe_dir)
         if disp is None:  # no distortion: the reversed readout images the same object
             rev_fine, rev_jac = obj, 1.0
-        else:
-            axis = pe_axis(pe_dir)
-            step = proto.voxel_mm[axis] / (f if axis < 2 else 1)
+        else:  # axis and step: set with the forward readout's distortion above
             rev_world, rev_jac, _ = _distorted_sources(
                 grid_world, fine_shape, hz, scanner, rev_pe, step
             )
@@ -305,13 +303,14 @@ def _resample_lines(
     span = float(max(x.max() - x.min(), q.max() - q.min())) + 1.0
     base = (np.arange(n_lines, dtype=np.float64) * 3 * span - x[:, :1].min())[:, None]
     flat_x = (x + base).ravel()
-    hi = np.searchsorted(flat_x, (np.clip(q, x[:, :1], x[:, -1:]) + base).ravel())
+    q = np.clip(q, x[:, :1], x[:, -1:])  # outside the sampled span: the edge value
+    hi = np.searchsorted(flat_x, (q + base).ravel())
     hi = hi.reshape(n_lines, n) - (np.arange(n_lines) * n)[:, None]
     hi = np.clip(hi, 1, n - 1)
     lo = hi - 1
     x0 = np.take_along_axis(x, lo, 1)
     x1 = np.take_along_axis(x, hi, 1)
-    w = np.clip((np.clip(q, x[:, :1], x[:, -1:]) - x0) / np.maximum(x1 - x0, 1e-9), 0, 1)
+    w = np.clip((q - x0) / np.maximum(x1 - x0, 1e-9), 0, 1)
     v0 = np.take_along_axis(v, lo, 1)
     v1 = np.take_along_axis(v, hi, 1)
     out = (v0 + w.astype(np.float32) * (v1 - v0)).astype(np.float32)

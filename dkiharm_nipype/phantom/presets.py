@@ -276,6 +276,12 @@ _OVERRIDES = (
 )
 
 
+def _regrid(shape, voxel_mm, voxel: float) -> tuple[int, int, int]:
+    """Grid shape covering the field of view of ``shape`` x ``voxel_mm`` with ``voxel`` mm."""
+    fov = np.asarray(shape, dtype=float) * np.asarray(voxel_mm, dtype=float)
+    return tuple(int(n) for n in np.maximum(np.round(fov / voxel), 4))
+
+
 def get_preset(name: str | Preset, **overrides) -> Preset:
     """A preset by name, with optional overrides.
 
@@ -317,8 +323,7 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
     for sc in scanners:
         proto = sc.protocol
         if voxel is not None:
-            fov = np.array([*proto.matrix, proto.n_slices]) * np.array(proto.voxel_mm)
-            shape = np.maximum(np.round(fov / voxel).astype(int), 4)
+            shape = _regrid((*proto.matrix, proto.n_slices), proto.voxel_mm, voxel)
             proto = replace(
                 proto,
                 matrix=(int(shape[0]), int(shape[1])),
@@ -343,8 +348,7 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
     if overrides.get("n_jobs") is not None:
         kw["n_jobs"] = int(overrides["n_jobs"])
     if voxel is not None:
-        fov = np.array(preset.subject_shape) * np.array(preset.subject_voxel_mm)
-        kw["subject_shape"] = tuple(int(n) for n in np.maximum(np.round(fov / voxel), 4))
+        kw["subject_shape"] = _regrid(preset.subject_shape, preset.subject_voxel_mm, voxel)
         kw["subject_voxel_mm"] = (voxel, voxel, voxel)
         kw["t1w_voxel_mm"] = max(preset.t1w_voxel_mm, voxel / 2)
     if overrides.get("matrix") is not None or overrides.get("slices") is not None:
