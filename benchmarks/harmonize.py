@@ -13,8 +13,8 @@ to it with dipy SyN on FA, within subject):
 
 White matter: the phantom's true WM (probability > 0.9) in the reference scan's space.
 
-Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none] [--epochs E]
-[--keep DIR]``. ``--voxel-mm`` generates the whole brain on a coarser grid (3.0: 73x73x47
+Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none]
+[--denoiser mppca] [--epochs E] [--keep DIR]``. ``--voxel-mm`` generates the whole brain on a coarser grid (3.0: 73x73x47
 voxels, ~3x faster); ``--slices`` cuts a central slab, which is *not* a fair test: the
 visits' head positions move anatomy in and out of a thin slab, so registration between
 scanners (labels and evaluation) cannot be right there.
@@ -138,6 +138,12 @@ def main(argv=None) -> None:
         help="the BIDS-App's --preproc (none skips MRtrix3 dwidenoise/mrdegibbs, which take "
         "most of the time of a 2-core run)",
     )
+    parser.add_argument(
+        "--denoiser",
+        default="dwidenoise",
+        choices=["dwidenoise", "mppca"],
+        help="the BIDS-App's --denoiser (mppca: the package's torch MP-PCA, ~20x faster)",
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
@@ -182,6 +188,8 @@ def main(argv=None) -> None:
         str(args.samples_per_epoch),
         "--preproc",
         args.preproc,
+        "--denoiser",
+        args.denoiser,
     ]
     if args.comparators:
         cmd += ["--comparators", *args.comparators]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -411,6 +413,25 @@ def test_bad_arguments():
         init_dwi_preproc_wf(preproc="topup")
     with pytest.raises(DkiharmInputError, match="mask_method='bet' is unknown"):
         init_dwi_preproc_wf(preproc="none", mask_method="bet")
+    with pytest.raises(DkiharmInputError, match="denoiser='lpca' is unknown"):
+        init_dwi_preproc_wf(preproc="mrtrix", denoiser="lpca")
+
+
+def test_mppca_denoiser_needs_only_mrdegibbs(no_fsl, monkeypatch, tmp_path):
+    degibbs = shutil.which("mrdegibbs")
+    hide_tools(monkeypatch, ("dwidenoise",))
+    (tmp_path / "mrdegibbs").symlink_to(degibbs)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(env.ToolNotFoundError, match="dwidenoise not found on PATH; .* --denoiser mppca"):
+        init_dwi_preproc_wf(preproc="mrtrix")
+    wf = init_dwi_preproc_wf(
+        preproc="mrtrix", denoiser="mppca", mask_method="median_otsu", omp_nthreads=2
+    )
+    denoise = wf.get_node("denoise")
+    assert type(denoise.interface).__name__ == "MPPCADenoise"
+    assert denoise.interface.inputs.nthreads == 2
+    assert ("denoise", "degibbs", "out_file", "in_file") in _edges(wf)
+    assert ("denoise", "outputnode", "noise", "noise_file") in _edges(wf)
 
 
 # ------------------------------------------------------------------- workflow graphs
@@ -530,10 +551,14 @@ def test_fsl_cmdlines(fake_fsl, dwi_data, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ workflow runs
 @pytest.mark.parametrize(
-    ("preproc", "mask_method"), [("mrtrix", "dwi2mask"), ("auto", "median_otsu")]
-)
-def test_run_mrtrix(no_fsl, dwi_data, tmp_path, preproc, mask_method):
-    wf = init_dwi_preproc_wf(preproc=preproc, mask_method=mask_method, omp_nthreads=2)
+    ("preproc", "mask_method", "denoiser"),
+    [("mrtrix", "dwi2mask", "dwidenoise"), ("auto", "median_otsu", "dwidenoise"),
+     ("mrtrix", "dwi2mask", "mppca")],
+)  # fmt: skip
+def test_run_mrtrix(no_fsl, dwi_data, tmp_path, preproc, mask_method, denoiser):
+    wf = init_dwi_preproc_wf(
+        preproc=preproc, mask_method=mask_method, denoiser=denoiser, omp_nthreads=2
+    )
     out, graph = _run(wf, dwi_data, tmp_path)
 
     for key in ("dwi_file", "mask_file", "b0_file", "noise_file"):
@@ -552,7 +577,7 @@ def test_run_mrtrix(no_fsl, dwi_data, tmp_path, preproc, mask_method):
 
     assert rmse(denoised) < 0.8 * rmse(noisy)
     assert rmse(final) < 0.8 * rmse(noisy)
-    # dwidenoise's sigma estimate inside the object is near the simulated one
+    # the denoiser's sigma estimate inside the object is near the simulated one
     noise = nb.load(out["noise_file"]).get_fdata()
     assert 0.5 * SIGMA < np.median(noise[obj]) < 1.5 * SIGMA
 

@@ -436,12 +436,12 @@ def _fsl_version() -> str:
         return ""
 
 
-def _resolved_preproc(preproc: str) -> str:
+def _resolved_preproc(preproc: str, denoiser: str = "dwidenoise") -> str:
     if preproc != "auto":
         return preproc
     from ..workflows.preproc import resolve_preproc
 
-    run_mrtrix, run_fsl = resolve_preproc(preproc)
+    run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
     return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
 
 
@@ -467,12 +467,22 @@ def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) 
         text = "The DWI series were used as provided, without denoising or artefact correction."
     else:
         mrtrix = _mrtrix_version()
-        text = (
-            "Each DWI series was first denoised with dwidenoise, a Marchenko-Pastur principal "
-            "component analysis of the raw magnitude data [@veraart2016], then Gibbs ringing "
-            "was removed with mrdegibbs, by local sub-voxel shifts [@kellner2016], both from "
-            f"MRtrix3{' ' + mrtrix if mrtrix else ''} [@tournier2019]."
-        )
+        mrtrix = f"MRtrix3{' ' + mrtrix if mrtrix else ''} [@tournier2019]"
+        if config.denoiser == "mppca":
+            text = (
+                "Each DWI series was first denoised by Marchenko-Pastur principal component "
+                "analysis of the raw magnitude data [@veraart2016] (dkiharm's implementation: "
+                "5x5x5-voxel windows every 3 voxels, overlapping reconstructions averaged), "
+                "then Gibbs ringing was removed with mrdegibbs, by local sub-voxel shifts "
+                f"[@kellner2016], from {mrtrix}."
+            )
+        else:
+            text = (
+                "Each DWI series was first denoised with dwidenoise, a Marchenko-Pastur "
+                "principal component analysis of the raw magnitude data [@veraart2016], then "
+                "Gibbs ringing was removed with mrdegibbs, by local sub-voxel shifts "
+                f"[@kellner2016], both from {mrtrix}."
+            )
         if preproc == "fsl":
             fsl = _fsl_version()
             topup = "for the runs with reversed phase-encoding b=0 images"
@@ -666,7 +676,7 @@ def methods_paragraphs(config: RunConfig, *, scans: Sequence | None = None) -> l
         The selected scans: adds their counts, the runs TOPUP corrects and the training
         subjects drawn with the seed.
     """
-    preproc = _resolved_preproc(config.preproc)
+    preproc = _resolved_preproc(config.preproc, config.denoiser)
     paragraphs = [
         f"Results included in this manuscript come from processing performed with dkiharm "
         f"{__version__}, an implementation of the DKI harmonization method of @tong2020, "

@@ -164,6 +164,13 @@ def get_parser() -> argparse.ArgumentParser:
         "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only",
     )
     proc.add_argument(
+        "--denoiser",
+        choices=["dwidenoise", "mppca"],
+        default="dwidenoise",
+        help="denoising step of --preproc auto|fsl|mrtrix: MRtrix3 dwidenoise, or the "
+        "package's torch MP-PCA (same estimator, overlapping windows; ~20x faster on 2 cores)",
+    )
+    proc.add_argument(
         "--mask-method",
         choices=["dwi2mask", "median_otsu"],
         default="dwi2mask",
@@ -397,6 +404,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         bids_filters=filters,
         scanner_entity=opts.scanner_entity,
         preproc=opts.preproc,
+        denoiser=opts.denoiser,
         mask_method=opts.mask_method,
         fit_method=opts.fit_method,
         b_max=opts.b_max,

@@ -76,7 +76,7 @@ def run(config: RunConfig) -> int:
     check_output_dir(config.output_dir)
     check_plugin(config.execution.plugin)
     # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
-    run_mrtrix, run_fsl = resolve_preproc(config.preproc)
+    run_mrtrix, run_fsl = resolve_preproc(config.preproc, config.denoiser)
     config = replace(config, preproc="fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none"))
     preflight(scans, b_max=config.b_max, run_fsl=run_fsl)
     if config.models_dir is not None:

@@ -117,7 +117,7 @@ def init_participant_wf(
     from .preproc import resolve_preproc
 
     # decide once (and log once) whether FSL runs, instead of once per scan
-    run_mrtrix, run_fsl = resolve_preproc(config.preproc)
+    run_mrtrix, run_fsl = resolve_preproc(config.preproc, config.denoiser)
     preproc = "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
     workflow = pe.Workflow(name=name)
     for scan in scans:
@@ -125,6 +125,7 @@ def init_participant_wf(
             scan=scan,
             staging_dir=staging_dir,
             preproc=preproc,
+            denoiser=config.denoiser,
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,

@@ -186,6 +186,7 @@ def init_scan_wf(
     scan: DWIScan,
     staging_dir: Path,
     preproc: str = "auto",
+    denoiser: str = "dwidenoise",
     mask_method: str = "dwi2mask",
     fit_method: str = "irlls",
     b_max: float | None = None,
@@ -204,7 +205,7 @@ def init_scan_wf(
         The run, with its gradient table, sidecar and reversed-PE fieldmaps.
     staging_dir : Path
         Derivatives root the sinks write into (published once the run succeeds).
-    preproc, mask_method
+    preproc, denoiser, mask_method
         See :func:`~dkiharm_nipype.workflows.preproc.init_dwi_preproc_wf`.
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
@@ -284,6 +285,7 @@ def init_scan_wf(
 
     preproc_wf = init_dwi_preproc_wf(
         preproc=preproc,
+        denoiser=denoiser,
         has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
         mask_method=mask_method,
         omp_nthreads=omp_nthreads,

@@ -167,6 +167,7 @@ def init_group_wf(
             scan=scan,
             staging_dir=staging_dir,
             preproc=config.preproc,
+            denoiser=config.denoiser,
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,
