@@ -110,9 +110,9 @@ def mppca(
     corners = np.stack(
         [ax[i] for ax, i in zip(axes, np.nonzero(touch), strict=True)], axis=1
     )  # (W, 3)
-    grid = np.stack(
-        np.meshgrid(*(np.arange(extent),) * 3, indexing="ij"), axis=-1
-    ).reshape(-1, 3)  # (M, 3)
+    grid = np.stack(np.meshgrid(*(np.arange(extent),) * 3, indexing="ij"), axis=-1).reshape(
+        -1, 3
+    )  # (M, 3)
     strides = np.array([shape[1] * shape[2], shape[2], 1])
     offsets = torch.from_numpy(grid @ strides).to(device)
     flat = torch.from_numpy(np.ascontiguousarray(dwi, dtype=np.float32)).to(device)

@@ -79,6 +79,12 @@ def test_fsl_cited_only_when_it_runs():
     assert "without denoising" in none and "veraart2016" not in cited_keys([none])
 
 
+def test_denoiser_named_in_the_text():
+    mppca = methods_paragraphs(_config(denoiser="mppca"))[1]
+    assert "dwidenoise" not in mppca and "every 3 voxels" in mppca
+    assert "@veraart2016" in mppca and "mrdegibbs" in mppca
+
+
 def test_fit_options_change_the_text():
     irlls = methods_paragraphs(_config(fit_method="irlls"))[2]
     wls = methods_paragraphs(_config(fit_method="wls", b_max=2000.0))[2]

@@ -58,8 +58,11 @@ def test_options_follow_bids_app_conventions(tmp_path):
             "-vv",
             "--seed",
             "7",
+            "--denoiser",
+            "mppca",
         ]
     )
+    assert cfg.denoiser == "mppca"
     assert cfg.participant_label == ("01", "02")
     assert cfg.session_label == ("A",)
     assert cfg.work_dir == tmp_path / "w"

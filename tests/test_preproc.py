@@ -422,7 +422,9 @@ def test_mppca_denoiser_needs_only_mrdegibbs(no_fsl, monkeypatch, tmp_path):
     hide_tools(monkeypatch, ("dwidenoise",))
     (tmp_path / "mrdegibbs").symlink_to(degibbs)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    with pytest.raises(env.ToolNotFoundError, match="dwidenoise not found on PATH; .* --denoiser mppca"):
+    with pytest.raises(
+        env.ToolNotFoundError, match="dwidenoise not found on PATH; .* --denoiser mppca"
+    ):
         init_dwi_preproc_wf(preproc="mrtrix")
     wf = init_dwi_preproc_wf(
         preproc="mrtrix", denoiser="mppca", mask_method="median_otsu", omp_nthreads=2
