@@ -16,8 +16,8 @@ White matter: the phantom's true WM (probability > 0.9) in the reference scan's 
 Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none]
 [--denoiser mppca] [--epochs E] [--keep DIR]``. ``--voxel-mm`` generates the whole brain
 on a coarser grid (3.0: 73x73x47 voxels, ~3x faster); ``--slices`` cuts a central slab,
-which is *not* a fair test: the visits' head positions move anatomy in and out of a thin slab, so registration between
-scanners (labels and evaluation) cannot be right there.
+which is *not* a fair test: the visits' head positions move anatomy in and out of a thin
+slab, so registration between scanners (labels and evaluation) cannot be right there.
 """
 
 from __future__ import annotations
