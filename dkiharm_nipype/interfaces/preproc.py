@@ -294,6 +294,17 @@ class MPPCADenoise(SimpleInterface):
     >>> out = nb.load(res.outputs.out_file).get_fdata()
     >>> bool(np.abs(out - clean).std() < 0.5 * np.abs(noisy - clean).std())
     True
+
+    In an existing pipeline, in place of MRtrix3's ``DWIDenoise``:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "mask"]), name="source")
+    >>> denoise = pe.Node(MPPCADenoise(stride=2, nthreads=2), name="denoise", n_procs=2)
+    >>> wf.connect([(source, denoise, [("dwi", "in_file"), ("mask", "mask")])])
+    >>> sorted(wf.inputs.denoise.get())
+    ['extent', 'nthreads', 'stride']
     >>> os.chdir(cwd)
     """
 
