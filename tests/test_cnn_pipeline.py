@@ -237,3 +237,16 @@ def test_too_few_voxels_is_refused(subjects):
     assert "\n" not in message
     assert "Only 8 labelled brain voxels" in message and "sub-01_ses-A_dwi: 8" in message
     assert "--train-participants" in message
+
+
+def test_torch_threads_is_scoped():
+    import torch
+
+    from dkiharm_nipype.utils.env import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0: leave torch's setting alone
+        assert torch.get_num_threads() == before

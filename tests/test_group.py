@@ -240,6 +240,15 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
     assert len(tissue.sgm_files) == len(scans) and all(Path(f).is_file() for f in tissue.csf_files)
     compare = wf.get_node("comparators").inputs
     assert compare.methods == ["combat", "rish"] and len(compare.meta) == len(scans)
+    # torch nodes run with the threads they declare to the scheduler (no oversubscription)
+    checked = {"TrainHarmonizer": 0, "ApplyHarmonizer": 0}
+    for name in names:
+        node = wf.get_node(name)
+        kind = type(node.interface).__name__
+        if kind in checked:
+            assert node.inputs.num_threads == node.n_procs == 1, name
+            checked[kind] += 1
+    assert checked["TrainHarmonizer"] >= 2 and checked["ApplyHarmonizer"] >= len(scans), checked
     # without tissue maps the tissue experiment is refused at build time, in one line
     bare = tmp_path / "bare"
     shutil.copytree(tiny_bids, bare, ignore=shutil.ignore_patterns("derivatives"))

@@ -55,7 +55,6 @@ Tax CMW et al. (2015) MRM 73:794. Henriques RN et al. (2021) Front. Neurosci. (d
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ import torch
 
 from ..errors import DkiharmInputError
 from ..utils.dwi import B0_THRESHOLD
+from ..utils.env import torch_threads
 from .design import DT_ORDER, KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
 from .metrics import ALL_METRICS, dki_metrics, dt_to_matrix
 
@@ -528,19 +528,6 @@ def constrain_params(
 # --------------------------------------------------------------------------- entry point
 
 
-@contextlib.contextmanager
-def _torch_threads(n_threads: int | None):
-    if not n_threads:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(n_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def fit_dki(
     dwi: np.ndarray,
     bvals: np.ndarray,
@@ -669,7 +656,7 @@ def fit_dki(
     workers = max(1, min(int(n_threads or torch.get_num_threads()), len(slices)))
     # Chunks run in parallel threads with single-threaded torch ops: batched LAPACK
     # calls on 22 x 22 systems do not parallelize well inside torch, whole chunks do.
-    with _torch_threads(1 if workers > 1 else n_threads), torch.no_grad():
+    with torch_threads(1 if workers > 1 else n_threads), torch.no_grad():
         solver = _Solver(X, dtype)
         if workers == 1:
             counts = [fit_chunk(sl) for sl in slices]

@@ -31,6 +31,7 @@ from ..cnn.infer import harmonize_scan
 from ..cnn.model import OUTPUT_NAMES
 from ..cnn.modelio import check_fingerprint, load_model, save_model, scan_fingerprint
 from ..cnn.train import train_harmonizer
+from ..utils.env import torch_threads
 
 LOGGER = logging.getLogger("nipype.interface")
 LOG_COLUMNS = ("epoch", "loss", "val_loss", "seconds")
@@ -77,6 +78,9 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
     device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    num_threads = traits.Int(
+        0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
+    )
     out_name = traits.Str("harmonizer", usedefault=True, desc="stem of the output file names")
 
 
@@ -157,25 +161,26 @@ class TrainHarmonizer(SimpleInterface):
                 )
             )
             del dwi
-        model, card, result = train_harmonizer(
-            subjects,
-            scanner=inputs.scanner,
-            protocol=protocol,
-            hidden_channels=inputs.hidden_channels,
-            num_shared_layers=inputs.num_shared_layers,
-            dropout=inputs.dropout,
-            target_scaling=inputs.target_scaling,
-            val_fraction=inputs.val_fraction,
-            epochs=inputs.epochs,
-            lr=inputs.learning_rate,
-            batch_size=inputs.batch_size,
-            patience=inputs.patience,
-            loss=inputs.loss,
-            samples_per_epoch=inputs.samples_per_epoch or None,
-            seed=inputs.seed,
-            device=inputs.device,
-            log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
-        )
+        with torch_threads(inputs.num_threads):
+            model, card, result = train_harmonizer(
+                subjects,
+                scanner=inputs.scanner,
+                protocol=protocol,
+                hidden_channels=inputs.hidden_channels,
+                num_shared_layers=inputs.num_shared_layers,
+                dropout=inputs.dropout,
+                target_scaling=inputs.target_scaling,
+                val_fraction=inputs.val_fraction,
+                epochs=inputs.epochs,
+                lr=inputs.learning_rate,
+                batch_size=inputs.batch_size,
+                patience=inputs.patience,
+                loss=inputs.loss,
+                samples_per_epoch=inputs.samples_per_epoch or None,
+                seed=inputs.seed,
+                device=inputs.device,
+                log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
+            )
         weights, card_path, log_path = (
             fname_presuffix(inputs.out_name, suffix=suffix, newpath=runtime.cwd, use_ext=False)
             for suffix in (".safetensors", "_card.json", "_log.tsv")
@@ -204,6 +209,9 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
     )
     batch_voxels = traits.Int(4096, usedefault=True, desc="voxels per chunk (bounds memory)")
     device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    num_threads = traits.Int(
+        0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
+    )
     seed = traits.Int(0, usedefault=True, desc="seed of the MC-dropout masks")
 
 
@@ -259,17 +267,18 @@ class ApplyHarmonizer(SimpleInterface):
         img, dwi, bvals = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
         check_fingerprint(card, _fingerprint(img, bvals, sidecar, inputs.echo_time))
-        maps, std = harmonize_scan(
-            model,
-            card,
-            dwi,
-            bvals,
-            _load_mask(inputs.mask_file),
-            device=inputs.device,
-            batch_voxels=inputs.batch_voxels,
-            mc_samples=inputs.mc_samples,
-            seed=inputs.seed,
-        )
+        with torch_threads(inputs.num_threads):
+            maps, std = harmonize_scan(
+                model,
+                card,
+                dwi,
+                bvals,
+                _load_mask(inputs.mask_file),
+                device=inputs.device,
+                batch_voxels=inputs.batch_voxels,
+                mc_samples=inputs.mc_samples,
+                seed=inputs.seed,
+            )
         _, stem, _ = split_filename(inputs.dwi_file)
         stem = stem.removesuffix("_dwi")
         for kind, data in (("out", maps), ("std", std)):

@@ -312,9 +312,8 @@ class MPPCADenoise(SimpleInterface):
     output_spec = _MPPCADenoiseOutputSpec
 
     def _run_interface(self, runtime):
-        import torch
-
         from ..denoise import mppca
+        from ..utils.env import torch_threads
 
         img = nb.load(self.inputs.in_file)
         data = np.asarray(img.dataobj, dtype=np.float32)
@@ -325,12 +324,8 @@ class MPPCADenoise(SimpleInterface):
         mask = None
         if isdefined(self.inputs.mask):
             mask = np.asarray(nb.load(self.inputs.mask).dataobj) > 0
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, self.inputs.nthreads))
-        try:
+        with torch_threads(max(1, self.inputs.nthreads)):
             res = mppca(data, mask, extent=self.inputs.extent, stride=self.inputs.stride)
-        finally:
-            torch.set_num_threads(threads)
         cwd = runtime.cwd
         self._results["out_file"] = _save_like(
             res.denoised, img, np.float32, self.inputs.in_file, "_denoised", cwd

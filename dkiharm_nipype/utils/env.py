@@ -6,8 +6,10 @@ missing tool is reported once, at build time, in one sentence that says how to f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 
 from ..errors import DkiharmInputError
 
@@ -51,3 +53,24 @@ def fsl_available() -> bool:
 def missing_mrtrix(commands: tuple[str, ...] = MRTRIX_COMMANDS) -> list[str]:
     """List the MRtrix3 ``commands`` that are not on ``PATH``."""
     return [cmd for cmd in commands if shutil.which(cmd) is None]
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None) -> Iterator[None]:
+    """Run the block with ``n_threads`` torch CPU threads (unchanged when 0 or None).
+
+    A Nipype node that declares ``n_procs`` must not let torch start one thread per core:
+    two such nodes side by side oversubscribe the cores, and OpenMP's busy waiting then
+    makes both many times slower.
+    """
+    if not n_threads:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

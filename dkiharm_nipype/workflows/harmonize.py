@@ -316,6 +316,7 @@ def init_group_wf(
                 samples_per_epoch=config.samples_per_epoch,
                 out_name=f"scanner-{scanner}",
                 subject_ids=[s.key for s in train_scans],
+                num_threads=omp,
             ),
             name=f"train_{_node_name(scanner)}",
             n_procs=omp,
@@ -587,7 +588,12 @@ def init_apply_wf(
         name="inputnode",
     )
     apply = pe.Node(
-        ApplyHarmonizer(mc_samples=config.mc_samples, device=config.device, seed=config.seed),
+        ApplyHarmonizer(
+            mc_samples=config.mc_samples,
+            device=config.device,
+            seed=config.seed,
+            num_threads=config.execution.omp_nthreads,
+        ),
         name="apply",
         n_procs=config.execution.omp_nthreads,
         mem_gb=2,
