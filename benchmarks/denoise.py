@@ -5,6 +5,7 @@ picks the scanner, default A: 6 b0 + 30 + 30 directions) is denoised inside its 
 mask by
 
 * MRtrix3 ``dwidenoise -mask`` (5x5x5 window, exp2 estimator, one window per voxel),
+  the mask being the phantom's true brain mask,
 * dkiharm ``mppca`` with windows every 2 and every 3 voxels (the BIDS-App default),
 
 with the same number of threads, and each result (and the raw scan) is fitted with the
@@ -32,7 +33,6 @@ import torch
 from dkiharm_nipype.denoise import mppca
 from dkiharm_nipype.dki.fit import fit_dki
 from dkiharm_nipype.metrics import nrmse
-from dkiharm_nipype.utils.dwi import median_otsu_mask
 
 MAPS = ("md", "fa", "mk", "ak", "rk", "kfa")
 
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     dwi = np.asarray(img.dataobj, dtype=np.float32)
     bvals = np.loadtxt(str(dwi_file).replace(".nii.gz", ".bval"))
     bvecs = np.loadtxt(str(dwi_file).replace(".nii.gz", ".bvec"))
-    mask = median_otsu_mask(dwi[..., bvals < 50].mean(axis=-1))
+    mask = np.asarray(nb.load(f"{truth_prefix}desc-brain_mask.nii.gz").dataobj) > 0
     wm = np.asarray(nb.load(f"{truth_prefix}label-WM_probseg.nii.gz").dataobj) > 0.9
     truths = {}
     for k in MAPS:
