@@ -142,7 +142,7 @@ def main(argv=None) -> None:
         "--denoiser",
         default="dwidenoise",
         choices=["dwidenoise", "mppca"],
-        help="the BIDS-App's --denoiser (mppca: the package's torch MP-PCA, about 4x faster)",
+        help="the BIDS-App's --denoiser (mppca: the package's torch MP-PCA, about 7x faster)",
     )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)

@@ -168,7 +168,7 @@ def get_parser() -> argparse.ArgumentParser:
         choices=["dwidenoise", "mppca"],
         default="dwidenoise",
         help="denoising step of --preproc auto|fsl|mrtrix: MRtrix3 dwidenoise, or the "
-        "package's torch MP-PCA (same estimator, windows every 3 voxels; about 4x faster)",
+        "package's torch MP-PCA (same estimator, windows every 3 voxels; about 7x faster)",
     )
     proc.add_argument(
         "--mask-method",

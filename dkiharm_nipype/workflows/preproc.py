@@ -125,7 +125,7 @@ def init_dwi_preproc_wf(
     denoiser : {"dwidenoise", "mppca"}
         MRtrix3 ``dwidenoise``, or the torch MP-PCA with overlapping windows
         (:class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`: the same estimator,
-        about 4x faster at equal threads; README, *Denoising*).
+        about 7x faster at equal threads; README, *Denoising*).
     has_rpe_fmap : bool
         Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP (see
         :func:`dkiharm_nipype.utils.fsl.has_reversed_pe`). Ignored without FSL.
