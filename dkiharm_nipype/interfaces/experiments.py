@@ -27,6 +27,7 @@ from ..experiments import (
     run_experiment,
 )
 from ..registration import ENGINES
+from ..utils.env import torch_threads
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -80,7 +81,7 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
     tissue_threshold = traits.Float(
         TISSUE_THRESHOLD, usedefault=True, desc="tissue probability that makes a voxel SGM/CSF"
     )
-    num_threads = traits.Int(1, usedefault=True, desc="registration threads")
+    num_threads = traits.Int(1, usedefault=True, desc="registration and torch CPU threads")
 
 
 class _RunExperimentOutputSpec(TraitedSpec):
@@ -157,29 +158,30 @@ class RunExperiment(SimpleInterface):
 
         fname = EXPERIMENTS[inputs.experiment][0]
         out_file = os.path.join(runtime.cwd, fname)
-        run_experiment(
-            inputs.experiment,
-            scans,
-            reference=inputs.reference,
-            out_file=out_file,
-            params=inputs.params,
-            engine=inputs.engine,
-            options=TrainingOptions(
-                epochs=inputs.epochs,
-                samples_per_epoch=inputs.samples_per_epoch or None,
-                hidden_channels=inputs.hidden_channels,
-                device=inputs.device,
-            ),
-            seed=inputs.seed,
-            max_combinations=inputs.max_combinations or None,
-            ps=inputs.ps,
-            test_subjects=_opt("test_subjects"),
-            train_subjects=_opt("train_subjects"),
-            n_seeds=inputs.n_seeds,
-            repeats=inputs.repeats,
-            tissue_threshold=inputs.tissue_threshold,
-            n_threads=inputs.num_threads,
-            log=lambda line: LOGGER.info("RunExperiment %s", line),
-        )
+        with torch_threads(inputs.num_threads):  # the threads declared as n_procs
+            run_experiment(
+                inputs.experiment,
+                scans,
+                reference=inputs.reference,
+                out_file=out_file,
+                params=inputs.params,
+                engine=inputs.engine,
+                options=TrainingOptions(
+                    epochs=inputs.epochs,
+                    samples_per_epoch=inputs.samples_per_epoch or None,
+                    hidden_channels=inputs.hidden_channels,
+                    device=inputs.device,
+                ),
+                seed=inputs.seed,
+                max_combinations=inputs.max_combinations or None,
+                ps=inputs.ps,
+                test_subjects=_opt("test_subjects"),
+                train_subjects=_opt("train_subjects"),
+                n_seeds=inputs.n_seeds,
+                repeats=inputs.repeats,
+                tissue_threshold=inputs.tissue_threshold,
+                n_threads=inputs.num_threads,
+                log=lambda line: LOGGER.info("RunExperiment %s", line),
+            )
         self._results["tsv"] = out_file
         return runtime
