@@ -91,6 +91,13 @@ def test_mppca_matches_dwidenoise(dwi, tmp_path):
     assert _rmse(ours.denoised, mrtrix) < 0.5 * _rmse(noisy, mrtrix)
 
 
+def test_the_interface_default_is_the_library_default():
+    from dkiharm_nipype.denoise import DEFAULT_STRIDE
+    from dkiharm_nipype.interfaces.preproc import MPPCADenoise
+
+    assert MPPCADenoise().inputs.stride == DEFAULT_STRIDE
+
+
 def test_mppca_mask_and_errors(dwi):
     _, noisy = dwi
     mask = np.zeros(noisy.shape[:3], bool)

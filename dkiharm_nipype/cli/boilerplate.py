@@ -439,10 +439,9 @@ def _fsl_version() -> str:
 def _resolved_preproc(preproc: str, denoiser: str = "dwidenoise") -> str:
     if preproc != "auto":
         return preproc
-    from ..workflows.preproc import resolve_preproc
+    from ..workflows.preproc import resolved_preproc_mode
 
-    run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
-    return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
+    return resolved_preproc_mode(preproc, denoiser)
 
 
 def _count(n: int, word: str) -> str:
@@ -469,20 +468,24 @@ def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) 
         mrtrix = _mrtrix_version()
         mrtrix = f"MRtrix3{' ' + mrtrix if mrtrix else ''} [@tournier2019]"
         if config.denoiser == "mppca":
-            text = (
-                "Each DWI series was first denoised by Marchenko-Pastur principal component "
-                "analysis of the raw magnitude data [@veraart2016] (dkiharm's implementation: "
-                "5x5x5-voxel windows every 3 voxels, overlapping reconstructions averaged), "
-                "then Gibbs ringing was removed with mrdegibbs, by local sub-voxel shifts "
-                f"[@kellner2016], from {mrtrix}."
+            from ..interfaces.preproc import MPPCADenoise
+
+            how, source = (
+                "by Marchenko-Pastur principal component analysis of the raw magnitude data "
+                "[@veraart2016] (dkiharm's implementation: 5x5x5-voxel windows every "
+                f"{MPPCADenoise().inputs.stride} voxels, overlapping reconstructions averaged)",
+                "from",
             )
         else:
-            text = (
-                "Each DWI series was first denoised with dwidenoise, a Marchenko-Pastur "
-                "principal component analysis of the raw magnitude data [@veraart2016], then "
-                "Gibbs ringing was removed with mrdegibbs, by local sub-voxel shifts "
-                f"[@kellner2016], both from {mrtrix}."
+            how, source = (
+                "with dwidenoise, a Marchenko-Pastur principal component analysis of the raw "
+                "magnitude data [@veraart2016]",
+                "both from",
             )
+        text = (
+            f"Each DWI series was first denoised {how}, then Gibbs ringing was removed with "
+            f"mrdegibbs, by local sub-voxel shifts [@kellner2016], {source} {mrtrix}."
+        )
         if preproc == "fsl":
             fsl = _fsl_version()
             topup = "for the runs with reversed phase-encoding b=0 images"

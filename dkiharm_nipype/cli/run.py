@@ -71,14 +71,13 @@ def run(config: RunConfig) -> int:
     print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
 
     from ..utils.checks import check_models, check_output_dir, check_plugin, preflight
-    from ..workflows.preproc import resolve_preproc
+    from ..workflows.preproc import resolved_preproc_mode
 
     check_output_dir(config.output_dir)
     check_plugin(config.execution.plugin)
     # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"
-    run_mrtrix, run_fsl = resolve_preproc(config.preproc, config.denoiser)
-    config = replace(config, preproc="fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none"))
-    preflight(scans, b_max=config.b_max, run_fsl=run_fsl)
+    config = replace(config, preproc=resolved_preproc_mode(config.preproc, config.denoiser))
+    preflight(scans, b_max=config.b_max, run_fsl=config.preproc == "fsl")
     if config.models_dir is not None:
         check_models(scans, config.models_dir)
 

@@ -17,6 +17,7 @@ from nipype.interfaces.mrtrix3.utils import BrainMask
 from nipype.utils.filemanip import fname_presuffix
 
 from ..utils.dwi import B0_THRESHOLD, mean_b0, median_otsu_mask
+from ..utils.env import torch_threads
 from ..utils.fsl import sidecar_name, write_topup_files
 
 
@@ -261,8 +262,8 @@ class _MPPCADenoiseInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="4-D raw magnitude DWI series")
     mask = File(exists=True, desc="denoise inside this mask only (default: every voxel)")
     extent = traits.Int(5, usedefault=True, desc="window edge in voxels (odd)")
-    stride = traits.Int(
-        3, usedefault=True, desc="voxels between windows (1 = a window at every voxel)"
+    stride = traits.Int(  # = denoise.DEFAULT_STRIDE, not imported here: it pulls in torch
+        3, usedefault=True, desc="voxels between windows (1: one at every voxel)"
     )
     nthreads = traits.Int(1, usedefault=True, nohash=True, desc="torch threads")
 
@@ -312,8 +313,7 @@ class MPPCADenoise(SimpleInterface):
     output_spec = _MPPCADenoiseOutputSpec
 
     def _run_interface(self, runtime):
-        from ..denoise import mppca
-        from ..utils.env import torch_threads
+        from ..denoise import mppca  # torch: imported when the node runs
 
         img = nb.load(self.inputs.in_file)
         data = np.asarray(img.dataobj, dtype=np.float32)

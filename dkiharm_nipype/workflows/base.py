@@ -114,11 +114,10 @@ def init_participant_wf(
     True
     """
     from .dki import init_scan_wf
-    from .preproc import resolve_preproc
+    from .preproc import resolved_preproc_mode
 
     # decide once (and log once) whether FSL runs, instead of once per scan
-    run_mrtrix, run_fsl = resolve_preproc(config.preproc, config.denoiser)
-    preproc = "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
+    preproc = resolved_preproc_mode(config.preproc, config.denoiser)
     workflow = pe.Workflow(name=name)
     for scan in scans:
         scan_wf = init_scan_wf(

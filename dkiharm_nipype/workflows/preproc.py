@@ -83,6 +83,12 @@ def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> 
     return True, True
 
 
+def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> str:
+    """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`)."""
+    run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
+    return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
+
+
 def init_dwi_preproc_wf(
     *,
     preproc: PreprocMode = "auto",
