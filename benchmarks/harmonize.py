@@ -14,10 +14,11 @@ to it with dipy SyN on FA, within subject):
 White matter: the phantom's true WM (probability > 0.9) in the reference scan's space.
 
 Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none]
-[--denoiser mppca] [--epochs E] [--keep DIR]``. ``--voxel-mm`` generates the whole brain
-on a coarser grid (3.0: 73x73x47 voxels, ~3x faster); ``--slices`` cuts a central slab,
-which is *not* a fair test: the visits' head positions move anatomy in and out of a thin
-slab, so registration between scanners (labels and evaluation) cannot be right there.
+[--denoiser mppca] [--network-input dwi+fit] [--epochs E] [--keep DIR]``. ``--voxel-mm``
+generates the whole brain on a coarser grid (3.0: 73x73x47 voxels, ~3x faster);
+``--slices`` cuts a central slab, which is *not* a fair test: the visits' head positions
+move anatomy in and out of a thin slab, so registration between scanners (labels and
+evaluation) cannot be right there.
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def main(argv=None) -> None:
         choices=["dwidenoise", "mppca"],
         help="the BIDS-App's --denoiser (mppca: the package's torch MP-PCA, about 7x faster)",
     )
+    parser.add_argument(
+        "--network-input",
+        default="dwi",
+        choices=["dwi", "dwi+fit"],
+        help="the BIDS-App's --network-input (dwi+fit: the networks also see and correct each "
+        "scan's own IRLLS maps)",
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
@@ -190,6 +198,8 @@ def main(argv=None) -> None:
         args.preproc,
         "--denoiser",
         args.denoiser,
+        "--network-input",
+        args.network_input,
     ]
     if args.comparators:
         cmd += ["--comparators", *args.comparators]

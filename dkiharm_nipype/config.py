@@ -63,6 +63,7 @@ class RunConfig:
     registration: str = "auto"
     epochs: int = 100
     samples_per_epoch: int = 200_000
+    network_input: str = "dwi"
     device: str = "cpu"
     mc_samples: int = 0
     models_dir: Path | None = None

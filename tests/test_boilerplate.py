@@ -85,6 +85,15 @@ def test_denoiser_named_in_the_text():
     assert "@veraart2016" in mppca and "mrdegibbs" in mppca
 
 
+def test_network_input_named_in_the_text():
+    def group(**kw):
+        return "\n".join(methods_paragraphs(_config(analysis_level="group", **kw)))
+
+    assert "own IRLLS maps" not in group()
+    text = group(network_input="dwi+fit")
+    assert "together with the scan's own IRLLS maps" in text and "residual connection" in text
+
+
 def test_fit_options_change_the_text():
     irlls = methods_paragraphs(_config(fit_method="irlls"))[2]
     wls = methods_paragraphs(_config(fit_method="wls", b_max=2000.0))[2]

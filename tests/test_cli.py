@@ -60,9 +60,11 @@ def test_options_follow_bids_app_conventions(tmp_path):
             "7",
             "--denoiser",
             "mppca",
+            "--network-input",
+            "dwi+fit",
         ]
     )
-    assert cfg.denoiser == "mppca"
+    assert cfg.denoiser == "mppca" and cfg.network_input == "dwi+fit"
     assert cfg.participant_label == ("01", "02")
     assert cfg.session_label == ("A",)
     assert cfg.work_dir == tmp_path / "w"

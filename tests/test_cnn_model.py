@@ -25,6 +25,7 @@ def test_defaults_follow_the_paper():
         "num_shared_layers": 2,
         "dropout": 0.1,
         "kernel_size": 3,
+        "residual_channels": 0,
     }
     assert net.conv.weight.shape == (150, 60, 3, 3, 3)
     assert OUTPUT_NAMES == ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")
@@ -75,12 +76,34 @@ def test_sparse_forward_equals_dense(net):
         ({"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
         ({"dropout": "0.1"}, TypeError, "dropout must be a float"),
         ({"kernel_size": 2}, ValueError, "kernel_size must be odd"),
+        ({"residual_channels": 3}, ValueError, "residual_channels must be 0 or 8"),
+        ({"in_channels": 8, "residual_channels": 8}, ValueError, "fewer than in_channels=8"),
     ],
 )
 def test_constructor_checks(kwargs, error, match):
     args = {"in_channels": 4, **kwargs}
     with pytest.raises(error, match=match):
         HierarchicalDKINet(args.pop("in_channels"), **args)
+
+
+def test_residual_network_adds_the_centre_voxels_fit():
+    """dwi+fit: the last 8 inputs are the scan's own (scaled) maps; the output is the heads'
+    correction plus those maps at the centre voxel, sparse and dense alike."""
+    torch.manual_seed(0)
+    net = HierarchicalDKINet(7 + 8, hidden_channels=16, residual_channels=8).eval()
+    rng = np.random.default_rng(1)
+    volume = rng.random((6, 5, 4, 15), dtype=np.float32)
+    mask = rng.random((6, 5, 4)) > 0.3
+    voxels = padded_neighbourhoods(volume, mask)
+    sparse, _ = predict_voxels(net, voxels, batch_voxels=7)
+    with torch.no_grad():
+        heads = net.heads(*net.voxel_features(voxels.inputs(slice(None))), dropout=False)
+        dense = net(torch.from_numpy(volume).permute(3, 0, 1, 2)[None])[0].permute(1, 2, 3, 0)
+    np.testing.assert_allclose(sparse - heads.numpy(), volume[mask][:, 7:], atol=1e-6)
+    np.testing.assert_allclose(sparse, dense.numpy()[mask], atol=1e-5, rtol=1e-5)
+    # MC-dropout: the fit is added to the mean, the spread comes from the heads alone
+    mc_mean, mc_std = predict_voxels(net, voxels, mc_samples=200)
+    assert np.abs(mc_mean - sparse).mean() < 0.02 and mc_std.max() > 0
 
 
 def test_forward_rejects_wrong_channels(net):

@@ -263,3 +263,36 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
             ),
         )  # fmt: skip
     assert "\n" not in str(err.value)
+
+
+def test_dwi_plus_fit_is_wired(tiny_bids, tmp_path):
+    """--network-input dwi+fit: every network is trained on its scans' own maps, and every
+    harmonized scan gets its own maps (participant level with --models too)."""
+    from pathlib import Path
+
+    from dkiharm_nipype.config import RunConfig
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.harmonize import init_group_wf
+
+    scans = collect_scans(load_layout(tiny_bids))
+    config = RunConfig(
+        bids_dir=Path(tiny_bids), output_dir=tmp_path / "out", analysis_level="group",
+        work_dir=tmp_path / "work", registration="none", reference_scanner="D",
+        network_input="dwi+fit",
+    )  # fmt: skip
+    wf = init_group_wf(scans=scans, staging_dir=tmp_path / "stage", config=config)
+
+    def into(node):
+        return {c for _, _, d in wf._graph.in_edges(node, data=True) for c in d["connect"]}
+
+    trains = [wf.get_node(n) for n in wf.list_node_names() if n.startswith("train_")]
+    trains = [n for n in trains if type(n.interface).__name__ == "TrainHarmonizer"]
+    assert len(trains) == len({s.scanner for s in scans})
+    for node in trains:
+        assert node.inputs.network_input == "dwi+fit"
+        assert ("out", "fit_files") in into(node)
+        merge = wf.get_node(node.name.replace("train_", "train_fit_", 1))
+        assert len(into(merge)) == len(node.inputs.subject_ids)
+    applies = [n for n in wf._graph.nodes if n.name.startswith("harmonize_")]
+    assert len(applies) == len(scans)
+    assert all(("outputnode.maps", "inputnode.fit_files") in into(n) for n in applies)

@@ -557,6 +557,16 @@ def _network_sentence(config: RunConfig) -> str:
     )
 
 
+def _fit_input_clause(config: RunConfig) -> str:
+    if config.network_input != "dwi+fit":
+        return ""
+    return (
+        ", together with the scan's own IRLLS maps (z-scored like the targets), which the "
+        "network output plus a learned correction (a residual connection; an extension of "
+        "the published network)"
+    )
+
+
 def _training_sentence(config: RunConfig) -> str:
     d = _train_defaults()
     loss = {"mse": "mean squared error", "l1": "mean absolute error"}[d["loss"]]
@@ -632,7 +642,7 @@ def _group_paragraph(config: RunConfig, scans: Sequence | None) -> str:
         f"@tong2020. {ref} {split[0].upper() + split[1:]}, the others serving as test "
         f"subjects. {reg} For each scanner, including the reference scanner, "
         f"{_network_sentence(config)} was trained to map the scan's DWIs (divided by the "
-        "mean b=0 signal) to the eight reference DKI maps. "
+        f"mean b=0 signal){_fit_input_clause(config)} to the eight reference DKI maps. "
         f"{_training_sentence(config)} Every scan of every participant was then passed "
         "through its scanner's network to obtain harmonized MD, AD, RD, FA, MK, AK, RK and "
         f"KFA maps.{_mc_sentence(config)}"

@@ -229,6 +229,13 @@ def get_parser() -> argparse.ArgumentParser:
         help="training voxels drawn per epoch",
     )
     harm.add_argument(
+        "--network-input",
+        default="dwi",
+        choices=["dwi", "dwi+fit"],
+        help="what each scanner's network sees: the normalised DWIs (dwi, the paper) or also "
+        "the scan's own IRLLS maps, which it learns to correct (dwi+fit: lower RK/KFA error)",
+    )
+    harm.add_argument(
         "--device",
         default="auto",
         help="torch device for training and inference: auto, cpu, cuda, cuda:1",
@@ -418,6 +425,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         registration=opts.registration,
         epochs=opts.epochs,
         samples_per_epoch=opts.samples_per_epoch,
+        network_input=opts.network_input,
         device=device,
         mc_samples=opts.mc_samples,
         models_dir=models_dir,

@@ -32,7 +32,9 @@ __all__ = [
     "TargetScaling",
     "TrainingSubject",
     "VoxelNeighbourhoods",
+    "FIT_CLIP",
     "dwi_order",
+    "fit_channels",
     "gather_neighbourhoods",
     "make_training_sets",
     "mask_bounding_box",
@@ -46,6 +48,8 @@ CLIP_RANGE = (0.0, 1.5)
 DIFFUSIVITY_UNIT_SCALE = 1000.0
 """mm^2/s -> um^2/ms, the unit in which diffusivities are O(1)."""
 _DIFFUSIVITIES = {"md", "ad", "rd"}
+FIT_CLIP = 6.0
+"""Scaled fit maps fed to the network (``--network-input dwi+fit``) are clipped to +-this."""
 
 
 def dwi_order(bvals: np.ndarray, *, b0_threshold: float = B0_THRESHOLD) -> np.ndarray:
@@ -168,7 +172,9 @@ class TrainingSubject:
 
     ``dwi`` is normalised (:func:`normalize_dwi`), ``labels`` are ``(X, Y, Z, 8)`` physical
     maps in :data:`.model.OUTPUT_NAMES` order, ``mask`` the brain mask; voxels in the
-    optional ``exclude`` mask (e.g. a tissue left out) are not used for training.
+    optional ``exclude`` mask (e.g. a tissue left out) are not used for training. ``fit``,
+    the scan's own DKI maps (same layout as ``labels``), is needed for the ``dwi+fit``
+    network input only.
     """
 
     dwi: np.ndarray
@@ -176,6 +182,7 @@ class TrainingSubject:
     mask: np.ndarray
     exclude: np.ndarray | None = None
     name: str = ""
+    fit: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shape = self.dwi.shape[:3]
@@ -185,6 +192,11 @@ class TrainingSubject:
             raise ValueError(
                 f"Subject {self.name!r}: labels {self.labels.shape} must be (*{shape}, "
                 f"{len(OUTPUT_NAMES)}) in the order {', '.join(OUTPUT_NAMES)}."
+            )
+        if self.fit is not None and self.fit.shape != self.labels.shape:
+            raise ValueError(
+                f"Subject {self.name!r}: fit maps {self.fit.shape} must be shaped like the "
+                f"labels {self.labels.shape}."
             )
         for what in ("mask", "exclude"):
             m = getattr(self, what)
@@ -197,6 +209,27 @@ class TrainingSubject:
         if self.exclude is not None:
             m &= ~self.exclude.astype(bool)
         return m
+
+
+def fit_channels(
+    maps: np.ndarray, scaling: TargetScaling, mask: np.ndarray, *, clip: float = FIT_CLIP
+) -> np.ndarray:
+    """A scan's own DKI maps ``(X, Y, Z, 8)`` as network input channels.
+
+    Scaled like the targets (so the residual connection of :class:`.model.HierarchicalDKINet`
+    adds like to like), clipped to ``+-clip`` (failed fits stay bounded), non-finite values
+    and voxels outside ``mask`` set to 0.
+    """
+    if maps.ndim != 4 or maps.shape[-1] != len(OUTPUT_NAMES):
+        raise ValueError(
+            f"Fit maps must be (X, Y, Z, {len(OUTPUT_NAMES)}) in the order "
+            f"{', '.join(OUTPUT_NAMES)}; got {maps.shape}."
+        )
+    out = scaling.to_targets(np.asarray(maps, dtype=np.float64))
+    np.clip(out, -clip, clip, out=out)
+    out[~np.isfinite(out)] = 0.0
+    out[~np.asarray(mask, dtype=bool)] = 0.0
+    return out.astype(np.float32, copy=False)
 
 
 @dataclass

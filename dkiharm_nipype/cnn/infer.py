@@ -15,7 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import VoxelNeighbourhoods, mask_bounding_box, normalize_dwi, padded_neighbourhoods
+from .data import (
+    FIT_CLIP,
+    VoxelNeighbourhoods,
+    fit_channels,
+    mask_bounding_box,
+    normalize_dwi,
+    padded_neighbourhoods,
+)
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 
@@ -50,9 +57,11 @@ def predict_voxels(
         )
         for start in range(0, len(voxels), batch_voxels):
             chunk = slice(start, start + batch_voxels)
-            shallow, deep = model.voxel_features(voxels.inputs(chunk, out=buffer))
+            inputs = voxels.inputs(chunk, out=buffer)
+            shallow, deep = model.voxel_features(inputs)
+            base = model.residual_base(inputs)  # 0 unless the scan's own fit is an input
             if not mc_samples:
-                mean[chunk] = model.heads(shallow, deep, dropout=False).cpu().numpy()
+                mean[chunk] = (model.heads(shallow, deep, dropout=False) + base).cpu().numpy()
                 continue
             # One vectorised pass over all samples: only dropout and the heads are sampled.
             draws = model.heads(
@@ -61,7 +70,7 @@ def predict_voxels(
                 dropout=True,
             )
             std_t, mean_t = torch.std_mean(draws, dim=0)
-            mean[chunk], std[chunk] = mean_t.cpu().numpy(), std_t.cpu().numpy()
+            mean[chunk], std[chunk] = (mean_t + base).cpu().numpy(), std_t.cpu().numpy()
     model.train(was_training)
     return mean, std
 
@@ -77,6 +86,7 @@ def harmonize_scan(
     batch_voxels: int = 4096,
     mc_samples: int = 0,
     seed: int = 0,
+    fit_maps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Harmonized DKI maps ``(X, Y, Z, 8)`` of one target-scanner scan, in physical units.
 
@@ -84,7 +94,9 @@ def harmonize_scan(
     only (0 elsewhere), in :data:`.model.OUTPUT_NAMES` order, diffusivities in mm^2/s.
     With ``mc_samples >= 2`` also returns the voxel-wise MC-dropout standard deviation
     (same units), else ``None``. The protocol is checked by the caller
-    (:func:`.modelio.check_fingerprint`); here only the channel count must fit.
+    (:func:`.modelio.check_fingerprint`); here only the channel count must fit. A network
+    trained with ``network_input="dwi+fit"`` needs ``fit_maps``, the scan's own DKI maps
+    ``(X, Y, Z, 8)`` in :data:`.model.OUTPUT_NAMES` order (ignored by other networks).
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != dwi.shape[:3]:
@@ -95,11 +107,26 @@ def harmonize_scan(
     volume = normalize_dwi(
         dwi[box], bvals, b0_threshold=norm["b0_threshold"], clip=tuple(norm["clip"])
     )
-    if volume.shape[-1] != model.in_channels:
+    n_dwi = model.in_channels - model.residual_channels
+    if volume.shape[-1] != n_dwi:
         raise ValueError(
             f"The scan has {volume.shape[-1]} diffusion-weighted volumes but the harmonizer "
-            f"expects {model.in_channels}; it was trained for another protocol."
+            f"expects {n_dwi}; it was trained for another protocol."
         )
+    if model.residual_channels:
+        if fit_maps is None:
+            raise ValueError(
+                "This harmonizer was trained with the scan's own DKI maps as input "
+                "(--network-input dwi+fit): pass the scan's fitted maps (fit_maps)."
+            )
+        if fit_maps.shape != (*mask.shape, len(OUTPUT_NAMES)):
+            raise ValueError(
+                f"fit_maps {fit_maps.shape} must be (*{mask.shape}, {len(OUTPUT_NAMES)})."
+            )
+        clip = float(norm.get("fit_maps", {}).get("clip", FIT_CLIP))
+        extra = fit_channels(fit_maps[box], card.scaling, mask[box], clip=clip)
+        volume = np.concatenate([volume, extra], axis=-1)
+        del extra
     voxels = padded_neighbourhoods(volume, mask[box], kernel_size=model.kernel_size)
     del volume
     mean, std = predict_voxels(

@@ -8,6 +8,11 @@ head gives MD, AD, RD and a *deep* head, one hidden layer deeper, gives FA, MK, 
 Because everything after the first convolution acts voxel by voxel, the network is also
 exposed as a function of one voxel's 3x3x3 neighbourhood (:meth:`HierarchicalDKINet.
 forward_voxels`), which lets training and inference visit brain voxels only.
+
+Optionally (``residual_channels=8``, dkiharm's ``--network-input dwi+fit``) the last eight
+input channels are the scan's own DKI fit, scaled like the targets: the network then sees
+the fit beside the DWIs and outputs it plus a learned correction (a residual connection from
+the centre voxel's fit to the output).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class HierarchicalDKINet(nn.Module):
         Dropout probability applied right before each output layer (paper: 0.1).
     kernel_size
         Edge of the cubic first convolution (paper: 3); odd, zero padded to keep the size.
+    residual_channels
+        0 (paper) or 8: the last 8 of the ``in_channels`` are the scan's own fitted maps in
+        :data:`OUTPUT_NAMES` order and target scaling, added to the output at each voxel.
 
     Shapes
     ------
@@ -58,6 +66,7 @@ class HierarchicalDKINet(nn.Module):
         num_shared_layers: int = 2,
         dropout: float = 0.1,
         kernel_size: int = 3,
+        residual_channels: int = 0,
     ) -> None:
         super().__init__()
         _check_int("in_channels", in_channels, minimum=1)
@@ -68,6 +77,11 @@ class HierarchicalDKINet(nn.Module):
             raise ValueError(
                 f"kernel_size must be odd so the output keeps the input size; got {kernel_size}."
             )
+        if residual_channels not in (0, len(OUTPUT_NAMES)) or residual_channels >= in_channels:
+            raise ValueError(
+                f"residual_channels must be 0 or {len(OUTPUT_NAMES)} (fewer than in_channels="
+                f"{in_channels}); got {residual_channels!r}."
+            )
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise TypeError(f"dropout must be a float in [0, 1); got {dropout!r}.")
         if not 0.0 <= float(dropout) < 1.0:
@@ -77,6 +91,7 @@ class HierarchicalDKINet(nn.Module):
         self.num_shared_layers = num_shared_layers
         self.dropout = float(dropout)
         self.kernel_size = kernel_size
+        self.residual_channels = residual_channels
 
         self.conv = nn.Conv3d(in_channels, hidden_channels, kernel_size, padding=kernel_size // 2)
         self.shared = nn.ModuleList(
@@ -95,6 +110,7 @@ class HierarchicalDKINet(nn.Module):
             "num_shared_layers": self.num_shared_layers,
             "dropout": self.dropout,
             "kernel_size": self.kernel_size,
+            "residual_channels": self.residual_channels,
         }
 
     def neighbourhood_weight(self) -> torch.Tensor:
@@ -134,13 +150,21 @@ class HierarchicalDKINet(nn.Module):
             )
         return self.trunk(F.linear(neighbourhoods, self.neighbourhood_weight(), self.conv.bias))
 
+    def residual_base(self, neighbourhoods: torch.Tensor) -> torch.Tensor | float:
+        """What the output adds to the heads: the centre voxel's fit channels, or 0."""
+        if not self.residual_channels:
+            return 0.0
+        end = (self.kernel_size**3 // 2 + 1) * self.in_channels  # end of the centre voxel
+        return neighbourhoods[:, end - self.residual_channels : end]
+
     def forward_voxels(self, neighbourhoods: torch.Tensor) -> torch.Tensor:
         """Sparse forward on neighbourhood vectors ``(V, kernel**3 * C) -> (V, 8)``.
 
         Equal to :meth:`forward` at the corresponding voxels (the convolution evaluated
         only where asked).
         """
-        return self.heads(*self.voxel_features(neighbourhoods))
+        out = self.heads(*self.voxel_features(neighbourhoods))
+        return out + self.residual_base(neighbourhoods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense forward on whole volumes ``(N, C, X, Y, Z) -> (N, 8, X, Y, Z)``."""
@@ -149,7 +173,10 @@ class HierarchicalDKINet(nn.Module):
                 f"Expected input of shape (N, {self.in_channels}, X, Y, Z); got {tuple(x.shape)}."
             )
         first = self.conv(x).movedim(1, -1)  # channels last: the 1x1x1 layers are Linear
-        return self.heads(*self.trunk(first)).movedim(-1, 1)
+        out = self.heads(*self.trunk(first)).movedim(-1, 1)
+        if self.residual_channels:
+            out = out + x[:, -self.residual_channels :]
+        return out
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,9 +25,11 @@ from ..metrics import nrmse
 from .data import (
     B0_THRESHOLD,
     CLIP_RANGE,
+    FIT_CLIP,
     TargetScaling,
     TrainingSubject,
     VoxelNeighbourhoods,
+    fit_channels,
     make_training_sets,
 )
 from .infer import predict_voxels
@@ -36,6 +39,9 @@ from .modelio import ModelCard
 __all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+#: ``dwi``: the paper's input, the normalised DWIs; ``dwi+fit``: also the scan's own DKI
+#: maps, which the network corrects (residual connection, :class:`.model.HierarchicalDKINet`).
+NETWORK_INPUTS = ("dwi", "dwi+fit")
 
 #: Fewest labelled brain voxels (all training subjects together) a network is trained on:
 #: the default network has ~460,000 weights for 96 volumes; below this it fits noise.
@@ -159,6 +165,7 @@ def train_harmonizer(
     patience: int = 10,
     loss: str = "mse",
     samples_per_epoch: int | None = None,
+    network_input: str = "dwi",
     seed: int = 0,
     device: str | torch.device = "cpu",
     normalization: Mapping | None = None,
@@ -169,9 +176,13 @@ def train_harmonizer(
 
     ``subjects`` hold target-scanner DWIs normalised with ``normalization`` (the
     :func:`.data.normalize_dwi` arguments, recorded in the card; defaults to the package
-    defaults) and reference-scanner labels registered to them. Returns the trained network
-    (best epoch), its card (to save with :func:`.modelio.save_model`) and the fit history.
+    defaults) and reference-scanner labels registered to them. ``network_input="dwi+fit"``
+    also feeds each scan's own DKI maps (``TrainingSubject.fit``) and lets the network learn
+    a correction of them. Returns the trained network (best epoch), its card (to save with
+    :func:`.modelio.save_model`) and the fit history.
     """
+    if network_input not in NETWORK_INPUTS:
+        raise ValueError(f"network_input must be one of {NETWORK_INPUTS}; got {network_input!r}.")
     check_training_voxels(subjects, scanner=scanner, minimum=min_voxels)
     normalization = dict(normalization or {"b0_threshold": B0_THRESHOLD, "clip": CLIP_RANGE})
     normalization["clip"] = list(normalization["clip"])
@@ -181,6 +192,27 @@ def train_harmonizer(
     scaling = TargetScaling.fit(
         [s.labels for s in subjects], [s.training_mask() for s in subjects], mode=target_scaling
     )
+    residual = 0
+    if network_input == "dwi+fit":
+        missing = [s.name or f"subject {i + 1}" for i, s in enumerate(subjects) if s.fit is None]
+        if missing:
+            raise ValueError(
+                f"network_input='dwi+fit' needs every training scan's own DKI maps; none for "
+                f"{', '.join(missing)}."
+            )
+        subjects = [
+            dataclasses.replace(
+                s, dwi=np.concatenate([s.dwi, fit_channels(s.fit, scaling, s.mask)], axis=-1)
+            )
+            for s in subjects
+        ]
+        residual = len(OUTPUT_NAMES)
+        normalization["fit_maps"] = {
+            "channels": list(OUTPUT_NAMES),
+            "scaling": "target_scaling",
+            "clip": FIT_CLIP,
+        }
+        normalization["input"] += "; then the scan's own DKI maps (residual base)"
     train, val = make_training_sets(
         subjects, scaling=scaling, val_fraction=val_fraction, block_size=block_size, seed=seed
     )
@@ -190,6 +222,7 @@ def train_harmonizer(
         hidden_channels=hidden_channels,
         num_shared_layers=num_shared_layers,
         dropout=dropout,
+        residual_channels=residual,
     )
     result = fit(
         model,
@@ -212,6 +245,7 @@ def train_harmonizer(
         val_fraction=val_fraction,
         block_size=block_size,
         samples_per_epoch=samples_per_epoch,
+        network_input=network_input,
     )
     card = ModelCard(
         scanner=scanner,

@@ -52,6 +52,18 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
         desc="reference-scanner DKI labels registered to each DWI: a 4-D stack of 8 maps or a "
         "list of 8 3-D maps, in the order MD, AD, RD, FA, MK, AK, RK, KFA (diffusivities mm^2/s)",
     )
+    fit_files = traits.List(
+        traits.Either(File(exists=True), traits.List(File(exists=True), minlen=8, maxlen=8)),
+        desc="each training scan's own IRLLS DKI maps, laid out like label_files (needed for "
+        "network_input 'dwi+fit')",
+    )
+    network_input = traits.Enum(
+        "dwi",
+        "dwi+fit",
+        usedefault=True,
+        desc="'dwi': normalised DWIs (paper); 'dwi+fit': also the scan's own DKI maps, which "
+        "the network corrects",
+    )
     exclude_mask_files = InputMultiObject(
         File(exists=True), desc="per subject, voxels kept out of training (leave-one-tissue-out)"
     )
@@ -131,7 +143,12 @@ class TrainHarmonizer(SimpleInterface):
         n = len(inputs.dwi_files)
         lists = {"bval_files": inputs.bval_files, "bvec_files": inputs.bvec_files}
         lists.update(mask_files=inputs.mask_files, label_files=inputs.label_files)
-        for trait in ("exclude_mask_files", "sidecar_files", "subject_ids"):
+        if inputs.network_input == "dwi+fit" and not isdefined(inputs.fit_files):
+            raise ValueError(
+                "TrainHarmonizer: network_input 'dwi+fit' needs fit_files (each training "
+                "scan's own DKI maps); connect them or use network_input 'dwi'."
+            )
+        for trait in ("exclude_mask_files", "sidecar_files", "subject_ids", "fit_files"):
             if isdefined(getattr(inputs, trait)):
                 lists[trait] = getattr(inputs, trait)
         for trait, values in lists.items():
@@ -158,6 +175,9 @@ class TrainHarmonizer(SimpleInterface):
                     name=lists["subject_ids"][i]
                     if "subject_ids" in lists
                     else Path(dwi_file).name,
+                    fit=_load_labels(lists["fit_files"][i])
+                    if inputs.network_input == "dwi+fit"
+                    else None,
                 )
             )
             del dwi
@@ -177,6 +197,7 @@ class TrainHarmonizer(SimpleInterface):
                 patience=inputs.patience,
                 loss=inputs.loss,
                 samples_per_epoch=inputs.samples_per_epoch or None,
+                network_input=inputs.network_input,
                 seed=inputs.seed,
                 device=inputs.device,
                 log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
@@ -202,6 +223,11 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask; maps are computed inside it")
     weights_file = File(exists=True, mandatory=True, desc="harmonizer weights (safetensors)")
     card_file = File(exists=True, mandatory=True, desc="model card written with weights_file")
+    fit_files = InputMultiObject(
+        File(exists=True),
+        desc="the scan's own IRLLS DKI maps: 8 maps (MD, AD, RD, FA, MK, AK, RK, KFA) or one "
+        "4-D stack; needed by networks trained with network_input 'dwi+fit'",
+    )
     sidecar_file = File(exists=True, desc="BIDS JSON sidecar of dwi_file, for EchoTime")
     echo_time = traits.Float(desc="echo time in ms, overriding the sidecar")
     mc_samples = traits.Int(
@@ -267,6 +293,16 @@ class ApplyHarmonizer(SimpleInterface):
         img, dwi, bvals = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
         check_fingerprint(card, _fingerprint(img, bvals, sidecar, inputs.echo_time))
+        fit_maps = None
+        if model.residual_channels:
+            if not isdefined(inputs.fit_files):
+                raise ValueError(
+                    f"{inputs.card_file} was trained with the scan's own DKI maps as input "
+                    "(network_input 'dwi+fit'): give ApplyHarmonizer the scan's fitted maps "
+                    "(fit_files)."
+                )
+            files = inputs.fit_files
+            fit_maps = _load_labels(files[0] if len(files) == 1 else list(files))
         with torch_threads(inputs.num_threads):
             maps, std = harmonize_scan(
                 model,
@@ -278,6 +314,7 @@ class ApplyHarmonizer(SimpleInterface):
                 batch_voxels=inputs.batch_voxels,
                 mc_samples=inputs.mc_samples,
                 seed=inputs.seed,
+                fit_maps=fit_maps,
             )
         _, stem, _ = split_filename(inputs.dwi_file)
         stem = stem.removesuffix("_dwi")

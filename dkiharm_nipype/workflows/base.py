@@ -175,6 +175,7 @@ def _add_harmonization(workflow, scan_wf, scan, staging_dir, config) -> None:
                     ("outputnode.bval_file", "inputnode.bval_file"),
                     ("outputnode.bvec_file", "inputnode.bvec_file"),
                     ("outputnode.mask_file", "inputnode.mask_file"),
+                    ("outputnode.maps", "inputnode.fit_files"),
                 ],
             )
         ]

@@ -299,13 +299,14 @@ def init_group_wf(
     for scanner in plan.scanners:
         train_scans = [s for s in training_scans if s.scanner == scanner]
         n = len(train_scans)
+        with_fit = config.network_input == "dwi+fit"
         fields = {
             k: pe.Node(
-                niu.Merge(n, no_flatten=(k == "labels")),
+                niu.Merge(n, no_flatten=(k in ("labels", "fit"))),
                 name=f"train_{k}_{_node_name(scanner)}",
                 run_without_submitting=True,
             )
-            for k in ("dwi", "bval", "bvec", "mask", "labels")
+            for k in ("dwi", "bval", "bvec", "mask", "labels", "fit")[: 6 if with_fit else 5]
         }
         train = pe.Node(
             TrainHarmonizer(
@@ -314,6 +315,7 @@ def init_group_wf(
                 seed=config.seed,
                 device=config.device,
                 samples_per_epoch=config.samples_per_epoch,
+                network_input=config.network_input,
                 out_name=f"scanner-{scanner}",
                 subject_ids=[s.key for s in train_scans],
                 num_threads=omp,
@@ -339,6 +341,8 @@ def init_group_wf(
                     ),
                 ]
             )
+            if with_fit:
+                workflow.connect(scan_wfs[scan.key], "outputnode.maps", fields["fit"], f"in{i}")
         workflow.connect(
             [
                 (fields["dwi"], train, [("out", "dwi_files")]),
@@ -348,6 +352,8 @@ def init_group_wf(
                 (fields["labels"], train, [("out", "label_files")]),
             ]
         )
+        if with_fit:
+            workflow.connect(fields["fit"], "out", train, "fit_files")
         for kind, rel in (
             ("weights_file", f"models/scanner-{scanner}_harmonizer.safetensors"),
             ("card_file", f"models/scanner-{scanner}_harmonizer.json"),
@@ -379,6 +385,7 @@ def init_group_wf(
                         ("outputnode.bval_file", "inputnode.bval_file"),
                         ("outputnode.bvec_file", "inputnode.bvec_file"),
                         ("outputnode.mask_file", "inputnode.mask_file"),
+                        ("outputnode.maps", "inputnode.fit_files"),
                     ],
                 ),
                 (
@@ -583,7 +590,15 @@ def init_apply_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(
-            fields=["dwi_file", "bval_file", "bvec_file", "mask_file", "weights_file", "card_file"]
+            fields=[
+                "dwi_file",
+                "bval_file",
+                "bvec_file",
+                "mask_file",
+                "fit_files",
+                "weights_file",
+                "card_file",
+            ]
         ),
         name="inputnode",
     )
@@ -616,6 +631,7 @@ def init_apply_wf(
                     ("bval_file", "bval_file"),
                     ("bvec_file", "bvec_file"),
                     ("mask_file", "mask_file"),
+                    ("fit_files", "fit_files"),
                     ("weights_file", "weights_file"),
                     ("card_file", "card_file"),
                 ],
