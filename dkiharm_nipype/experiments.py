@@ -120,6 +120,7 @@ class TrainingOptions:
     val_fraction: float = 0.1
     block_size: int = 8
     device: str = "cpu"
+    network_input: str = "dwi"
 
     def kwargs(self) -> dict:
         return {
@@ -127,6 +128,7 @@ class TrainingOptions:
             "hidden_channels": self.hidden_channels, "batch_size": self.batch_size,
             "patience": self.patience, "val_fraction": self.val_fraction,
             "block_size": self.block_size, "device": self.device,
+            "network_input": self.network_input,
         }  # fmt: skip
 
 
@@ -280,6 +282,7 @@ class _Loaded:
     labels: np.ndarray
     tissues: dict[str, np.ndarray]
     normalized: np.ndarray | None = None
+    fit: np.ndarray | None = None
 
 
 class ExperimentStudy:
@@ -426,14 +429,27 @@ class ExperimentStudy:
         img = nb.Nifti1Image(stack, nb.load(source.maps["fa"]).affine)
         return np.asarray(reg.apply(img).dataobj, dtype=np.float32)
 
-    def load(self, scan: ExperimentScan, tissues: Iterable[str] = ()) -> _Loaded:
-        """The scan's DWI, mask, labels and tissue masks, cropped to the brain."""
+    def load(
+        self, scan: ExperimentScan, tissues: Iterable[str] = (), *, with_fit: bool = False
+    ) -> _Loaded:
+        """The scan's DWI, mask, labels and tissue masks (and, ``with_fit``, its own eight
+        maps), cropped to the brain."""
         img = nb.load(scan.dwi)
         bvals = np.loadtxt(scan.bval, ndmin=1).ravel()
         mask = _load_mask(scan.mask)
         box = mask_bounding_box(mask, margin=1)
         labels = self.labels(scan)
+        fit = None
+        if with_fit:
+            lacking = sorted(set(ALL_METRICS) - set(scan.maps))
+            if lacking:
+                raise ExperimentInputError(
+                    f"network_input 'dwi+fit' needs the eight raw maps of {scan.name}; "
+                    f"{', '.join(lacking)} missing."
+                )
+            fit = np.stack([_load(scan.maps[p])[box] for p in ALL_METRICS], -1)
         return _Loaded(
+            fit=fit,
             box=box, shape=mask.shape, affine=img.affine,
             dwi=np.asarray(img.dataobj[box], dtype=np.float32), bvals=bvals,
             mask=mask[box], labels=labels[box],
@@ -475,7 +491,8 @@ def run_splits(
         needed = study.training_scans(trained, scanner) + [
             study.first(sub, scanner) for sub in sorted(tested - trained)
         ]
-        loaded = {id(s): study.load(s, left_out) for s in needed}
+        with_fit = options.network_input == "dwi+fit"
+        loaded = {id(s): study.load(s, left_out, with_fit=with_fit) for s in needed}
         for i, split in enumerate(splits):
             done += 1
             log(f"{title} {done}/{total}: scanner {scanner}, {_describe(split)}")
@@ -491,8 +508,9 @@ def run_splits(
                 scan = study.first(subject, scanner)
                 data = loaded[id(scan)]
                 maps, _ = harmonize_scan(
-                    model, card, data.dwi, data.bvals, data.mask, device=options.device
-                )
+                    model, card, data.dwi, data.bvals, data.mask, device=options.device,
+                    fit_maps=data.fit,
+                )  # fmt: skip
                 full = np.zeros((*data.shape, len(study.params)), dtype=np.float32)
                 full[data.box] = maps[..., [ALL_METRICS.index(p) for p in study.params]]
                 moved = study.to_reference(scan, full, data.affine)
@@ -516,6 +534,7 @@ def _train(study: ExperimentStudy, loaded: Mapping, split: Split, scanner: str, 
             TrainingSubject(
                 dwi=data.normalized, labels=data.labels, mask=data.mask,
                 exclude=data.tissues[tissue] if tissue else None, name=scan.name,
+                fit=data.fit,
             )
         )  # fmt: skip
     first = loaded[id(study.first(split.train[0], scanner))]

@@ -70,6 +70,9 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
     )
     hidden_channels = traits.Int(150, usedefault=True, desc="width of the networks")
     device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    network_input = traits.Enum(
+        "dwi", "dwi+fit", usedefault=True, desc="network input, as TrainHarmonizer's"
+    )
     max_combinations = traits.Int(
         MAX_COMBINATIONS, usedefault=True, desc="most training sets per size or p (0: all)"
     )
@@ -171,6 +174,7 @@ class RunExperiment(SimpleInterface):
                     samples_per_epoch=inputs.samples_per_epoch or None,
                     hidden_channels=inputs.hidden_channels,
                     device=inputs.device,
+                    network_input=inputs.network_input,
                 ),
                 seed=inputs.seed,
                 max_combinations=inputs.max_combinations or None,

@@ -29,6 +29,7 @@ def init_experiment_wf(
     samples_per_epoch: int = 200_000,
     hidden_channels: int = 150,
     device: str = "cpu",
+    network_input: str = "dwi",
     max_combinations: int = MAX_COMBINATIONS,
     ps: tuple[int, ...] = PAPER_PS,
     n_seeds: int = PAPER_REPEATS,
@@ -58,7 +59,7 @@ def init_experiment_wf(
         not given); ``auto`` and ``fnirt`` become
         :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE` (the node registers
         in-process).
-    seed, epochs, samples_per_epoch, hidden_channels, device
+    seed, epochs, samples_per_epoch, hidden_channels, device, network_input
         How every network is trained (as the group run's networks).
     max_combinations, ps, n_seeds, repeats
         See :func:`~dkiharm_nipype.experiments.run_experiment`.
@@ -122,7 +123,8 @@ def init_experiment_wf(
         RunExperiment(
             experiment=experiment, engine=engine, seed=seed, epochs=epochs,
             samples_per_epoch=samples_per_epoch, hidden_channels=hidden_channels,
-            device=device, max_combinations=max_combinations, ps=list(ps), n_seeds=n_seeds,
+            device=device, network_input=network_input, max_combinations=max_combinations,
+            ps=list(ps), n_seeds=n_seeds,
             repeats=repeats, num_threads=omp_nthreads,
         ),
         name="run", n_procs=omp_nthreads, mem_gb=8,

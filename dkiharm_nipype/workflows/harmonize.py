@@ -699,6 +699,7 @@ def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, sta
             epochs=config.epochs,
             samples_per_epoch=config.samples_per_epoch,
             device=config.device,
+            network_input=config.network_input,
             omp_nthreads=config.execution.omp_nthreads,
             staging_dir=staging_dir,
             rel_dir="evaluation",
