@@ -26,17 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_inference import BVALS, SHAPE, synthetic_scan  # noqa: E402
+from cnn_inference import BVALS, bench_model, synthetic_scan, training_sets  # noqa: E402
 
-from dkiharm_nipype.cnn.data import (  # noqa: E402
-    TargetScaling,
-    TrainingSubject,
-    make_training_sets,
-    normalize_dwi,
-)
 from dkiharm_nipype.cnn.infer import harmonize_scan  # noqa: E402
 from dkiharm_nipype.cnn.model import HierarchicalDKINet  # noqa: E402
-from dkiharm_nipype.cnn.modelio import ModelCard, scan_fingerprint  # noqa: E402
 from dkiharm_nipype.cnn.train import fit  # noqa: E402
 
 
@@ -69,14 +62,7 @@ def main() -> None:
     print(json.dumps(out))
 
     dwi, mask = synthetic_scan(0)
-    torch.manual_seed(0)
-    model = HierarchicalDKINet(int((BVALS > 50).sum())).eval()
-    card = ModelCard(
-        scanner="bench",
-        protocol=scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=75.0),
-        normalization={"b0_threshold": 50.0, "clip": [0.0, 1.5]},
-        target_scaling=TargetScaling.fit([], [], mode="units").to_dict(),
-    )
+    model, card = bench_model()
     print(f"scan {dwi.shape}, {int(mask.sum())} brain voxels")
 
     def infer(device, chunk, mc=0):
@@ -112,14 +98,7 @@ def main() -> None:
     print(f"inference {dev} with 20 MC-dropout samples: {med:.3f} s")
     del cpu_maps, gpu_maps
 
-    labels = np.random.default_rng(1).random((*SHAPE, 8), dtype=np.float32)
-    subjects = []
-    for seed in (1, 2):
-        scan, m = synthetic_scan(seed)
-        subjects.append(TrainingSubject(normalize_dwi(scan, BVALS), labels, m))
-    del scan
-    scaling = TargetScaling.fit([s.labels for s in subjects], [s.mask for s in subjects])
-    train, val = make_training_sets(subjects, scaling=scaling, val_fraction=0.1)
+    train, val = training_sets()
     print(f"training set {len(train)} voxels, validation {len(val)}")
 
     def train_once(device, epochs):

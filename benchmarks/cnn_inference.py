@@ -65,6 +65,31 @@ def synthetic_scan(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return dwi.astype(np.float32), mask
 
 
+def bench_model() -> tuple[HierarchicalDKINet, ModelCard]:
+    """The paper's network (seeded random weights) and a card for the synthetic protocol."""
+    torch.manual_seed(0)
+    model = HierarchicalDKINet(int((BVALS > 50).sum())).eval()
+    card = ModelCard(
+        scanner="bench",
+        protocol=scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=75.0),
+        normalization={"b0_threshold": 50.0, "clip": [0.0, 1.5]},
+        target_scaling=TargetScaling.fit([], [], mode="units").to_dict(),
+    )
+    return model, card
+
+
+def training_sets():
+    """Training and validation voxels of two synthetic full-size subjects (random labels)."""
+    labels = np.random.default_rng(1).random((*SHAPE, 8), dtype=np.float32)
+    subjects = []
+    for seed in (1, 2):
+        scan, m = synthetic_scan(seed)
+        subjects.append(TrainingSubject(normalize_dwi(scan, BVALS), labels, m))
+        del scan
+    scaling = TargetScaling.fit([s.labels for s in subjects], [s.mask for s in subjects])
+    return make_training_sets(subjects, scaling=scaling, val_fraction=0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -77,14 +102,7 @@ def main() -> None:
 
     dwi, mask = synthetic_scan(0)
     print(f"scan {dwi.shape}, mask {mask.mean():.1%} of voxels ({mask.sum()} voxels)")
-    torch.manual_seed(0)
-    model = HierarchicalDKINet(int((BVALS > 50).sum())).eval()
-    card = ModelCard(
-        scanner="bench",
-        protocol=scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=75.0),
-        normalization={"b0_threshold": 50.0, "clip": [0.0, 1.5]},
-        target_scaling=TargetScaling.fit([], [], mode="units").to_dict(),
-    )
+    model, card = bench_model()
 
     cpu_seconds = []
 
@@ -117,15 +135,7 @@ def main() -> None:
         del x
 
     if not args.no_train:
-        labels = np.random.default_rng(1).random((*SHAPE, 8), dtype=np.float32)
-        subjects = []
-        for seed in (1, 2):
-            scan, m = synthetic_scan(seed)
-            subjects.append(TrainingSubject(normalize_dwi(scan, BVALS), labels, m))
-            del scan
-        scaling = TargetScaling.fit([s.labels for s in subjects], [s.mask for s in subjects])
-        train, val = make_training_sets(subjects, scaling=scaling, val_fraction=0.1)
-        del subjects
+        train, val = training_sets()
         with PeakRSS() as mem:
             result = fit(model, train, val, epochs=1, batch_size=1024, patience=1)
         rec = result.history[0]
