@@ -36,6 +36,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from dkiharm_nipype.config import NETWORK_INPUTS
 from dkiharm_nipype.metrics import mean_cv, nrmse
 from dkiharm_nipype.registration import register
 
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--network-input",
         default="dwi",
-        choices=["dwi", "dwi+fit"],
+        choices=NETWORK_INPUTS,
         help="the BIDS-App's --network-input (dwi+fit: the networks also see and correct each "
         "scan's own IRLLS maps)",
     )

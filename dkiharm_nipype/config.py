@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: What each scanner's network sees: ``dwi``, the paper's input (the normalised DWIs), or
+#: ``dwi+fit``, also the scan's own DKI maps, which the network learns to correct
+#: (:mod:`dkiharm_nipype.cnn.model`). Torch-free here so the CLI can offer the choices.
+NETWORK_INPUTS = ("dwi", "dwi+fit")
+
 
 @dataclass(frozen=True)
 class ExecConfig:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..__about__ import __version__
-from ..config import ExecConfig, RunConfig
+from ..config import NETWORK_INPUTS, ExecConfig, RunConfig
 
 PLUGINS = (
     "Linear",
@@ -231,7 +231,7 @@ def get_parser() -> argparse.ArgumentParser:
     harm.add_argument(
         "--network-input",
         default="dwi",
-        choices=["dwi", "dwi+fit"],
+        choices=NETWORK_INPUTS,
         help="what each scanner's network sees: the normalised DWIs (dwi, the paper) or also "
         "the scan's own IRLLS maps, which it learns to correct (dwi+fit: lower RK/KFA error)",
     )

@@ -225,11 +225,11 @@ def fit_channels(
             f"Fit maps must be (X, Y, Z, {len(OUTPUT_NAMES)}) in the order "
             f"{', '.join(OUTPUT_NAMES)}; got {maps.shape}."
         )
-    out = scaling.to_targets(np.asarray(maps, dtype=np.float64))
+    out = scaling.to_targets(maps)  # a new float32 array
     np.clip(out, -clip, clip, out=out)
     out[~np.isfinite(out)] = 0.0
     out[~np.asarray(mask, dtype=bool)] = 0.0
-    return out.astype(np.float32, copy=False)
+    return out
 
 
 @dataclass

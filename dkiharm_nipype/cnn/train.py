@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import NETWORK_INPUTS
 from ..errors import DkiharmInputError
 from ..metrics import nrmse
 from .data import (
@@ -39,9 +40,6 @@ from .modelio import ModelCard
 __all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
-#: ``dwi``: the paper's input, the normalised DWIs; ``dwi+fit``: also the scan's own DKI
-#: maps, which the network corrects (residual connection, :class:`.model.HierarchicalDKINet`).
-NETWORK_INPUTS = ("dwi", "dwi+fit")
 
 #: Fewest labelled brain voxels (all training subjects together) a network is trained on:
 #: the default network has ~460,000 weights for 96 volumes; below this it fits noise.

@@ -14,6 +14,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..config import NETWORK_INPUTS
 from ..dki.metrics import ALL_METRICS
 from ..evaluation import EVAL_PARAMS, EXPERIMENTS
 from ..experiments import (
@@ -71,7 +72,7 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
     hidden_channels = traits.Int(150, usedefault=True, desc="width of the networks")
     device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
     network_input = traits.Enum(
-        "dwi", "dwi+fit", usedefault=True, desc="network input, as TrainHarmonizer's"
+        *NETWORK_INPUTS, usedefault=True, desc="network input, as TrainHarmonizer's"
     )
     max_combinations = traits.Int(
         MAX_COMBINATIONS, usedefault=True, desc="most training sets per size or p (0: all)"

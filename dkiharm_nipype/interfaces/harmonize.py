@@ -31,6 +31,7 @@ from ..cnn.infer import harmonize_scan
 from ..cnn.model import OUTPUT_NAMES
 from ..cnn.modelio import check_fingerprint, load_model, save_model, scan_fingerprint
 from ..cnn.train import train_harmonizer
+from ..config import NETWORK_INPUTS
 from ..utils.env import torch_threads
 
 LOGGER = logging.getLogger("nipype.interface")
@@ -58,8 +59,7 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
         "network_input 'dwi+fit')",
     )
     network_input = traits.Enum(
-        "dwi",
-        "dwi+fit",
+        *NETWORK_INPUTS,
         usedefault=True,
         desc="'dwi': normalised DWIs (paper); 'dwi+fit': also the scan's own DKI maps, which "
         "the network corrects",

@@ -300,13 +300,14 @@ def init_group_wf(
         train_scans = [s for s in training_scans if s.scanner == scanner]
         n = len(train_scans)
         with_fit = config.network_input == "dwi+fit"
+        keys = ("dwi", "bval", "bvec", "mask", "labels") + (("fit",) if with_fit else ())
         fields = {
             k: pe.Node(
                 niu.Merge(n, no_flatten=(k in ("labels", "fit"))),
                 name=f"train_{k}_{_node_name(scanner)}",
                 run_without_submitting=True,
             )
-            for k in ("dwi", "bval", "bvec", "mask", "labels", "fit")[: 6 if with_fit else 5]
+            for k in keys
         }
         train = pe.Node(
             TrainHarmonizer(
