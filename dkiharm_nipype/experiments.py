@@ -283,6 +283,7 @@ class _Loaded:
     tissues: dict[str, np.ndarray]
     normalized: np.ndarray | None = None
     fit: np.ndarray | None = None
+    label_mask: np.ndarray | None = None
 
 
 class ExperimentStudy:
@@ -408,8 +409,14 @@ class ExperimentStudy:
     def labels(self, scan: ExperimentScan) -> np.ndarray:
         """``(X, Y, Z, 8)`` training labels of ``scan``: given, its own fit (reference
         scanner, as in the group run), or the reference scan's fit registered into it."""
+        return self.labels_and_support(scan)[0]
+
+    def labels_and_support(self, scan: ExperimentScan) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`labels` and where they are valid: for registered labels, the support of
+        the registration (:meth:`~dkiharm_nipype.registration.Registration.support`); else
+        ``None`` (everywhere)."""
         if scan.labels:
-            return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1)
+            return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1), None
         source = (
             scan if scan.scanner == self.reference else self.first(scan.subject, self.reference)
         )
@@ -421,13 +428,14 @@ class ExperimentStudy:
             )
         stack = np.stack([_load(source.maps[p]) for p in ALL_METRICS], -1)
         if source is scan:
-            return stack
+            return stack, None
         reg = register(
             scan.maps["fa"], source.maps["fa"], engine=self.engine, moving_mask=source.mask,
             seed=self.seed, n_threads=self.n_threads,
         )  # fmt: skip
         img = nb.Nifti1Image(stack, nb.load(source.maps["fa"]).affine)
-        return np.asarray(reg.apply(img).dataobj, dtype=np.float32)
+        support = np.asarray(reg.support(source.mask).dataobj) > 0
+        return np.asarray(reg.apply(img).dataobj, dtype=np.float32), support
 
     def load(
         self, scan: ExperimentScan, tissues: Iterable[str] = (), *, with_fit: bool = False
@@ -438,7 +446,7 @@ class ExperimentStudy:
         bvals = np.loadtxt(scan.bval, ndmin=1).ravel()
         mask = _load_mask(scan.mask)
         box = mask_bounding_box(mask, margin=1)
-        labels = self.labels(scan)
+        labels, support = self.labels_and_support(scan)
         fit = None
         if with_fit:
             lacking = sorted(set(ALL_METRICS) - set(scan.maps))
@@ -453,6 +461,7 @@ class ExperimentStudy:
             box=box, shape=mask.shape, affine=img.affine,
             dwi=np.asarray(img.dataobj[box], dtype=np.float32), bvals=bvals,
             mask=mask[box], labels=labels[box],
+            label_mask=None if support is None else support[box],
             tissues={t: _load(scan.tissues[t])[box] >= self.tissue_threshold for t in tissues},
         )  # fmt: skip
 
@@ -534,7 +543,7 @@ def _train(study: ExperimentStudy, loaded: Mapping, split: Split, scanner: str, 
             TrainingSubject(
                 dwi=data.normalized, labels=data.labels, mask=data.mask,
                 exclude=data.tissues[tissue] if tissue else None, name=scan.name,
-                fit=data.fit,
+                fit=data.fit, label_mask=data.label_mask,
             )
         )  # fmt: skip
     first = loaded[id(study.first(split.train[0], scanner))]

@@ -63,6 +63,10 @@ MRTRIX_REGISTRATION_COMMANDS = ("mrregister", "mrtransform")
 #: Voxel sizes (mm) closer than this count as equal.
 VOXEL_TOLERANCE_MM = 1e-3
 
+#: A fixed voxel is inside a registered mask's support when the trilinearly resampled
+#: mask is at least 1 - this (float32 rounding), i.e. all eight samples were inside.
+SUPPORT_TOLERANCE = 1e-3
+
 
 class RegistrationInputError(DkiharmInputError):
     """The images or the options given to a registration cannot be used."""
@@ -327,6 +331,23 @@ class Registration:
     def apply(self, img, *, label: bool = False) -> nb.Nifti1Image:
         """Resample ``img`` (moving space) onto the fixed grid (nearest for ``label``)."""
         return resample(img, self.deformation, self.fixed_affine, order=0 if label else 1)
+
+    def support(self, moving_mask) -> nb.Nifti1Image:
+        """Fixed-grid voxels whose trilinear samples draw on ``moving_mask`` voxels only.
+
+        A map carried by :meth:`apply` is exact (not blended with the zeros outside the
+        moving brain or field of view) only there: the mask, resampled trilinearly, is 1.
+        Returned as a ``uint8`` mask on the fixed grid.
+        """
+        mask = _load(moving_mask)
+        binary = nb.Nifti1Image(
+            (np.asanyarray(mask.dataobj) > 0).astype(np.float32), mask.affine, mask.header
+        )
+        inside = np.asanyarray(self.apply(binary).dataobj) >= 1.0 - SUPPORT_TOLERANCE
+        out = nb.Nifti1Image(inside.astype(np.uint8), self.fixed_affine)
+        out.set_qform(self.fixed_affine, code=1)
+        out.set_sform(self.fixed_affine, code=1)
+        return out
 
 
 def register(

@@ -192,8 +192,24 @@ def test_interfaces(subjects, tmp_path):
         out_name="scannerA",
     )
     (tmp_path / "train").mkdir()
+    supports = []  # the label registration's support: here the brain minus its x < 4 slab
+    for i, (_, _, mask) in enumerate(subjects[:2], start=1):
+        support = mask.copy()
+        support[:4] = False
+        supports.append(str(tmp_path / f"sub-{i}_support.nii.gz"))
+        nb.Nifti1Image(support.astype(np.uint8), np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(
+            supports[-1]
+        )
+    train.inputs.label_mask_files = supports[:1]
+    with pytest.raises(ValueError, match="label_mask_files has 1 entries for 2 dwi_files"):
+        train.run(cwd=str(tmp_path / "train"))
+    train.inputs.label_mask_files = supports
     res = train.run(cwd=str(tmp_path / "train")).outputs
     card = json.loads(open(res.card_file).read())
+    assert card["training"]["label_masks"] is True
+    assert card["training"]["n_brain_voxels_outside_label_masks"] == sum(
+        int(mask[:4].sum()) for _, _, mask in subjects[:2]
+    )
     assert res.weights_file.endswith("scannerA.safetensors")
     assert card["protocol"]["echo_time_ms"] == 80.0 and card["scanner"] == "A"
     rows = list(csv.DictReader(open(res.log_file), delimiter="\t"))
@@ -349,3 +365,42 @@ def test_interfaces_with_fit_input(subjects, tmp_path):
     out = apply.run(cwd=str(tmp_path / "apply")).outputs
     rk = nb.load(out.out_rk).get_fdata()
     assert np.isfinite(rk).all() and rk[subjects[2][2]].mean() > 0
+
+
+def test_labels_outside_their_support_are_not_trained_on(subjects):
+    """Registered labels are blended with the zeros around the reference brain in a rim of
+    voxels (outside the registration's support; here one side of the brain's edge, 17 % of
+    its voxels, labels halved). Trained on as tissue, that rim biases the whole network;
+    with ``label_mask`` it is left out, and the unseen subject's MK NRMSE to its true maps
+    falls from 0.112 to 0.038 (measured)."""
+    from scipy import ndimage
+
+    def rimmed(seed, dwi, lab, mask, label_mask):
+        inner = ndimage.binary_erosion(mask)
+        inner[: SHAPE[0] // 2] = mask[: SHAPE[0] // 2]  # one side: the edge of the field of view
+        bad = lab.copy()
+        bad[mask & ~inner] *= 0.5  # half-blended with zeros, as trilinear at the edge
+        return TrainingSubject(
+            normalize_dwi(dwi, BVALS), bad, mask, name=f"sub-{seed}",
+            label_mask=inner if label_mask else None,
+        )  # fmt: skip
+
+    protocol = scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=80.0)
+    dwi, labels, mask = subjects[2]
+    errors = {}
+    for use in (False, True):
+        train = [rimmed(i, *s, use) for i, s in enumerate(subjects[:2], start=1)]
+        model, card, _ = train_harmonizer(
+            train, scanner="A", protocol=protocol, epochs=20, patience=5, lr=2e-3,
+            batch_size=256, block_size=4, seed=0,
+        )  # fmt: skip
+        maps, _ = harmonize_scan(model, card, dwi, BVALS, mask)
+        errors[use] = nrmse(maps[mask][:, MK], labels[mask][:, MK])
+        assert card.training["label_masks"] is use
+        outside = sum(int((s.mask & ~s.label_mask).sum()) for s in train) if use else 0
+        assert card.training["n_brain_voxels_outside_label_masks"] == outside
+    print(f"MK NRMSE on an unseen subject: rim trained on {errors[False]:.3f}, "
+          f"left out {errors[True]:.3f}")  # fmt: skip
+    assert errors[True] < 0.5 * errors[False]
+    with pytest.raises(ValueError, match=r"label_mask \(3, 3, 3\) must be"):
+        TrainingSubject(train[0].dwi, train[0].labels, train[0].mask, label_mask=np.ones((3,) * 3))

@@ -63,6 +63,10 @@ def test_models_and_plan(group_run):
         assert card["scanner"] == scanner
         assert card["protocol"]["voxel_size_mm"] == [2.0, 2.0, 2.0]
         assert card["training"]["subjects"]
+        # labels registered from the reference are trained on only inside their support
+        assert card["training"]["label_masks"] is True
+        outside = card["training"]["n_brain_voxels_outside_label_masks"]
+        assert (outside > 0) is (scanner != "D")  # D's own fit: no registration, no rim
         assert (models / f"scanner-{scanner}_harmonizer.safetensors").stat().st_size > 1e5
         log = (models / f"scanner-{scanner}_training.tsv").read_text().splitlines()
         assert log[0].split("\t") == ["epoch", "loss", "val_loss", "seconds"]
@@ -296,3 +300,10 @@ def test_dwi_plus_fit_is_wired(tiny_bids, tmp_path):
     applies = [n for n in wf._graph.nodes if n.name.startswith("harmonize_")]
     assert len(applies) == len(scans)
     assert all(("outputnode.maps", "inputnode.fit_files") in into(n) for n in applies)
+    for node in trains:  # labels are trained on inside their registration's support only
+        assert ("out", "label_mask_files") in into(node)
+        merge = wf.get_node(node.name.replace("train_", "train_support_", 1))
+        assert into(merge) == {
+            ("outputnode.support_mask", f"in{i}")
+            for i in range(1, len(node.inputs.subject_ids) + 1)
+        }

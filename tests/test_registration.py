@@ -126,6 +126,28 @@ def test_resample_identity_and_affine():
     np.testing.assert_allclose(moved.get_fdata()[:-1], data[1:], atol=1e-6)
 
 
+def test_support_is_where_all_trilinear_samples_are_inside():
+    """Half a voxel off the moving grid, a map's edge voxels are blended with the zeros
+    outside the moving mask: the support keeps only voxels drawn from inside it."""
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[10:20, 10:20, 10:20] = 1
+    img = nb.Nifti1Image(mask, AFFINE)
+    shift = np.eye(4)
+    shift[0, 3] = 1.0  # half a voxel along i
+    deformation = reg.affine_deformation(SHAPE, AFFINE, shift)
+    r = reg.Registration("test", deformation, AFFINE)
+    blended = np.asanyarray(r.apply(img).dataobj)
+    support = np.asanyarray(r.support(img).dataobj)
+    assert support.dtype == np.uint8
+    # fixed voxel i samples moving i + 0.5: both i and i + 1 in 10..19, i.e. i in 10..18
+    assert np.array_equal(np.flatnonzero(support[:, 15, 15]), np.arange(10, 19))
+    assert support.sum() == 9 * 10 * 10
+    assert np.all(blended[support > 0] == 1.0)
+    assert np.all(blended[(blended > 0) & (support == 0)] < 1.0)  # the blended rim: left out
+    identity = reg.Registration("none", reg.affine_deformation(SHAPE, AFFINE), AFFINE)
+    assert np.array_equal(np.asanyarray(identity.support(img).dataobj), mask)
+
+
 @pytest.mark.parametrize("engine", ENGINES_HERE)
 def test_recovers_synthetic_deformation(synthetic, engine):
     """Rotation of 6 degrees + translation + a 4 mm smooth bump along y.
@@ -232,6 +254,8 @@ def test_register_maps_none_passes_through(tiny_bids, tmp_path):
         assert Path(src).read_bytes() == Path(dst).read_bytes()
     report = json.loads(Path(out.report).read_text())
     assert report["engine"] == "none" and report["max_displacement_mm"] == 0.0
+    # no moving_mask: the support is the moving field of view, here the whole grid
+    assert np.asanyarray(nb.load(out.support_mask).dataobj).all()
     assert nb.load(out.transform).shape == (*nb.load(paths[0]).shape, 3)
 
 
@@ -333,6 +357,10 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
         ("fnirt", "applywarp_mask", "fieldcoeff_file", "field_file"),
         ("applywarp_maps", "outputnode", "out_file", "registered_maps"),
         ("applywarp_mask", "outputnode", "out_file", "registered_mask"),
+        ("inputnode", "applywarp_support", "moving_mask", "in_file"),
+        ("fnirt", "applywarp_support", "fieldcoeff_file", "field_file"),
+        ("applywarp_support", "threshold_support", "out_file", "in_file"),
+        ("threshold_support", "outputnode", "out_file", "support_mask"),
         ("fnirt", "outputnode", "fieldcoeff_file", "transform"),
     } <= _edges(wf)
     assert wf.get_node("applywarp_maps").iterfield == ["in_file"]
@@ -365,4 +393,12 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
     assert warp.cmdline == (
         "applywarp --in=ref_mask.nii.gz --ref=tgt_fa.nii.gz "
         f"--out={tmp_path / 'ref_mask_warp.nii.gz'} --warp=ref_fa.nii.gz --interp=nn"
+    )
+    support = wf.get_node("applywarp_support").interface
+    assert support.inputs.interp == "trilinear"
+    threshold = wf.get_node("threshold_support").interface
+    threshold.inputs.in_file = "ref_mask.nii.gz"
+    assert threshold.cmdline == (
+        "fslmaths ref_mask.nii.gz -thr 0.999 -bin "
+        f"{tmp_path / 'ref_mask_maths.nii.gz'} -odt char"
     )

@@ -172,9 +172,11 @@ class TrainingSubject:
 
     ``dwi`` is normalised (:func:`normalize_dwi`), ``labels`` are ``(X, Y, Z, 8)`` physical
     maps in :data:`.model.OUTPUT_NAMES` order, ``mask`` the brain mask; voxels in the
-    optional ``exclude`` mask (e.g. a tissue left out) are not used for training. ``fit``,
-    the scan's own DKI maps (same layout as ``labels``), is needed for the ``dwi+fit``
-    network input only.
+    optional ``exclude`` mask (e.g. a tissue left out) are not used for training, nor are
+    voxels outside the optional ``label_mask`` (where the labels are valid: the support
+    of their registration, :meth:`~dkiharm_nipype.registration.Registration.support`).
+    ``fit``, the scan's own DKI maps (same layout as ``labels``), is needed for the
+    ``dwi+fit`` network input only.
     """
 
     dwi: np.ndarray
@@ -183,6 +185,7 @@ class TrainingSubject:
     exclude: np.ndarray | None = None
     name: str = ""
     fit: np.ndarray | None = None
+    label_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         shape = self.dwi.shape[:3]
@@ -198,16 +201,19 @@ class TrainingSubject:
                 f"Subject {self.name!r}: fit maps {self.fit.shape} must be shaped like the "
                 f"labels {self.labels.shape}."
             )
-        for what in ("mask", "exclude"):
+        for what in ("mask", "exclude", "label_mask"):
             m = getattr(self, what)
             if m is not None and m.shape != shape:
                 raise ValueError(f"Subject {self.name!r}: {what} {m.shape} must be {shape}.")
 
     def training_mask(self) -> np.ndarray:
-        """Brain mask minus excluded voxels and voxels with non-finite labels."""
+        """Brain mask minus excluded voxels, voxels outside ``label_mask`` and voxels with
+        non-finite labels."""
         m = self.mask.astype(bool) & np.isfinite(self.labels).all(axis=-1)
         if self.exclude is not None:
             m &= ~self.exclude.astype(bool)
+        if self.label_mask is not None:
+            m &= self.label_mask.astype(bool)
         return m
 
 

@@ -187,6 +187,13 @@ def train_harmonizer(
     normalization.setdefault(
         "input", "non-b0 volumes sorted by shell then acquisition order, / voxel mean b0"
     )
+    # Labels blended with the zeros around the reference brain (outside their registration's
+    # support) would be trained on as if they were tissue: such voxels are left out.
+    outside = sum(
+        int((s.mask.astype(bool) & ~s.label_mask.astype(bool)).sum())
+        for s in subjects
+        if s.label_mask is not None
+    )
     scaling = TargetScaling.fit(
         [s.labels for s in subjects], [s.training_mask() for s in subjects], mode=target_scaling
     )
@@ -255,6 +262,8 @@ def train_harmonizer(
             "subjects": [s.name or f"subject{i}" for i, s in enumerate(subjects)],
             "n_train_voxels": len(train),
             "n_val_voxels": 0 if val is None else len(val),
+            "label_masks": all(s.label_mask is not None for s in subjects),
+            "n_brain_voxels_outside_label_masks": outside,
             "seed": seed,
             "hyperparameters": {**hyper, "optimizer": "adam", "target_scaling": target_scaling},
             "epochs_run": len(result.history),

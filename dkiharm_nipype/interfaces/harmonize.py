@@ -67,6 +67,11 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     exclude_mask_files = InputMultiObject(
         File(exists=True), desc="per subject, voxels kept out of training (leave-one-tissue-out)"
     )
+    label_mask_files = InputMultiObject(
+        File(exists=True),
+        desc="per subject, where its labels are valid (the label registration's support "
+        "mask: interpolated from reference-brain voxels only); other voxels are not trained on",
+    )
     sidecar_files = InputMultiObject(
         File(exists=True), desc="BIDS JSON sidecars of dwi_files, for EchoTime (seconds)"
     )
@@ -148,7 +153,14 @@ class TrainHarmonizer(SimpleInterface):
                 "TrainHarmonizer: network_input 'dwi+fit' needs fit_files (each training "
                 "scan's own DKI maps); connect them or use network_input 'dwi'."
             )
-        for trait in ("exclude_mask_files", "sidecar_files", "subject_ids", "fit_files"):
+        optional = (
+            "exclude_mask_files",
+            "label_mask_files",
+            "sidecar_files",
+            "subject_ids",
+            "fit_files",
+        )
+        for trait in optional:
             if isdefined(getattr(inputs, trait)):
                 lists[trait] = getattr(inputs, trait)
         for trait, values in lists.items():
@@ -163,15 +175,18 @@ class TrainHarmonizer(SimpleInterface):
                 protocol = fp
             else:  # training subjects must share the protocol the harmonizer is made for
                 check_fingerprint(protocol, fp)
-            exclude = None
+            exclude = label_mask = None
             if "exclude_mask_files" in lists:
                 exclude = _load_mask(lists["exclude_mask_files"][i])
+            if "label_mask_files" in lists:
+                label_mask = _load_mask(lists["label_mask_files"][i])
             subjects.append(
                 TrainingSubject(
                     dwi=normalize_dwi(dwi, bvals),
                     labels=_load_labels(inputs.label_files[i]),
                     mask=_load_mask(inputs.mask_files[i]),
                     exclude=exclude,
+                    label_mask=label_mask,
                     name=lists["subject_ids"][i]
                     if "subject_ids" in lists
                     else Path(dwi_file).name,

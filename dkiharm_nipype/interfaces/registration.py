@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import nibabel as nb
+import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -53,6 +55,12 @@ class _RegisterMapsOutputSpec(TraitedSpec):
         File(exists=True), desc="label_maps on the fixed grid, in the same order"
     )
     registered_image = File(exists=True, desc="moving_image on the fixed grid")
+    support_mask = File(
+        exists=True,
+        desc="fixed-grid voxels whose registered maps were interpolated from moving_mask "
+        "voxels only (with no moving_mask: from inside the moving field of view); labels "
+        "outside it are blended with the zeros around the moving brain",
+    )
     transform = File(
         exists=True,
         desc="deformation field on the fixed grid: moving RAS position (mm) of each voxel "
@@ -144,6 +152,13 @@ class RegisterMaps(SimpleInterface):
         self._results["registered_labels"] = _carry(label_maps, label=True)
         self._results["registered_image"] = _out(inputs.moving_image, "_warped")
         reg.apply(inputs.moving_image).to_filename(self._results["registered_image"])
+        self._results["support_mask"] = _out(inputs.moving_image, "_support")
+        if isdefined(inputs.moving_mask):
+            support_of = inputs.moving_mask
+        else:  # the field of view: every voxel of the moving grid
+            moving = nb.load(inputs.moving_image)
+            support_of = nb.Nifti1Image(np.ones(moving.shape[:3], np.uint8), moving.affine)
+        reg.support(support_of).to_filename(self._results["support_mask"])
 
         transform = _out(inputs.moving_image, "_xfm")
         reg.to_nifti().to_filename(transform)

@@ -300,7 +300,8 @@ def init_group_wf(
         train_scans = [s for s in training_scans if s.scanner == scanner]
         n = len(train_scans)
         with_fit = config.network_input == "dwi+fit"
-        keys = ("dwi", "bval", "bvec", "mask", "labels") + (("fit",) if with_fit else ())
+        keys = ("dwi", "bval", "bvec", "mask", "labels", "support")
+        keys += ("fit",) if with_fit else ()
         fields = {
             k: pe.Node(
                 niu.Merge(n, no_flatten=(k in ("labels", "fit"))),
@@ -340,6 +341,11 @@ def init_group_wf(
                         fields["labels"],
                         [("outputnode.registered_maps", f"in{i}")],
                     ),
+                    (
+                        labels[scan.key],
+                        fields["support"],
+                        [("outputnode.support_mask", f"in{i}")],
+                    ),
                 ]
             )
             if with_fit:
@@ -351,6 +357,7 @@ def init_group_wf(
                 (fields["bvec"], train, [("out", "bvec_files")]),
                 (fields["mask"], train, [("out", "mask_files")]),
                 (fields["labels"], train, [("out", "label_files")]),
+                (fields["support"], train, [("out", "label_mask_files")]),
             ]
         )
         if with_fit:
@@ -484,6 +491,9 @@ def init_labels_wf(
     -------
     registered_maps
         The eight maps on the fixed grid, in ``ALL_METRICS`` order.
+    support_mask
+        Where those maps were interpolated from reference-brain voxels only (the voxels
+        the network may be trained on).
 
     Examples
     --------
@@ -509,7 +519,9 @@ def init_labels_wf(
         ),
         name="inputnode",
     )
-    outputnode = pe.Node(niu.IdentityInterface(fields=["registered_maps"]), name="outputnode")
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["registered_maps", "support_mask"]), name="outputnode"
+    )
     if engine == "fnirt":
         register = init_label_registration_wf(
             engine="fnirt", omp_nthreads=omp_nthreads, seed=seed, name="fnirt_wf"
@@ -524,7 +536,14 @@ def init_labels_wf(
                         for f in ("fixed_image", "moving_image", "moving_maps", "moving_mask")
                     ],
                 ),
-                (register, outputnode, [("outputnode.registered_maps", "registered_maps")]),
+                (
+                    register,
+                    outputnode,
+                    [
+                        ("outputnode.registered_maps", "registered_maps"),
+                        ("outputnode.support_mask", "support_mask"),
+                    ],
+                ),
             ]
         )
         return workflow
@@ -547,7 +566,14 @@ def init_labels_wf(
                     ("engine", "engine"),
                 ],
             ),
-            (register, outputnode, [("registered_maps", "registered_maps")]),
+            (
+                register,
+                outputnode,
+                [
+                    ("registered_maps", "registered_maps"),
+                    ("support_mask", "support_mask"),
+                ],
+            ),
         ]
     )
     return workflow

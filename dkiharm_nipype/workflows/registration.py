@@ -7,7 +7,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.registration import RegisterMaps
-from ..registration import resolve_engine
+from ..registration import SUPPORT_TOLERANCE, resolve_engine
 
 #: FNIRT configuration shipped with FSL for FA-to-FA registration (Andersson et al. 2007).
 FNIRT_CONFIG = "FA_2_FMRIB58_1mm"
@@ -72,6 +72,10 @@ def init_label_registration_wf(
         ``moving_maps`` in the target DWI space, same order.
     registered_mask
         ``moving_mask`` in the target DWI space (nearest neighbour).
+    support_mask
+        Target voxels whose labels were interpolated from reference-brain voxels only
+        (``moving_mask`` resampled trilinearly, kept where it is 1): outside it a label is
+        blended with the zeros around the reference brain and must not be trained on.
     transform
         FNIRT warp coefficients, or the deformation field of an open engine.
 
@@ -107,7 +111,9 @@ def init_label_registration_wf(
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["registered_maps", "registered_mask", "transform"]),
+        niu.IdentityInterface(
+            fields=["registered_maps", "registered_mask", "support_mask", "transform"]
+        ),
         name="outputnode",
     )
 
@@ -131,6 +137,11 @@ def init_label_registration_wf(
             fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
         )
         applywarp_mask = pe.Node(fsl.ApplyWarp(interp="nn"), name="applywarp_mask")
+        applywarp_support = pe.Node(fsl.ApplyWarp(interp="trilinear"), name="applywarp_support")
+        threshold_support = pe.Node(
+            fsl.ImageMaths(op_string=f"-thr {1 - SUPPORT_TOLERANCE:g} -bin", out_data_type="char"),
+            name="threshold_support",
+        )
         workflow.connect(
             [
                 (inputnode, flirt, [("moving_image", "in_file"), ("fixed_image", "reference")]),
@@ -148,8 +159,15 @@ def init_label_registration_wf(
                     ("moving_mask", "in_file"),
                     ("fixed_image", "ref_file"),
                 ]),
+                (inputnode, applywarp_support, [
+                    ("moving_mask", "in_file"),
+                    ("fixed_image", "ref_file"),
+                ]),
                 (fnirt, applywarp_maps, [("fieldcoeff_file", "field_file")]),
                 (fnirt, applywarp_mask, [("fieldcoeff_file", "field_file")]),
+                (fnirt, applywarp_support, [("fieldcoeff_file", "field_file")]),
+                (applywarp_support, threshold_support, [("out_file", "in_file")]),
+                (threshold_support, outputnode, [("out_file", "support_mask")]),
                 (applywarp_maps, outputnode, [("out_file", "registered_maps")]),
                 (applywarp_mask, outputnode, [("out_file", "registered_mask")]),
                 (fnirt, outputnode, [("fieldcoeff_file", "transform")]),
@@ -178,6 +196,7 @@ def init_label_registration_wf(
             (register_maps, first_label, [("registered_labels", "inlist")]),
             (register_maps, outputnode, [
                 ("registered_maps", "registered_maps"),
+                ("support_mask", "support_mask"),
                 ("transform", "transform"),
             ]),
             (first_label, outputnode, [("out", "registered_mask")]),
