@@ -148,8 +148,9 @@ def mean_cv(maps: np.ndarray, mask: np.ndarray, *, ddof: int = 1) -> float:
     return float(np.nanmean(cv))
 
 
-def roi_nrmse(estimate: np.ndarray, reference: np.ndarray, labels: np.ndarray,
-              names: dict[int, str]) -> dict[str, float]:
+def roi_nrmse(
+    estimate: np.ndarray, reference: np.ndarray, labels: np.ndarray, names: dict[int, str]
+) -> dict[str, float]:
     """NRMSE-to-reference in each labelled ROI (e.g. the 15 ICBM-DTI-81 WM regions)."""
     out = {}
     for index, name in names.items():

@@ -54,7 +54,9 @@ def test_sink_and_publish_are_atomic(tmp_path):
     res = sink.run(cwd=str(tmp_path))
     assert res.outputs.out_file.endswith("_space-dwi_model-dki_param-md_dwimap.nii.gz")
     assert json.loads(open(res.outputs.out_meta).read()) == {
-        "Model": "DKI", "Sources": ["bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"]}
+        "Model": "DKI",
+        "Sources": ["bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"],
+    }
     out = tmp_path / "out"
     written = publish_derivatives(staging, out)
     assert len(written) == 2
@@ -110,12 +112,12 @@ def test_nrmse_and_cv_match_hand_computation():
     est = np.array([1.5, 2.0, 2.5, 4.0])
     # RMSE = sqrt((0.25 + 0 + 0.25 + 0) / 4) = sqrt(0.125); mean |ref| = 2.5
     assert nrmse(est, ref) == pytest.approx(np.sqrt(0.125) / 2.5)
-    assert nrmse(est, ref, np.array([1, 1, 0, 0], bool)) == pytest.approx(
-        np.sqrt(0.125) / 1.5)
+    assert nrmse(est, ref, np.array([1, 1, 0, 0], bool)) == pytest.approx(np.sqrt(0.125) / 1.5)
     maps = np.array([[1.0, 2.0], [1.2, 2.0], [0.8, 2.0]])  # three scanners, two voxels
     cv = cv_map(maps)
     assert cv[0] == pytest.approx(0.2 / 1.0) and cv[1] == 0.0  # SD (ddof=1) = 0.2
     assert mean_cv(maps, np.array([True, True])) == pytest.approx(0.1)
     labels = np.array([1, 1, 2, 2])
     assert roi_nrmse(est, ref, labels, {1: "GCC", 2: "BCC", 3: "SCC"}) == pytest.approx(
-        {"GCC": np.sqrt(0.125) / 1.5, "BCC": np.sqrt(0.125) / 3.5})
+        {"GCC": np.sqrt(0.125) / 1.5, "BCC": np.sqrt(0.125) / 3.5}
+    )

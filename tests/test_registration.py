@@ -399,6 +399,5 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
     threshold = wf.get_node("threshold_support").interface
     threshold.inputs.in_file = "ref_mask.nii.gz"
     assert threshold.cmdline == (
-        "fslmaths ref_mask.nii.gz -thr 0.999 -bin "
-        f"{tmp_path / 'ref_mask_maths.nii.gz'} -odt char"
+        f"fslmaths ref_mask.nii.gz -thr 0.999 -bin {tmp_path / 'ref_mask_maths.nii.gz'} -odt char"
     )
