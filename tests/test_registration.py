@@ -395,7 +395,14 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
         f"--out={tmp_path / 'ref_mask_warp.nii.gz'} --warp=ref_fa.nii.gz --interp=nn"
     )
     support = wf.get_node("applywarp_support").interface
-    assert support.inputs.interp == "trilinear"
+    support.inputs.in_file = "ref_mask.nii.gz"
+    support.inputs.ref_file = "tgt_fa.nii.gz"
+    support.inputs.field_file = "ref_fa.nii.gz"
+    assert support.cmdline == (
+        "applywarp --in=ref_mask.nii.gz --ref=tgt_fa.nii.gz "
+        f"--out={tmp_path / 'ref_mask_warp.nii.gz'} --datatype=float --warp=ref_fa.nii.gz "
+        "--interp=trilinear"
+    )
     threshold = wf.get_node("threshold_support").interface
     threshold.inputs.in_file = "ref_mask.nii.gz"
     assert threshold.cmdline == (

@@ -137,7 +137,10 @@ def init_label_registration_wf(
             fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
         )
         applywarp_mask = pe.Node(fsl.ApplyWarp(interp="nn"), name="applywarp_mask")
-        applywarp_support = pe.Node(fsl.ApplyWarp(interp="trilinear"), name="applywarp_support")
+        # float output: a uint8 mask resampled in its own type would be rounded to 0/1
+        applywarp_support = pe.Node(
+            fsl.ApplyWarp(interp="trilinear", datatype="float"), name="applywarp_support"
+        )
         threshold_support = pe.Node(
             fsl.ImageMaths(op_string=f"-thr {1 - SUPPORT_TOLERANCE:g} -bin", out_data_type="char"),
             name="threshold_support",
