@@ -118,6 +118,8 @@ def test_group_text_names_the_registration_engine(engine, named, key):
     )
     text = "\n".join(paragraphs)
     assert named in text
+    # registered labels are trained on only inside their support (none: nothing is resampled)
+    assert ("partly from outside the reference brain mask" in text) is (engine != "none")
     other_keys = {"avants2008", "raffelt2011", "avants2011", "andersson2007"} - {key}
     assert not other_keys & set(cited_keys(paragraphs))
     assert "at most 7 epochs" in text and "seed 3" in text and "on the CPU" in text

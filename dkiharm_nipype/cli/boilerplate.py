@@ -635,7 +635,8 @@ def _group_paragraph(config: RunConfig, scans: Sequence | None) -> str:
             "The reference scanner's IRLLS DKI maps of each training subject were registered "
             "non-linearly into the DWI space of that subject's scans on every other scanner "
             f"with {_ENGINE_TEXT[engine]}, giving voxel-aligned training labels; the "
-            "reference scanner's own scans kept their own maps."
+            "reference scanner's own scans kept their own maps. Voxels whose labels were "
+            "interpolated partly from outside the reference brain mask were not trained on."
         )
     return (
         "DKI maps were harmonized across scanners with the deep-learning method of "
