@@ -332,7 +332,7 @@ class Registration:
         """Resample ``img`` (moving space) onto the fixed grid (nearest for ``label``)."""
         return resample(img, self.deformation, self.fixed_affine, order=0 if label else 1)
 
-    def support(self, moving_mask) -> nb.Nifti1Image:
+    def support(self, moving_mask, *, tolerance: float = SUPPORT_TOLERANCE) -> nb.Nifti1Image:
         """Fixed-grid voxels whose trilinear samples draw on ``moving_mask`` voxels only.
 
         A map carried by :meth:`apply` is exact (not blended with the zeros outside the
@@ -343,7 +343,7 @@ class Registration:
         binary = nb.Nifti1Image(
             (np.asanyarray(mask.dataobj) > 0).astype(np.float32), mask.affine, mask.header
         )
-        inside = np.asanyarray(self.apply(binary).dataobj) >= 1.0 - SUPPORT_TOLERANCE
+        inside = np.asanyarray(self.apply(binary).dataobj) >= 1.0 - tolerance
         out = nb.Nifti1Image(inside.astype(np.uint8), self.fixed_affine)
         out.set_qform(self.fixed_affine, code=1)
         out.set_sform(self.fixed_affine, code=1)

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..registration import ENGINES, check_same_grid, register
+from ..registration import ENGINES, SUPPORT_TOLERANCE, check_same_grid, register
 
 
 class _RegisterMapsInputSpec(BaseInterfaceInputSpec):
@@ -44,6 +44,12 @@ class _RegisterMapsInputSpec(BaseInterfaceInputSpec):
         desc="registration engine (auto: the default open engine; none: already aligned)",
     )
     seed = traits.Int(0, usedefault=True, desc="seed of stochastic engines (ANTs sampling)")
+    support_tolerance = traits.Float(
+        SUPPORT_TOLERANCE,
+        usedefault=True,
+        desc="support_mask keeps fixed voxels where the trilinearly resampled moving_mask is "
+        ">= 1 - this (all eight samples inside)",
+    )
     num_threads = traits.Int(1, usedefault=True, desc="threads the engine may use")
 
 
@@ -158,7 +164,9 @@ class RegisterMaps(SimpleInterface):
         else:  # the field of view: every voxel of the moving grid
             moving = nb.load(inputs.moving_image)
             support_of = nb.Nifti1Image(np.ones(moving.shape[:3], np.uint8), moving.affine)
-        reg.support(support_of).to_filename(self._results["support_mask"])
+        reg.support(support_of, tolerance=inputs.support_tolerance).to_filename(
+            self._results["support_mask"]
+        )
 
         transform = _out(inputs.moving_image, "_xfm")
         reg.to_nifti().to_filename(transform)
