@@ -358,3 +358,8 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
     np.testing.assert_allclose(exp.labels(a2), ref_fit, rtol=1e-6)
     np.testing.assert_allclose(exp.labels(d), ref_fit, rtol=1e-6)
     np.testing.assert_allclose(exp.labels(given), own_fit, rtol=1e-6)
+    # registered labels come with their support (here, on one grid: the reference's brain);
+    # a reference scan's own fit and given labels are valid wherever they are
+    _, support = exp.labels_and_support(a2)
+    assert np.array_equal(support, np.asarray(nb.load(d.mask).dataobj) > 0)
+    assert exp.labels_and_support(d)[1] is None and exp.labels_and_support(given)[1] is None
