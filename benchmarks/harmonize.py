@@ -58,20 +58,15 @@ def _scan_prefix(root: Path, sub: str, scanner: str) -> Path:
 
 
 def perfect_maps(bids: Path, sub: str, scanner: str, ref: str, *, distorted: bool) -> dict:
-    """The reference scan's true kurtosis maps on ``scanner``'s first-run grid: what a
-    perfect harmonization of that scan would output (``distorted``: the scan kept its
+    """The reference scan's true kurtosis maps (images) on ``scanner``'s first-run grid: what
+    a perfect harmonization of that scan would output (``distorted``: the scan kept its
     susceptibility distortion, i.e. no TOPUP)."""
     deformation, affine = truth_deformation(
         bids, sub, fixed_session=scanner, moving_session=ref, distortion=distorted
     )
     prefix = _scan_prefix(bids / "derivatives" / "phantom-truth", sub, ref)
     return {
-        k: np.asanyarray(
-            resample(
-                f"{prefix}_model-dki_param-{k}_desc-truth_dwimap.nii.gz", deformation, affine
-            ).dataobj,
-            dtype=np.float64,
-        )
+        k: resample(f"{prefix}_model-dki_param-{k}_desc-truth_dwimap.nii.gz", deformation, affine)
         for k in KURTOSIS
     }
 
@@ -88,39 +83,38 @@ def evaluate(bids: Path, out: Path, *, distorted: bool = True) -> dict:
         ref_prefix = _scan_prefix(out, sub, ref)
         truth_prefix = _scan_prefix(bids / "derivatives" / "phantom-truth", sub, ref)
         wm = _load(f"{truth_prefix}_label-WM_probseg.nii.gz") > 0.9
+        truth = {
+            k: _load(f"{truth_prefix}_model-dki_param-{k}_desc-truth_dwimap.nii.gz")
+            for k in KURTOSIS
+        }
+        label = {k: _load(f"{ref_prefix}_model-dki_param-{k}_dwimap.nii.gz") for k in KURTOSIS}
         stacks = {k: {w: [] for w in scores} for k in KURTOSIS}
         for scanner in plan["scanners"]:
             prefix = _scan_prefix(out, sub, scanner)
-            if scanner == ref:
-                warp = None
-            else:
+            warp = None
+            if scanner != ref:
                 warp = register(
                     f"{ref_prefix}_model-dki_param-fa_dwimap.nii.gz",
                     f"{prefix}_model-dki_param-fa_dwimap.nii.gz",
                     engine="dipy-syn",
                 )
             perfect = perfect_maps(bids, sub, scanner, ref, distorted=distorted)
-            grid = nb.load(f"{prefix}_model-dki_param-fa_dwimap.nii.gz").affine
             for k in KURTOSIS:
-                for when, suffix in (("before", "_dwimap"), ("after", "_desc-harmonized_dwimap")):
-                    path = f"{prefix}_model-dki_param-{k}{suffix}.nii.gz"
-                    data = (
-                        _load(path)
-                        if warp is None
-                        else np.asanyarray(warp.apply(path).dataobj, dtype=np.float64)
+                sources = {
+                    "before": f"{prefix}_model-dki_param-{k}_dwimap.nii.gz",
+                    "after": f"{prefix}_model-dki_param-{k}_desc-harmonized_dwimap.nii.gz",
+                    "ceiling": perfect[k],
+                }
+                for when, source in sources.items():
+                    img = nb.load(source) if warp is None and isinstance(source, str) else source
+                    data = np.asanyarray(
+                        (img if warp is None else warp.apply(img)).dataobj, dtype=np.float64
                     )
                     stacks[k][when].append(data)
-                    truth = _load(f"{truth_prefix}_model-dki_param-{k}_desc-truth_dwimap.nii.gz")
-                    to_truth[scanner][k][when].append(nrmse(data, truth, wm))
+                    if when in to_truth[scanner][k]:
+                        to_truth[scanner][k][when].append(nrmse(data, truth[k], wm))
                     if scanner != ref:
-                        label = _load(f"{ref_prefix}_model-dki_param-{k}_dwimap.nii.gz")
-                        to_ref[scanner][k][when].append(nrmse(data, label, wm))
-                img = nb.Nifti1Image(perfect[k].astype(np.float32), grid)
-                data = perfect[k] if warp is None else np.asanyarray(warp.apply(img).dataobj)
-                stacks[k]["ceiling"].append(np.asarray(data, dtype=np.float64))
-                if scanner != ref:
-                    label = _load(f"{ref_prefix}_model-dki_param-{k}_dwimap.nii.gz")
-                    to_ref[scanner][k]["ceiling"].append(nrmse(data, label, wm))
+                        to_ref[scanner][k][when].append(nrmse(data, label[k], wm))
         for k in KURTOSIS:
             for when in scores:
                 cv[k][when].append(100 * mean_cv(np.stack(stacks[k][when]), wm))
