@@ -27,6 +27,7 @@ the same field: linearly for continuous maps, nearest neighbour for labels.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -67,6 +68,16 @@ VOXEL_TOLERANCE_MM = 1e-3
 #: mask is at least 1 - this (float32 rounding), i.e. all eight samples were inside.
 SUPPORT_TOLERANCE = 1e-3
 
+#: Largest scaling (either way) an affine stage may find between two scans of one head;
+#: beyond it the affine is a divergence (it happens on small, noisy maps) and the rigid
+#: stage's result is kept.
+MAX_AFFINE_SCALE = 1.25
+
+#: A registration that lowers the images' correlation by more than this has failed.
+FAILURE_MARGIN = 0.1
+
+LOGGER = logging.getLogger("dkiharm.registration")
+
 
 class RegistrationInputError(DkiharmInputError):
     """The images or the options given to a registration cannot be used."""
@@ -78,6 +89,10 @@ class UnknownEngineError(RegistrationInputError):
 
 class GridMismatchError(RegistrationInputError):
     """Two images that must share a voxel grid do not."""
+
+
+class RegistrationFailedError(RegistrationInputError):
+    """A registration left the images less alike than it found them."""
 
 
 class FNIRTNotFoundError(FSLNotFoundError):
@@ -438,7 +453,26 @@ def register(
             ).max()
         ),
     }
+    if metrics["correlation_after"] < metrics["correlation_before"] - FAILURE_MARGIN:
+        raise RegistrationFailedError(
+            f"Registering {_name(moving_img, 'the moving image')} to "
+            f"{_name(fixed_img, 'the fixed image')} with {engine} failed: it lowered their "
+            f"correlation from {metrics['correlation_before']:.2f} to "
+            f"{metrics['correlation_after']:.2f}; check that both are maps of the same head "
+            "(with brain masks), or choose another --registration engine."
+        )
     return Registration(engine, deformation, fixed_img.affine, linear, seconds, metrics)
+
+
+def linear_scales(affine: np.ndarray) -> np.ndarray:
+    """Scalings (singular values) of an affine's linear part: 1 for a rigid transform."""
+    return np.linalg.svd(np.asarray(affine, dtype=float)[:3, :3], compute_uv=False)
+
+
+def plausible_affine(affine: np.ndarray, max_scale: float = MAX_AFFINE_SCALE) -> bool:
+    """Whether an affine between two scans of one head scales by at most ``max_scale``."""
+    scales = linear_scales(affine)
+    return bool(np.all(scales <= max_scale) and np.all(scales >= 1.0 / max_scale))
 
 
 def _mask_array(mask, ref: nb.Nifti1Image, what: str) -> np.ndarray | None:
@@ -497,7 +531,7 @@ def _run_dipy(fixed, moving, fmask, mmask, *, seed, n_threads, tmp):
         "moving_mask": None if mmask is None else mmask.astype(np.int32),
     }
     for transform in (RigidTransform3D(), AffineTransform3D()):
-        start = affreg.optimize(
+        found = affreg.optimize(
             static,
             mov,
             transform,
@@ -507,6 +541,13 @@ def _run_dipy(fixed, moving, fmask, mmask, *, seed, n_threads, tmp):
             starting_affine=start,
             **masks,
         ).affine
+        if isinstance(transform, AffineTransform3D) and not plausible_affine(found):
+            LOGGER.warning(
+                "dipy affine stage diverged (scales %s); keeping the rigid alignment",
+                np.array2string(linear_scales(found), precision=2),
+            )
+            break
+        start = found
     sdr = SymmetricDiffeomorphicRegistration(
         CCMetric(3, sigma_diff=2.0, radius=_CC_RADIUS),
         level_iters=_SYN_ITERS[-_n_levels(static.shape, _CC_RADIUS) :],

@@ -23,7 +23,7 @@ from dkiharm_nipype.cnn.data import (
 )
 from dkiharm_nipype.cnn.infer import harmonize_scan
 from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, scan_fingerprint
-from dkiharm_nipype.cnn.train import TooFewVoxelsError, fit, train_harmonizer
+from dkiharm_nipype.cnn.train import TooFewVoxelsError, device_description, fit, train_harmonizer
 from dkiharm_nipype.interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from dkiharm_nipype.metrics import nrmse
 
@@ -118,6 +118,14 @@ def test_training_beats_the_naive_baseline(subjects, trained):
     assert {"epoch", "loss", "val_loss", "seconds"} <= set(history[0])
     assert card.training["validation"]["mk"]["nrmse"] < 0.25 * baseline
     assert card.training["subjects"] == ["sub-1", "sub-2"]
+    assert card.training["device"] == "cpu"
+    assert card.training["seconds"] == pytest.approx(sum(h["seconds"] for h in history), abs=0.01)
+
+
+def test_device_description_names_the_gpu():
+    assert device_description("cpu") == "cpu"
+    if torch.cuda.is_available():  # the lent GPU machine, not CI
+        assert device_description("cuda").startswith("cuda:0 (")
 
 
 def test_same_seed_gives_identical_weights(subjects):

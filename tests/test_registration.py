@@ -408,3 +408,38 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
     assert threshold.cmdline == (
         f"fslmaths ref_mask.nii.gz -thr 0.999 -bin {tmp_path / 'ref_mask_maths.nii.gz'} -odt char"
     )
+
+
+# ------------------------------------------------------------------ failure guards
+DIVERGENCE = Path(__file__).parent / "data" / "divergence"
+
+
+def test_plausible_affine_bounds_the_scaling():
+    rot = np.eye(4)
+    rot[:3, :3] = _rotation(20)[:3, :3]
+    assert reg.plausible_affine(rot)
+    assert np.allclose(reg.linear_scales(rot), 1)
+    stretched = rot @ np.diag([1.2, 1.0, 0.9, 1.0])
+    assert reg.plausible_affine(stretched)
+    assert not reg.plausible_affine(rot @ np.diag([1.4, 1.0, 1.0, 1.0]))
+    assert not reg.plausible_affine(np.diag([1.0, 1.0, 0.7, 1.0]))
+
+
+def test_diverging_affine_stage_is_rejected(caplog, monkeypatch):
+    """A real divergence: the tiny phantom (seed 0) fitted without preprocessing, D's FA
+    into sub-02 A run-1 (files kept in ``tests/data/divergence``). DIPY's affine stage
+    scaled by 16/9/6 and SyN then lowered the correlation 0.28 -> 0.07; the rigid stage is
+    kept instead (0.28 -> 0.44, as the subject's other scans: 0.45-0.51), and without that
+    guard the failure is caught and named."""
+    fixed = DIVERGENCE / "sub-02_ses-A_run-1_model-dki_param-fa_dwimap.nii.gz"
+    moving = DIVERGENCE / "sub-02_ses-D_run-1_model-dki_param-fa_dwimap.nii.gz"
+    mask = DIVERGENCE / "sub-02_ses-D_run-1_desc-brain_mask.nii.gz"
+    with caplog.at_level("WARNING", logger="dkiharm.registration"):
+        result = reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
+    assert "affine stage diverged" in caplog.text
+    assert np.allclose(reg.linear_scales(result.linear), 1, atol=1e-6)  # the rigid stage
+    assert result.metrics["correlation_after"] > result.metrics["correlation_before"] + 0.1
+
+    monkeypatch.setattr(reg, "plausible_affine", lambda affine: True)
+    with pytest.raises(reg.RegistrationFailedError, match=r"sub-02_ses-D_run-1.*0\.28 to 0\.0"):
+        reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)

@@ -269,10 +269,21 @@ def train_harmonizer(
             "epochs_run": len(result.history),
             "best_epoch": result.best_epoch,
             "best_loss": result.best_loss,
+            "seconds": round(sum(h["seconds"] for h in result.history), 2),
+            "device": device_description(device),
             "validation": metrics,
         },
     )
     return model.cpu(), card, result
+
+
+def device_description(device: str | torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: where a network was trained."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def validation_metrics(
