@@ -16,6 +16,12 @@ from typing import Any
 #: (:mod:`dkiharm_nipype.cnn.model`). Torch-free here so the CLI can offer the choices.
 NETWORK_INPUTS = ("dwi", "dwi+fit")
 
+#: Labels of the reference scanner's own training scans: ``rescan``, the subject's other run
+#: on the reference scanner registered into the scan (its noise is independent of the
+#: scan's, so the network learns the maps rather than to copy its input; a scan without a
+#: repeat keeps its own maps), or ``fit``, the scan's own maps (the paper).
+REFERENCE_LABELS = ("rescan", "fit")
+
 
 @dataclass(frozen=True)
 class ExecConfig:
@@ -69,6 +75,7 @@ class RunConfig:
     epochs: int = 100
     samples_per_epoch: int = 200_000
     network_input: str = "dwi"
+    reference_labels: str = "rescan"
     device: str = "cpu"
     mc_samples: int = 0
     models_dir: Path | None = None

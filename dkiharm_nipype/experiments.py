@@ -53,7 +53,7 @@ from .errors import DkiharmInputError
 from .evaluation import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, run_key, write_tsv
 from .metrics import mean_cv, nrmse, wm_mask_from_fit
 from .registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
-from .study import plan_study
+from .study import plan_study, rescan_partner
 from .utils.dwi import check_volumes
 
 LOGGER = logging.getLogger("dkiharm.experiments")
@@ -304,9 +304,11 @@ class ExperimentStudy:
         tissue_threshold: float = TISSUE_THRESHOLD,
         seed: int = 0,
         n_threads: int = 1,
+        reference_labels: str = "rescan",
     ):
         self.scans = sorted(scans, key=lambda s: (s.subject, s.scanner, run_key(s.run)))
         self.reference, self.params, self.engine = reference, tuple(params), engine
+        self.reference_labels = reference_labels
         self.tissue_threshold, self.seed, self.n_threads = tissue_threshold, seed, n_threads
         if not self.scans:
             raise ExperimentInputError("No scans given; give the traveling subjects' scans.")
@@ -407,8 +409,9 @@ class ExperimentStudy:
         return np.asarray(self._registrations[key].apply(img).dataobj, dtype=np.float32)
 
     def labels(self, scan: ExperimentScan) -> np.ndarray:
-        """``(X, Y, Z, 8)`` training labels of ``scan``: given, its own fit (reference
-        scanner, as in the group run), or the reference scan's fit registered into it."""
+        """``(X, Y, Z, 8)`` training labels of ``scan``: given, or registered as in the group
+        run: the reference scan's fit into a target scan; into a reference-scanner scan the
+        subject's other run there (``reference_labels='rescan'``), else its own fit."""
         return self.labels_and_support(scan)[0]
 
     def labels_and_support(self, scan: ExperimentScan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -417,9 +420,13 @@ class ExperimentStudy:
         ``None`` (everywhere)."""
         if scan.labels:
             return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1), None
-        source = (
-            scan if scan.scanner == self.reference else self.first(scan.subject, self.reference)
-        )
+        if scan.scanner != self.reference:
+            source = self.first(scan.subject, self.reference)
+        elif self.reference_labels == "rescan":
+            order = lambda s: run_key(s.run)  # noqa: E731
+            source = rescan_partner(scan, self.scans, order=order) or scan
+        else:
+            source = scan
         lacking = sorted(set(ALL_METRICS) - set(source.maps))
         if lacking:
             raise ExperimentInputError(
@@ -604,6 +611,7 @@ def run_experiment(
     out_file: str | Path | None = None,
     params: Sequence[str] = EVAL_PARAMS,
     engine: str = "dipy-syn",
+    reference_labels: str = "rescan",
     options: TrainingOptions = TrainingOptions(),
     seed: int = 0,
     max_combinations: int | None = MAX_COMBINATIONS,
@@ -634,6 +642,9 @@ def run_experiment(
     engine
         Registration engine of :func:`~dkiharm_nipype.registration.register` (``none``:
         every scan of a subject is on one grid).
+    reference_labels
+        ``rescan`` or ``fit``: labels of the reference scanner's scans, as the group run's
+        ``--reference-labels``.
     options
         How each network is trained (epochs, samples per epoch, width, device...).
     seed
@@ -664,6 +675,7 @@ def run_experiment(
     study = ExperimentStudy(
         scans, reference=reference, params=params, engine=engine,
         tissue_threshold=tissue_threshold, seed=seed, n_threads=n_threads,
+        reference_labels=reference_labels,
     )  # fmt: skip
     subjects = study.subjects
     kw = {"options": options, "title": _TITLES[experiment], "log": log, "trainings": trainings}

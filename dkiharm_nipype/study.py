@@ -159,6 +159,22 @@ def first_runs(scans) -> dict[tuple[str, str], object]:
     return out
 
 
+def rescan_partner(scan, scans, *, order=None):
+    """The scan whose maps label ``scan`` of the reference scanner under ``rescan`` labels.
+
+    The same subject's first run on the same scanner when ``scan`` is a repeat, else its
+    second run; ``None`` when the subject has a single run there. ``order`` sorts runs
+    (default: by run number, as :func:`first_runs`).
+    """
+    order = order or (lambda s: (s.run or 0, s.key))
+    same = sorted(
+        (s for s in scans if s.subject == scan.subject and s.scanner == scan.scanner), key=order
+    )
+    if len(same) < 2:
+        return None
+    return same[1] if same[0] is scan else same[0]
+
+
 def write_plan(plan: StudyPlan, path: Path) -> None:
     """Record the design next to the models (JSON)."""
     import json

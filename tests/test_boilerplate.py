@@ -94,6 +94,17 @@ def test_network_input_named_in_the_text():
     assert "together with the scan's own IRLLS maps" in text and "residual connection" in text
 
 
+def test_reference_labels_named_in_the_text():
+    def group(**kw):
+        paragraphs = methods_paragraphs(_config(analysis_level="group", **kw))
+        return "\n".join(paragraphs), set(cited_keys(paragraphs))
+
+    text, keys = group()  # rescan, the default
+    assert "the same subject's other run on that scanner" in text and "lehtinen2018" in keys
+    text, keys = group(reference_labels="fit")
+    assert "own scans kept their own maps" in text and "lehtinen2018" not in keys
+
+
 def test_fit_options_change_the_text():
     irlls = methods_paragraphs(_config(fit_method="irlls"))[2]
     wls = methods_paragraphs(_config(fit_method="wls", b_max=2000.0))[2]

@@ -363,3 +363,26 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
     _, support = exp.labels_and_support(a2)
     assert np.array_equal(support, np.asarray(nb.load(d.mask).dataobj) > 0)
     assert exp.labels_and_support(d)[1] is None and exp.labels_and_support(given)[1] is None
+
+
+def test_reference_scans_are_labelled_with_their_rescan(study):
+    """reference_labels='rescan' (default): a reference-scanner scan's labels are the
+    subject's other run there, registered (with its support); 'fit': its own fit."""
+    from dkiharm_nipype.dki.metrics import ALL_METRICS
+    from dkiharm_nipype.experiments import ExperimentStudy
+
+    scans = study["scans"]
+    a1, a2 = (
+        next(s for s in scans if (s.subject, s.scanner, s.run) == ("02", "A", r)) for r in "12"
+    )
+    fit = {r: np.stack([study["raw"][("02", "A", r)][p] for p in ALL_METRICS], -1) for r in "12"}
+    exp = ExperimentStudy(scans, reference="A", engine="none")
+    for scan, other in ((a1, "2"), (a2, "1")):
+        labels, support = exp.labels_and_support(scan)
+        np.testing.assert_allclose(labels, fit[other], rtol=1e-6)
+        partner = a2 if scan is a1 else a1
+        assert np.array_equal(support, np.asarray(nb.load(partner.mask).dataobj) > 0)
+    exp = ExperimentStudy(scans, reference="A", engine="none", reference_labels="fit")
+    labels, support = exp.labels_and_support(a1)
+    np.testing.assert_allclose(labels, fit["1"], rtol=1e-6)
+    assert support is None

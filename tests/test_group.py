@@ -307,3 +307,51 @@ def test_dwi_plus_fit_is_wired(tiny_bids, tmp_path):
             ("outputnode.support_mask", f"in{i}")
             for i in range(1, len(node.inputs.subject_ids) + 1)
         }
+
+
+def test_reference_labels_rescan_is_wired(tiny_bids, tmp_path):
+    """--reference-labels rescan (default): each training scan's label selector also gets the
+    subject's other run on the same scanner, used if that scanner is the reference; a scan
+    without a repeat (the tiny phantom's D and C) gets none; ``fit`` wires none at all."""
+    from pathlib import Path
+
+    from dkiharm_nipype.config import RunConfig
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.harmonize import _select_moving, init_group_wf
+
+    scans = collect_scans(load_layout(tiny_bids))
+
+    def build(labels):
+        config = RunConfig(
+            bids_dir=Path(tiny_bids), output_dir=tmp_path / labels, analysis_level="group",
+            work_dir=tmp_path / "work", registration="dipy-syn", reference_scanner="A",
+            train_participants=("01", "02"), reference_labels=labels,
+        )  # fmt: skip
+        return init_group_wf(scans=scans, staging_dir=tmp_path / "stage", config=config)
+
+    def partner_of(wf, node_name):
+        node = wf.get_node(node_name)
+        return {
+            u.name for u, _, d in wf._graph.in_edges(node, data=True)
+            if ("outputnode.fa_file", "partner_fa") in d["connect"]
+        }  # fmt: skip
+
+    wf = build("rescan")
+    assert partner_of(wf, "select_sub_01_ses_A_run_1") == {"sub_01_ses_A_run_2_wf"}
+    assert partner_of(wf, "select_sub_01_ses_A_run_2") == {"sub_01_ses_A_run_1_wf"}
+    assert partner_of(wf, "select_sub_02_ses_D_run_1") == set()
+    plan = json.loads(wf.get_node("plan").inputs.plan_json)
+    assert plan["reference_labels"] == "rescan"
+    wf = build("fit")
+    assert partner_of(wf, "select_sub_01_ses_A_run_1") == set()
+
+    # what the selector hands to the label registration, once the reference is known
+    common = dict(
+        own_fa="a1_fa", own_maps=["a1"], own_mask="a1_mask", cand_scanners=["A", "D"],
+        cand_fa=["a1_fa", "d_fa"], cand_maps=[["a1"], ["d"]], cand_masks=["a1_mask", "d_mask"],
+        engine="dipy-syn",
+    )  # fmt: skip
+    rescan = dict(partner_fa="a2_fa", partner_maps=["a2"], partner_mask="a2_mask")
+    assert _select_moving("A", "A", **common, **rescan) == ("a2_fa", ["a2"], "a2_mask", "dipy-syn")
+    assert _select_moving("A", "A", **common) == ("a1_fa", ["a1"], "a1_mask", "none")
+    assert _select_moving("D", "A", **common, **rescan) == ("d_fa", ["d"], "d_mask", "dipy-syn")

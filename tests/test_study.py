@@ -8,7 +8,13 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.study import StudyDesignError, check_voxel_sizes, choose_reference, plan_study
+from dkiharm_nipype.study import (
+    StudyDesignError,
+    check_voxel_sizes,
+    choose_reference,
+    plan_study,
+    rescan_partner,
+)
 from dkiharm_nipype.utils.bids import DWIScan
 
 
@@ -84,3 +90,16 @@ def test_voxel_sizes_must_match(tmp_path):
     assert check_voxel_sizes(scans[:2]) == (2.0, 2.0, 2.0)
     with pytest.raises(StudyDesignError, match="voxel sizes differ.*2.4x2.4x2.4 mm"):
         check_voxel_sizes(scans)
+
+
+def test_rescan_partner_is_the_other_run():
+    scans = _paper_design()
+
+    def get(sub, scanner, run):
+        return next(s for s in scans if (s.subject, s.scanner, s.run) == (sub, scanner, run))
+
+    assert rescan_partner(get("01", "D", 1), scans) is get("01", "D", 2)
+    assert rescan_partner(get("01", "D", 2), scans) is get("01", "D", 1)
+    assert rescan_partner(get("03", "C", 1), scans) is None  # C: one run (Table 1)
+    third = _scan("01", "D", 3)
+    assert rescan_partner(third, [*scans, third]) is get("01", "D", 1)

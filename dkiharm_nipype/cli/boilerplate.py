@@ -349,6 +349,17 @@ REFERENCES: dict[str, Reference] = {
             "pages": "1050--1059",
         },
     ),
+    "lehtinen2018": Reference(
+        "inproceedings",
+        {
+            "author": "Lehtinen, Jaakko and Munkberg, Jacob and Hasselgren, Jon and Laine, "
+            "Samuli and Karras, Tero and Aittala, Miika and Aila, Timo",
+            "title": "Noise2Noise: learning image restoration without clean data",
+            "booktitle": "Proceedings of the 35th International Conference on Machine Learning",
+            "year": "2018",
+            "pages": "2965--2974",
+        },
+    ),
     "fortin2017": _article(
         "Fortin, Jean-Philippe and Parker, Drew and Tunc, Birkan and Watanabe, Takanori and "
         "Elliott, Mark A. and Ruparel, Kosha and others",
@@ -625,18 +636,27 @@ def _group_paragraph(config: RunConfig, scans: Sequence | None) -> str:
                 f"seed {config.seed}) {'was' if len(plan.training) == 1 else 'were'} used for "
                 "training"
             )
+    if config.reference_labels == "rescan":
+        own = (
+            "each scan of the reference scanner was labelled with the same subject's other "
+            "run on that scanner, so that its network, too, learned the maps from "
+            "independently noisy labels rather than to reproduce its input [@lehtinen2018] "
+            "(scans without a repeat kept their own maps)"
+        )
+    else:
+        own = "the reference scanner's own scans kept their own maps"
     if engine == "none":
         reg = (
             "The scans were already aligned on one voxel grid, so the reference maps were "
-            "used as labels without registration."
+            f"used as labels without registration; {own}."
         )
     else:
         reg = (
             "The reference scanner's IRLLS DKI maps of each training subject were registered "
             "non-linearly into the DWI space of that subject's scans on every other scanner "
-            f"with {_ENGINE_TEXT[engine]}, giving voxel-aligned training labels; the "
-            "reference scanner's own scans kept their own maps. Voxels whose labels were "
-            "interpolated partly from outside the reference brain mask were not trained on."
+            f"with {_ENGINE_TEXT[engine]}, giving voxel-aligned training labels; {own}. "
+            "Voxels whose labels were interpolated partly from outside the reference brain "
+            "mask were not trained on."
         )
     return (
         "DKI maps were harmonized across scanners with the deep-learning method of "

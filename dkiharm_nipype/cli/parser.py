@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..__about__ import __version__
-from ..config import NETWORK_INPUTS, ExecConfig, RunConfig
+from ..config import NETWORK_INPUTS, REFERENCE_LABELS, ExecConfig, RunConfig
 
 PLUGINS = (
     "Linear",
@@ -236,6 +236,14 @@ def get_parser() -> argparse.ArgumentParser:
         "the scan's own IRLLS maps, which it learns to correct (dwi+fit: lower RK/KFA error)",
     )
     harm.add_argument(
+        "--reference-labels",
+        default="rescan",
+        choices=REFERENCE_LABELS,
+        help="labels of the reference scanner's own training scans: the subject's other run "
+        "on that scanner, registered (rescan: independent noise, so its network learns the "
+        "maps instead of copying its input) or the scan's own maps (fit, the paper)",
+    )
+    harm.add_argument(
         "--device",
         default="auto",
         help="torch device for training and inference: auto, cpu, cuda, cuda:1",
@@ -426,6 +434,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         epochs=opts.epochs,
         samples_per_epoch=opts.samples_per_epoch,
         network_input=opts.network_input,
+        reference_labels=opts.reference_labels,
         device=device,
         mc_samples=opts.mc_samples,
         models_dir=models_dir,

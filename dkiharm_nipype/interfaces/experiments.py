@@ -14,7 +14,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..config import NETWORK_INPUTS
+from ..config import NETWORK_INPUTS, REFERENCE_LABELS
 from ..dki.metrics import ALL_METRICS
 from ..evaluation import EVAL_PARAMS, EXPERIMENTS
 from ..experiments import (
@@ -63,6 +63,11 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
     engine = traits.Enum(
         "dipy-syn", *[e for e in ENGINES if e not in ("dipy-syn", "fnirt", "auto")],
         usedefault=True, desc="within-subject registration engine ('none': already aligned)",
+    )  # fmt: skip
+    reference_labels = traits.Enum(
+        *REFERENCE_LABELS, usedefault=True,
+        desc="labels of reference-scanner scans: the subject's other run there (rescan) or "
+        "their own fit (fit)",
     )  # fmt: skip
     seed = traits.Int(0, usedefault=True, desc="seed of the trainings and sampled splits")
     epochs = traits.Int(100, usedefault=True, desc="maximum epochs per network")
@@ -170,6 +175,7 @@ class RunExperiment(SimpleInterface):
                 out_file=out_file,
                 params=inputs.params,
                 engine=inputs.engine,
+                reference_labels=inputs.reference_labels,
                 options=TrainingOptions(
                     epochs=inputs.epochs,
                     samples_per_epoch=inputs.samples_per_epoch or None,

@@ -7,8 +7,9 @@ One Nipype graph iterates scanners and subjects (paper, Fig. 1):
 2. ``reference`` reads every scan's SNR and picks the scanner with the highest mean
    white-matter SNR (or the one named with ``--reference-scanner``);
 3. for each training subject and each of its scans, ``labels_*`` registers the reference
-   scanner's IRLLS maps of that subject into the scan's DWI space (the reference scanner's
-   own scans keep their own maps: no registration);
+   scanner's IRLLS maps of that subject into the scan's DWI space (a scan of the reference
+   scanner gets the subject's other run on that scanner with ``reference_labels='rescan'``,
+   its own maps, unregistered, with ``'fit'`` or without a repeat);
 4. ``train_<scanner>`` trains that scanner's network on its training scans;
 5. ``harmonize_*`` turns every scan of every participant into harmonized maps;
 6. ``evaluation_wf`` scores the test subjects before and after (CV, NRMSE, scan-rescan)
@@ -28,7 +29,7 @@ from ..dki.metrics import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from ..interfaces.registration import RegisterMaps
-from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study
+from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study, rescan_partner
 from ..utils.bids import DWIScan
 from .dki import init_scan_wf
 from .evaluation import init_comparators_node, init_evaluation_wf
@@ -62,13 +63,19 @@ def _select_moving(
     cand_maps,
     cand_masks,
     engine,
+    partner_fa=None,
+    partner_maps=None,
+    partner_mask=None,
 ):
     """Nipype Function: what to register into a training scan's space.
 
-    For a scan of the reference scanner, its own maps are the labels (engine ``none``);
-    otherwise the reference scanner's first-run maps of the same subject are registered.
+    For a scan of the reference scanner: the subject's other run on it (``partner_*``, given
+    for ``rescan`` labels), else its own maps (engine ``none``). Otherwise the reference
+    scanner's first-run maps of the same subject.
     """
     if scanner == reference:
+        if partner_fa:
+            return partner_fa, list(partner_maps), partner_mask, engine
         return own_fa, list(own_maps), own_mask, "none"
     idx = list(cand_scanners).index(reference)
     return cand_fa[idx], list(cand_maps[idx]), cand_masks[idx], engine
@@ -100,6 +107,7 @@ def _plan_json(plan: StudyPlan, config: RunConfig, engine: str) -> str:
                 else "highest mean white-matter SNR (b0 mean / noise SD)"
             ),
             "registration": engine,
+            "reference_labels": config.reference_labels,
             "epochs": config.epochs,
             "samples_per_epoch": config.samples_per_epoch,
             "seed": config.seed,
@@ -244,12 +252,30 @@ def init_group_wf(
                     "cand_maps",
                     "cand_masks",
                     "engine",
+                    "partner_fa",
+                    "partner_maps",
+                    "partner_mask",
                 ],
                 output_names=["moving_fa", "moving_maps", "moving_mask", "engine"],
             ),
             name=f"select_{tag}",
             run_without_submitting=True,
         )
+        partner = rescan_partner(scan, scans) if config.reference_labels == "rescan" else None
+        if partner is not None:  # used only if this scan's scanner turns out the reference
+            workflow.connect(
+                [
+                    (
+                        scan_wfs[partner.key],
+                        select,
+                        [
+                            ("outputnode.fa_file", "partner_fa"),
+                            ("outputnode.maps", "partner_maps"),
+                            ("outputnode.mask_file", "partner_mask"),
+                        ],
+                    )
+                ]
+            )
         select.inputs.scanner = scan.scanner
         select.inputs.cand_scanners = list(plan.scanners)
         select.inputs.engine = engine
@@ -727,6 +753,7 @@ def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, sta
             samples_per_epoch=config.samples_per_epoch,
             device=config.device,
             network_input=config.network_input,
+            reference_labels=config.reference_labels,
             omp_nthreads=config.execution.omp_nthreads,
             staging_dir=staging_dir,
             rel_dir="evaluation",
