@@ -18,11 +18,11 @@ to it with dipy SyN on FA, within subject):
 White matter: the phantom's true WM (probability > 0.9) in the reference scan's space.
 
 Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none]
-[--denoiser mppca] [--network-input dwi+fit] [--epochs E] [--keep DIR]``. ``--voxel-mm``
-generates the whole brain on a coarser grid (3.0: 73x73x47 voxels, ~3x faster);
-``--slices`` cuts a central slab, which is *not* a fair test: the visits' head positions
-move anatomy in and out of a thin slab, so registration between scanners (labels and
-evaluation) cannot be right there.
+[--denoiser mppca] [--network-input dwi+fit] [--reference-labels fit] [--epochs E]
+[--keep DIR]``. ``--voxel-mm`` generates the whole brain on a coarser grid (3.0: 73x73x47
+voxels, ~3x faster); ``--slices`` cuts a central slab, which is *not* a fair test: the
+visits' head positions move anatomy in and out of a thin slab, so registration between
+scanners (labels and evaluation) cannot be right there.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from dkiharm_nipype.config import NETWORK_INPUTS
+from dkiharm_nipype.config import NETWORK_INPUTS, REFERENCE_LABELS
 from dkiharm_nipype.metrics import mean_cv, nrmse
 from dkiharm_nipype.registration import register, resample, truth_deformation
 from dkiharm_nipype.utils.env import missing_fsl
@@ -180,6 +180,13 @@ def main(argv=None) -> None:
         help="the BIDS-App's --network-input (dwi+fit: the networks also see and correct each "
         "scan's own IRLLS maps)",
     )
+    parser.add_argument(
+        "--reference-labels",
+        default="rescan",
+        choices=REFERENCE_LABELS,
+        help="the BIDS-App's --reference-labels (fit: the reference scanner's network learns "
+        "from its scans' own maps, as the paper)",
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
@@ -228,6 +235,8 @@ def main(argv=None) -> None:
         args.denoiser,
         "--network-input",
         args.network_input,
+        "--reference-labels",
+        args.reference_labels,
     ]
     if args.comparators:
         cmd += ["--comparators", *args.comparators]
