@@ -17,7 +17,6 @@ bare GPU machine with carried wheels::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -26,33 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-KURTOSIS = ("mk", "ak", "rk", "kfa")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harmonize import KURTOSIS, group_command, method_cv  # noqa: E402
 
 
 def run_group(bids: Path, out: Path, work: Path, device: str, args) -> float:
     """One group-level run; returns its wall time (s)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dkiharm_nipype.cli.run",
-        str(bids),
-        str(out),
-        "group",
-        "-w",
-        str(work),
-        "--preproc",
-        "none",
-        "--mask-method",
-        args.mask_method,
-        "--device",
-        device,
-        "--nprocs",
-        str(args.nprocs),
-        "--omp-nthreads",
-        str(args.omp_nthreads),
-        "--seed",
-        "0",
-    ]
+    cmd = group_command(
+        bids, out, work,
+        "--preproc", "none", "--mask-method", args.mask_method, "--device", device,
+        "--nprocs", str(args.nprocs), "--omp-nthreads", str(args.omp_nthreads), "--seed", "0",
+    )  # fmt: skip
     if args.epochs:
         cmd += ["--epochs", str(args.epochs)]
     env = {**os.environ, "LOGNAME": os.environ.get("LOGNAME", "dkiharm")}
@@ -77,17 +60,10 @@ def summarize(out: Path) -> dict:
             "epochs_run": training["epochs_run"],
             "val_nrmse_mk": training["validation"]["mk"]["nrmse"],
         }
-    cv: dict[str, dict[str, list[float]]] = {}
-    with open(out / "evaluation" / "cv.tsv", newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["roi"] == "WM" and row["param"] in KURTOSIS:
-                cv.setdefault(row["param"], {}).setdefault(row["method"], []).append(
-                    float(row["cv_mean"])
-                )
+    by_method = method_cv(out)
     cuts = {}
-    for param, by_method in cv.items():
-        before = sum(by_method["before"]) / len(by_method["before"])
-        after = sum(by_method["dl"]) / len(by_method["dl"])
+    for param in KURTOSIS:
+        before, after = by_method["before"][param], by_method["dl"][param]
         cuts[param] = {"before": before, "after": after, "cut_pct": 100 * (1 - after / before)}
     return {"scanners": scanners, "cv": cuts}
 

@@ -28,7 +28,6 @@ scanners (labels and evaluation) cannot be right there.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -41,6 +40,7 @@ import nibabel as nb
 import numpy as np
 
 from dkiharm_nipype.config import NETWORK_INPUTS, REFERENCE_LABELS
+from dkiharm_nipype.evaluation import read_tsv
 from dkiharm_nipype.metrics import mean_cv, nrmse
 from dkiharm_nipype.registration import register, resample, truth_deformation
 from dkiharm_nipype.utils.env import missing_fsl
@@ -121,26 +121,27 @@ def evaluate(bids: Path, out: Path, *, distorted: bool = True) -> dict:
     return {"plan": plan, "cv": cv, "to_ref": to_ref, "to_truth": to_truth}
 
 
+def group_command(bids: Path, out: Path, work: Path, *options: str) -> list[str]:
+    """``dkiharm bids out group -w work [options]`` with this Python."""
+    cli = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
+    return [*cli, str(bids), str(out), "group", "-w", str(work), *options]
+
+
 def method_cv(out: Path) -> dict[str, dict[str, float]]:
     """Mean WM CV per method and map from the group level's ``evaluation/cv.tsv``."""
-    path = out / "evaluation" / "cv.tsv"
-    if not path.is_file():
-        return {}
     values: dict[str, dict[str, list[float]]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh, delimiter="\t"):
-            if row["roi"] == "WM":
-                values.setdefault(row["method"], {}).setdefault(row["param"], []).append(
-                    float(row["cv_mean"])
-                )
+    for row in read_tsv(out / "evaluation" / "cv.tsv"):
+        if row["roi"] == "WM":
+            values.setdefault(row["method"], {}).setdefault(row["param"], []).append(
+                float(row["cv_mean"])
+            )
     return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in values.items()}
 
 
 def timings(out: Path, work: Path) -> dict:
     train = {}
     for log in sorted((out / "models").glob("scanner-*_training.tsv")):
-        with open(log) as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
+        rows = read_tsv(log)
         train[log.name.split("_")[0][8:]] = (sum(float(r["seconds"]) for r in rows), len(rows))
     infer = []
     for report in work.glob("dkiharm_wf/harmonize_*_wf/apply/_report/report.rst"):
@@ -210,34 +211,13 @@ def main(argv=None) -> None:
     t_gen = time.time() - started
 
     started = time.time()
-    cmd = [
-        sys.executable,
-        "-m",
-        "dkiharm_nipype.cli.run",
-        str(bids),
-        str(out),
-        "group",
-        "-w",
-        str(work),
-        "--nprocs",
-        "2",
-        "--omp-nthreads",
-        "1",
-        "--seed",
-        str(args.seed),
-        "--epochs",
-        str(args.epochs),
-        "--samples-per-epoch",
-        str(args.samples_per_epoch),
-        "--preproc",
-        args.preproc,
-        "--denoiser",
-        args.denoiser,
-        "--network-input",
-        args.network_input,
-        "--reference-labels",
-        args.reference_labels,
-    ]
+    cmd = group_command(
+        bids, out, work,
+        "--nprocs", "2", "--omp-nthreads", "1", "--seed", str(args.seed),
+        "--epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch),
+        "--preproc", args.preproc, "--denoiser", args.denoiser,
+        "--network-input", args.network_input, "--reference-labels", args.reference_labels,
+    )  # fmt: skip
     if args.comparators:
         cmd += ["--comparators", *args.comparators]
     print(" ".join(cmd), flush=True)

@@ -423,8 +423,8 @@ class ExperimentStudy:
         if scan.scanner != self.reference:
             source = self.first(scan.subject, self.reference)
         elif self.reference_labels == "rescan":
-            order = lambda s: run_key(s.run)  # noqa: E731
-            source = rescan_partner(scan, self.scans, order=order) or scan
+            partner = rescan_partner(scan, self.scans, order=lambda s: run_key(s.run))
+            source = partner or scan
         else:
             source = scan
         lacking = sorted(set(ALL_METRICS) - set(source.maps))
