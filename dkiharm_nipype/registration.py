@@ -282,6 +282,18 @@ def resample(
 
 
 # ------------------------------------------------------------------------ similarity
+def intensity_scale(
+    data: np.ndarray, mask: np.ndarray | None = None, *, percentile: float = 99.5
+) -> float:
+    """The ``percentile`` of ``data`` inside ``mask`` (or > 0): :func:`normalize_intensity`'s 1."""
+    sel = mask.astype(bool) if mask is not None else data > 0
+    if not sel.any():
+        raise RegistrationInputError(
+            "The image to register is empty (no voxel > 0 in its mask); check the input map."
+        )
+    return float(np.percentile(data[sel], percentile)) or 1.0
+
+
 def normalize_intensity(
     data: np.ndarray, mask: np.ndarray | None = None, *, percentile: float = 99.5
 ) -> np.ndarray:
@@ -292,12 +304,7 @@ def normalize_intensity(
     """
     data = np.nan_to_num(np.asarray(data, dtype=np.float32))
     sel = mask.astype(bool) if mask is not None else data > 0
-    if not sel.any():
-        raise RegistrationInputError(
-            "The image to register is empty (no voxel > 0 in its mask); check the input map."
-        )
-    scale = float(np.percentile(data[sel], percentile)) or 1.0
-    out = np.clip(data / scale, 0.0, 1.5)
+    out = np.clip(data / intensity_scale(data, mask, percentile=percentile), 0.0, 1.5)
     if mask is not None:
         out = out * sel
     return out.astype(np.float32)
@@ -453,15 +460,52 @@ def register(
             ).max()
         ),
     }
+    check_registration(
+        metrics,
+        fixed=_name(fixed_img, "the fixed image"),
+        moving=_name(moving_img, "the moving image"),
+        engine=engine,
+    )
+    return Registration(engine, deformation, fixed_img.affine, linear, seconds, metrics)
+
+
+def check_registration(metrics: dict, *, fixed: str, moving: str, engine: str) -> None:
+    """Raise :class:`RegistrationFailedError` when a registration lowered the images'
+    correlation (``metrics``: ``correlation_before``/``_after``) by more than
+    :data:`FAILURE_MARGIN`."""
     if metrics["correlation_after"] < metrics["correlation_before"] - FAILURE_MARGIN:
         raise RegistrationFailedError(
-            f"Registering {_name(moving_img, 'the moving image')} to "
-            f"{_name(fixed_img, 'the fixed image')} with {engine} failed: it lowered their "
+            f"Registering {moving} to {fixed} with {engine} failed: it lowered their "
             f"correlation from {metrics['correlation_before']:.2f} to "
             f"{metrics['correlation_after']:.2f}; check that both are maps of the same head "
             "(with brain masks), or choose another --registration engine."
         )
-    return Registration(engine, deformation, fixed_img.affine, linear, seconds, metrics)
+
+
+def registration_similarity(fixed, moving, registered, *, moving_mask=None) -> dict[str, float]:
+    """Correlation of ``fixed`` with ``moving`` before (world-aligned) and after registration.
+
+    For registrations run by other software (FSL FNIRT): ``registered`` is ``moving``
+    resampled onto ``fixed``'s grid by that software. Intensities are normalized as in
+    :func:`register` (``registered`` with ``moving``'s scale, taken inside ``moving_mask``)
+    and correlated where the fixed image is > 0.
+    """
+    fixed_img, moving_img, registered_img = _load(fixed), _load(moving), _load(registered)
+    check_same_grid(registered_img, fixed_img, names=("registered image", "fixed image"))
+    mmask = _mask_array(moving_mask, moving_img, "moving")
+    fdata = normalize_intensity(fixed_img.get_fdata(dtype=np.float32))
+    mraw = np.nan_to_num(moving_img.get_fdata(dtype=np.float32))
+    scale = intensity_scale(mraw, mmask)
+    mnorm = nb.Nifti1Image(np.clip(mraw / scale, 0.0, 1.5), moving_img.affine)
+    before = resample(
+        mnorm, affine_deformation(fixed_img.shape, fixed_img.affine), fixed_img.affine
+    )
+    after = np.clip(np.nan_to_num(registered_img.get_fdata(dtype=np.float32)) / scale, 0.0, 1.5)
+    sel = fdata > 0
+    return {
+        "correlation_before": correlation(fdata, before.get_fdata(), sel),
+        "correlation_after": correlation(fdata, after, sel),
+    }
 
 
 def linear_scales(affine: np.ndarray) -> np.ndarray:

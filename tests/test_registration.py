@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from dkiharm_nipype import registration as reg
 from dkiharm_nipype.errors import DkiharmInputError
-from dkiharm_nipype.interfaces.registration import RegisterMaps
+from dkiharm_nipype.interfaces.registration import CheckRegistration, RegisterMaps
 from dkiharm_nipype.phantom import truth
 from dkiharm_nipype.workflows.registration import init_label_registration_wf
 
@@ -355,7 +355,11 @@ def test_fnirt_graph_and_cmdlines(fake_fsl, tmp_path, monkeypatch):
         ("inputnode", "applywarp_maps", "moving_maps", "in_file"),
         ("fnirt", "applywarp_maps", "fieldcoeff_file", "field_file"),
         ("fnirt", "applywarp_mask", "fieldcoeff_file", "field_file"),
-        ("applywarp_maps", "outputnode", "out_file", "registered_maps"),
+        ("fnirt", "check_registration", "warped_file", "registered_image"),
+        ("inputnode", "check_registration", "fixed_image", "fixed_image"),
+        ("inputnode", "check_registration", "moving_image", "moving_image"),
+        ("applywarp_maps", "check_registration", "out_file", "registered_maps"),
+        ("check_registration", "outputnode", "registered_maps", "registered_maps"),
         ("applywarp_mask", "outputnode", "out_file", "registered_mask"),
         ("inputnode", "applywarp_support", "moving_mask", "in_file"),
         ("fnirt", "applywarp_support", "fieldcoeff_file", "field_file"),
@@ -443,3 +447,43 @@ def test_diverging_affine_stage_is_rejected(caplog, monkeypatch):
     monkeypatch.setattr(reg, "plausible_affine", lambda affine: True)
     with pytest.raises(reg.RegistrationFailedError, match=r"sub-02_ses-D_run-1.*0\.28 to 0\.0"):
         reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
+
+
+def test_check_registration_stops_a_failed_external_registration(tmp_path, monkeypatch):
+    """The FNIRT path's guard (``CheckRegistration``) on the real divergence above: the
+    diverged result (what an external engine could hand back) is stopped with both names
+    and its numbers, the maps it carries go nowhere; the guarded result passes them on."""
+    fixed = DIVERGENCE / "sub-02_ses-A_run-1_model-dki_param-fa_dwimap.nii.gz"
+    moving = DIVERGENCE / "sub-02_ses-D_run-1_model-dki_param-fa_dwimap.nii.gz"
+    mask = DIVERGENCE / "sub-02_ses-D_run-1_desc-brain_mask.nii.gz"
+    good = reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
+    monkeypatch.setattr(reg, "plausible_affine", lambda affine: True)
+    monkeypatch.setattr(reg, "FAILURE_MARGIN", 1.0)
+    bad = reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    for name, result in (("good", good), ("bad", bad)):
+        result.apply(moving).to_filename(tmp_path / f"{name}_warped.nii.gz")
+        result.apply(mask, label=True).to_filename(tmp_path / f"{name}_mask.nii.gz")
+
+    def check(name):
+        return CheckRegistration(
+            fixed_image=str(fixed),
+            moving_image=str(moving),
+            moving_mask=str(mask),
+            registered_image=str(tmp_path / f"{name}_warped.nii.gz"),
+            registered_maps=[str(tmp_path / f"{name}_mask.nii.gz")],
+        ).run()
+
+    out = check("good").outputs
+    report = json.loads(Path(out.report).read_text())
+    for key in ("correlation_before", "correlation_after"):  # the numbers register() finds
+        assert report[key] == pytest.approx(good.metrics[key], abs=1e-4)
+    assert report["correlation_after"] > report["correlation_before"] + 0.1
+    assert out.registered_maps == [str(tmp_path / "good_mask.nii.gz")]
+    with pytest.raises(
+        reg.RegistrationFailedError,
+        match=r"Registering .*sub-02_ses-D_run-1_model-dki_param-fa_dwimap.nii.gz to "
+        r".*sub-02_ses-A_run-1.* with fnirt failed: .* from 0\.[23]\d to 0\.0\d",
+    ):
+        check("bad")

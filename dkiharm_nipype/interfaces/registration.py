@@ -18,7 +18,15 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..registration import ENGINES, SUPPORT_TOLERANCE, check_same_grid, register
+from ..registration import (
+    ENGINES,
+    FAILURE_MARGIN,
+    SUPPORT_TOLERANCE,
+    check_registration,
+    check_same_grid,
+    register,
+    registration_similarity,
+)
 
 
 class _RegisterMapsInputSpec(BaseInterfaceInputSpec):
@@ -199,4 +207,67 @@ class RegisterMaps(SimpleInterface):
             report=report,
             elapsed_seconds=reg.seconds,
         )
+        return runtime
+
+
+class _CheckRegistrationInputSpec(BaseInterfaceInputSpec):
+    fixed_image = File(exists=True, mandatory=True, desc="the registration's fixed image")
+    moving_image = File(exists=True, mandatory=True, desc="the registration's moving image")
+    registered_image = File(
+        exists=True, mandatory=True, desc="moving_image resampled onto fixed_image's grid"
+    )
+    moving_mask = File(exists=True, desc="brain mask of moving_image (its intensity scale)")
+    engine = traits.Str("fnirt", usedefault=True, desc="name of the engine, for messages")
+    registered_maps = InputMultiObject(
+        File(exists=True), desc="maps carried by the same transform, passed on if it passed"
+    )
+
+
+class _CheckRegistrationOutputSpec(TraitedSpec):
+    registered_maps = traits.List(File(exists=True), desc="registered_maps, unchanged")
+    report = File(exists=True, desc="JSON: engine and correlation before/after")
+
+
+class CheckRegistration(SimpleInterface):
+    """Stop a pipeline whose registration left two images less alike than it found them.
+
+    The open engines check themselves (:func:`~dkiharm_nipype.registration.register`); this
+    node does the same for a registration run by other software (FSL FNIRT): the
+    correlation of ``fixed_image`` with ``moving_image`` before (world-aligned) and after
+    (``registered_image``). A drop of more than ``FAILURE_MARGIN`` raises
+    :class:`~dkiharm_nipype.registration.RegistrationFailedError` naming both images, and
+    ``registered_maps`` (connect them through this node) never reach the next step.
+    """
+
+    input_spec = _CheckRegistrationInputSpec
+    output_spec = _CheckRegistrationOutputSpec
+
+    def _run_interface(self, runtime):
+        inputs = self.inputs
+        metrics = registration_similarity(
+            inputs.fixed_image,
+            inputs.moving_image,
+            inputs.registered_image,
+            moving_mask=inputs.moving_mask if isdefined(inputs.moving_mask) else None,
+        )
+        check_registration(
+            metrics, fixed=inputs.fixed_image, moving=inputs.moving_image, engine=inputs.engine
+        )
+        report = fname_presuffix(
+            inputs.moving_image, suffix="_registration.json", newpath=runtime.cwd, use_ext=False
+        )
+        with open(report, "w") as fobj:
+            json.dump(
+                {
+                    "engine": inputs.engine,
+                    "fixed_image": inputs.fixed_image,
+                    "moving_image": inputs.moving_image,
+                    "failure_margin": FAILURE_MARGIN,
+                    **metrics,
+                },
+                fobj,
+                indent=2,
+            )
+        maps = list(inputs.registered_maps) if isdefined(inputs.registered_maps) else []
+        self._results.update(registered_maps=maps, report=report)
         return runtime

@@ -6,7 +6,7 @@ from nipype.interfaces import fsl
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces.registration import RegisterMaps
+from ..interfaces.registration import CheckRegistration, RegisterMaps
 from ..registration import SUPPORT_TOLERANCE, resolve_engine
 
 #: FNIRT configuration shipped with FSL for FA-to-FA registration (Andersson et al. 2007).
@@ -43,7 +43,9 @@ def init_label_registration_wf(
     ----------
     engine : {"auto", "fnirt", "dipy-syn", "mrtrix", "ants", "none"}
         ``fnirt``: FSL FLIRT (12 dof, correlation ratio) -> FNIRT (``FA_2_FMRIB58_1mm``
-        configuration with sub-sampling adapted to 2 mm) -> ApplyWarp per map. Open
+        configuration with sub-sampling adapted to 2 mm) -> ApplyWarp per map, passed on
+        only if FNIRT's warped FA is not less alike the fixed image than before
+        (:class:`~dkiharm_nipype.interfaces.registration.CheckRegistration`). Open
         engines run in one :class:`~dkiharm_nipype.interfaces.registration.RegisterMaps`
         node. ``none``: the scans are already aligned on one grid (two protocols of one
         session); maps pass through unchanged. ``auto``: FNIRT when FSL is installed,
@@ -141,6 +143,8 @@ def init_label_registration_wf(
         applywarp_support = pe.Node(
             fsl.ApplyWarp(interp="trilinear", datatype="float"), name="applywarp_support"
         )
+        # FNIRT's result never passes through register(): the same correlation guard here
+        check = pe.Node(CheckRegistration(engine="fnirt"), name="check_registration")
         threshold_support = pe.Node(
             fsl.ImageMaths(op_string=f"-thr {1 - SUPPORT_TOLERANCE:g} -bin", out_data_type="char"),
             name="threshold_support",
@@ -171,7 +175,14 @@ def init_label_registration_wf(
                 (fnirt, applywarp_support, [("fieldcoeff_file", "field_file")]),
                 (applywarp_support, threshold_support, [("out_file", "in_file")]),
                 (threshold_support, outputnode, [("out_file", "support_mask")]),
-                (applywarp_maps, outputnode, [("out_file", "registered_maps")]),
+                (inputnode, check, [
+                    ("fixed_image", "fixed_image"),
+                    ("moving_image", "moving_image"),
+                    ("moving_mask", "moving_mask"),
+                ]),
+                (fnirt, check, [("warped_file", "registered_image")]),
+                (applywarp_maps, check, [("out_file", "registered_maps")]),
+                (check, outputnode, [("registered_maps", "registered_maps")]),
                 (applywarp_mask, outputnode, [("out_file", "registered_mask")]),
                 (fnirt, outputnode, [("fieldcoeff_file", "transform")]),
             ]
