@@ -50,19 +50,23 @@ def test_shallow_head_skips_the_deep_hidden_layer(net):
     assert net.deep_out.out_features == 5 and net.shallow_out.out_features == 3
 
 
-def test_sparse_forward_equals_dense(net):
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_sparse_forward_equals_dense(kernel_size):
+    torch.manual_seed(0)
+    net = HierarchicalDKINet(7, hidden_channels=16, kernel_size=kernel_size).eval()
     rng = np.random.default_rng(0)
     volume = rng.random((9, 8, 7, 7), dtype=np.float32)
     mask = rng.random((9, 8, 7)) > 0.4
     mask[0, 0, 0] = mask[-1, -1, -1] = True  # voxels on the volume's edges: zero padding
     with torch.no_grad():
         dense = net(torch.from_numpy(volume).permute(3, 0, 1, 2)[None])[0].permute(1, 2, 3, 0)
-    sparse, _ = predict_voxels(net, padded_neighbourhoods(volume, mask), batch_voxels=13)
+    voxels = padded_neighbourhoods(volume, mask, kernel_size=kernel_size)
+    sparse, _ = predict_voxels(net, voxels, batch_voxels=13)
     np.testing.assert_allclose(sparse, dense.numpy()[mask], atol=1e-5, rtol=1e-5)
     # an interior mask: the crop keeps real neighbours outside the mask
     inner = np.zeros_like(mask)
     inner[3:5, 2:6, 1:3] = True
-    sparse, _ = predict_voxels(net, padded_neighbourhoods(volume, inner))
+    sparse, _ = predict_voxels(net, padded_neighbourhoods(volume, inner, kernel_size=kernel_size))
     np.testing.assert_allclose(sparse, dense.numpy()[inner], atol=1e-5, rtol=1e-5)
 
 

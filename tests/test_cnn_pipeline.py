@@ -269,6 +269,21 @@ def test_too_few_voxels_is_refused(subjects):
     assert "--train-participants" in message
 
 
+def test_wider_kernel_trains_and_applies(subjects):
+    """``kernel_size`` reaches the network, the card and inference (5x5x5 context)."""
+    dwi, lab, mask = subjects[0]
+    train = [TrainingSubject(normalize_dwi(dwi, BVALS), lab, mask, name="sub-1")]
+    protocol = scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=80.0)
+    model, card, _ = train_harmonizer(
+        train, scanner="A", protocol=protocol, kernel_size=5, epochs=1, block_size=4
+    )
+    assert model.conv.weight.shape[-3:] == (5, 5, 5)
+    assert card.architecture["kernel_size"] == 5
+    dwi, _, mask = subjects[1]
+    maps, _ = harmonize_scan(model, card, dwi, BVALS, mask)
+    assert np.isfinite(maps).all() and np.all(maps[~mask] == 0) and np.all(maps[mask][:, 0] > 0)
+
+
 def test_torch_threads_is_scoped():
     import torch
 

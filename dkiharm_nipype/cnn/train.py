@@ -154,6 +154,7 @@ def train_harmonizer(
     hidden_channels: int = 150,
     num_shared_layers: int = 2,
     dropout: float = 0.1,
+    kernel_size: int = 3,
     target_scaling: str = "zscore",
     val_fraction: float = 0.1,
     block_size: int = 8,
@@ -219,7 +220,12 @@ def train_harmonizer(
         }
         normalization["input"] += "; then the scan's own DKI maps (residual base)"
     train, val = make_training_sets(
-        subjects, scaling=scaling, val_fraction=val_fraction, block_size=block_size, seed=seed
+        subjects,
+        scaling=scaling,
+        val_fraction=val_fraction,
+        block_size=block_size,
+        seed=seed,
+        kernel_size=kernel_size,
     )
     torch.manual_seed(seed)  # the initial weights are part of the seeded run
     model = HierarchicalDKINet(
@@ -227,6 +233,7 @@ def train_harmonizer(
         hidden_channels=hidden_channels,
         num_shared_layers=num_shared_layers,
         dropout=dropout,
+        kernel_size=kernel_size,
         residual_channels=residual,
     )
     result = fit(
