@@ -237,6 +237,28 @@ class CheckRegistration(SimpleInterface):
     (``registered_image``). A drop of more than ``FAILURE_MARGIN`` raises
     :class:`~dkiharm_nipype.registration.RegistrationFailedError` naming both images, and
     ``registered_maps`` (connect them through this node) never reach the next step.
+
+    Examples
+    --------
+    After an FSL FNIRT node in an existing pipeline (FNIRT's ``warped_file`` is the moving
+    FA on the fixed grid; the maps carried by its warp pass through the check):
+
+    >>> from nipype.interfaces import fsl
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> images = pe.Node(niu.IdentityInterface(fields=["fixed", "moving"]), name="images")
+    >>> fnirt = pe.Node(fsl.FNIRT(), name="fnirt")
+    >>> warp_maps = pe.MapNode(fsl.ApplyWarp(), iterfield=["in_file"], name="warp_maps")
+    >>> check = pe.Node(CheckRegistration(engine="fnirt"), name="check")
+    >>> wf.connect([
+    ...     (images, fnirt, [("fixed", "ref_file"), ("moving", "in_file")]),
+    ...     (images, check, [("fixed", "fixed_image"), ("moving", "moving_image")]),
+    ...     (fnirt, check, [("warped_file", "registered_image")]),
+    ...     (warp_maps, check, [("out_file", "registered_maps")]),
+    ... ])
+    >>> check.inputs.engine
+    'fnirt'
     """
 
     input_spec = _CheckRegistrationInputSpec
