@@ -448,11 +448,9 @@ def register(
     seconds = time.perf_counter() - start
 
     sel = fmask if fmask is not None else fdata > 0
-    before = resample(mnorm, affine_deformation(fixed_img.shape, fixed_img.affine), fnorm.affine)
-    after = resample(mnorm, deformation, fnorm.affine)
+    after = resample(mnorm, deformation, fnorm.affine).get_fdata()
     metrics = {
-        "correlation_before": correlation(fdata, before.get_fdata(), sel),
-        "correlation_after": correlation(fdata, after.get_fdata(), sel),
+        **_correlations(fnorm, mnorm, after, sel),
         "max_displacement_mm": float(
             np.linalg.norm(
                 deformation - affine_deformation(fixed_img.shape, fixed_img.affine, linear),
@@ -497,11 +495,15 @@ def registration_similarity(fixed, moving, registered, *, moving_mask=None) -> d
     mraw = np.nan_to_num(moving_img.get_fdata(dtype=np.float32))
     scale = intensity_scale(mraw, mmask)
     mnorm = nb.Nifti1Image(np.clip(mraw / scale, 0.0, 1.5), moving_img.affine)
-    before = resample(
-        mnorm, affine_deformation(fixed_img.shape, fixed_img.affine), fixed_img.affine
-    )
     after = np.clip(np.nan_to_num(registered_img.get_fdata(dtype=np.float32)) / scale, 0.0, 1.5)
-    sel = fdata > 0
+    return _correlations(nb.Nifti1Image(fdata, fixed_img.affine), mnorm, after, fdata > 0)
+
+
+def _correlations(fnorm: nb.Nifti1Image, mnorm: nb.Nifti1Image, after: np.ndarray, sel) -> dict:
+    """Correlation of the normalized fixed image with the normalized moving one world-aligned
+    (before) and with ``after`` (the moving image registered onto the fixed grid), in ``sel``."""
+    fdata = np.asanyarray(fnorm.dataobj)
+    before = resample(mnorm, affine_deformation(fnorm.shape, fnorm.affine), fnorm.affine)
     return {
         "correlation_before": correlation(fdata, before.get_fdata(), sel),
         "correlation_after": correlation(fdata, after, sel),

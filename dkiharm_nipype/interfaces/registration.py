@@ -29,6 +29,14 @@ from ..registration import (
 )
 
 
+def _write_report(named_after: str, cwd: str, /, **fields) -> str:
+    """``<named_after>_registration.json`` in ``cwd`` with ``fields``; returns its path."""
+    report = fname_presuffix(named_after, suffix="_registration.json", newpath=cwd, use_ext=False)
+    with open(report, "w") as fobj:
+        json.dump(fields, fobj, indent=2)
+    return report
+
+
 class _RegisterMapsInputSpec(BaseInterfaceInputSpec):
     fixed_image = File(
         exists=True, mandatory=True, desc="3-D image defining the target space (e.g. target FA)"
@@ -185,22 +193,16 @@ class RegisterMaps(SimpleInterface):
             fobj.write("# fixed world (RAS mm) -> moving world (RAS mm)\n")
             for row in reg.linear:
                 fobj.write(" ".join(f"{v:.10f}" for v in row) + "\n")
-        report = fname_presuffix(
-            inputs.moving_image, suffix="_registration.json", newpath=runtime.cwd, use_ext=False
+        report = _write_report(
+            inputs.moving_image,
+            runtime.cwd,
+            engine=reg.engine,
+            requested_engine=inputs.engine,
+            seconds=round(reg.seconds, 3),
+            fixed_image=inputs.fixed_image,
+            moving_image=inputs.moving_image,
+            **reg.metrics,
         )
-        with open(report, "w") as fobj:
-            json.dump(
-                {
-                    "engine": reg.engine,
-                    "requested_engine": inputs.engine,
-                    "seconds": round(reg.seconds, 3),
-                    "fixed_image": inputs.fixed_image,
-                    "moving_image": inputs.moving_image,
-                    **reg.metrics,
-                },
-                fobj,
-                indent=2,
-            )
         self._results.update(
             transform=transform,
             linear_transform=linear,
@@ -275,21 +277,15 @@ class CheckRegistration(SimpleInterface):
         check_registration(
             metrics, fixed=inputs.fixed_image, moving=inputs.moving_image, engine=inputs.engine
         )
-        report = fname_presuffix(
-            inputs.moving_image, suffix="_registration.json", newpath=runtime.cwd, use_ext=False
+        report = _write_report(
+            inputs.moving_image,
+            runtime.cwd,
+            engine=inputs.engine,
+            fixed_image=inputs.fixed_image,
+            moving_image=inputs.moving_image,
+            failure_margin=FAILURE_MARGIN,
+            **metrics,
         )
-        with open(report, "w") as fobj:
-            json.dump(
-                {
-                    "engine": inputs.engine,
-                    "fixed_image": inputs.fixed_image,
-                    "moving_image": inputs.moving_image,
-                    "failure_margin": FAILURE_MARGIN,
-                    **metrics,
-                },
-                fobj,
-                indent=2,
-            )
         maps = list(inputs.registered_maps) if isdefined(inputs.registered_maps) else []
         self._results.update(registered_maps=maps, report=report)
         return runtime
