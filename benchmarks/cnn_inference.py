@@ -3,15 +3,18 @@
 Scan: 110x110x70 voxels (paper Table 1 matrix, 70 slices), 96 volumes (6 b0 + 3 shells x
 30 directions, the reference protocol of Table 1), an ellipsoidal brain mask of ~40 % of
 the voxels, the paper's network (150 channels, random weights). Training: two such
-subjects, one epoch over all their brain voxels.
+subjects, one epoch over all their brain voxels. ``--network-input dwi+fit`` times the
+network that also takes the scan's own eight DKI maps (random here) and corrects them.
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/cnn_inference.py [--threads 2] [--dense]``.
+Run: ``OMP_NUM_THREADS=2 python benchmarks/cnn_inference.py [--threads 2] [--dense]
+[--network-input dwi|dwi+fit]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import threading
 import time
 
@@ -20,8 +23,10 @@ import psutil
 import torch
 
 from dkiharm_nipype.cnn.data import (
+    FIT_CLIP,
     TargetScaling,
     TrainingSubject,
+    fit_channels,
     make_training_sets,
     normalize_dwi,
 )
@@ -65,28 +70,40 @@ def synthetic_scan(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return dwi.astype(np.float32), mask
 
 
-def bench_model() -> tuple[HierarchicalDKINet, ModelCard]:
+def fit_maps(seed: int) -> np.ndarray:
+    """Stand-in for a scan's own eight DKI maps (``--network-input dwi+fit``)."""
+    return np.random.default_rng(seed).random((*SHAPE, 8), dtype=np.float32)
+
+
+def bench_model(network_input: str = "dwi") -> tuple[HierarchicalDKINet, ModelCard]:
     """The paper's network (seeded random weights) and a card for the synthetic protocol."""
     torch.manual_seed(0)
-    model = HierarchicalDKINet(int((BVALS > 50).sum())).eval()
+    residual = 8 if network_input == "dwi+fit" else 0
+    model = HierarchicalDKINet(int((BVALS > 50).sum()) + residual, residual_channels=residual)
+    normalization = {"b0_threshold": 50.0, "clip": [0.0, 1.5]}
+    if residual:
+        normalization["fit_maps"] = {"scaling": "target_scaling", "clip": FIT_CLIP}
     card = ModelCard(
         scanner="bench",
         protocol=scan_fingerprint(BVALS, voxel_size=(2, 2, 2), matrix=SHAPE, echo_time=75.0),
-        normalization={"b0_threshold": 50.0, "clip": [0.0, 1.5]},
+        normalization=normalization,
         target_scaling=TargetScaling.fit([], [], mode="units").to_dict(),
     )
-    return model, card
+    return model.eval(), card
 
 
-def training_sets():
+def training_sets(network_input: str = "dwi"):
     """Training and validation voxels of two synthetic full-size subjects (random labels)."""
     labels = np.random.default_rng(1).random((*SHAPE, 8), dtype=np.float32)
+    scaling = TargetScaling.fit([labels], [np.ones(SHAPE, bool)])
     subjects = []
     for seed in (1, 2):
         scan, m = synthetic_scan(seed)
-        subjects.append(TrainingSubject(normalize_dwi(scan, BVALS), labels, m))
+        dwi = normalize_dwi(scan, BVALS)
         del scan
-    scaling = TargetScaling.fit([s.labels for s in subjects], [s.mask for s in subjects])
+        if network_input == "dwi+fit":
+            dwi = np.concatenate([dwi, fit_channels(fit_maps(seed), scaling, m)], axis=-1)
+        subjects.append(TrainingSubject(dwi, labels, m))
     return make_training_sets(subjects, scaling=scaling, val_fraction=0.1)
 
 
@@ -97,18 +114,23 @@ def main() -> None:
     parser.add_argument("--batch-voxels", type=int, default=4096)
     parser.add_argument("--dense", action="store_true", help="also time the dense forward")
     parser.add_argument("--no-train", action="store_true", help="skip the training epoch")
+    parser.add_argument("--network-input", choices=("dwi", "dwi+fit"), default="dwi")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     dwi, mask = synthetic_scan(0)
     print(f"scan {dwi.shape}, mask {mask.mean():.1%} of voxels ({mask.sum()} voxels)")
-    model, card = bench_model()
+    model, card = bench_model(args.network_input)
+    own_maps = fit_maps(0) if args.network_input == "dwi+fit" else None
+    print(f"network input {args.network_input}: {model.in_channels} channels")
 
     cpu_seconds = []
 
     def run(**kw) -> float:
         start, cpu = time.perf_counter(), time.process_time()
-        harmonize_scan(model, card, dwi, BVALS, mask, batch_voxels=args.batch_voxels, **kw)
+        harmonize_scan(
+            model, card, dwi, BVALS, mask, batch_voxels=args.batch_voxels, fit_maps=own_maps, **kw
+        )
         cpu_seconds.append(time.process_time() - cpu)
         return time.perf_counter() - start
 
@@ -135,7 +157,7 @@ def main() -> None:
         del x
 
     if not args.no_train:
-        train, val = training_sets()
+        train, val = training_sets(args.network_input)
         with PeakRSS() as mem:
             result = fit(model, train, val, epochs=1, batch_size=1024, patience=1)
         rec = result.history[0]
@@ -143,6 +165,8 @@ def main() -> None:
             f"training epoch, 2 subjects ({len(train)} train + {len(val)} val voxels, batch "
             f"1024): {rec['seconds']:.1f} s, peak RSS +{mem.increase_mb:.0f} MiB"
         )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"peak RSS of the whole benchmark process (scans, training sets, model): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":
