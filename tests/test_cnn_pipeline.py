@@ -359,8 +359,9 @@ def test_dwi_plus_fit_learns_to_correct_the_scanners_own_fit(subjects):
 
 
 def test_interfaces_with_fit_input(subjects, tmp_path):
-    """TrainHarmonizer/ApplyHarmonizer carry the scans' own maps for dwi+fit networks, and a
-    missing input is one clear error, not a shape error deep in torch."""
+    """TrainHarmonizer/ApplyHarmonizer carry the scans' own maps for dwi+fit networks (and a
+    wider first convolution), and a missing input is one clear error, not a shape error deep
+    in torch."""
     scans = []
     for i, (dwi, lab, mask) in enumerate(subjects, start=1):
         files = _write_scan(tmp_path, f"sub-{i}", dwi, mask, labels=lab)
@@ -376,13 +377,15 @@ def test_interfaces_with_fit_input(subjects, tmp_path):
         mask_files=[s["mask"] for s in scans[:2]],
         label_files=[s["labels"] for s in scans[:2]],
         scanner="A", hidden_channels=16, epochs=2, val_fraction=0.0, network_input="dwi+fit",
+        kernel_size=5,
     )  # fmt: skip
     (tmp_path / "train").mkdir()
     with pytest.raises(ValueError, match="network_input 'dwi\\+fit' needs fit_files"):
         train.run(cwd=str(tmp_path / "train"))
     train.inputs.fit_files = [s["fit"] for s in scans[:2]]
     res = train.run(cwd=str(tmp_path / "train")).outputs
-    assert json.loads(open(res.card_file).read())["architecture"]["residual_channels"] == 8
+    architecture = json.loads(open(res.card_file).read())["architecture"]
+    assert architecture["residual_channels"] == 8 and architecture["kernel_size"] == 5
     apply = ApplyHarmonizer(
         dwi_file=scans[2]["dwi"], bval_file=scans[2]["bval"], bvec_file=scans[2]["bvec"],
         mask_file=scans[2]["mask"], weights_file=res.weights_file, card_file=res.card_file,

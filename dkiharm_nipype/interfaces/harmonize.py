@@ -81,6 +81,9 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     hidden_channels = traits.Int(150, usedefault=True, desc="width of every hidden layer")
     num_shared_layers = traits.Int(2, usedefault=True, desc="1x1x1 layers shared by both heads")
     dropout = traits.Float(0.1, usedefault=True, desc="dropout before the output layers")
+    kernel_size = traits.Int(
+        3, usedefault=True, desc="edge of the first (spatial) convolution; odd, the paper's 3"
+    )
     target_scaling = traits.Enum(
         "zscore", "units", usedefault=True, desc="how the eight target maps are scaled"
     )
@@ -204,6 +207,7 @@ class TrainHarmonizer(SimpleInterface):
                 hidden_channels=inputs.hidden_channels,
                 num_shared_layers=inputs.num_shared_layers,
                 dropout=inputs.dropout,
+                kernel_size=inputs.kernel_size,
                 target_scaling=inputs.target_scaling,
                 val_fraction=inputs.val_fraction,
                 epochs=inputs.epochs,
