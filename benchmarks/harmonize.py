@@ -18,7 +18,8 @@ to it with dipy SyN on FA, within subject):
 White matter: the phantom's true WM (probability > 0.9) in the reference scan's space.
 
 Run: ``.venv/bin/python benchmarks/harmonize.py [--voxel-mm V] [--preproc none]
-[--denoiser mppca] [--network-input dwi+fit] [--reference-labels fit] [--epochs E]
+[--denoiser mppca] [--network-input dwi+fit] [--reference-labels fit] [--kernel-size 5]
+[--epochs E]
 [--keep DIR]``. ``--voxel-mm`` generates the whole brain on a coarser grid (3.0: 73x73x47
 voxels, ~3x faster); ``--slices`` cuts a central slab, which is *not* a fair test: the
 visits' head positions move anatomy in and out of a thin slab, so registration between
@@ -188,6 +189,9 @@ def main(argv=None) -> None:
         help="the BIDS-App's --reference-labels (fit: the reference scanner's network learns "
         "from its scans' own maps, as the paper)",
     )
+    parser.add_argument(
+        "--kernel-size", type=int, default=3, help="the BIDS-App's --kernel-size (3: the paper's)"
+    )
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--samples-per-epoch", type=int, default=100_000)
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
@@ -217,6 +221,7 @@ def main(argv=None) -> None:
         "--epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch),
         "--preproc", args.preproc, "--denoiser", args.denoiser,
         "--network-input", args.network_input, "--reference-labels", args.reference_labels,
+        "--kernel-size", str(args.kernel_size),
     )  # fmt: skip
     if args.comparators:
         cmd += ["--comparators", *args.comparators]

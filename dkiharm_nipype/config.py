@@ -75,6 +75,7 @@ class RunConfig:
     epochs: int = 100
     samples_per_epoch: int = 200_000
     network_input: str = "dwi"
+    kernel_size: int = 3
     reference_labels: str = "rescan"
     device: str = "cpu"
     mc_samples: int = 0

@@ -121,6 +121,7 @@ class TrainingOptions:
     block_size: int = 8
     device: str = "cpu"
     network_input: str = "dwi"
+    kernel_size: int = 3
 
     def kwargs(self) -> dict:
         return {
@@ -128,7 +129,7 @@ class TrainingOptions:
             "hidden_channels": self.hidden_channels, "batch_size": self.batch_size,
             "patience": self.patience, "val_fraction": self.val_fraction,
             "block_size": self.block_size, "device": self.device,
-            "network_input": self.network_input,
+            "network_input": self.network_input, "kernel_size": self.kernel_size,
         }  # fmt: skip
 
 

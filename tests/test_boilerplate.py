@@ -94,6 +94,15 @@ def test_network_input_named_in_the_text():
     assert "together with the scan's own IRLLS maps" in text and "residual connection" in text
 
 
+def test_kernel_size_named_in_the_text():
+    def group(**kw):
+        return "\n".join(methods_paragraphs(_config(analysis_level="group", **kw)))
+
+    assert "a 3×3×3 convolution followed" in group() and "published network's" not in group()
+    text = group(kernel_size=5)
+    assert "a 5×5×5 convolution (the published network's is 3×3×3) followed" in text
+
+
 def test_reference_labels_named_in_the_text():
     def group(**kw):
         paragraphs = methods_paragraphs(_config(analysis_level="group", **kw))

@@ -62,9 +62,11 @@ def test_options_follow_bids_app_conventions(tmp_path):
             "mppca",
             "--network-input",
             "dwi+fit",
+            "--kernel-size",
+            "5",
         ]
     )
-    assert cfg.denoiser == "mppca" and cfg.network_input == "dwi+fit"
+    assert cfg.denoiser == "mppca" and cfg.network_input == "dwi+fit" and cfg.kernel_size == 5
     assert cfg.participant_label == ("01", "02")
     assert cfg.session_label == ("A",)
     assert cfg.work_dir == tmp_path / "w"
@@ -91,6 +93,7 @@ def test_version_flag():
     [
         (["--seed", "-3"], "--seed must be an integer"),
         (["--nprocs", "0"], "--nprocs must be a positive integer"),
+        (["--kernel-size", "4"], "--kernel-size must be an odd positive integer"),
         (["--plugin-args", "{not json"], "--plugin-args is not valid JSON"),
         (["--plugin", "Nope"], "invalid choice"),
     ],

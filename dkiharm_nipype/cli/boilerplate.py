@@ -559,9 +559,11 @@ def _train_defaults() -> dict:
 
 def _network_sentence(config: RunConfig) -> str:
     d = _train_defaults()
+    k = config.kernel_size
+    conv = f"a {k}×{k}×{k} convolution" + (" (the published network's is 3×3×3)" if k != 3 else "")
     return (
         "a three-dimensional hierarchical convolutional neural network [@li2019; @tong2020] "
-        f"(a 3×3×3 convolution followed by 1×1×1 layers of {d['hidden_channels']} channels "
+        f"({conv} followed by 1×1×1 layers of {d['hidden_channels']} channels "
         f"with ReLU activations and {d['dropout'] * 100:g} % dropout before the outputs; a "
         "shallow head predicting MD, AD and RD and a head one layer deeper predicting FA, MK, "
         "AK, RK and KFA)"

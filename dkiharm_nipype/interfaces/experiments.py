@@ -79,6 +79,9 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
     network_input = traits.Enum(
         *NETWORK_INPUTS, usedefault=True, desc="network input, as TrainHarmonizer's"
     )
+    kernel_size = traits.Int(
+        3, usedefault=True, desc="first convolution's edge, as TrainHarmonizer's"
+    )
     max_combinations = traits.Int(
         MAX_COMBINATIONS, usedefault=True, desc="most training sets per size or p (0: all)"
     )
@@ -182,6 +185,7 @@ class RunExperiment(SimpleInterface):
                     hidden_channels=inputs.hidden_channels,
                     device=inputs.device,
                     network_input=inputs.network_input,
+                    kernel_size=inputs.kernel_size,
                 ),
                 seed=inputs.seed,
                 max_combinations=inputs.max_combinations or None,

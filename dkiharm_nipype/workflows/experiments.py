@@ -30,6 +30,7 @@ def init_experiment_wf(
     hidden_channels: int = 150,
     device: str = "cpu",
     network_input: str = "dwi",
+    kernel_size: int = 3,
     reference_labels: str = "rescan",
     max_combinations: int = MAX_COMBINATIONS,
     ps: tuple[int, ...] = PAPER_PS,
@@ -60,7 +61,8 @@ def init_experiment_wf(
         not given); ``auto`` and ``fnirt`` become
         :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE` (the node registers
         in-process).
-    seed, epochs, samples_per_epoch, hidden_channels, device, network_input, reference_labels
+    seed, epochs, samples_per_epoch, hidden_channels, device, network_input, kernel_size,
+    reference_labels
         How every network is trained (as the group run's networks).
     max_combinations, ps, n_seeds, repeats
         See :func:`~dkiharm_nipype.experiments.run_experiment`.
@@ -124,7 +126,8 @@ def init_experiment_wf(
         RunExperiment(
             experiment=experiment, engine=engine, seed=seed, epochs=epochs,
             samples_per_epoch=samples_per_epoch, hidden_channels=hidden_channels,
-            device=device, network_input=network_input, max_combinations=max_combinations,
+            device=device, network_input=network_input, kernel_size=kernel_size,
+            max_combinations=max_combinations,
             reference_labels=reference_labels,
             ps=list(ps), n_seeds=n_seeds,
             repeats=repeats, num_threads=omp_nthreads,

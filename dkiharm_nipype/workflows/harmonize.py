@@ -110,6 +110,7 @@ def _plan_json(plan: StudyPlan, config: RunConfig, engine: str) -> str:
             "reference_labels": config.reference_labels,
             "epochs": config.epochs,
             "samples_per_epoch": config.samples_per_epoch,
+            "kernel_size": config.kernel_size,
             "seed": config.seed,
         }
     )
@@ -140,13 +141,15 @@ def init_group_wf(
     >>> scans = collect_scans(load_layout(bids_dir), session_label=["C", "D"])
     >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
     ...                    analysis_level="group", work_dir=Path("work"), preproc="mrtrix",
-    ...                    registration="dipy-syn", epochs=20, reference_scanner="D")
+    ...                    registration="dipy-syn", epochs=20, reference_scanner="D",
+    ...                    kernel_size=5)
     >>> group_wf = init_group_wf(scans=scans, staging_dir=Path("staging"), config=config)
     >>> names = group_wf.list_node_names()
     >>> sorted(n for n in names if n in ("reference", "plan", "train_C", "train_D"))
     ['plan', 'reference', 'train_C', 'train_D']
-    >>> group_wf.get_node("train_C").inputs.epochs
-    20
+    >>> train_c = group_wf.get_node("train_C").inputs
+    >>> train_c.epochs, train_c.kernel_size
+    (20, 5)
 
     Nested in a larger workflow, a step of your own can wait for a trained network:
 
@@ -344,6 +347,7 @@ def init_group_wf(
                 device=config.device,
                 samples_per_epoch=config.samples_per_epoch,
                 network_input=config.network_input,
+                kernel_size=config.kernel_size,
                 out_name=f"scanner-{scanner}",
                 subject_ids=[s.key for s in train_scans],
                 num_threads=omp,
@@ -753,6 +757,7 @@ def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, sta
             samples_per_epoch=config.samples_per_epoch,
             device=config.device,
             network_input=config.network_input,
+            kernel_size=config.kernel_size,
             reference_labels=config.reference_labels,
             omp_nthreads=config.execution.omp_nthreads,
             staging_dir=staging_dir,
