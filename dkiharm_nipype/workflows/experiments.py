@@ -61,9 +61,11 @@ def init_experiment_wf(
         not given); ``auto`` and ``fnirt`` become
         :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE` (the node registers
         in-process).
-    seed, epochs, samples_per_epoch, hidden_channels, device, network_input, kernel_size,
-    reference_labels
+    seed, epochs, samples_per_epoch, hidden_channels, device
         How every network is trained (as the group run's networks).
+    network_input, kernel_size, reference_labels
+        The networks' input, first-convolution size and reference labels (as the group
+        run's).
     max_combinations, ps, n_seeds, repeats
         See :func:`~dkiharm_nipype.experiments.run_experiment`.
     omp_nthreads : int
