@@ -45,29 +45,16 @@ def _existing_dir(parser, value: str) -> Path:
     return path
 
 
-def _odd_int(parser, name: str):
+def _positive_int(parser, name: str, *, odd: bool = False):
+    kind = "an odd positive integer (3 is the paper's)" if odd else "a positive integer"
+
     def check(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
             number = 0
-        if number < 1 or number % 2 == 0:
-            parser.error(
-                f"{name} must be an odd positive integer (3 is the paper's), got '{value}'"
-            )
-        return number
-
-    return check
-
-
-def _positive_int(parser, name: str):
-    def check(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if number < 1:
-            parser.error(f"{name} must be a positive integer, got '{value}'")
+        if number < 1 or (odd and number % 2 == 0):
+            parser.error(f"{name} must be {kind}, got '{value}'")
         return number
 
     return check
@@ -252,7 +239,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
     harm.add_argument(
         "--kernel-size",
-        type=_odd_int(parser, "--kernel-size"),
+        type=_positive_int(parser, "--kernel-size", odd=True),
         default=3,
         metavar="K",
         help="edge of each network's first (spatial) convolution: 3 (the paper's 3x3x3) or 5 "
