@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -18,9 +17,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-#: Entity order of diffusion derivatives: sub, ses, acq, rec, run, space, model, param, desc.
-ENTITY_ORDER = ("sub", "ses", "acq", "rec", "run", "space", "model", "param", "label", "desc")
-_SOURCE_ENTITY = re.compile(r"(sub|ses|acq|rec|run)-([a-zA-Z0-9]+)")
+from ..utils.bids import derivative_path
 
 
 def derivative_name(
@@ -32,20 +29,13 @@ def derivative_name(
 ) -> Path:
     """Relative BIDS-Derivatives path for an output derived from ``source_file``.
 
-    >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz",
+    Every entity of the source is kept (:func:`dkiharm_nipype.utils.bids.derivative_path`):
+
+    >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-1_dwi.nii.gz",
     ...     space="dwi", model="dki", param="mk", suffix="dwimap"))
-    'sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
+    'sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
     """
-    name = Path(source_file).name
-    found = dict(_SOURCE_ENTITY.findall(name.split("_dwi")[0]))
-    if "sub" not in found:
-        raise ValueError(f"{source_file} is not a BIDS file name (no sub- entity).")
-    found.update({k: v for k, v in entities.items() if v})
-    stem = "_".join(f"{key}-{found[key]}" for key in ENTITY_ORDER if found.get(key))
-    folder = Path(f"sub-{found['sub']}")
-    if found.get("ses"):
-        folder /= f"ses-{found['ses']}"
-    return folder / "dwi" / f"{stem}_{suffix}{extension}"
+    return derivative_path(source_file, suffix=suffix, extension=extension, **entities)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
