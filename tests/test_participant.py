@@ -79,9 +79,11 @@ def test_writes_every_derivative_with_bids_names(participant_run):
             meta = json.loads(
                 (folder / f"{stem}_space-dwi_model-dki_param-{param}_dwimap.json").read_text()
             )
-            assert meta["Model"] == "DKI" and meta["FitMethod"] == "IRLLS"
+            assert meta["Model"]["FitMethod"] == "IRLLS"
             assert meta["Sources"] == [f"bids:raw:{scan.relative_to(participant_run['bids'])}"]
-            assert "OutlierRejectionMethod" in meta and "Iterations" in meta
+            params = meta["Model"]["Parameters"]
+            assert params["OutlierRejection"]["Threshold"] == 3.5 and "Iterations" in params
+            assert params["Constraints"]["DirectionalKurtosisRange"] == [0.0, 3.0]
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["GeneratedBy"][0]["Version"]
     assert not list(out.rglob(".*.tmp*"))

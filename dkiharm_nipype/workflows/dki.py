@@ -15,7 +15,7 @@ from ..interfaces.dki import FitDKI
 from ..interfaces.metrics import ComputeSNR
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
-from .preproc import init_dwi_preproc_wf
+from .preproc import init_dwi_preproc_wf, preproc_sidecar, resolved_preproc_mode
 
 
 def init_dki_fit_wf(
@@ -305,8 +305,19 @@ def init_scan_wf(
         )
         for metric in (*ALL_METRICS, "outlierfraction")
     }
+    # the raw sidecar's acquisition fields, then what was done to the series
+    preproc_meta = {
+        **scan.metadata,
+        **preproc_sidecar(
+            resolved_preproc_mode(preproc, denoiser),
+            denoiser,
+            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
+        ),
+    }
     ds_dwi = pe.Node(
-        DerivativesDataSink(**sink_args, space="dwi", desc="preproc", suffix="dwi"),
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="preproc", suffix="dwi", meta_dict=preproc_meta
+        ),
         name="ds_dwi",
         run_without_submitting=True,
     )
