@@ -55,6 +55,9 @@ class RunConfig:
     output_dir: Path
     analysis_level: str
     work_dir: Path
+    skip_bids_validation: bool = False
+    bids_database_dir: Path | None = None
+    config_file: Path | None = None
     participant_label: tuple[str, ...] = ()
     session_label: tuple[str, ...] = ()
     bids_filters: dict[str, Any] = field(default_factory=dict)

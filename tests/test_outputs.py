@@ -53,9 +53,11 @@ def test_sink_and_publish_are_atomic(tmp_path):
     )
     res = sink.run(cwd=str(tmp_path))
     assert res.outputs.out_file.endswith("_space-dwi_model-dki_param-md_dwimap.nii.gz")
+    raw = "bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"
     assert json.loads(open(res.outputs.out_meta).read()) == {
         "Model": "DKI",
-        "Sources": ["bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"],
+        "Sources": [raw],
+        "SpatialReference": raw,  # space-dwi is no template: it names its image
     }
     out = tmp_path / "out"
     written = publish_derivatives(staging, out)

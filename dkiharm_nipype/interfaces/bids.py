@@ -19,6 +19,10 @@ from nipype.interfaces.base import (
 
 from ..utils.bids import derivative_path
 
+_IMAGE_EXTENSIONS = (".nii.gz", ".nii")
+#: Gradient tables share the NIfTI's sidecar: a sink of theirs writes none.
+_GRADIENT_EXTENSIONS = (".bval", ".bvec")
+
 
 def derivative_name(
     source_file: str | os.PathLike,
@@ -145,11 +149,15 @@ class DerivativesDataSink(SimpleInterface):
             meta_file = sibling if sibling.is_file() else None
         if meta_file:
             meta = {**json.loads(Path(meta_file).read_text()), **meta}
-        if meta and isdefined(self.inputs.source_file):
+        has_source = isdefined(self.inputs.source_file)
+        if has_source:
             # provenance points at the raw file (BIDS URI), not at a work-directory name
-            meta["Sources"] = [
-                f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"
-            ]
+            raw_uri = f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"
+            if ent["space"] and self.inputs.extension in _IMAGE_EXTENSIONS:
+                # a space that is no template (space-dwi: the scan's own grid) names its image
+                meta.setdefault("SpatialReference", raw_uri)
+        if meta and has_source and self.inputs.extension not in _GRADIENT_EXTENSIONS:
+            meta["Sources"] = [raw_uri]
             sidecar = out.with_name(out.name[: -len(self.inputs.extension)] + ".json")
             atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", sidecar)
             self._results["out_meta"] = str(sidecar)

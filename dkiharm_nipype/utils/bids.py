@@ -198,6 +198,97 @@ class DWIScan:
         return "_".join(parts)
 
 
+#: How many of the validator's errors a failed validation prints (one line each).
+VALIDATOR_FIRST_MESSAGES = 5
+
+
+def validator_command() -> list[str] | None:
+    """The ``bids-validator-deno`` command (PyPI package of the maintained validator)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).with_name("bids-validator-deno")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("bids-validator-deno")
+    return [found] if found else None
+
+
+def run_validator(bids_dir: Path, *, extra_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Issues of the BIDS validator on ``bids_dir`` (a list of its JSON issue objects).
+
+    Raises :class:`BIDSInputError` when the validator is not installed or gives no
+    answer it can read.
+    """
+    import subprocess
+
+    command = validator_command()
+    if command is None:
+        raise BIDSInputError(
+            "the BIDS validator is not installed; pip install bids-validator-deno, or pass "
+            "--skip-bids-validation."
+        )
+    proc = subprocess.run(
+        [*command, str(bids_dir), "--format", "json", *extra_args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return list(json.loads(proc.stdout)["issues"]["issues"])
+    except (ValueError, KeyError, TypeError):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BIDSInputError(
+            f"the BIDS validator could not check {bids_dir} (exit {proc.returncode}: {last}); "
+            "pass --skip-bids-validation to go on without it."
+        ) from None
+
+
+def issue_line(issue: dict[str, Any]) -> str:
+    """One line for a validator issue: code, file, and what is wrong.
+
+    >>> issue_line({"code": "SIDECAR_KEY_REQUIRED", "subCode": "RepetitionTime",
+    ...             "location": "/sub-01/func/sub-01_task-x_bold.nii.gz",
+    ...             "issueMessage": "Field description: ..."})
+    'SIDECAR_KEY_REQUIRED: /sub-01/func/sub-01_task-x_bold.nii.gz (RepetitionTime)'
+    """
+    what = issue.get("subCode") or (issue.get("issueMessage") or "").strip().split("\n")[0]
+    where = issue.get("location") or "dataset"
+    return f"{issue.get('code', '?')}: {where}" + (f" ({what[:120]})" if what else "")
+
+
+def validate_bids(bids_dir: Path, *, logger=None) -> list[str]:
+    """Validate the raw dataset before processing, as fMRIPrep does.
+
+    Errors raise :class:`BIDSInputError` whose message gives the validator's first
+    :data:`VALIDATOR_FIRST_MESSAGES` errors, one line each; warnings are logged (one line
+    per code, with a count) and returned.
+    """
+    issues = run_validator(bids_dir)
+    errors = [i for i in issues if i.get("severity") == "error"]
+    if errors:
+        lines = [issue_line(i) for i in errors[:VALIDATOR_FIRST_MESSAGES]]
+        more = len(errors) - len(lines)
+        raise BIDSInputError(
+            f"{bids_dir} is not valid BIDS ({len(errors)} error(s) from bids-validator-deno); "
+            "fix them, or pass --skip-bids-validation to process it anyway:\n  "
+            + "\n  ".join(lines)
+            + (f"\n  ... and {more} more" if more else "")
+        )
+    by_code: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for issue in issues:
+        if issue.get("severity") == "warning":
+            by_code[issue.get("code", "?")].append(issue)
+    warnings = [
+        f"{issue_line(found[0])}" + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+        for found in by_code.values()
+    ]
+    for line in warnings:
+        if logger is not None:
+            logger.warning("BIDS validator: %s", line)
+    return warnings
+
+
 def load_layout(bids_dir: Path, *, database_path: Path | None = None):
     """Index ``bids_dir`` with pybids, failing with a one-line message if it is not BIDS."""
     from bids import BIDSLayout
@@ -215,6 +306,8 @@ def load_layout(bids_dir: Path, *, database_path: Path | None = None):
         raise BIDSInputError(
             f"{bids_dir / 'dataset_description.json'} is not valid JSON ({exc}); fix the file."
         ) from None
+    if database_path is not None:
+        Path(database_path).mkdir(parents=True, exist_ok=True)  # reused by later runs
     try:
         return BIDSLayout(
             str(bids_dir),

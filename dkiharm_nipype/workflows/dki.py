@@ -336,7 +336,9 @@ def init_scan_wf(
         run_without_submitting=True,
     )
     ds_mask = pe.Node(
-        DerivativesDataSink(**sink_args, space="dwi", desc="brain", suffix="mask"),
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="brain", suffix="mask", meta_dict={"Type": "Brain"}
+        ),
         name="ds_mask",
         run_without_submitting=True,
     )
