@@ -658,6 +658,40 @@ def config_toml(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def options_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+    """The option reference of ``docs/usage.md``, generated from the parser.
+
+    One table per option group: every option string, its choices or value, its default
+    and its help text, as ``dkiharm --help`` has them (``tools/usage_reference.py`` writes
+    it into the page; ``tests/test_cli.py`` fails when the page is out of date).
+    """
+    parser = parser or get_parser()
+    out = []
+    for group in parser._action_groups:  # noqa: SLF001 - argparse keeps groups private
+        rows = [a for a in group._group_actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+        if not rows:
+            continue
+        title = "General" if group.title in ("options", "optional arguments") else group.title
+        out += [f"### {title}", "", "| option | value | default | meaning |", "|---|---|---|---|"]
+        for action in rows:
+            names = ", ".join(f"`{o}`" for o in action.option_strings)
+            if action.choices:
+                value = " \\| ".join(f"`{c}`" for c in action.choices)
+            elif action.nargs == 0:
+                value = ""
+            else:
+                value = f"`{action.metavar or action.dest.upper()}`"
+            default = action.default
+            empty = default is None or default is False or default == [] or default == {}
+            shown = "" if empty or default is argparse.SUPPRESS else f"`{default}`"
+            if action.dest == "nprocs":
+                shown = "CPU count"
+            text = (action.help or "").replace("%%", "%").replace("|", "\\|")
+            out.append(f"| {names} | {value} | {shown} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def write_config(config: RunConfig, path: Path) -> None:
     """Write :func:`config_toml` to ``path`` (``output_dir/logs/config.toml``) atomically."""
     from ..interfaces.bids import atomic_write_text
