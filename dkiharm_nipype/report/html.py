@@ -2,7 +2,7 @@
 
 Everything a page shows is inside the page: figures are inline PNGs (``data:`` URIs), the
 style sheet is inline, there is no script, font or remote resource. Inputs are the tidy
-tables of :func:`dkiharm_nipype.evaluation.evaluate_study` (with ``maps.tsv`` pointing at
+tables of :func:`dkiharm_nipype.evaluation.evaluate.evaluate_study` (with ``maps.tsv`` pointing at
 the registered maps, CV maps, WM masks and atlases), the SNR table (``snr.tsv``, see
 :func:`dkiharm_nipype.utils.derivatives.aggregate_snr`) and the experiment tables
 (``experiment-*.tsv``); a figure whose data are absent shows a labelled box instead.
@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..evaluation import (
+from ..evaluation.evaluate import (
     BEFORE,
     EVAL_PARAMS,
     EXPERIMENTS,
@@ -27,10 +27,10 @@ from ..evaluation import (
     TABLE_FILES,
     WM,
     read_tsv,
-    run_key,
 )
-from ..interfaces.bids import atomic_write_text
-from ..metrics import snr_matrix
+from ..evaluation.scores import snr_matrix
+from ..study import first_runs, run_key
+from ..utils.io import atomic_write_text
 from . import figures as F
 
 #: Figure ids of the group page (the test checks each renders).
@@ -258,22 +258,16 @@ def _by_scanner_method(study: _Study, rows, table_id, title, intro, subjects) ->
     return _table(table_id, title, intro, header, body)
 
 
-def _first_runs(rows) -> dict[tuple[str, str], str]:
-    first: dict[tuple[str, str], str] = {}
-    for r in rows:
-        key = (r["subject"], r["scanner"])
-        first[key] = min(first.get(key, r["run"]), r["run"], key=run_key)
-    return first
-
-
 def table_nrmse(study: _Study, subjects: Sequence[str]) -> str:
-    first = _first_runs(study.tables["nrmse"])
+    first = first_runs(
+        study.tables["nrmse"], group=lambda r: (r["subject"], r["scanner"]), run=lambda r: r["run"]
+    )
     rows = [
         r
         for r in study.tables["nrmse"]
         if r["roi"] == WM
         and r["subject"] in subjects
-        and r["run"] == first[(r["subject"], r["scanner"])]
+        and r["run"] == first[(r["subject"], r["scanner"])]["run"]
     ]
     return _by_scanner_method(
         study, rows, "table-nrmse", "Table 4 - NRMSE-to-reference in white matter",
@@ -309,13 +303,10 @@ def figure_maps(study: _Study, subject: str, methods: Sequence[str], fig_id="fig
     paths = study.paths("map", subject)
     if wm is None or not paths:
         return _missing(fig_id, f"no registered maps of sub-{subject} (evaluation save_maps)")
-    first = {}
-    for method, scanner, run, _ in paths:
-        if (method, scanner) not in first or run_key(run) < run_key(first[(method, scanner)]):
-            first[(method, scanner)] = run
+    first = first_runs(paths, group=lambda k: k[:2], run=lambda k: k[2])
     maps = defaultdict(dict)
     for (method, scanner, run, param), path in paths.items():
-        if run == first[(method, scanner)] and method in methods:
+        if run == first[(method, scanner)][2] and method in methods:
             maps[(method, scanner)][param] = _load(path)
     scanners = sorted({s for _, s in maps})
     fig = F.fig_maps(
@@ -339,11 +330,8 @@ def figure_roi_nrmse(study: _Study, subject: str, after: str | None) -> str:
     rows = [r for r in study.tables["nrmse"] if r["subject"] == subject and r["roi"] != WM]
     if not rows:
         return _missing("fig-roi-nrmse", "no ROI atlas was given to the evaluation")
-    run_one = {}
-    for r in rows:
-        key = (r["method"], r["scanner"])
-        run_one[key] = min(run_one.get(key, r["run"]), r["run"], key=run_key)
-    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]]
+    run_one = first_runs(rows, group=lambda r: (r["method"], r["scanner"]), run=lambda r: r["run"])
+    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]["run"]]
     rois = [roi for roi in study.rois if any(r["roi"] == roi for r in rows)]
     fig = F.fig_roi_nrmse(
         rows, scanners=study.scanners, params=study.params, rois=rois, before=BEFORE, after=after
@@ -415,7 +403,7 @@ def build_report(
     Parameters
     ----------
     tsv_dir
-        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate_study`.
+        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate.evaluate_study`.
     snr_tsv
         The SNR table (Table 3); default ``tsv_dir/snr.tsv``.
     experiment_dir
