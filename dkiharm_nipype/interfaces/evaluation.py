@@ -1,4 +1,5 @@
-"""Nipype interfaces over :mod:`dkiharm_nipype.evaluation` and :mod:`dkiharm_nipype.report`."""
+"""Nipype interfaces over :mod:`dkiharm_nipype.evaluation.evaluate` and
+:mod:`dkiharm_nipype.report`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..evaluation import EVAL_PARAMS, TABLE_FILES, ScanMaps, evaluate_study
+from ..evaluation.evaluate import EVAL_PARAMS, TABLE_FILES, ScanMaps, evaluate_study
 from ..registration import ENGINES
 
 
@@ -57,7 +58,7 @@ class EvaluateHarmonization(SimpleInterface):
 
     Each entry of ``scans`` names one scan and its maps per method, e.g.
     ``{"subject": "01", "scanner": "A", "run": "1", "maps": {"before": {"fa": ..., "md":
-    ..., "mk": ...}, "dl": {"mk": ...}}}`` (see :func:`~dkiharm_nipype.evaluation.
+    ..., "mk": ...}, "dl": {"mk": ...}}}`` (see :func:`~dkiharm_nipype.evaluation.evaluate.
     evaluate_study`).
 
     Examples

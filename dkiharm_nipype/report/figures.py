@@ -1,7 +1,8 @@
 """The report's figures (the paper's Figs. 2-9), drawn with matplotlib's Agg canvas.
 
 Each ``fig_*`` function takes plain tables (lists of dicts as read from the tidy TSVs of
-:mod:`dkiharm_nipype.evaluation`) and arrays, and returns a :class:`matplotlib.figure.Figure`;
+:mod:`dkiharm_nipype.evaluation.evaluate`) and arrays, and returns a
+:class:`matplotlib.figure.Figure`;
 :func:`to_data_uri` turns one into an inline PNG so the report needs no other file.
 """
 

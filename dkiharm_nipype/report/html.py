@@ -2,7 +2,7 @@
 
 Everything a page shows is inside the page: figures are inline PNGs (``data:`` URIs), the
 style sheet is inline, there is no script, font or remote resource. Inputs are the tidy
-tables of :func:`dkiharm_nipype.evaluation.evaluate_study` (with ``maps.tsv`` pointing at
+tables of :func:`dkiharm_nipype.evaluation.evaluate.evaluate_study` (with ``maps.tsv`` pointing at
 the registered maps, CV maps, WM masks and atlases), the SNR table (``snr.tsv``, see
 :func:`dkiharm_nipype.utils.derivatives.aggregate_snr`) and the experiment tables
 (``experiment-*.tsv``); a figure whose data are absent shows a labelled box instead.
@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..evaluation import (
+from ..evaluation.evaluate import (
     BEFORE,
     EVAL_PARAMS,
     EXPERIMENTS,
@@ -27,10 +27,10 @@ from ..evaluation import (
     TABLE_FILES,
     WM,
     read_tsv,
-    run_key,
 )
-from ..interfaces.bids import atomic_write_text
-from ..metrics import snr_matrix
+from ..evaluation.scores import snr_matrix
+from ..study import first_runs, run_key
+from ..utils.io import atomic_write_text
 from . import figures as F
 
 #: Figure ids of the group page (the test checks each renders).
@@ -275,22 +275,16 @@ def _by_scanner_method(study: _Study, rows, table_id, title, intro, subjects) ->
     return _table(table_id, title, intro, header, body)
 
 
-def _first_runs(rows) -> dict[tuple[str, str], str]:
-    first: dict[tuple[str, str], str] = {}
-    for r in rows:
-        key = (r["subject"], r["scanner"])
-        first[key] = min(first.get(key, r["run"]), r["run"], key=run_key)
-    return first
-
-
 def table_nrmse(study: _Study, subjects: Sequence[str]) -> str:
-    first = _first_runs(study.tables["nrmse"])
+    first = first_runs(
+        study.tables["nrmse"], group=lambda r: (r["subject"], r["scanner"]), run=lambda r: r["run"]
+    )
     rows = [
         r
         for r in study.tables["nrmse"]
         if r["roi"] == WM
         and r["subject"] in subjects
-        and r["run"] == first[(r["subject"], r["scanner"])]
+        and r["run"] == first[(r["subject"], r["scanner"])]["run"]
     ]
     return _by_scanner_method(
         study, rows, "table-nrmse", "Table 4 - NRMSE-to-reference in white matter",
@@ -369,11 +363,9 @@ def figure_differences(study: _Study, subject: str, methods: Sequence[str]) -> s
 
 
 def _first_map_runs(paths) -> dict[tuple[str, str], str]:
-    first: dict[tuple[str, str], str] = {}
-    for method, scanner, run, _ in paths:
-        if (method, scanner) not in first or run_key(run) < run_key(first[(method, scanner)]):
-            first[(method, scanner)] = run
-    return first
+    """(method, scanner) -> the first run among ``paths``' keys."""
+    first = first_runs(paths, group=lambda k: k[:2], run=lambda k: k[2])
+    return {group: key[2] for group, key in first.items()}
 
 
 def figure_training(logs: dict[str, list[dict]]) -> str:
@@ -407,11 +399,8 @@ def figure_roi_nrmse(study: _Study, subject: str, after: str | None) -> str:
     rows = [r for r in study.tables["nrmse"] if r["subject"] == subject and r["roi"] != WM]
     if not rows:
         return _missing("fig-roi-nrmse", "no ROI atlas was given to the evaluation")
-    run_one = {}
-    for r in rows:
-        key = (r["method"], r["scanner"])
-        run_one[key] = min(run_one.get(key, r["run"]), r["run"], key=run_key)
-    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]]
+    run_one = first_runs(rows, group=lambda r: (r["method"], r["scanner"]), run=lambda r: r["run"])
+    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]["run"]]
     rois = [roi for roi in study.rois if any(r["roi"] == roi for r in rows)]
     fig = F.fig_roi_nrmse(
         rows, scanners=study.scanners, params=study.params, rois=rois, before=BEFORE, after=after
@@ -491,7 +480,7 @@ def build_report(
     Parameters
     ----------
     tsv_dir
-        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate_study`.
+        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate.evaluate_study`.
     snr_tsv
         The SNR table (Table 3); default ``tsv_dir/snr.tsv``.
     experiment_dir
