@@ -125,7 +125,6 @@ def _(bids, tmp):
 
 def _rename_scan(dwi: Path, new_stem: str) -> Path:
     """Rename a DWI and its .bval/.bvec/.json to ``new_stem`` (entities changed)."""
-    old_stem = dwi.name.removesuffix(".nii.gz")
     for ext in (".nii.gz", ".bval", ".bvec", ".json"):
         _sib(dwi, ext).rename(dwi.with_name(new_stem + ext))
     return dwi.with_name(new_stem + ".nii.gz")

@@ -17,7 +17,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.dki.metrics import ALL_METRICS
+from dkiharm_nipype.dki.maps import ALL_METRICS
 from dkiharm_nipype.errors import BIDSInputError
 from dkiharm_nipype.utils.bids import (
     collect_scans,

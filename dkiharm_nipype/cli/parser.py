@@ -694,7 +694,7 @@ def options_markdown(parser: argparse.ArgumentParser | None = None) -> str:
 
 def write_config(config: RunConfig, path: Path) -> None:
     """Write :func:`config_toml` to ``path`` (``output_dir/logs/config.toml``) atomically."""
-    from ..interfaces.bids import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     atomic_write_text(config_toml(config), path)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from .design import N_PARAMS
 from .fit import _DIRS, _MAD_TO_SIGMA, constrain_params, fit_dki
-from .metrics import dki_metrics
+from .maps import dki_metrics
 
 #: ``--fit-method`` values and the names the sidecars give them.
 FIT_NAMES = {"ols": "OLS", "wls": "WLS", "irlls": "IRLLS"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -18,6 +17,7 @@ from nipype.interfaces.base import (
 )
 
 from ..utils.bids import derivative_path
+from ..utils.io import atomic_copy, atomic_write_text
 
 _IMAGE_EXTENSIONS = (".nii.gz", ".nii")
 #: Gradient tables share the NIfTI's sidecar: a sink of theirs writes none.
@@ -40,24 +40,6 @@ def derivative_name(
     'sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
     """
     return derivative_path(source_file, suffix=suffix, extension=extension, **entities)
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy ``src`` to ``dst`` through a temporary sibling and an atomic rename."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def atomic_write_text(text: str, dst: str | os.PathLike) -> None:
-    """Write ``text`` to ``dst`` atomically."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, dst)
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):

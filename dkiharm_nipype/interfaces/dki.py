@@ -20,7 +20,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 from .. import __version__
 from ..dki.fit import METHODS, DKIInputError, fit_dki
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..dki.provenance import fit_options, map_sidecar, model_object
 
 
@@ -62,7 +62,7 @@ class _FitDKIOutputSpec(TraitedSpec):
 class FitDKI(SimpleInterface):
     """Fit diffusion kurtosis imaging and write the eight scalar maps with BIDS sidecars.
 
-    Maps follow dipy's definitions (:mod:`dkiharm_nipype.dki.metrics`) and are named
+    Maps follow dipy's definitions (:mod:`dkiharm_nipype.dki.maps`) and are named
     with the BIDS diffusion-derivatives pattern ``<source>_model-dki_param-<map>_dwimap``.
 
     Examples
