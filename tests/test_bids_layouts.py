@@ -135,6 +135,10 @@ def test_pairs_give_two_sets_of_maps_with_the_entity_in_their_names(pairs_run, s
     ]
     brain = (mk[0] > 0) & (mk[1] > 0)
     assert brain.sum() > 1000
+    print(
+        f"sub-{sub}: mean |MK difference| {np.mean(np.abs(mk[0] - mk[1])[brain]):.4f}, "
+        f"MK ratio {mk[0][brain].mean() / mk[1][brain].mean():.4f}, {brain.sum()} voxels"
+    )
     assert np.mean(np.abs(mk[0] - mk[1])[brain]) > 0.01
     # and agree in the mean (same subject, same scanner): within 5 %
     assert abs(mk[0][brain].mean() / mk[1][brain].mean() - 1) < 0.05
