@@ -63,8 +63,9 @@ def entity_order() -> tuple[str, ...]:
 def _long_to_key() -> dict[str, str]:
     from bidsschematools import schema
 
-    entities = schema.load_schema().objects.entities
-    return {name: entities[name].name for name in schema.load_schema().rules.entities}
+    bids_schema = schema.load_schema()
+    entities = bids_schema.objects.entities
+    return {name: entities[name].name for name in bids_schema.rules.entities}
 
 
 @lru_cache(maxsize=4096)
