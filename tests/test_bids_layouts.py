@@ -167,6 +167,13 @@ def test_invalid_input_stops_with_the_validators_first_messages(pairs_bids, tmp_
     assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "dkiharm_wf").exists()
 
 
+def test_validation_checks_only_the_selected_participants(pairs_bids):
+    with pytest.raises(BIDSInputError, match="ENTITY_NOT_IN_RULE: /sub-02/ses-A/dwi/"):
+        validate_bids(pairs_bids)
+    warnings = validate_bids(pairs_bids, participant_label=["sub-01"])  # sub-02 not selected
+    assert not any("/sub-02/" in line for line in warnings)
+
+
 def test_valid_input_passes_and_its_warnings_are_returned(tiny_bids):
     warnings = validate_bids(tiny_bids)
     assert warnings and all(len(line.splitlines()) == 1 for line in warnings)

@@ -125,7 +125,9 @@ def _validate_input(config: RunConfig) -> None:
     if config.skip_bids_validation:
         LOGGER.info("BIDS validation of %s skipped (--skip-bids-validation)", config.bids_dir)
         return
-    warnings = validate_bids(config.bids_dir, logger=LOGGER)
+    warnings = validate_bids(
+        config.bids_dir, participant_label=config.participant_label, logger=LOGGER
+    )
     LOGGER.info("%s passed the BIDS validator (%d kind(s) of warning)", config.bids_dir,
                 len(warnings))  # fmt: skip
 

@@ -258,14 +258,24 @@ def issue_line(issue: dict[str, Any]) -> str:
     return f"{issue.get('code', '?')}: {where}" + (f" ({what[:120]})" if what else "")
 
 
-def validate_bids(bids_dir: Path, *, logger=None) -> list[str]:
+def validate_bids(
+    bids_dir: Path, *, participant_label: tuple[str, ...] | list[str] = (), logger=None
+) -> list[str]:
     """Validate the raw dataset before processing, as fMRIPrep does.
 
     Errors raise :class:`BIDSInputError` whose message gives the validator's first
     :data:`VALIDATOR_FIRST_MESSAGES` errors, one line each; warnings are logged (one line
-    per code, with a count) and returned.
+    per code, with a count) and returned. With ``participant_label``, issues in other
+    subjects' folders are left out (as fMRIPrep validates only the selected subjects).
     """
-    issues = run_validator(bids_dir)
+    others = [f"/sub-{s.removeprefix('sub-')}/" for s in participant_label]
+    issues = [
+        issue
+        for issue in run_validator(bids_dir)
+        if not others
+        or not str(issue.get("location", "")).startswith("/sub-")
+        or any(str(issue["location"]).startswith(prefix) for prefix in others)
+    ]
     errors = [i for i in issues if i.get("severity") == "error"]
     if errors:
         lines = [issue_line(i) for i in errors[:VALIDATOR_FIRST_MESSAGES]]
