@@ -90,6 +90,7 @@ NOT_YET_VALIDATED = {
         "/evaluation/",
         "/experiments/",
         "/report*.html",
+        "/sub-*.html",
         "/figures/",
     ),
 }
