@@ -153,7 +153,8 @@ def test_no_file_names_a_moved_module():
         ["git", "ls-files", "*.py", "*.md", "*.cfg", "*.toml", "*.txt", "*.sh"],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
-    files = [REPO / f for f in tracked if f != "tools/reimport.py" and (REPO / f).is_file()]
+    mapping = ("tools/reimport.py", "tests/test_layout.py")  # they spell the old paths
+    files = [REPO / f for f in tracked if f not in mapping and (REPO / f).is_file()]
     stale = [str(f.relative_to(REPO)) for f in files if REIMPORT.rewrite(f) != f.read_text()]
     assert stale == [], "run: python tools/reimport.py " + " ".join(stale)
     for old in REIMPORT.MODULES:
