@@ -25,7 +25,13 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..comparators.combat import BACKMAPS, ComBatInputError, combat_maps, read_participants
+from ..comparators.combat import (
+    BACKMAPS,
+    COMBAT_LIBRARY,
+    ComBatInputError,
+    combat_maps,
+    read_participants,
+)
 from ..comparators.rish import (
     B_TOLERANCE,
     RISHInputError,
@@ -169,7 +175,7 @@ class ComBatHarmonize(SimpleInterface):
         Path(report).write_text(
             json.dumps(
                 {
-                    "Method": "ComBat (combatlearn, method='fortin', parametric EB)",
+                    "Method": f"ComBat ({COMBAT_LIBRARY}, parametric empirical Bayes)",
                     "Sites": list(inputs.sites),
                     "ReferenceSite": inputs.reference_site
                     if isdefined(inputs.reference_site)

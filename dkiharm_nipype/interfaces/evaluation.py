@@ -9,6 +9,7 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
@@ -125,6 +126,9 @@ class _HarmonizationReportInputSpec(BaseInterfaceInputSpec):
     snr_tsv = File(exists=True, desc="SNR table (snr.tsv) for Table 3")
     experiment_dir = Directory(exists=True, desc="folder of the experiment-*.tsv tables")
     representative = traits.Str(desc="subject shown in the group page's picture panels")
+    training_logs = InputMultiObject(
+        File(exists=True), desc="the networks' training logs (scanner-<label>_training.tsv)"
+    )
 
 
 class _HarmonizationReportOutputSpec(TraitedSpec):
@@ -164,6 +168,7 @@ class HarmonizationReport(SimpleInterface):
             snr_tsv=inputs.snr_tsv if isdefined(inputs.snr_tsv) else None,
             experiment_dir=inputs.experiment_dir if isdefined(inputs.experiment_dir) else None,
             representative=inputs.representative if isdefined(inputs.representative) else None,
+            training_logs=inputs.training_logs if isdefined(inputs.training_logs) else (),
         )
         self._results["report"] = str(pages[0])
         self._results["subject_pages"] = [str(p) for p in pages[1:]]
