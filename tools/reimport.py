@@ -41,6 +41,7 @@ MODULES: dict[str, str] = {
     "dkiharm_nipype.denoise": "dkiharm_nipype.preproc.denoise",
     "dkiharm_nipype.dki.metrics": "dkiharm_nipype.dki.maps",
     "dkiharm_nipype.utils.checks": "dkiharm_nipype.cli.checks",
+    "dkiharm_nipype.interfaces.metrics": "dkiharm_nipype.interfaces.scores",
 }
 
 #: (module, name) -> the module that now defines ``name`` (after MODULES is applied).
@@ -51,6 +52,7 @@ NAMES: dict[tuple[str, str], str] = {
     ("dkiharm_nipype.cli.checks", "read_gradients"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.utils.checks", "check_nifti"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.cli.checks", "check_nifti"): "dkiharm_nipype.utils.io",
+    ("dkiharm_nipype.utils.dwi", "median_otsu_mask"): "dkiharm_nipype.preproc.masks",
     ("dkiharm_nipype.registration", "truth_deformation"): "dkiharm_nipype.phantom.truth",
     ("dkiharm_nipype.registration.engines", "truth_deformation"): "dkiharm_nipype.phantom.truth",
     ("dkiharm_nipype.comparators.rish", "DWIScan"): "dkiharm_nipype.comparators.rish",
@@ -84,6 +86,7 @@ FILES: dict[str, str] = {
     "dkiharm_nipype/preproc/denoise.py": "dkiharm_nipype/denoise.py",
     "dkiharm_nipype/dki/maps.py": "dkiharm_nipype/dki/metrics.py",
     "dkiharm_nipype/cli/checks.py": "dkiharm_nipype/utils/checks.py",
+    "dkiharm_nipype/interfaces/scores.py": "dkiharm_nipype/interfaces/metrics.py",
 }
 
 

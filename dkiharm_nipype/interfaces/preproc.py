@@ -16,7 +16,8 @@ from nipype.interfaces.mrtrix3.base import MRTrix3Base
 from nipype.interfaces.mrtrix3.utils import BrainMask
 from nipype.utils.filemanip import fname_presuffix
 
-from ..utils.dwi import B0_THRESHOLD, mean_b0, median_otsu_mask
+from ..preproc.masks import median_otsu_mask
+from ..utils.dwi import B0_THRESHOLD, mean_b0
 from ..utils.env import torch_threads
 from ..utils.fsl import sidecar_name, write_topup_files
 from ..utils.io import load_mask, read_bvals
