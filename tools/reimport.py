@@ -182,6 +182,13 @@ def _render(indent: str, module: str, names: list[str], suffix: str) -> str:
     return f"{indent}from {module} import (\n{body}{indent}){suffix}"
 
 
+def _module_alias(new: str, a: ast.alias) -> tuple[str, list[str]]:
+    """``from parent import leaf [as name]`` for a moved module imported as a name."""
+    parent, _, leaf = new.rpartition(".")
+    name = a.asname or a.name
+    return parent, [leaf if leaf == name else f"{leaf} as {name}"]
+
+
 def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> str | None:
     """The new text of one ``from ... import ...`` statement, or None when unchanged."""
     here = module_of(path)
@@ -207,9 +214,8 @@ def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> 
     for a in node.names:
         full = f"{absolute}.{a.name}"
         if full in MODULES and MODULES[full] != full and not exists(full + ".__init__"):
-            new = MODULES[full]
-            parent, _, leaf = new.rpartition(".")
-            groups.setdefault(parent, []).append(f"{leaf} as {a.asname or a.name}")
+            parent, names_ = _module_alias(MODULES[full], a)
+            groups.setdefault(parent, []).extend(names_)
             continue
         if (
             full in MODULES
@@ -218,9 +224,8 @@ def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> 
             and not exists(f"{MODULES[full]}.{a.name}")
         ):
             # e.g. ``from dkiharm_nipype import evaluation`` meaning the old module
-            new = MODULES[full]
-            parent, _, leaf = new.rpartition(".")
-            groups.setdefault(parent, []).append(f"{leaf} as {a.asname or a.name}")
+            parent, names_ = _module_alias(MODULES[full], a)
+            groups.setdefault(parent, []).extend(names_)
             continue
         new_module = map_module(absolute, names)
         target = NAMES.get((new_module, a.name)) or NAMES.get((absolute, a.name)) or new_module
