@@ -406,7 +406,7 @@ class ExperimentStudy:
         if tissue in scan.tissues:
             return _load(scan.tissues[tissue])
         masks = tissue_masks_from_fit(
-            _load(scan.maps["fa"]), _load(scan.maps["md"]), _load_mask(scan.mask)
+            _load(scan.maps["fa"]), _load(scan.maps["md"]), load_mask(scan.mask)
         )
         return masks["GM" if tissue == "SGM" else tissue].astype(np.float32)
 
