@@ -73,6 +73,8 @@ class RunConfig:
     verbose: int = 0
     # harmonization (group level; models_dir also at the participant level)
     reference_scanner: str | None = None
+    # white-matter ROI for the SNR ({subject}/{session}/{run} expand); default automatic
+    snr_roi: str | None = None
     train_participants: tuple[str, ...] = ()
     registration: str = "auto"
     epochs: int = 100

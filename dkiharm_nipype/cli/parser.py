@@ -273,6 +273,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="reference scanner (default: the one with the highest WM SNR)",
     )
     harm.add_argument(
+        "--snr-roi",
+        metavar="FILE",
+        help="white-matter mask for each scan's SNR, on its DWI grid; {subject}, {session} and "
+        "{run} in the path are replaced by the scan's labels (default: FA >= 0.45 and MD <= "
+        "1.1e-3 mm2/s inside the eroded brain mask; a scan without such voxels gets SNR n/a)",
+    )
+    harm.add_argument(
         "--train-participants",
         nargs="+",
         default=[],
@@ -554,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
         if value and "{subject}" not in value and not Path(value).expanduser().is_file():
             parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
+    if opts.snr_roi and "{" not in opts.snr_roi and not Path(opts.snr_roi).expanduser().is_file():
+        parser.error(f"--snr-roi {opts.snr_roi} does not exist; give a white-matter mask (NIfTI)")
     if opts.tissue_maps and "{" not in opts.tissue_maps:
         if not Path(opts.tissue_maps).expanduser().is_dir():
             parser.error(
@@ -621,6 +630,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         comparators=tuple(dict.fromkeys(opts.comparators)),
         experiments=tuple(dict.fromkeys(opts.experiments)),
         tissue_maps=opts.tissue_maps,
+        snr_roi=opts.snr_roi,
     )
 
 

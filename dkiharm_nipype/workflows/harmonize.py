@@ -182,6 +182,7 @@ def init_group_wf(
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,
+            snr_roi=config.snr_roi,
             omp_nthreads=omp,
             name=_node_name(f"{scan.key}_wf"),
         )
