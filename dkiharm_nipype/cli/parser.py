@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..__about__ import __version__
 from ..config import NETWORK_INPUTS, REFERENCE_LABELS, ExecConfig, RunConfig
+from ..preproc.modes import DENOISERS, MASK_METHODS, PREPROC_MODES
 
 PLUGINS = (
     "Linear",
@@ -229,21 +230,21 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     proc = parser.add_argument_group("Processing")
     proc.add_argument(
         "--preproc",
-        choices=["auto", "fsl", "mrtrix", "none"],
+        choices=PREPROC_MODES,
         default="auto",
         help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
         "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only",
     )
     proc.add_argument(
         "--denoiser",
-        choices=["dwidenoise", "mppca"],
+        choices=DENOISERS,
         default="dwidenoise",
         help="denoising step of --preproc auto|fsl|mrtrix: MRtrix3 dwidenoise, or the "
         "package's torch MP-PCA (same estimator, windows every 3 voxels; about 7x faster)",
     )
     proc.add_argument(
         "--mask-method",
-        choices=["dwi2mask", "median_otsu"],
+        choices=MASK_METHODS,
         default="dwi2mask",
         help="brain-mask estimation on the preprocessed DWI",
     )
