@@ -46,8 +46,7 @@ def image(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"image built in {time.monotonic() - started:.0f} s:", proc.stdout.strip())
     yield buildah, proc.stdout.strip().splitlines()[-1]
-    subprocess.run([*buildah, "rm", "--all"], capture_output=True, timeout=300)
-    subprocess.run([*buildah, "rmi", "--all", "--force"], capture_output=True, timeout=300)
+    subprocess.run([*buildah, "rm", "--all"], capture_output=True, timeout=300)  # unmounts
     shutil.rmtree(storage, ignore_errors=True)
 
 
