@@ -88,7 +88,7 @@ def run(config: RunConfig) -> int:
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     from .boilerplate import write_citation
 
-    write_citation(config, config.output_dir / "logs", scans=scans)
+    write_citation(config, config.output_dir / "logs", scans=scans, workflow=workflow)
     if config.write_graph:
         from .graphs import write_graphs
 
