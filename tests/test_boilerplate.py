@@ -66,7 +66,9 @@ def parse_bibtex(text: str) -> dict[str, tuple[str, dict[str, str]]]:
     return entries
 
 
-def test_fsl_cited_only_when_it_runs():
+def test_fsl_cited_only_when_it_runs(tmp_path, monkeypatch):
+    # the text is read from the built workflow, and an FSL workflow is built only with FSL
+    install_fake_fsl(tmp_path / "fsl", monkeypatch, {tool: "" for tool in FSL_TOOLS})
     with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl")))
     without = "\n".join(methods_paragraphs(_config(preproc="mrtrix")))
     for text in (with_fsl, without):
@@ -175,7 +177,8 @@ def test_models_and_comparators():
     assert not {"fortin2017", "pomponio2020", "mirzaalian2016"} & set(cited_keys(plain))
 
 
-def test_every_format_is_valid_and_consistent(tmp_path):
+def test_every_format_is_valid_and_consistent(tmp_path, monkeypatch):
+    install_fake_fsl(tmp_path / "fsl", monkeypatch, {tool: "" for tool in FSL_TOOLS})
     paragraphs = methods_paragraphs(
         _config(preproc="fsl", analysis_level="group", registration="mrtrix", mc_samples=5)
     )

@@ -532,7 +532,16 @@ def init_description_wf(*, config: RunConfig, scans: list[DWIScan] | None = None
     >>> config = RunConfig(bids_dir=Path("bids"), output_dir=Path("out"),
     ...                    analysis_level="group", work_dir=Path("work"), preproc="mrtrix",
     ...                    registration="dipy-syn", epochs=7)
-    >>> "at most 7 epochs" in init_description_wf(config=config).visit_desc()
+    >>> described = init_description_wf(config=config)
+    >>> "at most 7 epochs" in described.visit_desc()
+    True
+
+    Its pieces are the factories' own workflows, reusable as they are:
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi"]), name="source")
+    >>> wf.connect(source, "dwi", described.get_node("dwi_preproc_wf"), "inputnode.dwi_file")
+    >>> "dwi_preproc_wf.denoise" in described.list_node_names()
     True
     """
     if scans:

@@ -362,6 +362,20 @@ def init_comparators_wf(
     -------
     combat, rish
         Per evaluated scan, the eight maps of each comparator (empty if not run).
+
+    Examples
+    --------
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), participant_label=["01", "02"])
+    >>> comparators_wf = init_comparators_wf(methods=["combat"], scans=scans,
+    ...                                      evaluated=scans[:2], training=["01"],
+    ...                                      bids_dir=Path(bids_dir))
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> fits = pe.Node(niu.IdentityInterface(fields=["maps", "masks"]), name="fits")
+    >>> wf.connect([(fits, comparators_wf, [("maps", "inputnode.maps"),
+    ...                                     ("masks", "inputnode.masks")])])
+    >>> comparators_wf.get_node("comparators").inputs.evaluated
+    [0, 1]
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = _comparators_desc([m.lower() for m in methods])

@@ -174,6 +174,9 @@ def init_reference_wf(
     >>> plan = {"training_subjects": ["sub-01"], "traveling_subjects": ["sub-01", "sub-02"],
     ...         "seed": 0}
     >>> reference_wf = init_reference_wf(plan=plan)
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> qc = pe.Node(niu.IdentityInterface(fields=["snr_tables"]), name="qc")
+    >>> wf.connect(qc, "snr_tables", reference_wf, "inputnode.snr_files")
     >>> sorted(reference_wf.list_node_names())
     ['inputnode', 'outputnode', 'plan', 'reference']
     >>> "highest mean white-matter SNR" in reference_wf.__desc__
@@ -300,6 +303,10 @@ def init_training_labels_wf(
     --------
     >>> labels_wf = init_training_labels_wf(scanner="C", scanners=["C", "D"],
     ...                                     engine="dipy-syn")
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> scan = pe.Node(niu.IdentityInterface(fields=["fa", "maps", "mask"]), name="scan")
+    >>> wf.connect([(scan, labels_wf, [("fa", "inputnode.own_fa"), ("maps", "inputnode.own_maps"),
+    ...                                ("mask", "inputnode.own_mask")])])
     >>> sorted(labels_wf.list_node_names())
     ['inputnode', 'outputnode', 'register', 'select']
     >>> "symmetric normalization (SyN)" in labels_wf.__desc__
@@ -446,6 +453,10 @@ def init_training_wf(
     --------
     >>> train_wf = init_training_wf(scanner="C", subject_ids=["sub-01_ses-C_run-1"],
     ...                             epochs=20, kernel_size=5)
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> data = pe.Node(niu.IdentityInterface(fields=["dwis", "labels"]), name="data")
+    >>> wf.connect([(data, train_wf, [("dwis", "inputnode.dwi_files"),
+    ...                               ("labels", "inputnode.label_files")])])
     >>> train_wf.get_node("train").inputs.epochs, "at most 20 epochs" in train_wf.__desc__
     (20, True)
     """

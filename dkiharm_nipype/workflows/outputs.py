@@ -74,8 +74,13 @@ def init_scan_derivatives_wf(
 
     Examples
     --------
+    Store the maps of a fit of your own under BIDS names:
+
     >>> ds_wf = init_scan_derivatives_wf(source_file="sub-01_ses-A_dwi.nii.gz",
     ...                                  staging_dir=Path("derivatives"))
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> fit = pe.Node(niu.IdentityInterface(fields=["mk", "fa"]), name="fit")
+    >>> wf.connect([(fit, ds_wf, [("mk", "inputnode.mk_file"), ("fa", "inputnode.fa_file")])])
     >>> sorted(n for n in ds_wf.list_node_names() if n.startswith("ds_"))[:4]
     ['ds_ad', 'ds_ak', 'ds_bval', 'ds_bvec']
     """
@@ -106,6 +111,9 @@ def init_harmonized_derivatives_wf(
     >>> ds_wf = init_harmonized_derivatives_wf(source_file="sub-01_ses-A_dwi.nii.gz",
     ...                                        scanner="A", staging_dir=Path("d"),
     ...                                        mc_samples=10)
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> cnn = pe.Node(niu.IdentityInterface(fields=["mk"]), name="cnn")
+    >>> wf.connect(cnn, "mk", ds_wf, "inputnode.out_mk")
     >>> sinks = [n for n in ds_wf.list_node_names() if n.startswith("ds_")]
     >>> len(sinks), sorted(sinks)[:2]  # eight maps and, with MC dropout, eight std maps
     (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
@@ -142,6 +150,9 @@ def init_model_derivatives_wf(
     Examples
     --------
     >>> ds_wf = init_model_derivatives_wf(scanner="C", staging_dir=Path("d"))
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> model = pe.Node(niu.IdentityInterface(fields=["weights"]), name="model")
+    >>> wf.connect(model, "weights", ds_wf, "inputnode.weights_file")
     >>> ds_wf.get_node("ds_weights").inputs.rel_path
     'models/scanner-C_harmonizer.safetensors'
     """
@@ -165,7 +176,11 @@ def init_plan_derivatives_wf(*, staging_dir: Path, name: str = "plan_derivatives
 
     Examples
     --------
-    >>> init_plan_derivatives_wf(staging_dir=Path("d")).get_node("ds_plan").inputs.rel_path
+    >>> ds_wf = init_plan_derivatives_wf(staging_dir=Path("d"))
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> design = pe.Node(niu.IdentityInterface(fields=["json"]), name="design")
+    >>> wf.connect(design, "json", ds_wf, "inputnode.plan_file")
+    >>> ds_wf.get_node("ds_plan").inputs.rel_path
     'models/harmonization.json'
     """
     workflow = pe.Workflow(name=name)
