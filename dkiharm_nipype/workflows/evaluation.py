@@ -188,31 +188,7 @@ def init_evaluation_wf(
     inputnode.inputs.rish = []
     inputnode.inputs.experiment_tsvs = []
 
-    gather = pe.Node(
-        niu.Function(
-            function=_gather,
-            input_names=[
-                "meta",
-                "masks",
-                "reference",
-                "method_maps",
-                "bids_dir",
-                "wm_mask",
-                "roi_atlas",
-                "params",
-            ],
-            output_names=["scans", "wm_masks", "atlases"],
-        ),
-        name="gather",
-        run_without_submitting=True,
-    )
-    gather.inputs.meta = [
-        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
-    ]
-    gather.inputs.bids_dir = str(bids_dir)
-    gather.inputs.wm_mask = wm_mask or ""
-    gather.inputs.roi_atlas = roi_atlas or ""
-    gather.inputs.params = list(ALL_METRICS)
+    gather = _gather_node(scans, bids_dir=bids_dir, wm_mask=wm_mask, roi_atlas=roi_atlas)
     methods = pe.Node(niu.Function(function=_as_dict, input_names=list(METHODS),
                                    output_names=["out"]), name="methods",
                       run_without_submitting=True)  # fmt: skip
@@ -243,21 +219,7 @@ def init_evaluation_wf(
     # Folder inputs are hashed by path, not content: rebuild the report and restage the
     # tables on every run, so that a rerun never publishes a stale evaluation.
     report = pe.Node(HarmonizationReport(), name="report", mem_gb=1, overwrite=True)
-    stages = {
-        key: pe.Node(
-            niu.Function(
-                function=_stage, input_names=["paths", "staging_dir", "rel"], output_names=["out"]
-            ),
-            name=f"stage_{key}",
-            run_without_submitting=True,
-            overwrite=True,
-        )
-        for key in ("tables", "report", "pages")
-    }
-    for key, rel in (("tables", "evaluation"), ("report", ""), ("pages", "")):
-        stages[key].inputs.staging_dir = str(staging_dir)
-        stages[key].inputs.rel = rel
-
+    stages = _stage_nodes(staging_dir)
     workflow.connect(
         [
             (inputnode, methods, [(m, m) for m in METHODS]),
@@ -277,6 +239,56 @@ def init_evaluation_wf(
         ]
     )  # fmt: skip
     return workflow
+
+
+def _gather_node(scans, *, bids_dir, wm_mask, roi_atlas) -> pe.Node:
+    """The ``gather`` node of :func:`init_evaluation_wf` (see :func:`_gather`)."""
+    gather = pe.Node(
+        niu.Function(
+            function=_gather,
+            input_names=[
+                "meta",
+                "masks",
+                "reference",
+                "method_maps",
+                "bids_dir",
+                "wm_mask",
+                "roi_atlas",
+                "params",
+            ],
+            output_names=["scans", "wm_masks", "atlases"],
+        ),
+        name="gather",
+        run_without_submitting=True,
+    )
+    gather.inputs.meta = [
+        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
+    ]
+    gather.inputs.bids_dir = str(bids_dir)
+    gather.inputs.wm_mask = wm_mask or ""
+    gather.inputs.roi_atlas = roi_atlas or ""
+    gather.inputs.params = list(ALL_METRICS)
+    return gather
+
+
+def _stage_nodes(staging_dir) -> dict[str, pe.Node]:
+    """``stage_*`` nodes copying the tables, the report and the subject pages."""
+    stages = {
+        key: pe.Node(
+            niu.Function(
+                function=_stage, input_names=["paths", "staging_dir", "rel"], output_names=["out"]
+            ),
+            name=f"stage_{key}",
+            run_without_submitting=True,
+            overwrite=True,
+        )
+        for key in ("tables", "report", "pages")
+    }
+    for key, rel in (("tables", "evaluation"), ("report", ""), ("pages", "")):
+        stages[key].inputs.staging_dir = str(staging_dir)
+        stages[key].inputs.rel = rel
+
+    return stages
 
 
 def _as_dict(before, dl, combat, rish):

@@ -167,24 +167,16 @@ MASK_TEXT = {
 
 
 def init_dwi_preproc_wf(
-    *,
-    preproc: PreprocMode = "auto",
-    denoiser: Denoiser = "dwidenoise",
-    has_rpe_fmap: bool = False,
-    topup_runs: tuple[int, int] | None = None,
-    mask_method: MaskMethod = "dwi2mask",
-    b0_threshold: float = B0_THRESHOLD,
-    omp_nthreads: int = 1,
-    mem_gb: float = 1.0,
-    name: str = "dwi_preproc_wf",
-) -> pe.Workflow:
+    *, preproc: PreprocMode = "auto", denoiser: Denoiser = "dwidenoise",
+    has_rpe_fmap: bool = False, topup_runs: tuple[int, int] | None = None,
+    mask_method: MaskMethod = "dwi2mask", b0_threshold: float = B0_THRESHOLD,
+    omp_nthreads: int = 1, mem_gb: float = 1.0, name: str = "dwi_preproc_wf",
+) -> pe.Workflow:  # fmt: skip
     """Preprocess one DWI series for DKI fitting.
 
     ``auto``: ``dwidenoise`` -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL is found]; ``fsl``:
-    the same with FSL required; ``mrtrix``: denoising and Gibbs-ringing removal only;
-    ``none``: the input passed through. TOPUP runs only when ``has_rpe_fmap``; otherwise
-    Eddy corrects motion and eddy currents without a susceptibility field. A mask and a
-    mean b0 are always computed on the final DWI (:func:`init_dwi_mask_wf`).
+    the same, FSL required; ``mrtrix``: no FSL; ``none``: passed through. TOPUP runs only
+    ``has_rpe_fmap``. A mask and mean b0 come from the final DWI (:func:`init_dwi_mask_wf`).
 
     Workflow Graph
         .. workflow::
@@ -207,29 +199,22 @@ def init_dwi_preproc_wf(
         How many of the study's runs have reversed-PE b0s, of how many (methods text).
     mask_method : {"dwi2mask", "median_otsu"}
         See :func:`init_dwi_mask_wf`.
-    b0_threshold : float
-        Largest b-value (s/mm^2) counted as b=0.
-    omp_nthreads, mem_gb : int, float
-        Threads of the multi-threaded tools; loaded size of the series (memory estimates).
-    name : str
-        Workflow name.
+    b0_threshold, omp_nthreads, mem_gb, name
+        Largest b-value counted as b=0; threads of the multi-threaded tools; loaded size of
+        the series in GB (memory estimates); workflow name.
 
     Inputs
     ------
-    dwi_file, bval_file, bvec_file
-        4-D DWI series (NIfTI) and its gradient table in FSL format.
-    metadata
-        BIDS sidecar of the DWI (dict): ``SliceEncodingDirection`` sets the Gibbs-ringing
-        plane; the PE fields are read for TOPUP/Eddy.
+    dwi_file, bval_file, bvec_file, metadata
+        4-D DWI series, FSL gradient table and BIDS sidecar (``SliceEncodingDirection``
+        sets the Gibbs-ringing plane; the PE fields are read for TOPUP/Eddy).
     fmap_epi_files, fmap_metadata
-        Reversed-PE ``epi`` fieldmaps on the DWI grid and their sidecars (lists, may be empty).
+        Reversed-PE ``epi`` fieldmaps on the DWI grid and their sidecars (may be empty).
 
     Outputs
     -------
-    dwi_file, bval_file, bvec_file
-        Preprocessed series, b-values, b-vectors (rotated by Eddy when it runs).
-    mask_file, b0_file
-        Brain mask and mean b=0 image of the preprocessed series.
+    dwi_file, bval_file, bvec_file, mask_file, b0_file
+        Preprocessed series and gradients (b-vectors rotated by Eddy), mask and mean b0.
     noise_file
         Noise level map (sigma) estimated by the denoiser; undefined with ``none``.
 
@@ -239,22 +224,17 @@ def init_dwi_preproc_wf(
 
     >>> from dkiharm_nipype.interfaces.dki import FitDKI
     >>> wf = pe.Workflow(name="my_pipeline")
-    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "meta"]),
-    ...                  name="source")
+    >>> fields = ["dwi_file", "bval_file", "bvec_file", "metadata"]
+    >>> source = pe.Node(niu.IdentityInterface(fields=fields), name="source")
     >>> preproc_wf = init_dwi_preproc_wf(preproc="mrtrix", mask_method="median_otsu",
     ...                                  omp_nthreads=2)
     >>> preproc_wf.inputs.inputnode.fmap_epi_files = []
     >>> preproc_wf.inputs.inputnode.fmap_metadata = []
     >>> fit = pe.Node(FitDKI(), name="fit")
     >>> wf.connect([
-    ...     (source, preproc_wf, [("dwi", "inputnode.dwi_file"),
-    ...                           ("bval", "inputnode.bval_file"),
-    ...                           ("bvec", "inputnode.bvec_file"),
-    ...                           ("meta", "inputnode.metadata")]),
-    ...     (preproc_wf, fit, [("outputnode.dwi_file", "dwi_file"),
-    ...                        ("outputnode.bval_file", "bval_file"),
-    ...                        ("outputnode.bvec_file", "bvec_file"),
-    ...                        ("outputnode.mask_file", "mask_file")]),
+    ...     (source, preproc_wf, [(f, f"inputnode.{f}") for f in fields]),
+    ...     (preproc_wf, fit, [(f"outputnode.{f}", f) for f in ("dwi_file", "bval_file",
+    ...                                                         "bvec_file", "mask_file")]),
     ... ])
     >>> sorted(preproc_wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
     ['degibbs', 'denoise', 'inputnode', 'mask_wf.brain_mask', 'mask_wf.inputnode',
@@ -284,14 +264,31 @@ def init_dwi_preproc_wf(
         (mask_wf, outputnode, [("outputnode.mask_file", "mask_file"),
                                ("outputnode.b0_file", "b0_file")]),
     ])  # fmt: skip
-    if not run_mrtrix:
+    if not run_mrtrix:  # passed through
+        workflow.connect([(inputnode, outputnode, [(f, f) for f in ("dwi_file", "bvec_file")]),
+                          (inputnode, mask_wf, [(f, f"inputnode.{f}") for f in ("dwi_file",
+                                                                                "bvec_file")])])
+        return workflow  # fmt: skip
+
+    degibbs = _add_mrtrix_steps(workflow, denoiser=denoiser, omp_nthreads=omp_nthreads,
+                                mem_gb=mem_gb)  # fmt: skip
+    if not run_fsl:
         workflow.connect([
-            (inputnode, outputnode, [("dwi_file", "dwi_file"), ("bvec_file", "bvec_file")]),
-            (inputnode, mask_wf, [("dwi_file", "inputnode.dwi_file"),
-                                  ("bvec_file", "inputnode.bvec_file")]),
+            (degibbs, outputnode, [("out_file", "dwi_file")]),
+            (inputnode, outputnode, [("bvec_file", "bvec_file")]),
+            (degibbs, mask_wf, [("out_file", "inputnode.dwi_file")]),
+            (inputnode, mask_wf, [("bvec_file", "inputnode.bvec_file")]),
         ])  # fmt: skip
         return workflow
+    _add_fsl_steps(workflow, degibbs=degibbs, mask_wf=mask_wf, use_topup=has_rpe_fmap,
+                   mask_method=mask_method, b0_threshold=b0_threshold,
+                   omp_nthreads=omp_nthreads, mem_gb=mem_gb)  # fmt: skip
+    return workflow
 
+
+def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb) -> pe.Node:
+    """Denoising then Gibbs-ringing removal, in ``workflow`` itself; returns ``degibbs``."""
+    inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     # Denoising first: the Marchenko-Pastur noise model holds only for raw magnitude data.
     denoise = pe.Node(
         DWIDenoise(nthreads=omp_nthreads)
@@ -315,18 +312,7 @@ def init_dwi_preproc_wf(
         (denoise, degibbs, [("out_file", "in_file")]),
         (denoise, outputnode, [("noise", "noise_file")]),
     ])  # fmt: skip
-    if not run_fsl:
-        workflow.connect([
-            (degibbs, outputnode, [("out_file", "dwi_file")]),
-            (inputnode, outputnode, [("bvec_file", "bvec_file")]),
-            (degibbs, mask_wf, [("out_file", "inputnode.dwi_file")]),
-            (inputnode, mask_wf, [("bvec_file", "inputnode.bvec_file")]),
-        ])  # fmt: skip
-        return workflow
-    _add_fsl_steps(workflow, degibbs=degibbs, mask_wf=mask_wf, use_topup=has_rpe_fmap,
-                   mask_method=mask_method, b0_threshold=b0_threshold,
-                   omp_nthreads=omp_nthreads, mem_gb=mem_gb)  # fmt: skip
-    return workflow
+    return degibbs
 
 
 def _add_fsl_steps(
