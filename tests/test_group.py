@@ -11,8 +11,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.dki.metrics import ALL_METRICS
-from dkiharm_nipype.metrics import nrmse
+from dkiharm_nipype.dki.maps import ALL_METRICS
+from dkiharm_nipype.evaluation.scores import nrmse
 from dkiharm_nipype.registration import register
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
@@ -236,6 +236,7 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
         bids_dir=Path(tiny_bids), output_dir=tmp_path / "out", analysis_level="group",
         work_dir=tmp_path / "work", registration="dipy-syn",
         experiments=("seeds", "tissue"), comparators=("combat", "rish"),
+        tissue_maps=str(Path(tiny_bids) / "derivatives" / "phantom-truth"),
     )  # fmt: skip
     wf = init_group_wf(scans=scans, staging_dir=tmp_path / "stage", config=config)
     names = wf.list_node_names()
@@ -254,17 +255,18 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
             assert node.inputs.num_threads == node.n_procs == 1, name
             checked[kind] += 1
     assert checked["TrainHarmonizer"] >= 2 and checked["ApplyHarmonizer"] >= len(scans), checked
-    # without tissue maps the tissue experiment is refused at build time, in one line
+    # --tissue-maps without maps of every scan is refused at build time, in one line
     bare = tmp_path / "bare"
     shutil.copytree(tiny_bids, bare, ignore=shutil.ignore_patterns("derivatives"))
     bare_scans = collect_scans(load_layout(bare))
-    with pytest.raises(StudyDesignError, match="needs subcortical GM and CSF") as err:
+    with pytest.raises(StudyDesignError, match="has no SGM \\(or GM\\) and CSF") as err:
         init_group_wf(
             scans=bare_scans,
             staging_dir=tmp_path / "stage2",
             config=RunConfig(
                 bids_dir=bare, output_dir=tmp_path / "out2", analysis_level="group",
                 work_dir=tmp_path / "work2", experiments=("tissue",),
+                tissue_maps=str(bare / "derivatives"),
             ),
         )  # fmt: skip
     assert "\n" not in str(err.value)

@@ -579,7 +579,7 @@ def write_citation(
     ``scans`` build (:func:`methods_paragraphs`). Returns the written paths by extension
     (``md``, ``html``, ``tex``, ``bib``).
     """
-    from ..interfaces.bids import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     paragraphs = methods_paragraphs(config, scans=scans, workflow=workflow)
     texts = {

@@ -117,9 +117,9 @@ def _top_wf(config: RunConfig, scans: list[DWIScan] | None, name: str) -> Litera
 
 def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dict:
     """Every scan's preprocessing, fit and sinks (:func:`.dki.init_scan_wf`), by scan key."""
+    from ..preproc.modes import resolved_preproc_mode
     from ..utils.fsl import has_reversed_pe
     from .dki import init_scan_wf
-    from .preproc import resolved_preproc_mode
 
     # decide once (and log once) whether FSL runs, instead of once per scan
     preproc = resolved_preproc_mode(config.preproc, config.denoiser)
@@ -475,7 +475,7 @@ def _add_comparators(workflow, *, scans, evaluated, scan_wfs, plan, reference_wf
 def _add_experiments(workflow, *, scans, scan_wfs, reference_wf, evaluation, staging_dir,
                      config, engine) -> None:  # fmt: skip
     """The ``--experiment`` runs on the traveling subjects; their tables feed the report."""
-    from ..experiments import find_tissue_files
+    from ..evaluation.experiments import find_tissue_files
     from ..study import StudyDesignError
     from .experiments import init_experiment_wf
 
@@ -501,14 +501,15 @@ def _add_experiments(workflow, *, scans, scan_wfs, reference_wf, evaluation, sta
         exp_wf.inputs.inputnode.subjects = [s.subject for s in scans]
         exp_wf.inputs.inputnode.scanners = [s.scanner for s in scans]
         exp_wf.inputs.inputnode.runs = [str(s.run) if s.run is not None else "1" for s in scans]
-        if name == "tissue":
-            truth = Path(config.bids_dir) / "derivatives" / "phantom-truth"
-            tissues = [find_tissue_files(truth, s.subject, s.session, s.run) for s in scans]
-            if not all(tissues):
+        if name == "tissue" and config.tissue_maps:  # else each scan's own segmentation
+            source = config.tissue_maps
+            tissues = [find_tissue_files(source, s.subject, s.session, s.run) for s in scans]
+            lacking = [s for s, t in zip(scans, tissues, strict=True) if not t]
+            if lacking:
                 raise StudyDesignError(
-                    f"--experiment tissue needs subcortical GM and CSF probability maps of every "
-                    f"scan (*_label-SGM_probseg / *_label-CSF_probseg in {truth}); none found "
-                    "for some scans: provide them or leave this experiment out."
+                    f"--tissue-maps {source} has no SGM (or GM) and CSF probability map of "
+                    f"{lacking[0].dwi.name} ({len(lacking)} scan(s) lack them); give one "
+                    "*_label-SGM|GM|CSF_probseg.nii.gz per scan, in its DWI space."
                 )
             exp_wf.inputs.inputnode.sgm_files = [str(t["SGM"]) for t in tissues]
             exp_wf.inputs.inputnode.csf_files = [str(t["CSF"]) for t in tissues]
@@ -546,6 +547,7 @@ def init_description_wf(*, config: RunConfig, scans: list[DWIScan] | None = None
     """
     if scans:
         return init_dkiharm_wf(config=config, scans=scans)[0]
+    from ..preproc.modes import resolved_preproc_mode
     from ..registration import resolve_engine
     from .dki import init_dki_fit_wf
     from .evaluation import init_comparators_wf
@@ -555,7 +557,7 @@ def init_description_wf(*, config: RunConfig, scans: list[DWIScan] | None = None
         init_training_labels_wf,
         init_training_wf,
     )
-    from .preproc import init_dwi_preproc_wf, resolved_preproc_mode
+    from .preproc import init_dwi_preproc_wf
 
     workflow = _top_wf(config, None, "dkiharm_wf")
     pieces = [

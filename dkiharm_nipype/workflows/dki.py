@@ -10,7 +10,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..dki.fit import KURTOSIS_RANGE, MIN_DIFFUSIVITY
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.dki import FitDKI
 from ..interfaces.metrics import ComputeSNR
 from ..utils.bids import DWIScan
@@ -190,7 +190,7 @@ def init_scan_wf(
     """Preprocess, fit and store one DWI run (participant level).
 
     Its ``outputnode`` (``dwi_file``, ``bval_file``, ``bvec_file``, ``mask_file``, ``maps``
-    — the eight maps in :data:`~dkiharm_nipype.dki.metrics.ALL_METRICS` order —,
+    — the eight maps in :data:`~dkiharm_nipype.dki.maps.ALL_METRICS` order —,
     ``fa_file``, ``snr_tsv``) feeds the group level; the derivatives are stored by
     :func:`~dkiharm_nipype.workflows.outputs.init_scan_derivatives_wf` (``ds_scan_wf``).
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from ..interfaces.registration import RegisterMaps
 from ..study import TRAIN_FRACTION

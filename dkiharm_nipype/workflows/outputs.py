@@ -14,7 +14,7 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 
 #: Participant-level outputs of one scan: inputnode field -> sink name and BIDS entities.
