@@ -45,7 +45,7 @@ def _fit_desc(fit_method: str, b_max: float | None, constraints: bool) -> str:
         "anisotropy (FA), and mean, axial and radial kurtosis (MK, AK, RK) [@tabesh2011] and "
         "the kurtosis fractional anisotropy (KFA) [@glenn2015] were computed with the "
         "definitions of dipy [@dipy]. The SNR of each scan was measured as the mean b=0 signal "
-        "in white matter divided by the noise standard deviation there (dwidenoise's "
+        "in white matter divided by the noise standard deviation there (the denoising step's "
         "noise map, or the spread across b=0 frames without denoising), in decibels."
     )
 

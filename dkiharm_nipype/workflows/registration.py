@@ -110,7 +110,7 @@ def init_label_registration_wf(
     )
 
     if engine == "fnirt":
-        _add_fnirt_steps(workflow)
+        _add_fnirt_steps(workflow, inputnode, outputnode)
         return workflow
 
     register_maps = pe.Node(
@@ -134,9 +134,8 @@ def init_label_registration_wf(
     return workflow
 
 
-def _add_fnirt_steps(workflow) -> None:
+def _add_fnirt_steps(workflow, inputnode, outputnode) -> None:
     """FLIRT -> FNIRT -> ApplyWarp (maps, mask, support) -> correlation guard, in place."""
-    inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     flirt = pe.Node(
         fsl.FLIRT(dof=12, cost="corratio", interp="trilinear"),
         name="flirt",
