@@ -1,8 +1,9 @@
 """Behaviour unchanged by the workflow refactor (#19.5): the tiny example's group outputs.
 
-``docs/benchmarks/layout/tiny_group_{before,after}.sha256`` are the checksum lists
-(``tools/tiny_checksums.py``) of ``dkiharm tiny out group --nprocs 2`` before the group graph
-was split into named pieces and after; they must list the same files with the same content.
+``docs/benchmarks/layout/tiny_group_<run>_{before,after}.sha256`` are the checksum lists
+(``tools/tiny_checksums.py``) of ``dkiharm tiny out group --nprocs 2 [options]`` on main
+before the group graph was split into named pieces and on this branch after; every pair
+must list the same files with the same content (see ``docs/benchmarks/layout/README.md``).
 """
 
 from __future__ import annotations
@@ -26,14 +27,19 @@ def _tool():
 
 
 def test_before_and_after_lists_are_identical():
-    before = (LISTS / "tiny_group_before.sha256").read_text().splitlines()
-    after = (LISTS / "tiny_group_after.sha256").read_text().splitlines()
-    assert len(before) > 100  # every map, mask, model, table of the 12 scans
-    assert any("desc-harmonized" in line for line in before)
-    assert any(line.endswith("_harmonizer.safetensors") for line in before)
-    assert _tool().compare(LISTS / "tiny_group_before.sha256",
-                           LISTS / "tiny_group_after.sha256") == []  # fmt: skip
-    assert before == after
+    pairs = [
+        (before, before.with_name(before.name.replace("_before", "_after")))
+        for before in sorted(LISTS.glob("tiny_group*_before.sha256"))
+    ]
+    pairs = [(b, a) for b, a in pairs if a.is_file()]
+    assert pairs, "no before/after pair of checksum lists"
+    for before, after in pairs:
+        lines = before.read_text().splitlines()
+        assert len(lines) > 500  # every map, mask, model and table of the 12 scans
+        assert any("desc-harmonized" in line for line in lines)
+        assert any(line.endswith("_harmonizer.safetensors") for line in lines)
+        assert _tool().compare(before, after) == [], after.name
+        assert lines == after.read_text().splitlines()
 
 
 def test_checksums_ignore_times_not_content(tmp_path):
