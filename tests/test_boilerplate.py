@@ -279,7 +279,7 @@ def test_text_is_the_visit_of_the_built_workflow(tiny_bids, monkeypatch):
 
     import dkiharm_nipype.cli.boilerplate as boilerplate
     from dkiharm_nipype.utils.bids import collect_scans, load_layout
-    from dkiharm_nipype.workflows import dki as dki_wf
+    from dkiharm_nipype.dki.fit import fit_dki
     from dkiharm_nipype.workflows.base import init_dkiharm_wf
 
     source = inspect.getsource(boilerplate)
@@ -297,5 +297,5 @@ def test_text_is_the_visit_of_the_built_workflow(tiny_bids, monkeypatch):
     assert text.count("Gibbs ringing was removed") == 1  # four scans, described once
     # the projection's range is the fit's own constant, not a copy of it
     assert "directional kurtosis in [0, 3]" in text and "[0, 10]" not in text
-    monkeypatch.setattr(dki_wf, "KURTOSIS_RANGE", (0.0, 2.5))
+    monkeypatch.setitem(fit_dki.__kwdefaults__, "kurtosis_range", (0.0, 2.5))
     assert "directional kurtosis in [0, 2.5]" in methods_paragraphs(_config())[2]

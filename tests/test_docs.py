@@ -27,6 +27,7 @@ PAGES = (
     "cnn",
     "workflows",
     "benchmarks",
+    "layout",
     "api",
 )
 

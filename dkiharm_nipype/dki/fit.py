@@ -77,10 +77,6 @@ B_UNIT_MAX = 100_000.0
 
 #: dipy's MIN_POSITIVE_SIGNAL: signals are clipped to this before the logarithm.
 MIN_SIGNAL = 1e-4
-#: Smallest eigenvalue of D (mm²/s) after the optional projection (``constraints=True``).
-MIN_DIFFUSIVITY = 1e-5
-#: Range of directional kurtosis after the projection: dipy's ``mean_kurtosis`` clip.
-KURTOSIS_RANGE = (0.0, 3.0)
 
 _MAD_TO_SIGMA = 1.4826
 
@@ -467,8 +463,8 @@ _KT_ISO = _KT_MONO_PINV @ np.ones(len(_DIRS))
 def constrain_params(
     params: np.ndarray,
     *,
-    min_diffusivity: float = MIN_DIFFUSIVITY,
-    kurtosis_range: tuple[float, float] = KURTOSIS_RANGE,
+    min_diffusivity: float = 1e-5,
+    kurtosis_range: tuple[float, float] = (0.0, 3.0),
     n_rounds: int = 20,
 ) -> np.ndarray:
     """Project linear-model parameters (n, 22) onto plausible tensors (see module notes)."""
@@ -545,8 +541,8 @@ def fit_dki(
     max_iter: int = 5,
     tol: float = 1e-2,
     min_signal: float = MIN_SIGNAL,
-    min_diffusivity: float = MIN_DIFFUSIVITY,
-    kurtosis_range: tuple[float, float] = KURTOSIS_RANGE,
+    min_diffusivity: float = 1e-5,
+    kurtosis_range: tuple[float, float] = (0.0, 3.0),
     dtype: torch.dtype = torch.float32,
     chunk_size: int = 8192,
     n_threads: int | None = None,

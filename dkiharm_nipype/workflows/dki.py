@@ -9,10 +9,9 @@ import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..dki.fit import KURTOSIS_RANGE, MIN_DIFFUSIVITY
 from ..dki.maps import ALL_METRICS
 from ..interfaces.dki import FitDKI
-from ..interfaces.metrics import ComputeSNR
+from ..interfaces.scores import ComputeSNR
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
 from .literate import LiterateWorkflow
@@ -29,12 +28,14 @@ FIT_TEXT = {
 
 
 def _fit_desc(fit_method: str, b_max: float | None, constraints: bool) -> str:
+    from ..dki.provenance import constraints_sentence, fit_options
+
     shells = f"volumes with b ≤ {b_max:g} s/mm²" if b_max is not None else "all volumes"
-    lo, hi = KURTOSIS_RANGE
-    d_min = f"{MIN_DIFFUSIVITY:g}".replace("e-0", "e-")
+    # the values the fit uses and the map sidecars state (one source: dki/provenance.py)
+    used = fit_options(method=fit_method, b_max=b_max, constraints=constraints)
     projection = (
-        f", followed by a projection onto physically plausible values (diffusivities of at "
-        f"least {d_min} mm²/s, directional kurtosis in [{lo:g}, {hi:g}])"
+        f", followed by a projection onto physically plausible values "
+        f"({constraints_sentence(used)})"
         if constraints
         else ""
     )
