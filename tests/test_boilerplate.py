@@ -278,8 +278,8 @@ def test_text_is_the_visit_of_the_built_workflow(tiny_bids, monkeypatch):
     import inspect
 
     import dkiharm_nipype.cli.boilerplate as boilerplate
-    from dkiharm_nipype.utils.bids import collect_scans, load_layout
     from dkiharm_nipype.dki.fit import fit_dki
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
     from dkiharm_nipype.workflows.base import init_dkiharm_wf
 
     source = inspect.getsource(boilerplate)

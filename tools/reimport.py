@@ -9,13 +9,13 @@ Usage::
 Run it on the files you changed or added after merging ``main`` into a branch that was started
 before the layout refactor. It rewrites
 
-* absolute imports (``from dkiharm_nipype.evaluation.scores import nrmse``),
+* absolute imports (``from dkiharm_nipype.metrics import nrmse``),
 * relative imports inside the package (``from ..metrics import nrmse``), also in a module that
   itself moved (an edit to ``evaluation.py`` that git carried into ``evaluation/evaluate.py``:
   a relative import that does not resolve from the new place is read from the old one),
 * names that moved between modules (``atomic_copy`` from ``interfaces.bids`` to ``utils.io``),
 * dotted references in text (docstrings, docs pages, monkeypatch strings:
-  ``dkiharm_nipype.evaluation.scores.nrmse``) and file paths (``dkiharm_nipype/evaluation/scores.py``).
+  ``dkiharm_nipype.metrics.nrmse``) and file paths (``dkiharm_nipype/metrics.py``).
 
 It is idempotent: a second run changes nothing. Attribute uses through a module alias
 (``reg.truth_deformation``) are not rewritten; ``python -c 'import ...'`` or the tests show them.
@@ -34,23 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: old module -> new module. A package entry also maps its submodules (prefix).
 MODULES: dict[str, str] = {
-    "dkiharm_nipype.comparators": "dkiharm_nipype.comparators",
-    "dkiharm_nipype.evaluation.scores": "dkiharm_nipype.evaluation.scores",
+    "dkiharm_nipype.harmonize": "dkiharm_nipype.comparators",
+    "dkiharm_nipype.metrics": "dkiharm_nipype.evaluation.scores",
     "dkiharm_nipype.evaluation": "dkiharm_nipype.evaluation.evaluate",
-    "dkiharm_nipype.evaluation.experiments": "dkiharm_nipype.evaluation.experiments",
-    "dkiharm_nipype.preproc.denoise": "dkiharm_nipype.preproc.denoise",
-    "dkiharm_nipype.dki.maps": "dkiharm_nipype.dki.maps",
-    "dkiharm_nipype.cli.checks": "dkiharm_nipype.cli.checks",
-    "dkiharm_nipype.interfaces.scores": "dkiharm_nipype.interfaces.scores",
+    "dkiharm_nipype.experiments": "dkiharm_nipype.evaluation.experiments",
+    "dkiharm_nipype.denoise": "dkiharm_nipype.preproc.denoise",
+    "dkiharm_nipype.dki.metrics": "dkiharm_nipype.dki.maps",
+    "dkiharm_nipype.utils.checks": "dkiharm_nipype.cli.checks",
+    "dkiharm_nipype.interfaces.metrics": "dkiharm_nipype.interfaces.scores",
 }
 
 #: (module, name) -> the module that now defines ``name`` (after MODULES is applied).
 NAMES: dict[tuple[str, str], str] = {
     ("dkiharm_nipype.interfaces.bids", "atomic_copy"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.interfaces.bids", "atomic_write_text"): "dkiharm_nipype.utils.io",
+    ("dkiharm_nipype.utils.checks", "read_gradients"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.cli.checks", "read_gradients"): "dkiharm_nipype.utils.io",
-    ("dkiharm_nipype.cli.checks", "read_gradients"): "dkiharm_nipype.utils.io",
-    ("dkiharm_nipype.cli.checks", "check_nifti"): "dkiharm_nipype.utils.io",
+    ("dkiharm_nipype.utils.checks", "check_nifti"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.cli.checks", "check_nifti"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.utils.dwi", "median_otsu_mask"): "dkiharm_nipype.preproc.masks",
     ("dkiharm_nipype.registration", "truth_deformation"): "dkiharm_nipype.phantom.truth",
@@ -74,19 +74,19 @@ RENAMES: dict[tuple[str, str], str] = {
 
 #: new file -> old file, for relative imports in edits that git carried into a moved file.
 FILES: dict[str, str] = {
-    "dkiharm_nipype/comparators/__init__.py": "dkiharm_nipype/comparators/__init__.py",
-    "dkiharm_nipype/comparators/combat.py": "dkiharm_nipype/comparators/combat.py",
-    "dkiharm_nipype/comparators/commonspace.py": "dkiharm_nipype/comparators/commonspace.py",
-    "dkiharm_nipype/comparators/compare.py": "dkiharm_nipype/comparators/compare.py",
-    "dkiharm_nipype/comparators/rish.py": "dkiharm_nipype/comparators/rish.py",
-    "dkiharm_nipype/evaluation/scores.py": "dkiharm_nipype/evaluation/scores.py",
-    "dkiharm_nipype/evaluation/evaluate.py": "dkiharm_nipype/evaluation/evaluate.py",
-    "dkiharm_nipype/evaluation/experiments.py": "dkiharm_nipype/evaluation/experiments.py",
-    "dkiharm_nipype/registration/engines.py": "dkiharm_nipype/registration/engines.py",
-    "dkiharm_nipype/preproc/denoise.py": "dkiharm_nipype/preproc/denoise.py",
-    "dkiharm_nipype/dki/maps.py": "dkiharm_nipype/dki/maps.py",
-    "dkiharm_nipype/cli/checks.py": "dkiharm_nipype/cli/checks.py",
-    "dkiharm_nipype/interfaces/scores.py": "dkiharm_nipype/interfaces/scores.py",
+    "dkiharm_nipype/comparators/__init__.py": "dkiharm_nipype/harmonize/__init__.py",
+    "dkiharm_nipype/comparators/combat.py": "dkiharm_nipype/harmonize/combat.py",
+    "dkiharm_nipype/comparators/commonspace.py": "dkiharm_nipype/harmonize/commonspace.py",
+    "dkiharm_nipype/comparators/compare.py": "dkiharm_nipype/harmonize/compare.py",
+    "dkiharm_nipype/comparators/rish.py": "dkiharm_nipype/harmonize/rish.py",
+    "dkiharm_nipype/evaluation/scores.py": "dkiharm_nipype/metrics.py",
+    "dkiharm_nipype/evaluation/evaluate.py": "dkiharm_nipype/evaluation.py",
+    "dkiharm_nipype/evaluation/experiments.py": "dkiharm_nipype/experiments.py",
+    "dkiharm_nipype/registration/engines.py": "dkiharm_nipype/registration.py",
+    "dkiharm_nipype/preproc/denoise.py": "dkiharm_nipype/denoise.py",
+    "dkiharm_nipype/dki/maps.py": "dkiharm_nipype/dki/metrics.py",
+    "dkiharm_nipype/cli/checks.py": "dkiharm_nipype/utils/checks.py",
+    "dkiharm_nipype/interfaces/scores.py": "dkiharm_nipype/interfaces/metrics.py",
 }
 
 
