@@ -135,6 +135,7 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
             b_max=config.b_max,
             omp_nthreads=config.execution.omp_nthreads,
             topup_runs=topup_runs,
+            snr_roi=config.snr_roi,
             name=_node_name(f"{scan.key}_wf"),
         )
         for scan in scans

@@ -24,7 +24,8 @@ SCAN_OUTPUTS = {
                               "extension": ".bval"}),
     "bvec_file": ("ds_bvec", {"space": "dwi", "desc": "preproc", "suffix": "dwi",
                               "extension": ".bvec"}),
-    "mask_file": ("ds_mask", {"space": "dwi", "desc": "brain", "suffix": "mask"}),
+    "mask_file": ("ds_mask", {"space": "dwi", "desc": "brain", "suffix": "mask",
+                              "meta_dict": {"Type": "Brain"}}),
     "snr_tsv": ("ds_snr", {"desc": "snr", "suffix": "qc", "extension": ".tsv"}),
     "outlier_fraction_file": ("ds_outlierfraction", {"space": "dwi", "model": "dki",
                                                      "param": "outlierfraction"}),
@@ -50,7 +51,11 @@ def _sinks(workflow, inputnode, specs: dict[str, tuple[str, dict]], **common) ->
 
 
 def init_scan_derivatives_wf(
-    *, source_file: str, staging_dir: Path, name: str = "scan_derivatives_wf"
+    *,
+    source_file: str,
+    staging_dir: Path,
+    dwi_meta: dict | None = None,
+    name: str = "scan_derivatives_wf",
 ) -> pe.Workflow:
     """Store one scan's preprocessed series, mask, SNR row and DKI maps.
 
@@ -60,6 +65,8 @@ def init_scan_derivatives_wf(
         The raw DWI the outputs derive from (names them).
     staging_dir : Path
         Derivatives root the sinks write into.
+    dwi_meta : dict, optional
+        Sidecar of the preprocessed series (acquisition fields and what was done).
     name : str
         Workflow name.
 
@@ -84,9 +91,13 @@ def init_scan_derivatives_wf(
     >>> sorted(n for n in ds_wf.list_node_names() if n.startswith("ds_"))[:4]
     ['ds_ad', 'ds_ak', 'ds_bval', 'ds_bvec']
     """
+    specs = dict(SCAN_OUTPUTS)
+    if dwi_meta:
+        name_, entities = specs["dwi_file"]
+        specs["dwi_file"] = (name_, {**entities, "meta_dict": dwi_meta})
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(SCAN_OUTPUTS)), name="inputnode")
-    _sinks(workflow, inputnode, SCAN_OUTPUTS, base_directory=str(staging_dir),
+    _sinks(workflow, inputnode, specs, base_directory=str(staging_dir),
            source_file=source_file)  # fmt: skip
     return workflow
 
@@ -119,21 +130,23 @@ def init_harmonized_derivatives_wf(
     (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
     """
     kinds = [("out", "harmonized")] + ([("std", "harmonizedstd")] if mc_samples else [])
-    meta = {
-        "Model": "DKI",
-        "Description": "harmonized to the reference scanner by the "
-        "scanner's 3-D hierarchical CNN (dkiharm)",
-        "Scanner": scanner,
+    model = {  # BEP016 Model object: the network stands in for the reference scanner's fit
+        "Description": "DKI map harmonized to the reference scanner: predicted from this "
+        "scan by the scanner's 3-D hierarchical CNN (dkiharm)",
+        "FitMethod": "CNN harmonizer",
+        "Parameters": {"Scanner": scanner, "MCDropoutSamples": mc_samples},
     }
     specs = {
-        f"{kind}_{param}": (f"ds_{desc}_{param}", {"param": param, "desc": desc})
+        f"{kind}_{param}": (f"ds_{desc}_{param}", {
+            "param": param, "desc": desc,
+            "meta_dict": harmonized_sidecar(param, model, std=kind == "std")})
         for kind, desc in kinds
         for param in ALL_METRICS
-    }
+    }  # fmt: skip
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(specs)), name="inputnode")
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir), source_file=source_file,
-           space="dwi", model="dki", meta_dict=meta)  # fmt: skip
+           space="dwi", model="dki")  # fmt: skip
     return workflow
 
 
@@ -188,3 +201,15 @@ def init_plan_derivatives_wf(*, staging_dir: Path, name: str = "plan_derivatives
     specs = {"plan_file": ("ds_plan", {"rel_path": "models/harmonization.json"})}
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir))
     return workflow
+
+
+def harmonized_sidecar(param: str, model: dict, *, std: bool = False) -> dict:
+    """Sidecar of a harmonized map (or of its MC-dropout standard deviation)."""
+    from ..dki.provenance import MAP_DESCRIPTIONS, MAP_UNITS
+
+    what = MAP_DESCRIPTIONS[param] + ", harmonized to the reference scanner"
+    return {
+        "Description": f"MC-dropout standard deviation of the {what}" if std else what,
+        "Units": MAP_UNITS.get(param, "dimensionless"),
+        "Model": model,
+    }
