@@ -236,8 +236,7 @@ def init_scan_wf(
     >>> len(wf.list_node_names()) > 30
     True
     """
-    # float32 size of the series: the memory estimate that lets MultiProc schedule scans
-    shape = nb.load(str(scan.dwi)).shape
+    shape = nb.load(str(scan.dwi)).shape  # float32 size: MultiProc's memory estimate
     mem_gb = max(0.1, 4 * float(np.prod(shape)) / 1024**3)
     workflow = LiterateWorkflow(name=name)
     workflow.__fold__ = "scan"
