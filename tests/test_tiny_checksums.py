@@ -3,7 +3,7 @@
 ``docs/benchmarks/layout/tiny_group_<run>_{before,after}.sha256`` are the checksum lists
 (``tools/tiny_checksums.py``) of ``dkiharm tiny out group --nprocs 2 [options]`` on main
 before the group graph was split into named pieces and on this branch after; every pair
-must list the same files with the same content (see ``docs/benchmarks/layout/README.md``).
+must list the same files with the same content (see ``docs/workflows.md``).
 """
 
 from __future__ import annotations

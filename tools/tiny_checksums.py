@@ -8,7 +8,11 @@ run-specific text: ``logs/`` (CITATION with versions, graphs), ``*.html`` (the r
 run date and paths), ``dataset_description.json`` (GeneratedBy with the version) and the
 ``models/*_harmonizer.json`` cards' and ``*_training.tsv`` logs' wall-clock fields, which are
 hashed with those fields removed. ``.gz`` files are hashed decompressed (the gzip header
-holds a modification time). Exit status 1 when a comparison finds a difference.
+holds a modification time). ``.safetensors`` files are hashed with their JSON header's keys
+sorted: the safetensors writer orders the ``__metadata__`` keys at random per process (two
+runs of the same training give the same tensors, byte for byte, in files that differ), so
+the cards' ``weights_sha256`` (a hash of those file bytes) is left out too. Exit status 1
+when a comparison finds a difference.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ SKIP_NAMES = ("dataset_description.json",)
 SKIP_SUFFIXES = (".html",)
 #: JSON keys whose values are times or durations (removed before hashing, at any depth).
 TIME_KEYS = {"created", "date", "timestamp", "train_seconds", "seconds", "elapsed",
-             "wall_time_s", "duration_s", "time_s"}  # fmt: skip
+             "wall_time_s", "duration_s", "time_s", "weights_sha256"}  # fmt: skip
 
 
 def _strip_times(obj):
@@ -37,6 +41,10 @@ def _strip_times(obj):
 
 def _content(path: Path) -> bytes:
     data = path.read_bytes()
+    if path.suffix == ".safetensors":  # header (keys sorted) + the tensors' bytes
+        size = int.from_bytes(data[:8], "little")
+        header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True).encode()
+        return header + data[8 + size :]
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".json" and path.parent.name == "models":

@@ -133,9 +133,9 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,
-            snr_roi=config.snr_roi,
             omp_nthreads=config.execution.omp_nthreads,
             topup_runs=topup_runs,
+            snr_roi=config.snr_roi,
             name=_node_name(f"{scan.key}_wf"),
         )
         for scan in scans

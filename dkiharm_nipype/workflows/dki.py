@@ -187,8 +187,8 @@ def init_scan_wf(
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
-    snr_roi: str | None = None,
     topup_runs: tuple[int, int] | None = None,
+    snr_roi: str | None = None,
     name: str = "scan_wf",
 ) -> pe.Workflow:
     """Preprocess, fit and store one DWI run (participant level).
@@ -209,8 +209,7 @@ def init_scan_wf(
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
     snr_roi : str, optional
-        White-matter ROI for the SNR on the scan's DWI grid; ``{subject}``, ``{session}`` and
-        ``{run}`` are replaced by the scan's labels (default: the automatic ROI).
+        White-matter ROI of the SNR on the DWI grid (``{subject}``/``{session}``/``{run}`` expand).
 
     Examples
     --------
@@ -237,8 +236,8 @@ def init_scan_wf(
     >>> len(wf.list_node_names()) > 30
     True
     """
-    # float32 size of the series: the memory estimate that lets MultiProc schedule scans
-    mem_gb = max(0.1, 4 * float(np.prod(nb.load(str(scan.dwi)).shape)) / 1024**3)
+    shape = nb.load(str(scan.dwi)).shape  # float32 size: MultiProc's memory estimate
+    mem_gb = max(0.1, 4 * float(np.prod(shape)) / 1024**3)
     workflow = LiterateWorkflow(name=name)
     workflow.__fold__ = "scan"
     raw = ["dwi_file", "bval_file", "bvec_file"]
@@ -271,27 +270,14 @@ def init_scan_wf(
         omp_nthreads=omp_nthreads,
         mem_gb=mem_gb,
     )
-    fit_wf = init_dki_fit_wf(
-        fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb
-    )
+    fit_wf = init_dki_fit_wf(fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads,
+                             mem_gb=mem_gb)  # fmt: skip
     if snr_roi:
         fit_wf.get_node("snr").inputs.roi_file = snr_roi_path(snr_roi, scan)
-    _fit_denoising_window(preproc_wf, nb.load(str(scan.dwi)).shape[:3])
-    # the raw sidecar's acquisition fields, then what was done to the series
-    preproc_meta = {
-        **scan.metadata,
-        **preproc_sidecar(
-            resolved_preproc_mode(preproc, denoiser),
-            denoiser,
-            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        ),
-    }
-    ds_scan_wf = init_scan_derivatives_wf(
-        source_file=str(scan.dwi),
-        staging_dir=staging_dir,
-        preproc_meta=preproc_meta,
-        name="ds_scan_wf",
-    )
+    _fit_denoising_window(preproc_wf, shape[:3])
+    ds_scan_wf = init_scan_derivatives_wf(source_file=str(scan.dwi), staging_dir=staging_dir,
+                                          dwi_meta=_dwi_sidecar(scan, preproc, denoiser),
+                                          name="ds_scan_wf")  # fmt: skip
     fitted = [f"{m}_file" for m in ALL_METRICS] + ["outlier_fraction_file", "snr_tsv"]
     workflow.connect([
         (inputnode, preproc_wf, [(f, f"inputnode.{f}") for f in (
@@ -338,3 +324,10 @@ def _fit_denoising_window(preproc_wf: pe.Workflow, shape) -> None:
     denoise = preproc_wf.get_node("denoise")
     if denoise is not None and isinstance(denoise.interface, DWIDenoise) and min(shape) < 5:
         denoise.inputs.extent = window_extent(shape)
+
+
+def _dwi_sidecar(scan: DWIScan, preproc: str, denoiser: str) -> dict:
+    """The raw sidecar's acquisition fields, then what was done to the series."""
+    rpe = has_reversed_pe(scan.metadata, scan.fmap_metadata)
+    done = preproc_sidecar(resolved_preproc_mode(preproc, denoiser), denoiser, has_rpe_fmap=rpe)
+    return {**scan.metadata, **done}

@@ -54,7 +54,7 @@ def init_scan_derivatives_wf(
     *,
     source_file: str,
     staging_dir: Path,
-    preproc_meta: dict | None = None,
+    dwi_meta: dict | None = None,
     name: str = "scan_derivatives_wf",
 ) -> pe.Workflow:
     """Store one scan's preprocessed series, mask, SNR row and DKI maps.
@@ -65,9 +65,8 @@ def init_scan_derivatives_wf(
         The raw DWI the outputs derive from (names them).
     staging_dir : Path
         Derivatives root the sinks write into.
-    preproc_meta : dict, optional
-        Sidecar of the preprocessed series (the raw sidecar's fields and what was done,
-        :func:`~dkiharm_nipype.workflows.preproc.preproc_sidecar`).
+    dwi_meta : dict, optional
+        Sidecar of the preprocessed series (acquisition fields and what was done).
     name : str
         Workflow name.
 
@@ -92,12 +91,12 @@ def init_scan_derivatives_wf(
     >>> sorted(n for n in ds_wf.list_node_names() if n.startswith("ds_"))[:4]
     ['ds_ad', 'ds_ak', 'ds_bval', 'ds_bvec']
     """
+    specs = dict(SCAN_OUTPUTS)
+    if dwi_meta:
+        name_, entities = specs["dwi_file"]
+        specs["dwi_file"] = (name_, {**entities, "meta_dict": dwi_meta})
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(SCAN_OUTPUTS)), name="inputnode")
-    specs = dict(SCAN_OUTPUTS)
-    if preproc_meta is not None:
-        sink, entities = specs["dwi_file"]
-        specs["dwi_file"] = (sink, {**entities, "meta_dict": preproc_meta})
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir),
            source_file=source_file)  # fmt: skip
     return workflow
@@ -138,31 +137,17 @@ def init_harmonized_derivatives_wf(
         "Parameters": {"Scanner": scanner, "MCDropoutSamples": mc_samples},
     }
     specs = {
-        f"{kind}_{param}": (
-            f"ds_{desc}_{param}",
-            {"param": param, "desc": desc,
-             "meta_dict": harmonized_sidecar(param, model, std=kind == "std")},
-        )  # fmt: skip
+        f"{kind}_{param}": (f"ds_{desc}_{param}", {
+            "param": param, "desc": desc,
+            "meta_dict": harmonized_sidecar(param, model, std=kind == "std")})
         for kind, desc in kinds
         for param in ALL_METRICS
-    }
+    }  # fmt: skip
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=list(specs)), name="inputnode")
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir), source_file=source_file,
            space="dwi", model="dki")  # fmt: skip
     return workflow
-
-
-def harmonized_sidecar(param: str, model: dict, *, std: bool = False) -> dict:
-    """Sidecar of a harmonized map (or of its MC-dropout standard deviation)."""
-    from ..dki.provenance import MAP_DESCRIPTIONS, MAP_UNITS
-
-    what = MAP_DESCRIPTIONS[param] + ", harmonized to the reference scanner"
-    return {
-        "Description": f"MC-dropout standard deviation of the {what}" if std else what,
-        "Units": MAP_UNITS.get(param, "dimensionless"),
-        "Model": model,
-    }
 
 
 def init_model_derivatives_wf(
@@ -216,3 +201,15 @@ def init_plan_derivatives_wf(*, staging_dir: Path, name: str = "plan_derivatives
     specs = {"plan_file": ("ds_plan", {"rel_path": "models/harmonization.json"})}
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir))
     return workflow
+
+
+def harmonized_sidecar(param: str, model: dict, *, std: bool = False) -> dict:
+    """Sidecar of a harmonized map (or of its MC-dropout standard deviation)."""
+    from ..dki.provenance import MAP_DESCRIPTIONS, MAP_UNITS
+
+    what = MAP_DESCRIPTIONS[param] + ", harmonized to the reference scanner"
+    return {
+        "Description": f"MC-dropout standard deviation of the {what}" if std else what,
+        "Units": MAP_UNITS.get(param, "dimensionless"),
+        "Model": model,
+    }
