@@ -458,8 +458,10 @@ def test_lesion_sits_at_the_same_place_in_every_scan(lesion_bids):
         moved = to_subject_space(prob, lesion_bids, "02", ses).get_fdata() > 0.5
         dice = 2 * (moved & ref).sum() / (moved.sum() + ref.sum())
         shift = np.linalg.norm(_centroid_mm(scan, xfm) - centre)
-        print(f"\nses-{ses}: {int(ref.sum())} subject / {int(moved.sum())} moved voxels, "
-              f"Dice {dice:.2f}, centroid {shift:.2f} mm from the subject-space lesion")  # fmt: skip
+        print(
+            f"\nses-{ses}: {int(ref.sum())} subject / {int(moved.sum())} moved voxels, "
+            f"Dice {dice:.2f}, centroid {shift:.2f} mm from the subject-space lesion"
+        )
         assert ref.sum() >= 20 and dice >= 0.75 and shift < 1.0
     # the visits moved the head (else the check above would be trivial)
     assert max(np.abs(p[:3, 3] - poses[0][:3, 3]).max() for p in poses) > 0.5
@@ -489,8 +491,11 @@ def test_lesion_raises_md_lowers_fa_only_in_its_subject(lesion_bids, tmp_path):
                 lesion_contrast(truth[name].get_fdata(), core, wm)["contrast"],
                 lesion_contrast(fitted, core, wm)["contrast"],
             )
-        print(f"\nses-{ses} contrast (truth, fit): MD {out['md'][0]:+.0%} {out['md'][1]:+.0%}, "
-              f"FA {out['fa'][0]:+.0%} {out['fa'][1]:+.0%}")  # fmt: skip
+        md, fa = out["md"], out["fa"]
+        print(
+            f"\nses-{ses} contrast (truth, fit): MD {md[0]:+.0%} {md[1]:+.0%}, "
+            f"FA {fa[0]:+.0%} {fa[1]:+.0%}"
+        )
         assert out["md"][0] > 0.3 and out["md"][1] > 0.2
         assert out["fa"][0] < -0.2 and out["fa"][1] < -0.2
     plain = generate(tmp_path / "plain", preset="tiny", seed=2, subjects=2)
