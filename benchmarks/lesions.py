@@ -6,8 +6,8 @@ shell; a 12-slice slab at 2 mm; four subjects) with a focal lesion (oedema-like 
 loss of intra-axonal signal) in subjects 03 and 04 only, runs ``dkiharm ... group`` trained on
 subjects 01 and 02 (healthy), then reports
 
-* **lesion contrast** (:func:`dkiharm_nipype.metrics.lesion_contrast`: lesion core vs the
-  normal WM 2-4 voxels around it, each scan in its own space with the phantom's truth lesion
+* **lesion contrast** (:func:`dkiharm_nipype.evaluation.scores.lesion_contrast`: lesion
+  core vs the normal WM 2-4 voxels around it, each scan in its own space with the phantom's truth lesion
   and WM masks) of MD, FA, MK, RK (and AK, KFA) in each scan's raw fit, its harmonized map
   and the truth; the **ratio** harmonized / reference raw fit (target 0.8-1.2) per scanner;
 * the WM inter-scanner **CV** and **NRMSE-to-reference** of the test subjects before and
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harmonize import KURTOSIS, evaluate, group_command  # noqa: E402
 
-from dkiharm_nipype.metrics import lesion_contrast  # noqa: E402
+from dkiharm_nipype.evaluation.scores import lesion_contrast  # noqa: E402
 
 MAPS = ("md", "fa", "mk", "rk", "ak", "kfa")
 LESION_SUBJECTS = ("03", "04")

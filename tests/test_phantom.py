@@ -475,7 +475,7 @@ def test_lesion_raises_md_lowers_fa_only_in_its_subject(lesion_bids, tmp_path):
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dki import DiffusionKurtosisModel
 
-    from dkiharm_nipype.metrics import lesion_contrast
+    from dkiharm_nipype.evaluation.scores import lesion_contrast
 
     for ses in ("A", "C", "D"):
         core = np.asanyarray(_lesion_mask(lesion_bids, "02", ses).dataobj) > 0
@@ -506,7 +506,7 @@ def test_lesion_raises_md_lowers_fa_only_in_its_subject(lesion_bids, tmp_path):
 def test_lesion_contrast_on_a_synthetic_map():
     """Core 1.5 in WM 1.0 with a partial-volume shell of 1.25 (excluded by the gap) and grey
     matter of 0.6 (excluded by the WM mask): contrast +50 % exactly."""
-    from dkiharm_nipype.metrics import lesion_contrast
+    from dkiharm_nipype.evaluation.scores import lesion_contrast
 
     ii, jj, kk = np.mgrid[:24, :24, :24]
     r = np.sqrt((ii - 12) ** 2 + (jj - 12) ** 2 + (kk - 12) ** 2)

@@ -91,7 +91,8 @@ class Lesion:
     moves to the extra-axonal space (axonal loss) and the extra-axonal Gamma shape grows by
     ``1 + 4 intra_loss`` (a damaged, more homogeneous space: less kurtosis); all fade out
     with the boundary. Defaults, truth at TE 60 ms (``hard``): MD +63 %, FA -57 %, MK -17 %,
-    RK -13 % against the surrounding WM (:func:`dkiharm_nipype.metrics.lesion_contrast`).
+    RK -13 % against the surrounding WM
+    (:func:`dkiharm_nipype.evaluation.scores.lesion_contrast`).
     """
 
     subject: int
