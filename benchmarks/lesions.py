@@ -7,15 +7,18 @@ loss of intra-axonal signal) in subjects 03 and 04 only, runs ``dkiharm ... grou
 subjects 01 and 02 (healthy), then reports
 
 * **lesion contrast** (:func:`dkiharm_nipype.evaluation.scores.lesion_contrast`: lesion
-  core vs the normal WM 2-4 voxels around it, each scan in its own space with the phantom's truth lesion
-  and WM masks) of MD, FA, MK, RK (and AK, KFA) in each scan's raw fit, its harmonized map
-  and the truth; the **ratio** harmonized / reference raw fit (target 0.8-1.2) per scanner;
+  core vs the normal WM 2-4 voxels around it, each scan in its own space with the phantom's
+  truth lesion and WM masks) of MD, FA, MK, RK (and AK, KFA) in each scan's raw fit, its
+  harmonized map and the truth; the **ratio** harmonized / reference raw fit (target
+  0.8-1.2) per scanner;
 * the WM inter-scanner **CV** and **NRMSE-to-reference** of the test subjects before and
   after, with the ceiling of a perfect harmonization (``benchmarks/harmonize.py``'s
   evaluation: dipy SyN on FA into the reference scan).
 
 Run: ``.venv/bin/python benchmarks/lesions.py [--keep DIR] [--epochs E]
-[--samples-per-epoch S] [--preproc none] [--comparators combat rish]``.
+[--samples-per-epoch S] [--preproc none] [--comparators combat rish] [--record NAME]``;
+``--from-json DIR/lesions.json`` prints (and records) a finished run again. Tables and a
+``record.json`` go to ``docs/benchmarks/NAME/`` (``benchmarks/record.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harmonize import KURTOSIS, evaluate, group_command  # noqa: E402
+from record import write_record  # noqa: E402
 
 from dkiharm_nipype.evaluation.scores import lesion_contrast  # noqa: E402
 
@@ -90,6 +94,84 @@ def contrast_ratios(scores: dict, reference: str) -> dict:
     return ratios
 
 
+def tables(result: dict) -> dict[str, list[dict]]:
+    """The run's figures as rows: lesion contrast, contrast ratios, WM CV, NRMSE."""
+    scores, ratios, res = result["scores"], result["ratios"], result["evaluation"]
+    plan = res["plan"]
+    contrast = []
+    for scanner in plan["scanners"]:
+        for what in ("truth", "raw", "harmonized"):
+            row = {"scanner": scanner, "source": what}
+            for k in MAPS:
+                vals = [
+                    scores[s][scanner][k][what]["contrast"]
+                    for s in scores
+                    if what in scores[s][scanner][k]
+                ]
+                row[k] = round(100 * float(np.mean(vals)), 1) if vals else None
+            contrast.append(row)
+    ratio = [
+        {"scanner": scanner, "source": what}
+        | {k: round(float(np.mean(by_map[k][what])), 2) for k in MAPS}
+        for scanner, by_map in ratios.items()
+        for what in ("raw", "harmonized")
+    ]
+    cv = []
+    for k in KURTOSIS:
+        b, a, c = (float(np.mean(res["cv"][k][w])) for w in ("before", "after", "ceiling"))
+        cv.append(
+            {"map": k, "before": round(b, 1), "after": round(a, 1),
+             "cut_pct": round(100 * (1 - a / b)), "ceiling": round(c, 1),
+             "ceiling_cut_pct": round(100 * (1 - c / b))}
+        )  # fmt: skip
+    nrmse = []
+    for scanner, vals in res["to_ref"].items():
+        for k in KURTOSIS:
+            b, a, c = (float(np.mean(vals[k][w])) for w in ("before", "after", "ceiling"))
+            nrmse.append(
+                {"scanner": scanner, "map": k, "before": round(b, 3), "after": round(a, 3),
+                 "cut_pct": round(100 * (1 - a / b)), "ceiling": round(c, 3),
+                 "ceiling_cut_pct": round(100 * (1 - c / b))}
+            )  # fmt: skip
+    return {"lesion_contrast_pct": contrast, "contrast_ratio": ratio, "wm_cv": cv, "nrmse": nrmse}
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join("-" if v is None else str(v) for v in row.values()) + " |")
+
+
+def report(result: dict, *, record: str | None = None, wall_s: dict | None = None) -> None:
+    """Print the tables (and write them as a benchmark record)."""
+    res = result["evaluation"]
+    plan = res["plan"]
+    print(
+        f"\nreference {plan['reference_scanner']}; training "
+        f"{', '.join(plan['training_subjects'])}; testing {', '.join(plan['test_subjects'])}"
+    )
+    rows = tables(result)
+    _print_table("Lesion contrast (core / surrounding WM - 1, %), mean over the lesion subjects",
+                 rows["lesion_contrast_pct"])  # fmt: skip
+    _print_table(f"Lesion contrast ratio to the reference ({plan['reference_scanner']}) raw fit "
+                 "(target 0.8-1.2)", rows["contrast_ratio"])  # fmt: skip
+    _print_table("WM inter-scanner CV (%), test subjects", rows["wm_cv"])
+    _print_table("NRMSE-to-reference in WM, test subjects", rows["nrmse"])
+    if record:
+        path = write_record(
+            record,
+            tables=rows,
+            options=result.get("options", {}),
+            wall_s=wall_s or result.get("wall_s"),
+            command=" ".join(result["command"]),
+            notes="hard preset, lesions in sub-03/04 (test), trained on sub-01/02",
+        )
+        print(f"\nrecord: {path}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=Path, help="folder to keep (and reuse) the run in")
@@ -100,7 +182,12 @@ def main(argv=None) -> None:
     parser.add_argument("--denoiser", default="mppca", choices=["dwidenoise", "mppca"])
     parser.add_argument("--network-input", default="dwi", choices=["dwi", "dwi+fit"])
     parser.add_argument("--comparators", nargs="*", default=[], help="combat, rish")
+    parser.add_argument("--record", help="write the tables under docs/benchmarks/RECORD/")
+    parser.add_argument("--from-json", type=Path, help="report a finished run's lesions.json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()), record=args.record)
+        return
     root = args.keep or Path(tempfile.mkdtemp(prefix="dkiharm-lesions-"))
     bids, out, work = root / "bids", root / "out", root / "work"
 
@@ -128,67 +215,19 @@ def main(argv=None) -> None:
     t_group = time.time() - started
 
     plan = json.loads((out / "models" / "harmonization.json").read_text())
-    ref = plan["reference_scanner"]
     scores = lesion_scores(bids, out, plan)
-    ratios = contrast_ratios(scores, ref)
-    print(
-        f"\nphantom generation {t_gen:.0f} s; group level {t_group:.0f} s; reference {ref}; "
-        f"training {', '.join(plan['training_subjects'])}; testing "
-        f"{', '.join(plan['test_subjects'])}"
-    )
-    print("\nLesion contrast (core / surrounding WM - 1), mean over the lesion subjects")
-    print("| scanner | source | " + " | ".join(k.upper() for k in MAPS) + " |")
-    print("|---|---|" + "---:|" * len(MAPS))
-    for scanner in plan["scanners"]:
-        for what in ("truth", "raw", "harmonized"):
-            cells = []
-            for k in MAPS:
-                vals = [
-                    scores[s][scanner][k][what]["contrast"]
-                    for s in scores
-                    if what in scores[s][scanner][k]
-                ]
-                cells.append(f"{100 * np.mean(vals):+.0f} %" if vals else "-")
-            print(f"| {scanner} | {what} | " + " | ".join(cells) + " |")
-    print(f"\nLesion contrast ratio to the reference ({ref}) raw fit (target 0.8-1.2)")
-    print("| scanner | map | " + " | ".join(k.upper() for k in MAPS) + " |")
-    print("|---|---|" + "---:|" * len(MAPS))
-    for scanner, by_map in ratios.items():
-        for what in ("raw", "harmonized"):
-            cells = [
-                f"{np.mean(by_map[k][what]):.2f}" if what in by_map.get(k, {}) else "-"
-                for k in MAPS
-            ]
-            print(f"| {scanner} | {what} | " + " | ".join(cells) + " |")
-
-    res = evaluate(bids, out, distorted=True)
-    print("\nWM inter-scanner CV (%), test subjects: before -> after [ceiling]")
-    print("| map | before | after | cut | ceiling (cut) |")
-    print("|---|---:|---:|---:|---:|")
-    for k in KURTOSIS:
-        b, a, c = (np.mean(res["cv"][k][w]) for w in ("before", "after", "ceiling"))
-        print(
-            f"| {k.upper()} | {b:.1f} | {a:.1f} | {100 * (1 - a / b):.0f} % | "
-            f"{c:.1f} ({100 * (1 - c / b):.0f} %) |"
-        )
-    print("\nNRMSE-to-reference in WM, test subjects: before -> after (cut) [ceiling, cut]")
-    print("| scanner | " + " | ".join(k.upper() for k in KURTOSIS) + " |")
-    print("|---|" + "---|" * len(KURTOSIS))
-    for scanner, vals in res["to_ref"].items():
-        cells = []
-        for k in KURTOSIS:
-            b, a, c = (np.mean(vals[k][w]) for w in ("before", "after", "ceiling"))
-            cut, ceiling = 100 * (1 - a / b), 100 * (1 - c / b)
-            cells.append(f"{b:.3f} -> {a:.3f} ({cut:.0f} %) [{c:.3f}, {ceiling:.0f} %]")
-        print(f"| {scanner} | " + " | ".join(cells) + " |")
-    (root / "lesions.json").write_text(
-        json.dumps(
-            {"command": cmd, "scores": scores, "ratios": ratios, "evaluation": res},
-            indent=2,
-            default=float,
-        )
-    )
-    print(f"\nrecord: {root / 'lesions.json'}")
+    result = {
+        "command": cmd,
+        "options": vars(args) | {"keep": str(root), "from_json": None},
+        "wall_s": {"phantom": t_gen, "group": t_group},
+        "scores": scores,
+        "ratios": contrast_ratios(scores, plan["reference_scanner"]),
+        "evaluation": evaluate(bids, out, distorted=True),
+    }
+    (root / "lesions.json").write_text(json.dumps(result, indent=2, default=float))
+    print(f"phantom generation {t_gen:.0f} s; group level {t_group:.0f} s")
+    report(result, record=args.record)
+    print(f"run: {root / 'lesions.json'}")
 
 
 if __name__ == "__main__":
