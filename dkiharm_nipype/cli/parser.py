@@ -451,7 +451,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--write-graph",
         action="store_true",
         help="write the workflow graphs (hierarchical and colored, PNG and SVG; the "
-        "group level adds the participant graph) into output_dir/logs",
+        "group level adds the participant graph) and a methods figure (graph_methods) "
+        "into output_dir/logs",
     )
     perf.add_argument(
         "--boilerplate-only",

@@ -92,7 +92,7 @@ def run(config: RunConfig) -> int:
 
     write_config(config, config.output_dir / "logs" / "config.toml")
 
-    write_citation(config, config.output_dir / "logs", scans=scans)
+    write_citation(config, config.output_dir / "logs", scans=scans, workflow=workflow)
     if config.write_graph:
         from .graphs import write_graphs
 
