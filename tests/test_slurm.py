@@ -164,7 +164,7 @@ def test_heavy_nodes_declare_threads_and_memory(tiny_bids, tmp_path):
         "brain_mask": (3, None),
         "fit": (3, 0.3),
         "register": (3, 2),
-        "train_C": (3, 4),
+        "train": (3, 4),
         "apply": (3, 2),
     }
     for name, (n_procs, mem_gb) in expected.items():
@@ -213,10 +213,10 @@ def test_gpu_plugin_args_only_on_nodes_that_can_use_a_gpu(tiny_bids, tmp_path):
     )
     assert len(applied) == len(list(workflow._get_all_nodes()))
     with_gpu = sorted({node.name for node, args in applied if gpu in args})
-    assert with_gpu == ["apply", "train_C", "train_D"], with_gpu
+    assert with_gpu == ["apply", "train"], with_gpu
     args = {node.name: node.plugin_args["sbatch_args"] for node, _ in applied}
     # n_procs and mem_gb of test_heavy_nodes_declare_threads_and_memory, plus 0.5 GB per job
-    assert args["train_C"] == f" --cpus-per-task=2 --mem=4608M {gpu}"
+    assert args["train"] == f" --cpus-per-task=2 --mem=4608M {gpu}"
     assert args["apply"] == f" --cpus-per-task=2 --mem=2560M {gpu}"
     assert args["denoise"] == " --cpus-per-task=2 --mem=820M"
     assert args["register"] == " --cpus-per-task=2 --mem=2560M"
@@ -225,7 +225,7 @@ def test_gpu_plugin_args_only_on_nodes_that_can_use_a_gpu(tiny_bids, tmp_path):
     _, workflow = _group_config(tiny_bids, tmp_path, "--plugin", "SLURM")
     fixed = apply_batch_resources(workflow, "SLURM", {"sbatch_args": "-c 4 --mem=8G"}, gpu)
     assert {args for _, args in fixed} == {gpu}
-    assert sorted({node.name for node, _ in fixed}) == ["apply", "train_C", "train_D"]
+    assert sorted({node.name for node, _ in fixed}) == ["apply", "train"]
     assert apply_batch_resources(workflow, "MultiProc", {}, gpu) == []
 
 
@@ -292,13 +292,13 @@ def test_group_level_under_slurm_equals_multiproc(slurm, tiny_bids, tmp_path):
     )
     print(f"{len(jobs)} Slurm jobs:", sorted(set(jobs)))
     names = {name for name, *_ in jobs}
-    assert {"denoise", "fit", "register", "train_C", "train_D", "apply", "evaluate"} <= names
+    assert {"denoise", "fit", "register", "train", "apply", "evaluate"} <= names
     assert {state for _, state, *_ in jobs} == {"COMPLETED"}
     on_gpu = {name: part == "gpu" for name, _, part, *_ in jobs}
-    assert {name for name, gpu in on_gpu.items() if gpu} == {"apply", "train_C", "train_D"}
+    assert {name for name, gpu in on_gpu.items() if gpu} == {"apply", "train"}
     assert all(on_gpu[name] == (part == "gpu") for name, _, part, *_ in jobs)
     resources = {(name, int(cpu), _mem_mb(mem)) for name, _, _, cpu, mem in jobs}
-    expected = {("train_C", 2, 4608), ("apply", 2, 2560), ("denoise", 2, 820), ("snr", 1, 615)}
+    expected = {("train", 2, 4608), ("apply", 2, 2560), ("denoise", 2, 820), ("snr", 1, 615)}
     assert expected <= resources, resources
     assert len({r for r in resources if r[0] in {n for n, *_ in expected}}) == len(expected)
 
