@@ -36,6 +36,7 @@ from .data import (
 from .infer import predict_voxels
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
+from .ood import fit_ood_model
 
 __all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
 
@@ -198,6 +199,15 @@ def train_harmonizer(
     scaling = TargetScaling.fit(
         [s.labels for s in subjects], [s.training_mask() for s in subjects], mode=target_scaling
     )
+    # Training-distribution model of the network input: the voxelwise OOD flag (cnn/ood.py).
+    try:
+        ood = fit_ood_model(
+            [(s.dwi, s.training_mask()) for s in subjects],
+            shell_sizes=protocol.get("directions"),
+            seed=seed,
+        )
+    except ValueError as err:  # too few voxels for the mixture: no flag, said in the card
+        ood = {"skipped": str(err)}
     residual = 0
     if network_input == "dwi+fit":
         missing = [s.name or f"subject {i + 1}" for i, s in enumerate(subjects) if s.fit is None]
@@ -279,6 +289,7 @@ def train_harmonizer(
             "seconds": round(sum(h["seconds"] for h in result.history), 2),
             "device": device_description(device),
             "validation": metrics,
+            "ood": ood,
         },
     )
     return model.cpu(), card, result
