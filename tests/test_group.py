@@ -84,6 +84,15 @@ def test_every_scan_has_harmonized_maps(group_run):
             assert (
                 json.loads((folder / f"{name}.json").read_text())["Scanner"] == dwi.parts[-3][4:]
             )
+        # the OOD flag (on by default): healthy phantom scans are flagged in few voxels
+        ood = nb.load(folder / f"{stem}_space-dwi_desc-ood_mask.nii.gz").get_fdata() > 0
+        brain = (
+            _map(
+                next(folder.glob(f"{stem}_space-dwi_model-dki_param-md_desc-harmonized_*.nii.gz"))
+            )
+            > 0
+        )
+        assert ood.sum() < 0.05 * brain.sum(), (stem, ood.sum(), brain.sum())
 
 
 def test_harmonization_lowers_target_vs_reference_error(group_run):

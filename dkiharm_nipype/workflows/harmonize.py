@@ -26,7 +26,7 @@ from nipype.pipeline import engine as pe
 
 from ..config import RunConfig
 from ..dki.maps import ALL_METRICS
-from ..interfaces.bids import DerivativesDataSink
+from ..interfaces.bids import DerivativesDataSink, OptionalDerivativesDataSink
 from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from ..interfaces.registration import RegisterMaps
 from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study, rescan_partner
@@ -642,8 +642,8 @@ def init_apply_wf(
     ...     ("dwi", "inputnode.dwi_file"), ("bval", "inputnode.bval_file"),
     ...     ("bvec", "inputnode.bvec_file"), ("mask", "inputnode.mask_file")])])
     >>> sinks = [n for n in apply_wf.list_node_names() if n.startswith("ds_")]
-    >>> len(sinks), sorted(sinks)[:2]  # eight maps and, with MC dropout, eight std maps
-    (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
+    >>> len(sinks), sorted(sinks)[:2]  # 8 maps, 8 MC-dropout std maps, OOD mask + distance
+    (18, ['ds_harmonized_ad', 'ds_harmonized_ak'])
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -719,6 +719,13 @@ def init_apply_wf(
                 run_without_submitting=True,
             )
             workflow.connect(apply, f"{kind}_{param}", ds, "in_file")
+    for output, desc, suffix in (("ood_mask_file", "ood", "mask"),
+                                 ("ood_distance_file", "ooddistance", "dwimap")):  # fmt: skip
+        ds = pe.Node(  # voxels unlike the training data (cnn/ood.py); none for older cards
+            OptionalDerivativesDataSink(base_directory=str(staging_dir),
+                source_file=str(scan.dwi), space="dwi", desc=desc, suffix=suffix),
+            name=f"ds_{desc}", run_without_submitting=True)  # fmt: skip
+        workflow.connect(apply, output, ds, "in_file")
     return workflow
 
 
