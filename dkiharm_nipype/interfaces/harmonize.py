@@ -301,8 +301,8 @@ class ApplyHarmonizer(SimpleInterface):
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'cpu')
-    >>> sorted(apply.output_spec().get())[:4]
-    ['out_ad', 'out_ak', 'out_fa', 'out_files']
+    >>> sorted(apply.output_spec().get())[:4]  # with the OOD mask, on by default
+    ['ood_distance_file', 'ood_mask_file', 'out_ad', 'out_ak']
 
     In an existing pipeline, with a network trained by a group-level run (its
     ``models/`` folder) and any preprocessing of a scan of that scanner:
