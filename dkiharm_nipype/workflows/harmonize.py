@@ -723,10 +723,19 @@ def init_apply_wf(
                                  ("ood_distance_file", "ooddistance", "dwimap")):  # fmt: skip
         ds = pe.Node(  # voxels unlike the training data (cnn/ood.py); none for older cards
             OptionalDerivativesDataSink(base_directory=str(staging_dir),
-                source_file=str(scan.dwi), space="dwi", desc=desc, suffix=suffix),
+                source_file=str(scan.dwi), space="dwi", desc=desc, suffix=suffix,
+                meta_dict={"Description": _OOD_DESCRIPTIONS[desc]}),
             name=f"ds_{desc}", run_without_submitting=True)  # fmt: skip
         workflow.connect(apply, output, ds, "in_file")
     return workflow
+
+
+_OOD_DESCRIPTIONS = {
+    "ood": "Voxels whose harmonizer input is unlike its training data: OOD distance above the "
+    "99.5th percentile of held-out training voxels' (model card training.ood)",
+    "ooddistance": "Smallest Mahalanobis distance of the voxel's input features to the "
+    "Gaussian mixture of the training voxels' (dkiharm_nipype/cnn/ood.py)",
+}
 
 
 def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
