@@ -73,3 +73,25 @@ def test_oedema_like_lesion_is_flagged_and_normal_brain_is_not(tiny_bids):
     # measured (tiny phantom, seed 0): sensitivity 0.44, FPR 1.4 % (1.25 % without lesion)
     assert sensitivity > 0.35
     assert fpr < 0.02 and clean[mask].mean() < 0.02
+
+
+def test_report_shows_where_voxels_were_flagged(tmp_path):
+    import nibabel as nb
+
+    from dkiharm_nipype.report.html import figure_ood
+
+    brain = np.zeros((10, 12, 6), bool)
+    brain[1:9, 1:11, 1:5] = True
+    flagged = np.zeros_like(brain)
+    flagged[3:5, 3:5, 2] = True  # 4 of 320 brain voxels, all in slice 2
+    files = []
+    for name, data in (("md", np.where(brain, 1e-3, 0.0)), ("brain", brain), ("ood", flagged)):
+        files.append(tmp_path / f"{name}.nii.gz")
+        nb.Nifti1Image(data.astype(np.float32), np.eye(4)).to_filename(files[-1])
+    page = figure_ood({"sub-03 ses-A": tuple(files)})
+    assert 'id="fig-ood"' in page and "data:image/png;base64," in page
+    from dkiharm_nipype.report.figures import fig_ood
+
+    fig = fig_ood({"s": (np.where(brain, 1e-3, 0.0), brain, flagged)})
+    assert fig.fractions == {"s": pytest.approx(4 / 320)}
+    assert "not-run" in figure_ood({})
