@@ -202,7 +202,7 @@ def train_harmonizer(
     # Training-distribution model of the network input: the voxelwise OOD flag (cnn/ood.py).
     try:
         ood = fit_ood_model(
-            [(s.dwi, s.training_mask()) for s in subjects],
+            [(s.dwi, _input_mask(s)) for s in subjects],
             shell_sizes=protocol.get("directions"),
             seed=seed,
         )
@@ -293,6 +293,13 @@ def train_harmonizer(
         },
     )
     return model.cpu(), card, result
+
+
+def _input_mask(subject: TrainingSubject) -> np.ndarray:
+    """Voxels whose input the network is trained to take: the brain minus ``exclude`` (labels
+    outside their registration's support do not make the input unlike the training data)."""
+    mask = subject.mask.astype(bool)
+    return mask if subject.exclude is None else mask & ~subject.exclude.astype(bool)
 
 
 def device_description(device: str | torch.device) -> str:
