@@ -86,4 +86,8 @@ class RunConfig:
     roi_table: Path | None = None
     comparators: tuple[str, ...] = ()
     experiments: tuple[str, ...] = ()
+    #: QSIPrep-style folders of preprocessed DWIs (``--derivatives``)
+    derivatives: tuple[Path, ...] = ()
+    #: stop the whole run at the first failed node (default: skip the scan, go on)
+    stop_on_first_crash: bool = False
     execution: ExecConfig = field(default_factory=ExecConfig)

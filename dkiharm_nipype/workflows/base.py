@@ -68,10 +68,10 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
         workflow.base_dir = str(config.work_dir)
         workflow.config["execution"].update(
             {
-                "crashdump_dir": str(config.work_dir / "crash"),
+                "crashdump_dir": str(config.output_dir / "logs" / "crash"),
                 "crashfile_format": "txt",
                 "remove_unnecessary_outputs": False,
-                "stop_on_first_crash": True,
+                "stop_on_first_crash": config.stop_on_first_crash,
                 # many short nodes per scan: poll often (Nipype's default waits 2 s)
                 "poll_sleep_duration": 0.2,
             }

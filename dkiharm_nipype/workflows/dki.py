@@ -16,6 +16,23 @@ from ..interfaces.metrics import ComputeSNR
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
 from .preproc import init_dwi_preproc_wf
+from .published import init_preprocessed_dwi_wf
+
+
+def _preprocessed_meta(scan: DWIScan) -> dict:
+    """Sidecar of a series that another pipeline preprocessed (``--derivatives``)."""
+    pre = scan.preprocessed
+    if pre is None:
+        return {}
+    return {
+        "meta_dict": {
+            "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
+            "dkiharm's own preprocessing was skipped",
+            "PreprocessedBy": pre.pipeline,
+            "PreprocessedSource": str(pre.dwi),
+            "SkullStripped": False,
+        }
+    }
 
 
 def init_dki_fit_wf(
@@ -270,9 +287,11 @@ def init_scan_wf(
         ),
         name="inputnode",
     )
-    inputnode.inputs.dwi_file = str(scan.dwi)
-    inputnode.inputs.bval_file = str(scan.bval)
-    inputnode.inputs.bvec_file = str(scan.bvec)
+    # a scan preprocessed elsewhere (--derivatives) enters as that series, SNR included
+    given = scan.preprocessed or scan
+    inputnode.inputs.dwi_file = str(given.dwi)
+    inputnode.inputs.bval_file = str(given.bval)
+    inputnode.inputs.bvec_file = str(given.bvec)
     inputnode.inputs.metadata = scan.metadata
     inputnode.inputs.fmap_epi_files = [str(f) for f in scan.fmap_epi]
     inputnode.inputs.fmap_metadata = list(scan.fmap_metadata)
@@ -283,14 +302,17 @@ def init_scan_wf(
         "run": "" if scan.run is None else str(scan.run),
     }
 
-    preproc_wf = init_dwi_preproc_wf(
-        preproc=preproc,
-        denoiser=denoiser,
-        has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        mask_method=mask_method,
-        omp_nthreads=omp_nthreads,
-        mem_gb=mem_gb,
-    )
+    if scan.preprocessed is not None:
+        preproc_wf = init_preprocessed_dwi_wf(preprocessed=scan.preprocessed)
+    else:
+        preproc_wf = init_dwi_preproc_wf(
+            preproc=preproc,
+            denoiser=denoiser,
+            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
+            mask_method=mask_method,
+            omp_nthreads=omp_nthreads,
+            mem_gb=mem_gb,
+        )
     fit_wf = init_dki_fit_wf(
         fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb
     )
@@ -306,7 +328,9 @@ def init_scan_wf(
         for metric in (*ALL_METRICS, "outlierfraction")
     }
     ds_dwi = pe.Node(
-        DerivativesDataSink(**sink_args, space="dwi", desc="preproc", suffix="dwi"),
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="preproc", suffix="dwi", **_preprocessed_meta(scan)
+        ),
         name="ds_dwi",
         run_without_submitting=True,
     )

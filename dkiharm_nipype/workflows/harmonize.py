@@ -33,6 +33,7 @@ from ..study import StudyPlan, check_voxel_sizes, first_runs, plan_study, rescan
 from ..utils.bids import DWIScan
 from .dki import init_scan_wf
 from .evaluation import init_comparators_node, init_evaluation_wf
+from .published import init_published_scan_wf
 
 
 def _node_name(text: str) -> str:
@@ -46,9 +47,8 @@ def _pick_reference(snr_files, override):
     from dkiharm_nipype.study import choose_reference
 
     reference, table = choose_reference(snr_files, override or None)
-    logging.getLogger("nipype.workflow").warning(
-        "SNR table:\n%s\nreference scanner: %s", table, reference
-    )
+    # the CLI logs the SNR table of the published scans once, before this graph runs
+    logging.getLogger("nipype.workflow").debug("SNR table:\n%s", table)
     return reference
 
 
@@ -174,6 +174,11 @@ def init_group_wf(
 
     scan_wfs = {}
     for scan in scans:
+        if scan.published is not None:  # published by a participant run: nothing recomputed
+            scan_wfs[scan.key] = init_published_scan_wf(
+                published=scan.published, name=_node_name(f"{scan.key}_wf")
+            )
+            continue
         scan_wfs[scan.key] = init_scan_wf(
             scan=scan,
             staging_dir=staging_dir,
