@@ -514,6 +514,14 @@ def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) 
                 f"(FSL{' ' + fsl if fsl else ''} [@jenkinson2012]), which resamples every "
                 "volume once and rotates the b-vectors."
             )
+    pre = [s for s in scans or () if getattr(s, "preprocessed", None) is not None]
+    if pre:
+        pipelines = ", ".join(sorted({s.preprocessed.pipeline for s in pre}))
+        text += (
+            f" {len(pre)} of {len(scans)} runs had been preprocessed by {pipelines} and were "
+            "used as provided, with that pipeline's brain mask: the steps above and the mask "
+            "estimation below were skipped for them."
+        )
     if config.mask_method == "dwi2mask":
         text += " A brain mask was estimated on the preprocessed series with MRtrix3 dwi2mask."
     else:

@@ -21,8 +21,44 @@ from pathlib import Path
 
 LOGGER = logging.getLogger("dkiharm")
 
+#: One line per record, one timestamp style, for dkiharm's and Nipype's loggers alike.
+LOG_FORMAT = "%(asctime)s [%(name)s] %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+#: Nipype messages that repeat, as tracebacks, what the closing summary says in one line.
+_CRASH_CHATTER = (
+    "Saving crash info",
+    "could not run node",
+    "Node %s failed",
+    "***",
+    "crashfile:",
+    "[Node] Error on",
+    "Storing result file without outputs",
+)
+
+
+def quiet_crash_chatter(record: logging.LogRecord) -> bool:
+    """Logging filter: drop Nipype's per-crash messages (the run reports each failure)."""
+    return not str(record.msg).lstrip().startswith(_CRASH_CHATTER)
+
+
+def use_one_format(log_file: str | None = None) -> None:
+    """Route Nipype's records through the root logger's single-line format."""
+    import sys
+
+    logging.basicConfig(format=LOG_FORMAT, datefmt=DATE_FORMAT, stream=sys.stdout, force=True)
+    from nipype import logging as _nipype_logging  # noqa: F401 - adds Nipype's own handler
+
+    logging.getLogger("nipype").handlers.clear()
+    logging.getLogger("nipype.workflow").addFilter(quiet_crash_chatter)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d " + DATE_FORMAT))
+        logging.getLogger().addHandler(handler)
+
+
 #: Stage of a node inside a per-scan workflow, by the name of its sub-workflow.
-SCAN_STAGES = {"preproc_wf": "preproc", "preprocessed_wf": "preproc", "dki_fit_wf": "fit"}
+SCAN_STAGES = {"dwi_preproc_wf": "preproc", "preprocessed_wf": "preproc", "dki_fit_wf": "fit"}
 
 
 @dataclass
@@ -49,7 +85,7 @@ class Failure:
 class _Progress:
     nodes: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
-    first_start: float | None = None
+    busy: float = 0.0  # seconds its nodes ran, summed
 
 
 def format_duration(seconds: float) -> str:
@@ -150,9 +186,6 @@ class RunMonitor:
         unit = self.unit_of(name)
         if status == "start":
             self._started[name] = time.time()
-            stage = self._stages.get((unit, self.stage_of(name) or ""))
-            if stage is not None and stage.first_start is None:
-                stage.first_start = time.time()
             return
         if name in self._finished:  # Nipype reports a failed in-process node as ended too
             return
@@ -168,8 +201,8 @@ class RunMonitor:
                     node=name,
                 )
             )
-            LOGGER.warning("failed: %s of %s (details at the end)", self._step_name(name),
-                           self.scan_of(name) or unit)  # fmt: skip
+            shown = self.units[unit].label if unit in self.units else unit
+            LOGGER.warning("failed: %s of %s (details at the end)", self._step_name(name), shown)
             return
         if status != "end":
             return
@@ -183,6 +216,7 @@ class RunMonitor:
         stage = self._stages.get((unit, stage_name or ""))
         if stage is not None and name in stage.nodes:
             stage.done.add(name)
+            stage.busy += time.time() - self._started.get(name, time.time())
             if stage.done == stage.nodes:
                 self._stage_line(unit, stage_name, stage)
         nodes = self._unit_nodes.get(unit, set())
@@ -219,9 +253,11 @@ class RunMonitor:
     def _stage_line(self, unit: str, stage_name: str, stage: _Progress) -> None:
         self._stages_done += 1
         now = time.time()
-        took = now - (stage.first_start or now)
+        took = stage.busy
         elapsed = now - self.started
-        total = len(self._stages)
+        lost = sum(1 for (u, _), st in self._stages.items() if u in self.failed_units
+                   and st.done != st.nodes)  # fmt: skip
+        total = len(self._stages) - lost
         left = elapsed / self._stages_done * (total - self._stages_done)
         eta = f", ~{format_duration(left)} left" if self._stages_done < total else ""
         LOGGER.info(

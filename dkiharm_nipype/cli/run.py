@@ -13,13 +13,9 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import DkiharmInputError
+from .monitor import DATE_FORMAT, LOG_FORMAT, use_one_format
 
 LOGGER = logging.getLogger("dkiharm")
-
-
-#: One line per record, one timestamp style, for dkiharm's and Nipype's loggers alike.
-LOG_FORMAT = "%(asctime)s [%(name)s] %(message)s"
-DATE_FORMAT = "%H:%M:%S"
 
 
 def _setup_logging(verbose: int, work_dir: Path | None = None) -> None:
@@ -40,7 +36,7 @@ def _setup_logging(verbose: int, work_dir: Path | None = None) -> None:
     ncfg.set("execution", "check_version", "false")
     nlogging.update_logging(ncfg)
     # a crash is reported once, in one line, at the end; not as Nipype's traceback dumps
-    logging.getLogger("nipype.workflow").addFilter(_quiet_crash_reports)
+    use_one_format()
     # MultiProc workers start fresh interpreters that read nipype.cfg, not this process's
     # settings: give them the same levels through a config folder in the work directory
     if work_dir is not None and "NIPYPE_CONFIG_DIR" not in os.environ:
@@ -60,15 +56,6 @@ def _setup_logging(verbose: int, work_dir: Path | None = None) -> None:
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(
         ["dkiharm_nipype.cli.worker_logging"]
-    )
-
-
-def _quiet_crash_reports(record: logging.LogRecord) -> bool:
-    message = str(record.msg)
-    return not (
-        message.startswith(("Saving crash info", "could not run node", "Node %s failed"))
-        or message.startswith("***")
-        or message.startswith("crashfile:")
     )
 
 
@@ -186,7 +173,7 @@ def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher):
         LOGGER.info(
             "%d of %d steps reused from the work directory %s",
             monitor.reused,
-            monitor.reused + monitor.executed,
+            monitor.reused + monitor.executed + len(monitor.failures),
             config.work_dir,
         )
     return monitor
@@ -197,7 +184,7 @@ def _record_failures(config: RunConfig, scans, failures) -> Path | None:
     from .monitor import write_failures
 
     path = config.output_dir / "logs" / "failures.tsv"
-    mine = {_label(s.key) for s in scans}
+    mine = {s.key for s in scans}
     kept = []
     if path.is_file():
         from .monitor import Failure
@@ -309,7 +296,7 @@ def _summary(config: RunConfig, started: float, count: int, failures, log_file) 
         lines.append(
             f"  {len(failures)} step(s) failed (listed in {out / 'logs' / 'failures.tsv'}):"
         )
-        lines += [f"    {f.scan}: {f.step}: {f.reason}" for f in failures]
+        lines += [f"    {_label(f.scan)}: {f.step}: {f.reason}" for f in failures]
     lines.append(f"  log: {log_file}")
     return "\n".join(lines)
 
@@ -323,13 +310,12 @@ def _cv_table(path: Path) -> str:
         return ""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    region_key = next((k for k in ("region", "roi") if rows and k in rows[0]), None)
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for row in rows:
-        if region_key and row.get(region_key, "WM") not in ("WM", "wm", "white_matter"):
+        if row.get("roi", "WM") != "WM":
             continue
         try:
-            values[row["metric"], row["method"]].append(float(row["cv"]))
+            values[row["param"], row["method"]].append(float(row["cv_mean"]))
         except (KeyError, ValueError):
             continue
     metrics = list(dict.fromkeys(m for m, _ in values))
