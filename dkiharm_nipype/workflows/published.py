@@ -25,9 +25,18 @@ def init_published_scan_wf(*, published: PublishedScan, name: str = "scan_wf") -
     >>> published = PublishedScan(dwi=Path("d.nii.gz"), bval=Path("d.bval"),
     ...     bvec=Path("d.bvec"), mask=Path("m.nii.gz"),
     ...     maps=tuple(Path(f"{m}.nii.gz") for m in ALL_METRICS), snr=Path("snr.tsv"))
-    >>> wf = init_published_scan_wf(published=published)
-    >>> wf.get_node("outputnode").inputs.fa_file
+    >>> scan_wf = init_published_scan_wf(published=published)
+    >>> scan_wf.get_node("outputnode").inputs.fa_file
     'fa.nii.gz'
+
+    A step of your own reads the published maps as it would a fresh fit:
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> tract_stats = pe.Node(niu.IdentityInterface(fields=["fa", "maps"]), name="tract_stats")
+    >>> wf.connect([(scan_wf, tract_stats, [("outputnode.fa_file", "fa"),
+    ...                                     ("outputnode.maps", "maps")])])
+    >>> "tract_stats" in wf.list_node_names()
+    True
     """
     workflow = pe.Workflow(name=name)
     outputnode = pe.Node(niu.IdentityInterface(fields=list(SCAN_OUTPUTS)), name="outputnode")
@@ -56,9 +65,21 @@ def init_preprocessed_dwi_wf(
     >>> from pathlib import Path
     >>> pre = PreprocessedDWI(dwi=Path("p.nii.gz"), bval=Path("p.bval"), bvec=Path("p.bvec"),
     ...                       mask=Path("m.nii.gz"), pipeline="QSIPrep", root=Path("qsiprep"))
-    >>> wf = init_preprocessed_dwi_wf(preprocessed=pre)
-    >>> wf.get_node("outputnode").inputs.mask_file
+    >>> preproc_wf = init_preprocessed_dwi_wf(preprocessed=pre)
+    >>> preproc_wf.get_node("outputnode").inputs.mask_file
     'm.nii.gz'
+
+    In a pipeline of your own, in place of dkiharm's preprocessing:
+
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec"]), name="source")
+    >>> fit = pe.Node(niu.IdentityInterface(fields=["dwi", "mask"]), name="fit")
+    >>> wf.connect([
+    ...     (source, preproc_wf, [("dwi", "inputnode.dwi_file"), ("bval", "inputnode.bval_file"),
+    ...                           ("bvec", "inputnode.bvec_file")]),
+    ...     (preproc_wf, fit, [("outputnode.dwi_file", "dwi"), ("outputnode.mask_file", "mask")])])
+    >>> sorted(wf.list_node_names())
+    ['fit', 'preprocessed_wf.inputnode', 'preprocessed_wf.outputnode', 'source']
     """
     workflow = pe.Workflow(name=name)
     workflow.__desc__ = (
