@@ -200,10 +200,11 @@ def _record_failures(config: RunConfig, scans, failures) -> Path | None:
     return write_failures(rows, path)
 
 
-def _run_participant(config: RunConfig, scans, options: dict):
-    from ..workflows.base import init_dkiharm_wf
+def _run_participant(config: RunConfig, scans, options: dict, workflow=None, staging=None):
+    if workflow is None:
+        from ..workflows.base import init_dkiharm_wf
 
-    workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+        workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     publisher = _Publisher(staging, config, scans, options, config.stop_on_first_crash)
     monitor = _execute(workflow, config, _units(scans, config), publisher)
     return monitor.failures, publisher.count
@@ -369,10 +370,11 @@ def run(config: RunConfig) -> int:
     from ..workflows.base import init_dkiharm_wf
     from .boilerplate import write_citation
 
+    # the whole graph is built before anything is written: a design the group level cannot
+    # run (one scanner, an unknown reference) stops here, before any processing
+    workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     log_file = _start_log_file(config.output_dir / "logs")  # the input checks passed
     write_citation(config, config.output_dir / "logs", scans=scans)
-    if config.write_graph or config.boilerplate_only:
-        workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     if config.write_graph:
         from .graphs import write_graphs
 
@@ -380,12 +382,14 @@ def run(config: RunConfig) -> int:
     if config.boilerplate_only:
         LOGGER.info("methods text written to %s (--boilerplate-only)", config.output_dir / "logs")
         return 0
+    if workflow is None:
+        return 0
     started = time.time()
     options = _scan_options(config, requested_preproc)
     if config.analysis_level == "group":
         failures, count = _run_group(config, scans, options)
     else:
-        failures, count = _run_participant(config, scans, options)
+        failures, count = _run_participant(config, scans, options, workflow, staging)
         _log_snr(config)
     _record_failures(config, scans, failures)
     print(_summary(config, started, count, failures, log_file), flush=True)
