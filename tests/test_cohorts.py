@@ -21,7 +21,7 @@ import nibabel as nb
 import numpy as np
 
 from dkiharm_nipype.cli.monitor import Failure, crash_reason, format_duration, write_failures
-from dkiharm_nipype.dki.metrics import ALL_METRICS
+from dkiharm_nipype.dki.maps import ALL_METRICS
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 FAST = ["--nprocs", "2", "--omp-nthreads", "1", "--preproc", "none"]

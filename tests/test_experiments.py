@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from dkiharm_nipype.evaluation import EXPERIMENTS
-from dkiharm_nipype.experiments import (
+from dkiharm_nipype.evaluation.evaluate import EXPERIMENTS
+from dkiharm_nipype.evaluation.experiments import (
     ALL_SCANNERS,
     ExperimentInputError,
     ExperimentScan,
@@ -32,8 +32,8 @@ from dkiharm_nipype.experiments import (
     run_experiment,
     trainsize_splits,
 )
+from dkiharm_nipype.evaluation.scores import mean_cv, nrmse, wm_mask_from_fit
 from dkiharm_nipype.interfaces.experiments import RunExperiment
-from dkiharm_nipype.metrics import mean_cv, nrmse, wm_mask_from_fit
 
 PARAMS = ("mk", "ak", "rk", "kfa")
 SUBJECTS = ("01", "02", "03", "04")
@@ -275,7 +275,7 @@ def test_experiments_train_dwi_plus_fit_networks(study, tmp_path):
                     if r["scanner"] == "A" and r["param"] == param]  # fmt: skip
         print(f"{param}: raw {raw[param]:.3f}, dwi+fit {after:.3f}")
         assert after < (0.85 if param in ("mk", "rk") else 1.1) * raw[param], param
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     first = study["scans"][0]
     lacking = dataclasses.replace(
@@ -345,8 +345,8 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
     """Without label files, a target scan's labels are the reference scan's fit registered
     into it (here identity: one grid) and a reference scan's its own fit; given label
     files are used as they are."""
-    from dkiharm_nipype.dki.metrics import ALL_METRICS
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     scans = study["scans"]
     a2 = next(s for s in scans if (s.subject, s.scanner, s.run) == ("02", "A", "2"))
@@ -368,8 +368,8 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
 def test_reference_scans_are_labelled_with_their_rescan(study):
     """reference_labels='rescan' (default): a reference-scanner scan's labels are the
     subject's other run there, registered (with its support); 'fit': its own fit."""
-    from dkiharm_nipype.dki.metrics import ALL_METRICS
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     scans = study["scans"]
     a1, a2 = (

@@ -315,7 +315,7 @@ def crash_reason(text: str) -> str:
 
 def write_failures(failures: list[Failure], path: Path) -> Path:
     """``failures.tsv``: scan, step, one-line reason, crash file."""
-    from ..interfaces.bids import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     def clean(text: str) -> str:
         return " ".join(str(text).split()).replace("\t", " ")

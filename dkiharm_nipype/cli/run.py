@@ -211,9 +211,12 @@ def _run_participant(config: RunConfig, scans, options: dict, workflow=None, sta
 
 
 def _published_scans(config: RunConfig, scans, options: dict):
+    from ..dki.maps import ALL_METRICS
     from ..utils.published import find_published
 
-    return find_published(scans, config.output_dir, options, dwi_sidecar=_dwi_sidecar)
+    return find_published(
+        scans, config.output_dir, options, dwi_sidecar=_dwi_sidecar, metrics=ALL_METRICS
+    )
 
 
 def _run_group(config: RunConfig, scans, options: dict):
@@ -268,7 +271,7 @@ def _run_group(config: RunConfig, scans, options: dict):
 
 
 def _log_snr(config: RunConfig) -> None:
-    from ..metrics import snr_table
+    from ..evaluation.scores import snr_table
     from ..utils.derivatives import aggregate_snr
 
     rows = aggregate_snr(config.output_dir)
@@ -355,8 +358,8 @@ def run(config: RunConfig) -> int:
             len(scans),
         )
 
-    from ..utils.checks import check_models, check_output_dir, check_plugin, preflight
-    from ..workflows.preproc import resolved_preproc_mode
+    from ..preproc.modes import resolved_preproc_mode
+    from .checks import check_models, check_output_dir, check_plugin, preflight
 
     check_output_dir(config.output_dir)
     check_plugin(config.execution.plugin)

@@ -302,7 +302,7 @@ def attach_preprocessed(scans: list[DWIScan], roots) -> list[DWIScan]:
 
     from bids.layout import parse_file_entities
 
-    from .checks import check_nifti, read_gradients
+    from .io import check_nifti, read_gradients
     from .published import PreprocessedDWI
 
     found: dict[str, tuple[int, Path, Path, str]] = {}

@@ -37,14 +37,9 @@ class PublishedScan:
     bval: Path
     bvec: Path
     mask: Path
-    maps: tuple[Path, ...]  # ALL_METRICS order
+    maps: tuple[Path, ...]  # in the order of the ``metrics`` they were found for
     snr: Path
-
-    @property
-    def fa(self) -> Path:
-        from ..dki.metrics import ALL_METRICS
-
-        return self.maps[ALL_METRICS.index("fa")]
+    fa: Path
 
 
 @dataclass(frozen=True)
@@ -115,7 +110,7 @@ def scan_provenance(scan, options: dict[str, Any]) -> dict[str, Any]:
 
 def record_provenance(sidecar: Path, provenance: dict[str, Any], files: dict[str, str]) -> None:
     """Add the provenance block (with the published ``files``) to a published sidecar."""
-    from ..interfaces.bids import atomic_write_text
+    from .io import atomic_write_text
 
     sidecar = Path(sidecar)
     meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
@@ -148,15 +143,14 @@ def _mismatch(stored: dict[str, Any], scan, options: dict[str, Any]) -> str | No
 
 
 def find_published(
-    scans, output_dir: Path, options: dict[str, Any], *, dwi_sidecar
+    scans, output_dir: Path, options: dict[str, Any], *, dwi_sidecar, metrics
 ) -> tuple[dict[str, PublishedScan], dict[str, str]]:
     """Published outputs usable for each scan, and why the others are not.
 
-    ``dwi_sidecar(scan)`` gives the relative path of the scan's ``desc-preproc_dwi.json``.
+    ``dwi_sidecar(scan)`` gives the relative path of the scan's ``desc-preproc_dwi.json``;
+    ``metrics`` names the maps (``ds_<metric>`` sinks) in the order the caller wants them.
     Returns ``({scan key: PublishedScan}, {scan key: reason})``.
     """
-    from ..dki.metrics import ALL_METRICS
-
     usable: dict[str, PublishedScan] = {}
     reasons: dict[str, str] = {}
     for scan in scans:
@@ -170,7 +164,7 @@ def find_published(
             continue
         why = _mismatch(stored, scan, options)
         files = {k: Path(output_dir) / v for k, v in stored.get("Files", {}).items()}
-        needed = (*SCAN_SINKS, *(f"ds_{m}" for m in ALL_METRICS))
+        needed = (*SCAN_SINKS, "ds_fa", *(f"ds_{m}" for m in metrics))
         missing = [k for k in needed if k not in files or not files[k].is_file()]
         if why is None and missing:
             why = f"published file of {missing[0]} is missing"
@@ -182,8 +176,9 @@ def find_published(
             bval=files["ds_bval"],
             bvec=files["ds_bvec"],
             mask=files["ds_mask"],
-            maps=tuple(files[f"ds_{m}"] for m in ALL_METRICS),
+            maps=tuple(files[f"ds_{m}"] for m in metrics),
             snr=files["ds_snr"],
+            fa=files["ds_fa"],
         )
     return usable, reasons
 

@@ -25,7 +25,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import RunConfig
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from ..interfaces.registration import RegisterMaps
@@ -729,7 +729,7 @@ def init_apply_wf(
 def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
                      config, engine) -> None:  # fmt: skip
     """The ``--experiment`` runs on the traveling subjects; their tables feed the report."""
-    from ..experiments import find_tissue_files
+    from ..evaluation.experiments import find_tissue_files
     from ..study import StudyDesignError
     from .experiments import init_experiment_wf
 

@@ -21,10 +21,11 @@ def init_published_scan_wf(*, published: PublishedScan, name: str = "scan_wf") -
     Examples
     --------
     >>> from pathlib import Path
-    >>> from dkiharm_nipype.dki.metrics import ALL_METRICS
+    >>> from dkiharm_nipype.dki.maps import ALL_METRICS
     >>> published = PublishedScan(dwi=Path("d.nii.gz"), bval=Path("d.bval"),
     ...     bvec=Path("d.bvec"), mask=Path("m.nii.gz"),
-    ...     maps=tuple(Path(f"{m}.nii.gz") for m in ALL_METRICS), snr=Path("snr.tsv"))
+    ...     maps=tuple(Path(f"{m}.nii.gz") for m in ALL_METRICS), snr=Path("snr.tsv"),
+    ...     fa=Path("fa.nii.gz"))
     >>> scan_wf = init_published_scan_wf(published=published)
     >>> scan_wf.get_node("outputnode").inputs.fa_file
     'fa.nii.gz'

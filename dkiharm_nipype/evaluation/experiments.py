@@ -1,7 +1,7 @@
 """The paper's validation experiments (section 2.3.3, Figs. 6-8) as plain functions.
 
 Each experiment retrains the networks on chosen traveling subjects, harmonizes held-out
-subjects and scores them, writing one tidy table (:data:`~dkiharm_nipype.evaluation.
+subjects and scores them, writing one tidy table (:data:`~dkiharm_nipype.evaluation.evaluate.
 EXPERIMENTS`, read by the HTML report):
 
 * ``trainsize`` (Fig. 6): one held-out test subject; every other subject set of size
@@ -25,8 +25,8 @@ once on the raw FA and reused by every replicate. Scores, per test subject:
 * ``cv``: mean voxelwise inter-scanner CV of the harmonized maps (section 2.3.1); its rows
   carry ``scanner`` = :data:`ALL_SCANNERS`.
 
-White matter is :func:`~dkiharm_nipype.metrics.wm_mask_from_fit` of the reference scan's
-raw fit (as in :mod:`~dkiharm_nipype.evaluation`); SGM and CSF are the scans' tissue
+White matter is :func:`~dkiharm_nipype.evaluation.scores.wm_mask_from_fit` of the reference scan's
+raw fit (as in :mod:`~dkiharm_nipype.evaluation.evaluate`); SGM and CSF are the scans' tissue
 probability maps at or above ``tissue_threshold``.
 """
 
@@ -44,17 +44,17 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from .cnn.data import TrainingSubject, mask_bounding_box, normalize_dwi
-from .cnn.infer import harmonize_scan
-from .cnn.modelio import scan_fingerprint
-from .cnn.train import train_harmonizer
-from .dki.metrics import ALL_METRICS
-from .errors import DkiharmInputError
-from .evaluation import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, run_key, write_tsv
-from .metrics import mean_cv, nrmse, wm_mask_from_fit
-from .registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
-from .study import plan_study, rescan_partner
-from .utils.dwi import check_volumes
+from ..cnn.data import TrainingSubject, mask_bounding_box, normalize_dwi
+from ..cnn.infer import harmonize_scan
+from ..cnn.modelio import scan_fingerprint
+from ..cnn.train import train_harmonizer
+from ..dki.maps import ALL_METRICS
+from ..errors import DkiharmInputError
+from ..registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
+from ..study import first_runs, label_source, plan_study, run_key
+from ..utils.dwi import check_volumes
+from .evaluate import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, write_tsv
+from .scores import mean_cv, nrmse, wm_mask_from_fit
 
 LOGGER = logging.getLogger("dkiharm.experiments")
 
@@ -86,7 +86,7 @@ class ExperimentScan:
 
     ``maps`` is the scan's raw IRLLS fit ``{param: path}`` (FA and MD, for registration
     and the WM rule, plus the scored parameters); ``labels`` the reference scanner's eight
-    maps (:data:`~dkiharm_nipype.dki.metrics.ALL_METRICS`) registered into this scan (for
+    maps (:data:`~dkiharm_nipype.dki.maps.ALL_METRICS`) registered into this scan (for
     a reference-scanner scan, its own fit; empty: registered here from the subject's
     reference scan with the experiment's engine); ``tissues`` optional tissue probability
     maps ``{"SGM": path, "CSF": path}`` in this scan's space.
@@ -348,7 +348,7 @@ class ExperimentStudy:
 
     # -- lookup
     def first(self, subject: str, scanner: str) -> ExperimentScan:
-        return next(s for s in self.scans if s.subject == subject and s.scanner == scanner)
+        return first_runs(self.scans)[(subject, scanner)]
 
     def training_scans(self, subjects: Iterable[str], scanner: str) -> list[ExperimentScan]:
         subjects = set(subjects)
@@ -421,13 +421,9 @@ class ExperimentStudy:
         ``None`` (everywhere)."""
         if scan.labels:
             return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1), None
-        if scan.scanner != self.reference:
-            source = self.first(scan.subject, self.reference)
-        elif self.reference_labels == "rescan":
-            partner = rescan_partner(scan, self.scans, order=lambda s: run_key(s.run))
-            source = partner or scan
-        else:
-            source = scan
+        source = label_source(
+            scan, self.scans, reference=self.reference, reference_labels=self.reference_labels
+        )
         lacking = sorted(set(ALL_METRICS) - set(source.maps))
         if lacking:
             raise ExperimentInputError(
@@ -626,7 +622,7 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     trainings: list[dict] | None = None,
 ) -> list[dict]:
-    """Run one experiment; return its rows (columns of :data:`~dkiharm_nipype.evaluation.
+    """Run one experiment; return its rows (columns of :data:`~dkiharm_nipype.evaluation.evaluate.
     EXPERIMENTS`) and write them to ``out_file`` (atomically) when given.
 
     Parameters

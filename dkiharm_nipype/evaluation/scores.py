@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .utils.dwi import B0_THRESHOLD
+from ..utils.dwi import B0_THRESHOLD
 
 
 def auto_wm_roi(
