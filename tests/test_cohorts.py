@@ -218,3 +218,38 @@ def test_qsiprep_input_skips_preprocessing(tiny_bids, tmp_path):
     assert meta["DkiharmProvenance"]["Inputs"]["dwi"]["path"] == f"{given}preproc_dwi.nii.gz"
     citation = (out / "logs" / "CITATION.md").read_text()
     assert "1 of 1 runs had been preprocessed by QSIPrep 1.0.0" in citation
+
+
+def test_preprocessed_inputs_that_cannot_be_matched_are_one_line_errors(tiny_bids, tmp_path):
+    import pytest
+
+    from dkiharm_nipype.errors import BIDSInputError
+    from dkiharm_nipype.utils.bids import attach_preprocessed, collect_scans, load_layout
+
+    scans = collect_scans(load_layout(tiny_bids), participant_label=["01"], session_label=["A"])
+    assert [s.key for s in scans] == ["sub-01_ses-A_run-1", "sub-01_ses-A_run-2"]
+    folder = tmp_path / "qsiprep" / "sub-01" / "ses-A" / "dwi"
+    folder.mkdir(parents=True)
+    raw = tiny_bids / "sub-01" / "ses-A" / "dwi" / "sub-01_ses-A_run-1_dwi"
+    merged = folder / "sub-01_ses-A_space-T1w_desc-preproc_dwi.nii.gz"  # QSIPrep merged runs
+    shutil.copy(f"{raw}.nii.gz", merged)
+    with pytest.raises(BIDSInputError, match=r"matches 2 raw scans .*--separate-all-dwis"):
+        attach_preprocessed(scans, [tmp_path / "qsiprep"])
+    merged.unlink()
+    single = folder / "sub-01_ses-A_run-2_space-T1w_desc-preproc_dwi.nii.gz"
+    shutil.copy(f"{raw}.nii.gz", single)
+    with pytest.raises(BIDSInputError, match=r"has no sub-01_ses-A_run-2_space-T1w_desc-preproc"):
+        attach_preprocessed(scans, [tmp_path / "qsiprep"])  # no .bval beside it
+    for ext in (".bval", ".bvec"):
+        shutil.copy(f"{raw}{ext}", str(single).replace(".nii.gz", ext))
+    with pytest.raises(
+        BIDSInputError, match=r"has no sub-01_ses-A_run-2_space-T1w_desc-brain_mask"
+    ):
+        attach_preprocessed(scans, [tmp_path / "qsiprep"])
+    img = nb.load(single)
+    nb.Nifti1Image(np.ones(img.shape[:3], np.uint8), img.affine).to_filename(
+        folder / "sub-01_ses-A_run-2_space-T1w_desc-brain_mask.nii.gz"
+    )
+    first, second = attach_preprocessed(scans, [tmp_path / "qsiprep"])
+    assert first.preprocessed is None and second.preprocessed.dwi == single
+    assert second.preprocessed.pipeline == f"the pipeline that wrote {tmp_path / 'qsiprep'}"

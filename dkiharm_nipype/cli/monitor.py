@@ -301,6 +301,7 @@ class RunMonitor:
 def crash_reason(text: str) -> str:
     """The innermost error of a Nipype crash file (or traceback), as one line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # the innermost exception: the last "SomethingError: message" line of the traceback
     causes = [
         ln
         for ln in lines

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import DkiharmInputError
-from .monitor import DATE_FORMAT, LOG_FORMAT, use_one_format
+from .monitor import DATE_FORMAT, LOG_FORMAT, crash_reason, use_one_format
 
 LOGGER = logging.getLogger("dkiharm")
 
@@ -51,6 +51,7 @@ def _setup_logging(verbose: int, work_dir: Path | None = None) -> None:
         ]
         (cfg_dir / "nipype.cfg").write_text("\n".join(lines))
         os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)  # schema-path chatter
     # ... and the same record format, through the forkserver they are forked from
     import multiprocessing
 
@@ -169,6 +170,13 @@ def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher):
         publisher.count += len(publish_derivatives(publisher.staging, config.output_dir))
     publisher.flush()
     monitor.fill_crash_details(config.output_dir / "logs" / "crash")
+    skipped = [
+        f"{units[u].stage or 'steps'} {units[u].label}"
+        for u in monitor.skipped_units()
+        if u in units
+    ]
+    if skipped and monitor.failures:
+        LOGGER.warning("not run, as a step they need failed: %s", ", ".join(skipped))
     if monitor.reused:
         LOGGER.info(
             "%d of %d steps reused from the work directory %s",
@@ -248,7 +256,7 @@ def _run_group(config: RunConfig, scans, options: dict):
             "left out of training and evaluation (failed): %s",
             ", ".join(_label(s.key) for s in left_out),
         )
-    _log_snr(config)
+    _log_snr(config, [s.published.snr for s in good])
     try:
         workflow, staging = init_dkiharm_wf(config=config, scans=good)
     except StudyDesignError as exc:
@@ -270,11 +278,15 @@ def _run_group(config: RunConfig, scans, options: dict):
     return failures + monitor.failures, count
 
 
-def _log_snr(config: RunConfig) -> None:
+def _log_snr(config: RunConfig, snr_files=None) -> None:
+    """The SNR table (and so the reference scanner) once, at INFO; also writes snr.tsv."""
     from ..evaluation.scores import snr_table
+    from ..study import read_snr_rows
     from ..utils.derivatives import aggregate_snr
 
     rows = aggregate_snr(config.output_dir)
+    if snr_files is not None:  # the group level: the scans it harmonizes, as its graph sees
+        rows = read_snr_rows(snr_files)
     if rows:
         table, best = snr_table(rows)
         LOGGER.info("white-matter SNR of the published scans:\n%s", table)
@@ -412,15 +424,7 @@ def _crash_summary(exc: BaseException, crash_dir: Path) -> str:
     if node is None:
         found = re.search(r"executing Node ([\w.]+)", text)
         node = found.group(1) if found else "?"
-    # the innermost exception: the last "SomethingError: message" line of the traceback
-    causes = [
-        ln
-        for ln in lines
-        if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", ln)
-        and "NodeExecutionError" not in ln
-        and not ln.startswith("RuntimeError: Trace")
-    ]
-    cause = causes[-1].split(": ", 1)[1] if causes else (lines[-1] if lines else repr(exc))
+    cause = crash_reason(text) if lines else repr(exc)
     where = f" (crash file: {crashes[-1]})" if crashes else ""
     return f"node {node} failed: {cause}{where}"
 
