@@ -64,9 +64,14 @@ def _start_log_file(logs_dir: Path) -> Path:
     """Copy the console into ``output_dir/logs/dkiharm-<time>.log`` (workers included)."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     path = logs_dir / f"dkiharm-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "dkiharm_log", False)]:
+        root.removeHandler(old)  # an earlier run in this process (main() called again)
+        old.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT, "%Y-%m-%d " + DATE_FORMAT))
-    logging.getLogger().addHandler(handler)
+    handler.dkiharm_log = True
+    root.addHandler(handler)
     os.environ["DKIHARM_LOG_FILE"] = str(path)
     return path
 
@@ -337,7 +342,7 @@ def _cv_table(path: Path) -> str:
     metrics = list(dict.fromkeys(m for m, _ in values))
     if not metrics:
         return ""
-    lines = ["  WM CV (%)   before   after  (test subjects' mean)"]
+    lines = ["  WM CV (%)   before   after  (mean over the evaluated subjects)"]
     for metric in metrics:
         before, after = values.get((metric, "before")), values.get((metric, "dl"))
         if before and after:
