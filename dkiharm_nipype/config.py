@@ -90,4 +90,6 @@ class RunConfig:
     derivatives: tuple[Path, ...] = ()
     #: stop the whole run at the first failed node (default: skip the scan, go on)
     stop_on_first_crash: bool = False
+    # --experiment tissue: user tissue maps (a derivatives folder or a {subject} pattern)
+    tissue_maps: str | None = None
     execution: ExecConfig = field(default_factory=ExecConfig)

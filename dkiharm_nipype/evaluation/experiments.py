@@ -27,7 +27,10 @@ once on the raw FA and reused by every replicate. Scores, per test subject:
 
 White matter is :func:`~dkiharm_nipype.evaluation.scores.wm_mask_from_fit` of the reference scan's
 raw fit (as in :mod:`~dkiharm_nipype.evaluation.evaluate`); SGM and CSF are the scans' tissue
-probability maps at or above ``tissue_threshold``.
+probability maps at or above ``tissue_threshold`` (given by the user, see
+:func:`find_tissue_files`) or, when none are given, each scan's own segmentation from its
+fit (:func:`~dkiharm_nipype.evaluation.scores.tissue_masks_from_fit`; grey matter as a whole
+then stands for SGM). Nothing is read from a phantom's truth.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from ..registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
 from ..study import first_runs, label_source, plan_study, run_key
 from ..utils.dwi import check_volumes
 from .evaluate import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, write_tsv
-from .scores import mean_cv, nrmse, wm_mask_from_fit
+from .scores import mean_cv, nrmse, tissue_masks_from_fit, wm_mask_from_fit
 
 LOGGER = logging.getLogger("dkiharm.experiments")
 
@@ -245,28 +248,50 @@ def default_split(
     return train, test
 
 
-def find_tissue_files(
-    derivatives_dir: str | Path, subject: str, session: str | None = None, run=None
-) -> dict[str, Path]:
-    """The SGM and CSF probability maps of one scan in a derivatives folder.
+#: Probseg labels accepted for each tissue of the experiment, in order of preference.
+TISSUE_LABELS = {"SGM": ("SGM", "GM"), "CSF": ("CSF",)}
 
-    Looks for ``sub-<subject>[_ses-<session>][_run-<run>]_*label-{SGM,CSF}_probseg.nii.gz``
-    in ``sub-<subject>/[ses-<session>/]dwi`` (the phantom's ``derivatives/phantom-truth``
-    names them so, in each scan's DWI space). Returns ``{}`` unless both are found once.
+
+def find_tissue_files(
+    source: str | Path, subject: str, session: str | None = None, run=None
+) -> dict[str, Path]:
+    """The grey-matter and CSF probability maps of one scan, from the user.
+
+    ``source`` is either a derivatives folder, searched for
+    ``sub-<subject>/[ses-<session>/]{dwi,anat}/sub-<subject>[_ses-<session>][_run-<run>]_*
+    label-<SGM|GM|CSF>_probseg.nii.gz`` (BIDS probabilistic segmentations; subcortical
+    ``SGM`` preferred, whole ``GM`` accepted), or a path pattern with ``{subject}``,
+    ``{session}``, ``{run}`` and ``{label}`` (``SGM``/``GM``, ``CSF``) placeholders. The
+    maps must be in the scan's DWI space. Returns ``{"SGM": path, "CSF": path}``, or ``{}``
+    unless one file of each is found.
     """
-    folder = Path(derivatives_dir) / f"sub-{subject}"
+    found = {}
+    for tissue, labels in TISSUE_LABELS.items():
+        for label in labels:
+            hits = _tissue_candidates(source, subject, session, run, label)
+            if len(hits) == 1:
+                found[tissue] = hits[0]
+                break
+        else:
+            return {}
+    return found
+
+
+def _tissue_candidates(source, subject, session, run, label) -> list[Path]:
+    text = str(source)
+    if "{" in text:
+        path = Path(
+            text.format(subject=subject, session=session or "", run=run or "", label=label)
+        ).expanduser()
+        return [path] if path.is_file() else []
+    folder = Path(source) / f"sub-{subject}"
     stem = f"sub-{subject}"
     if session:
         folder, stem = folder / f"ses-{session}", f"{stem}_ses-{session}"
     if run not in (None, ""):
         stem = f"{stem}_run-{run}"
-    found = {}
-    for tissue in ("SGM", "CSF"):
-        hits = sorted((folder / "dwi").glob(f"{stem}_*label-{tissue}_probseg.nii.gz"))
-        if len(hits) != 1:
-            return {}
-        found[tissue] = hits[0]
-    return found
+    pattern = f"{stem}_*label-{label}_probseg.nii*"
+    return sorted(h for kind in ("dwi", "anat") for h in (folder / kind).glob(pattern))
 
 
 # --------------------------------------------------------------------------- the study
@@ -355,16 +380,34 @@ class ExperimentStudy:
         return [s for s in self.scans if s.subject in subjects and s.scanner == scanner]
 
     def require_tissues(self, tissues: Iterable[str], subjects: Iterable[str]) -> None:
-        """Stop unless every scan of ``subjects`` has the ``tissues`` probability maps."""
-        for scan in self.scans:
-            if scan.subject in set(subjects):
-                lacking = [t for t in tissues if t not in scan.tissues]
-                if lacking:
-                    raise ExperimentInputError(
-                        f"{scan.name} has no {', '.join(lacking)} probability map; the "
-                        "leave-one-tissue-out experiment needs SGM and CSF maps of every scan "
-                        "in its DWI space (e.g. *_label-SGM_probseg.nii.gz)."
-                    )
+        """Tissue maps of ``subjects``: given for every scan, or for none (then each scan is
+        segmented from its own fit, :func:`~.scores.tissue_masks_from_fit`)."""
+        scans = [s for s in self.scans if s.subject in set(subjects)]
+        if not any(s.tissues for s in scans):
+            LOGGER.info(
+                "No tissue maps given: each scan is segmented from its own fit (CSF: MD >= "
+                "2.0e-3 mm^2/s; WM: FA >= 0.2 and MD < 1.1e-3; grey matter: the rest)."
+            )
+            return
+        for scan in scans:
+            lacking = [t for t in tissues if t not in scan.tissues]
+            if lacking:
+                raise ExperimentInputError(
+                    f"{scan.name} has no {', '.join(lacking)} probability map while other "
+                    "scans have them; give SGM (or GM) and CSF maps of every scan in its DWI "
+                    "space (e.g. *_label-SGM_probseg.nii.gz), or none to segment each scan "
+                    "from its own fit."
+                )
+
+    def tissue_probability(self, scan: ExperimentScan, tissue: str) -> np.ndarray:
+        """The scan's ``tissue`` (``SGM``/``CSF``) probability map: the given file, else 0/1
+        from the scan's own fit (``SGM`` then stands for grey matter as a whole)."""
+        if tissue in scan.tissues:
+            return _load(scan.tissues[tissue])
+        masks = tissue_masks_from_fit(
+            _load(scan.maps["fa"]), _load(scan.maps["md"]), _load_mask(scan.mask)
+        )
+        return masks["GM" if tissue == "SGM" else tissue].astype(np.float32)
 
     # -- the reference space of a subject
     def masks(self, subject: str, tissues: Sequence[str] = (WM,)) -> dict[str, np.ndarray]:
@@ -380,7 +423,8 @@ class ExperimentStudy:
                     _load(ref.maps["fa"]), _load(ref.maps["md"]), brain
                 )
             else:
-                cache[tissue] = brain & (_load(ref.tissues[tissue]) >= self.tissue_threshold)
+                probability = self.tissue_probability(ref, tissue)
+                cache[tissue] = brain & (probability >= self.tissue_threshold)
             if not cache[tissue].any():
                 LOGGER.warning("sub-%s: no %s voxel in the reference scan; not scored",
                                subject, tissue)  # fmt: skip
@@ -466,7 +510,9 @@ class ExperimentStudy:
             dwi=np.asarray(img.dataobj[box], dtype=np.float32), bvals=bvals,
             mask=mask[box], labels=labels[box],
             label_mask=None if support is None else support[box],
-            tissues={t: _load(scan.tissues[t])[box] >= self.tissue_threshold for t in tissues},
+            tissues={
+                t: self.tissue_probability(scan, t)[box] >= self.tissue_threshold for t in tissues
+            },
         )  # fmt: skip
 
 
