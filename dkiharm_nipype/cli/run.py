@@ -166,7 +166,7 @@ def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher):
     workflow.config["execution"]["stop_on_first_crash"] = config.stop_on_first_crash
     try:
         workflow.run(plugin=config.execution.plugin, plugin_args=args)
-    except RuntimeError:
+    except Exception:  # Nipype re-raises the first failure once the others have run
         if config.stop_on_first_crash or graph_plugin or not monitor.failures:
             raise
     if graph_plugin:  # no callbacks: the whole run succeeded, publish what it staged
