@@ -123,12 +123,14 @@ def test_participant_jobs_then_group(tiny_bids, tmp_path):
     third: no preprocessing or fit is recomputed, the published maps stay as they were; a
     scan that failed in its job is left out of training and evaluation and listed."""
     bids = _dataset(tiny_bids, tmp_path, ["01", "02"], broken=["sub-02_ses-C_run-1"])
+    # sub-01's scan on D comes preprocessed (QSIPrep-style): the group level builds on it too
+    qsiprep = ["--derivatives", _qsiprep_tree(bids, tmp_path)]
     out = tmp_path / "out"
     first = _run(bids, out, "participant", "--participant-label", "01", "-w", tmp_path / "w1",
-                 *FAST)  # fmt: skip
+                 *FAST, *qsiprep)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     second = _run(bids, out, "participant", "--participant-label", "02", "-w", tmp_path / "w2",
-                  *FAST)  # fmt: skip
+                  *FAST, *qsiprep)  # fmt: skip
     assert second.returncode == 1
     good = ["sub-01_ses-C_run-1", "sub-01_ses-D_run-1", "sub-02_ses-D_run-1"]
     published = _sha(p for key in good for p in _scan_files(out, key))
@@ -142,7 +144,12 @@ def test_participant_jobs_then_group(tiny_bids, tmp_path):
     prov = sidecar["DkiharmProvenance"]
     assert prov["Options"]["fit_method"] == "irlls" and prov["Inputs"]["dwi"]["sha1"]
 
-    group = _run(bids, out, "group", "-w", tmp_path / "w3", *FAST, *GROUP)
+    qsi = json.loads(
+        (out / "sub-01/ses-D/dwi/sub-01_ses-D_run-1_space-dwi_desc-preproc_dwi.json").read_text()
+    )
+    assert qsi["PreprocessedBy"] == "QSIPrep 1.0.0"
+
+    group = _run(bids, out, "group", "-w", tmp_path / "w3", *FAST, *GROUP, *qsiprep)
     assert group.returncode == 1, group.stderr[-2000:]  # the broken scan failed again
     work = tmp_path / "w3" / "dkiharm_wf"
     scan_dirs = sorted(p.name for p in work.glob("sub_*_wf"))
