@@ -123,6 +123,7 @@ class _Publisher:
         from ..utils.published import scan_provenance
 
         self.staging, self.output_dir = Path(staging), config.output_dir
+        self.bids_dir = config.bids_dir
         self.deferred = deferred
         self.pending: list[tuple[str, dict]] = []
         self.count = 0
@@ -140,7 +141,9 @@ class _Publisher:
         from ..utils.published import record_provenance, relative_files
 
         files = [Path(p) for paths in stored.values() for p in paths]
-        self.count += len(publish_files(files, self.staging, self.output_dir))
+        self.count += len(
+            publish_files(files, self.staging, self.output_dir, bids_dir=self.bids_dir)
+        )
         if unit in self.provenance and "ds_dwi" in stored:
             rel = relative_files(stored, self.staging)
             sidecar = (
@@ -172,7 +175,9 @@ def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher):
     if graph_plugin:  # no callbacks: the whole run succeeded, publish what it staged
         from ..utils.derivatives import publish_derivatives
 
-        publisher.count += len(publish_derivatives(publisher.staging, config.output_dir))
+        publisher.count += len(
+            publish_derivatives(publisher.staging, config.output_dir, bids_dir=config.bids_dir)
+        )
     publisher.flush()
     monitor.fill_crash_details(config.output_dir / "logs" / "crash")
     skipped = [
@@ -279,7 +284,9 @@ def _run_group(config: RunConfig, scans, options: dict):
     from ..utils.derivatives import publish_derivatives
 
     # what the graph staged outside per-scan sinks (report, tables): every node that made it ran
-    count += publisher.count + len(publish_derivatives(staging, config.output_dir))
+    count += publisher.count + len(
+        publish_derivatives(staging, config.output_dir, bids_dir=config.bids_dir)
+    )
     return failures + monitor.failures, count
 
 
@@ -357,7 +364,7 @@ def run(config: RunConfig) -> int:
 
     os.environ.setdefault("MRTRIX_QUIET", "1")
     LOGGER.info("indexing %s", config.bids_dir)
-    layout = load_layout(config.bids_dir)
+    layout = load_layout(config.bids_dir, database_path=config.bids_database_dir)
     scans = collect_scans(
         layout,
         participant_label=config.participant_label,
@@ -389,10 +396,13 @@ def run(config: RunConfig) -> int:
 
     from ..workflows.base import init_dkiharm_wf
     from .boilerplate import write_citation
+    from .parser import write_config
 
     # the whole graph is built before anything is written: a design the group level cannot
     # run (one scanner, an unknown reference) stops here, before any processing
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+    _validate_input(config)
+    write_config(config, config.output_dir / "logs" / "config.toml")
     log_file = _start_log_file(config.output_dir / "logs")  # the input checks passed
     write_citation(config, config.output_dir / "logs", scans=scans)
     if config.write_graph:
@@ -418,6 +428,20 @@ def run(config: RunConfig) -> int:
         print(f"dkiharm: error: node {failure.node} failed: {failure.reason}{where}",
               file=sys.stderr)  # fmt: skip
     return 1 if failures else 0
+
+
+def _validate_input(config: RunConfig) -> None:
+    """The BIDS validator on the input, after dkiharm's own checks and before processing."""
+    from ..utils.bids import validate_bids
+
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation of %s skipped (--skip-bids-validation)", config.bids_dir)
+        return
+    warnings = validate_bids(
+        config.bids_dir, participant_label=config.participant_label, logger=LOGGER
+    )
+    LOGGER.info("%s passed the BIDS validator (%d kind(s) of warning)", config.bids_dir,
+                len(warnings))  # fmt: skip
 
 
 def _crash_summary(exc: BaseException, crash_dir: Path) -> str:
