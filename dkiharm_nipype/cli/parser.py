@@ -511,6 +511,9 @@ def _toml_to_argv(parser, table: dict, path: Path) -> list[str]:
             tokens += [option] if value is True else []
         elif isinstance(action, argparse._CountAction):  # noqa: SLF001
             tokens += [option] * int(value)
+        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001 - repeatable
+            for item in value if isinstance(value, list) else [value]:
+                tokens += [option, str(item)]
         elif isinstance(value, list):
             tokens += [option, *(str(v) for v in value)] if value else []
         elif isinstance(value, dict):
