@@ -157,9 +157,12 @@ class _Publisher:
         self.pending = []
 
 
-def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher):
+def _execute(workflow, config: RunConfig, units: dict, publisher: _Publisher, *, in_group=False):
     """Run ``workflow``; returns its :class:`~.monitor.RunMonitor` (failures, reuse)."""
     from .monitor import RunMonitor
+
+    # the group level runs two graphs (scans first, then harmonization): size each one's jobs
+    _request_batch_resources(workflow, config, warn_unused_gpu=not in_group)
 
     monitor = RunMonitor(workflow, units, publisher)
     args = config.execution.nipype_plugin_args()
@@ -218,13 +221,15 @@ def _record_failures(config: RunConfig, scans, failures) -> Path | None:
     return write_failures(rows, path)
 
 
-def _run_participant(config: RunConfig, scans, options: dict, workflow=None, staging=None):
+def _run_participant(
+    config: RunConfig, scans, options: dict, workflow=None, staging=None, *, in_group=False
+):
     if workflow is None:
         from ..workflows.base import init_dkiharm_wf
 
         workflow, staging = init_dkiharm_wf(config=config, scans=scans)
     publisher = _Publisher(staging, config, scans, options, config.stop_on_first_crash)
-    monitor = _execute(workflow, config, _units(scans, config), publisher)
+    monitor = _execute(workflow, config, _units(scans, config), publisher, in_group=in_group)
     return monitor.failures, publisher.count
 
 
@@ -257,7 +262,7 @@ def _run_group(config: RunConfig, scans, options: dict):
         more = f" and {len(todo) - 3} more" if len(todo) > 3 else ""
         LOGGER.info("processing %d scan(s) first: %s%s", len(todo), shown, more)
         participant = replace(config, analysis_level="participant", models_dir=None)
-        failures, count = _run_participant(participant, todo, options)
+        failures, count = _run_participant(participant, todo, options, in_group=True)
         usable, reasons = _published_scans(config, scans, options)
     good = [replace(s, published=usable[s.key]) for s in scans if s.key in usable]
     left_out = [s for s in scans if s.key not in usable]
@@ -414,7 +419,6 @@ def run(config: RunConfig) -> int:
         return 0
     if workflow is None:
         return 0
-    _request_batch_resources(workflow, config)
     started = time.time()
     options = _scan_options(config, requested_preproc)
     if config.analysis_level == "group":
@@ -445,7 +449,7 @@ def _validate_input(config: RunConfig) -> None:
                 len(warnings))  # fmt: skip
 
 
-def _request_batch_resources(workflow, config: RunConfig) -> None:
+def _request_batch_resources(workflow, config: RunConfig, *, warn_unused_gpu=True) -> None:
     """Batch plugins: each node's job asks for its own CPUs, memory and, if it can use one,
     the GPU of ``--gpu-plugin-args`` (MultiProc and Linear are left as they are)."""
     from ..utils.resources import apply_batch_resources
@@ -464,7 +468,7 @@ def _request_batch_resources(workflow, config: RunConfig) -> None:
             gpu,
             with_gpu,
         )
-    if gpu and not with_gpu:
+    if gpu and not with_gpu and warn_unused_gpu:
         LOGGER.warning(
             "--gpu-plugin-args '%s' asked for no job: no node of this run can use a GPU "
             "(training and inference run at the group level or with --models)",
