@@ -77,7 +77,7 @@ class RunConfig:
     network_input: str = "dwi"
     kernel_size: int = 3
     reference_labels: str = "rescan"
-    device: str = "cpu"
+    device: str = "auto"
     mc_samples: int = 0
     models_dir: Path | None = None
     # evaluation (group level): user WM mask / ROI atlas ("{subject}" for one per subject)

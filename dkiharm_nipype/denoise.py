@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .utils.env import resolve_device
+
 __all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold"]
 
 #: Voxels between windows: ~5 windows cover each voxel, about 1/27 of dwidenoise's
@@ -96,7 +98,7 @@ def mppca(
     mask = np.ones(shape, bool) if mask is None else np.asarray(mask, dtype=bool)
     if mask.shape != shape:
         raise ValueError(f"Mask shape {mask.shape} does not match the DWI {shape}.")
-    device = torch.device(device)
+    device = torch.device(resolve_device(str(device)))
     out = dwi.astype(np.float32, copy=True)
     sigma_map = np.zeros(shape, np.float32)
     rank_map = np.full(shape, -1, np.int16)

@@ -584,7 +584,9 @@ def _training_sentence(config: RunConfig) -> str:
     d = _train_defaults()
     loss = {"mse": "mean squared error", "l1": "mean absolute error"}[d["loss"]]
     scaling = "z-scored maps" if d["target_scaling"] == "zscore" else "maps in their units"
-    device = "CPU" if config.device == "cpu" else f"GPU ({config.device})"
+    device = {"cpu": "CPU", "auto": "GPU where the machine running each training had one, "
+              "else the CPU (each model card records which)"}.get(config.device)
+    device = device or f"GPU ({config.device})"
     return (
         f"Networks were trained in PyTorch {_version('torch')} [@paszke2019] on the {device} "
         f"with Adam (learning rate {d['learning_rate']:g}), a {loss} loss on {scaling}, "

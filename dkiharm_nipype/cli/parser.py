@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..__about__ import __version__
 from ..config import NETWORK_INPUTS, REFERENCE_LABELS, ExecConfig, RunConfig
+from ..utils.env import DEVICE_PATTERN
 
 PLUGINS = (
     "Linear",
@@ -256,7 +257,8 @@ def get_parser() -> argparse.ArgumentParser:
     harm.add_argument(
         "--device",
         default="auto",
-        help="torch device for training and inference: auto, cpu, cuda, cuda:1",
+        help="torch device for training, inference and MP-PCA denoising: auto (each node "
+        "takes a GPU if the host that runs it has one, else the CPU), cpu, cuda, cuda:1",
     )
     harm.add_argument(
         "--mc-samples",
@@ -384,12 +386,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     omp = opts.omp_nthreads or min(8, opts.nprocs)
     if opts.mc_samples < 0 or opts.mc_samples == 1:
         parser.error(f"--mc-samples must be 0 (off) or at least 2, got {opts.mc_samples}")
-    device = opts.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    device = opts.device  # "auto" stays: each node decides on the host that runs it
+    if not re.fullmatch(DEVICE_PATTERN, device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
     models_dir = None
     if opts.models is not None:

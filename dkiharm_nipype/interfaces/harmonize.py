@@ -32,7 +32,7 @@ from ..cnn.model import OUTPUT_NAMES
 from ..cnn.modelio import check_fingerprint, load_model, save_model, scan_fingerprint
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 
 LOGGER = logging.getLogger("nipype.interface")
 LOG_COLUMNS = ("epoch", "loss", "val_loss", "seconds")
@@ -97,7 +97,12 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
         0, usedefault=True, desc="voxels drawn per epoch (0: all training voxels)"
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
@@ -218,7 +223,7 @@ class TrainHarmonizer(SimpleInterface):
                 samples_per_epoch=inputs.samples_per_epoch or None,
                 network_input=inputs.network_input,
                 seed=inputs.seed,
-                device=inputs.device,
+                device=resolve_device(inputs.device),  # on the host running this node
                 log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
             )
         weights, card_path, log_path = (
@@ -253,7 +258,12 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
         0, usedefault=True, desc="MC-dropout passes (0: off, >= 2: also write std maps)"
     )
     batch_voxels = traits.Int(4096, usedefault=True, desc="voxels per chunk (bounds memory)")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
@@ -284,7 +294,7 @@ class ApplyHarmonizer(SimpleInterface):
     --------
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
-    (20, 'cpu')
+    (20, 'auto')
     >>> sorted(apply.output_spec().get())[:4]
     ['out_ad', 'out_ak', 'out_fa', 'out_files']
 
@@ -308,7 +318,8 @@ class ApplyHarmonizer(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        model, card = load_model(inputs.weights_file, inputs.card_file, device=inputs.device)
+        device = resolve_device(inputs.device)  # on the host running this node
+        model, card = load_model(inputs.weights_file, inputs.card_file, device=device)
         img, dwi, bvals = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
         check_fingerprint(card, _fingerprint(img, bvals, sidecar, inputs.echo_time))
@@ -329,7 +340,7 @@ class ApplyHarmonizer(SimpleInterface):
                 dwi,
                 bvals,
                 _load_mask(inputs.mask_file),
-                device=inputs.device,
+                device=device,
                 batch_voxels=inputs.batch_voxels,
                 mc_samples=inputs.mc_samples,
                 seed=inputs.seed,

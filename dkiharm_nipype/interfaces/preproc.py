@@ -17,7 +17,7 @@ from nipype.interfaces.mrtrix3.utils import BrainMask
 from nipype.utils.filemanip import fname_presuffix
 
 from ..utils.dwi import B0_THRESHOLD, mean_b0, median_otsu_mask
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 from ..utils.fsl import sidecar_name, write_topup_files
 
 
@@ -266,6 +266,12 @@ class _MPPCADenoiseInputSpec(BaseInterfaceInputSpec):
         3, usedefault=True, desc="voxels between windows (1: one at every voxel)"
     )
     nthreads = traits.Int(1, usedefault=True, nohash=True, desc="torch threads")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
 
 
 class _MPPCADenoiseOutputSpec(TraitedSpec):
@@ -305,7 +311,7 @@ class MPPCADenoise(SimpleInterface):
     >>> denoise = pe.Node(MPPCADenoise(stride=2, nthreads=2), name="denoise", n_procs=2)
     >>> wf.connect([(source, denoise, [("dwi", "in_file"), ("mask", "mask")])])
     >>> sorted(wf.inputs.denoise.get())
-    ['extent', 'nthreads', 'stride']
+    ['device', 'extent', 'nthreads', 'stride']
     >>> os.chdir(cwd)
     """
 
@@ -325,7 +331,13 @@ class MPPCADenoise(SimpleInterface):
         if isdefined(self.inputs.mask):
             mask = np.asarray(nb.load(self.inputs.mask).dataobj) > 0
         with torch_threads(max(1, self.inputs.nthreads)):
-            res = mppca(data, mask, extent=self.inputs.extent, stride=self.inputs.stride)
+            res = mppca(
+                data,
+                mask,
+                extent=self.inputs.extent,
+                stride=self.inputs.stride,
+                device=resolve_device(self.inputs.device),  # on the host running this node
+            )
         cwd = runtime.cwd
         self._results["out_file"] = _save_like(
             res.denoised, img, np.float32, self.inputs.in_file, "_denoised", cwd

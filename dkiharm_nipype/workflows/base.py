@@ -129,6 +129,7 @@ def init_participant_wf(
             fit_method=config.fit_method,
             b_max=config.b_max,
             omp_nthreads=config.execution.omp_nthreads,
+            device=config.device,
             name=_node_name(f"{scan.key}_wf"),
         )
         workflow.add_nodes([scan_wf])

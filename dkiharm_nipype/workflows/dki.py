@@ -191,6 +191,7 @@ def init_scan_wf(
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
+    device: str = "auto",
     name: str = "scan_wf",
 ) -> pe.Workflow:
     """Preprocess, fit and store one DWI run (participant level).
@@ -205,7 +206,7 @@ def init_scan_wf(
         The run, with its gradient table, sidecar and reversed-PE fieldmaps.
     staging_dir : Path
         Derivatives root the sinks write into (published once the run succeeds).
-    preproc, denoiser, mask_method
+    preproc, denoiser, mask_method, device
         See :func:`~dkiharm_nipype.workflows.preproc.init_dwi_preproc_wf`.
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
@@ -290,6 +291,7 @@ def init_scan_wf(
         mask_method=mask_method,
         omp_nthreads=omp_nthreads,
         mem_gb=mem_gb,
+        device=device,
     )
     fit_wf = init_dki_fit_wf(
         fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb

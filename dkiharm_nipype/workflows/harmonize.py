@@ -183,6 +183,7 @@ def init_group_wf(
             fit_method=config.fit_method,
             b_max=config.b_max,
             omp_nthreads=omp,
+            device=config.device,
             name=_node_name(f"{scan.key}_wf"),
         )
 

@@ -98,6 +98,7 @@ def init_dwi_preproc_wf(
     b0_threshold: float = B0_THRESHOLD,
     omp_nthreads: int = 1,
     mem_gb: float = 1.0,
+    device: str = "auto",
     name: str = "dwi_preproc_wf",
 ) -> pe.Workflow:
     """Preprocess one DWI series for DKI fitting.
@@ -143,6 +144,9 @@ def init_dwi_preproc_wf(
         Threads for the multi-threaded tools (dwidenoise, mrdegibbs, dwi2mask, Eddy).
     mem_gb : float
         Approximate size in GB of the DWI series once loaded, scaling node memory estimates.
+    device : str
+        Torch device of the MP-PCA denoiser: ``auto`` (decided by the node on the host that
+        runs it), ``cpu``, ``cuda`` or ``cuda:N``.
     name : str
         Workflow name.
 
@@ -267,7 +271,7 @@ def init_dwi_preproc_wf(
     denoise = pe.Node(
         DWIDenoise(nthreads=omp_nthreads)
         if denoiser == "dwidenoise"
-        else MPPCADenoise(nthreads=omp_nthreads),
+        else MPPCADenoise(nthreads=omp_nthreads, device=device),
         name="denoise",
         n_procs=omp_nthreads,
         mem_gb=3 * mem_gb,

@@ -1,0 +1,343 @@
+"""Where a whole study's time goes: participant then group level on a phantom, step by step.
+
+Generates a phantom (``tiny`` by default), runs ``dkiharm bids out participant`` then
+``dkiharm bids out group`` with one work directory (the group level reuses the participant
+level's nodes, as a user with one ``-w`` gets), and prints, from Nipype's own runtime record
+of every node that ran (``_report/report.rst``: ``duration``), a per-step table: summed node
+time, share of all node time and number of runs, per level. Also: wall time and peak memory
+(largest process) of each level, each scanner's training (epochs, seconds, validation loss,
+device), the fit maps' NRMSE to the phantom's truth in WM (every scan, native space) and the
+group evaluation's WM CV of MK/AK/RK/KFA before and after harmonization.
+
+``--before TREE`` first runs the same study with the code of another source tree (e.g.
+``git archive main | tar -x -C /tmp/before``), then this tree's, back to back on the same
+phantom and machine: ratios from one run are fair on a shared machine where absolute times
+are not. ``--before-args`` / ``--args`` add options to either run. A TSV (the step table of
+every run) and a JSON record (commits, package versions, machine and load, options, wall
+times, scores) are written under ``docs/benchmarks/study/`` (``--record``)::
+
+    .venv/bin/python benchmarks/study.py --before /tmp/before --nprocs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TREE = HERE.parent
+MAPS = ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")
+KURTOSIS = ("mk", "ak", "rk", "kfa")
+_DURATION = re.compile(r"^\* duration : ([0-9.eE+-]+)", re.M)
+
+
+def _measure(out_json: str, cmd: list[str]) -> int:
+    """Run ``cmd``; write its wall time and peak RSS (largest descendant) to ``out_json``."""
+    start = time.perf_counter()
+    rc = subprocess.call(cmd)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    Path(out_json).write_text(
+        json.dumps(
+            {
+                "wall_s": time.perf_counter() - start,
+                "peak_rss_mib": usage.ru_maxrss / 1024,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+            }
+        )
+    )
+    return rc
+
+
+def run_level(tree: Path, level: str, bids: Path, out: Path, work: Path, options, log: Path):
+    """One ``dkiharm`` level with ``tree``'s code; returns wall time, peak RSS, CPU time."""
+    cli = [sys.executable, "-m", "dkiharm_nipype.cli.run", str(bids), str(out), level]
+    cmd = [*cli, "-w", str(work), *options]
+    env = {**os.environ, "PYTHONPATH": str(tree), "MRTRIX_QUIET": "1"}
+    stats = log.with_suffix(".json")
+    with open(log, "w") as fh:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_measure", str(stats), "--", *cmd],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    if proc.returncode:
+        sys.stderr.write(log.read_text()[-6000:])
+        raise SystemExit(f"{level} level with {tree} failed (exit {proc.returncode}); log {log}")
+    return json.loads(stats.read_text())
+
+
+def node_times(work: Path, since: float = 0.0) -> dict[str, list[float]]:
+    """Durations of every node run (report modified after ``since``), keyed by node name.
+
+    MapNode iterations (``mapflow/_name3``) count under their node's name.
+    """
+    steps: dict[str, list[float]] = defaultdict(list)
+    for report in work.rglob("_report/report.rst"):
+        if report.stat().st_mtime < since:
+            continue
+        match = _DURATION.search(report.read_text(errors="replace"))
+        if not match:
+            continue
+        node = report.parent.parent
+        if node.parent.name == "mapflow":
+            name = node.parent.parent.name
+        else:
+            name = node.name
+        steps[name].append(float(match.group(1)))
+    return steps
+
+
+def step_table(steps: dict[str, list[float]]) -> list[dict]:
+    """Rows ``step, count, seconds, share`` sorted by time, shares of all node time."""
+    total = sum(sum(v) for v in steps.values()) or 1.0
+    rows = [
+        {"step": k, "count": len(v), "seconds": sum(v), "share": sum(v) / total}
+        for k, v in steps.items()
+    ]
+    return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def truth_errors(bids: Path, out: Path) -> dict[str, float]:
+    """Median over scans of each fit map's NRMSE to the phantom truth in WM (prob > 0.9).
+
+    NRMSE = RMSE / (max - min of the truth in WM), native space of each scan (no Eddy, so
+    the fit and the truth share the grid).
+    """
+    errors: dict[str, list[float]] = defaultdict(list)
+    truth_root = bids / "derivatives" / "phantom-truth"
+    for wm_file in sorted(truth_root.glob("sub-*/ses-*/dwi/*_space-dwi_label-WM_probseg.nii.gz")):
+        stem = wm_file.name.split("_space-dwi")[0]
+        rel = wm_file.parent.relative_to(truth_root)
+        wm = np.asanyarray(nb.load(wm_file).dataobj) > 0.9
+        for name in MAPS:
+            fits = list((out / rel).glob(f"{stem}_*model-dki_param-{name}_dwimap.nii.gz"))
+            fits = [f for f in fits if "desc-" not in f.name]
+            truth = truth_root / rel / f"{stem}_space-dwi_model-dki_param-{name}"
+            truth = truth.with_name(truth.name + "_desc-truth_dwimap.nii.gz")
+            if len(fits) != 1 or not truth.exists():
+                continue
+            est = np.asanyarray(nb.load(fits[0]).dataobj, dtype=np.float64)[wm]
+            ref = np.asanyarray(nb.load(truth).dataobj, dtype=np.float64)[wm]
+            ok = np.isfinite(est) & np.isfinite(ref)
+            span = np.ptp(ref[ok]) or 1.0
+            errors[name].append(float(np.sqrt(np.mean((est[ok] - ref[ok]) ** 2)) / span))
+    return {k: float(np.median(v)) for k, v in errors.items()}
+
+
+def group_scores(out: Path) -> dict:
+    """Training per scanner (model cards) and WM CV before/after (evaluation/cv.tsv)."""
+    sys.path.insert(0, str(HERE))
+    from harmonize import method_cv  # noqa: PLC0415
+
+    scanners = {}
+    for card_path in sorted((out / "models").glob("scanner-*_harmonizer.json")):
+        card = json.loads(card_path.read_text())
+        training = card["training"]
+        scanners[card["scanner"]] = {
+            "seconds": training.get("seconds"),
+            "epochs_run": training["epochs_run"],
+            "best_epoch": training["best_epoch"],
+            "best_val_loss": training["best_loss"],
+            "device": training.get("device"),
+            "seconds_per_epoch": (training.get("seconds") or 0) / max(training["epochs_run"], 1),
+        }
+    by_method = method_cv(out)
+    cv = {
+        p: {
+            "before": by_method["before"][p],
+            "after": by_method["dl"][p],
+            "cut_pct": 100 * (1 - by_method["dl"][p] / by_method["before"][p]),
+        }
+        for p in KURTOSIS
+    }
+    return {"training": scanners, "cv": cv}
+
+
+def _commit(tree: Path) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    stamp = tree / "COMMIT"  # written next to a `git archive` extraction, if any
+    return stamp.read_text().strip() if stamp.exists() else "unknown"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "numpy", "scipy", "nipype", "dipy", "nibabel"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    proc = subprocess.run(["mrconvert", "-version"], capture_output=True, text=True)
+    out["mrtrix3"] = proc.stdout.split("\n")[0].split()[-1] if proc.returncode == 0 else "absent"
+    return out
+
+
+def print_run(label: str, res: dict) -> None:
+    print(f"\n== {label}: {res['tree']} ({res['commit'][:10]}) {res['options']}")
+    for level in ("participant", "group"):
+        lv = res["levels"][level]
+        print(
+            f"{level}: wall {lv['wall_s']:.0f} s, CPU {lv['cpu_s']:.0f} s, node time "
+            f"{lv['node_s']:.0f} s, peak RSS {lv['peak_rss_mib']:.0f} MiB"
+        )
+    print(f"{'step':28s} {'level':11s} {'count':>5s} {'seconds':>9s} {'share':>6s}")
+    for row in res["steps"]:
+        if row["share"] >= 0.005:
+            print(
+                f"{row['step']:28s} {row['level']:11s} {row['count']:5d} "
+                f"{row['seconds']:9.1f} {100 * row['share']:5.1f}%"
+            )
+    for scanner, t in res["scores"]["training"].items():
+        print(
+            f"train {scanner}: {t['seconds']:.1f} s, {t['epochs_run']} epochs "
+            f"({t['seconds_per_epoch']:.2f} s each, best {t['best_epoch']}), "
+            f"val loss {t['best_val_loss']:.4f}, {t['device']}"
+        )
+    cv = res["scores"]["cv"]
+    print("WM CV cut: " + ", ".join(f"{p.upper()} {cv[p]['cut_pct']:.1f} %" for p in KURTOSIS))
+    print(
+        "fit NRMSE to truth (WM, median over scans): "
+        + ", ".join(f"{k.upper()} {v:.4f}" for k, v in res["truth_nrmse"].items())
+    )
+
+
+def run_study(label: str, tree: Path, bids: Path, root: Path, options: list[str]) -> dict:
+    out, work = root / label / "out", root / label / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    levels, steps = {}, []
+    for level in ("participant", "group"):
+        start = time.time()
+        log = root / f"{label}-{level}.log"
+        levels[level] = run_level(tree, level, bids, out, work, options, log)
+        # the group level's nodes: reports written since it started (cached nodes keep theirs)
+        times = node_times(work, since=start - 1 if level == "group" else 0.0)
+        levels[level]["node_s"] = sum(sum(v) for v in times.values())
+        steps += [{**row, "level": level} for row in step_table(times)]
+    total = sum(r["seconds"] for r in steps) or 1.0
+    for row in steps:
+        row["share"] = row["seconds"] / total
+    steps.sort(key=lambda r: -r["seconds"])
+    return {
+        "tree": str(tree),
+        "commit": _commit(tree),
+        "options": options,
+        "levels": levels,
+        "node_s": total,
+        "steps": steps,
+        "scores": group_scores(out),
+        "truth_nrmse": truth_errors(bids, out),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_measure"]:
+        raise SystemExit(_measure(argv[1], argv[3:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument(
+        "--phantom",
+        default="",
+        help="dkiharm-phantom overrides, e.g. 'subjects=4' (space-separated key=value)",
+    )
+    parser.add_argument("--before", type=Path, help="source tree of the 'before' run")
+    parser.add_argument("--before-args", default="", help="options of the 'before' run only")
+    parser.add_argument("--args", default="", help="options of this tree's run only")
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--omp-nthreads", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="work here instead of a temporary folder")
+    parser.add_argument("--record", type=Path, default=TREE / "docs" / "benchmarks" / "study")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(TREE))
+    from dkiharm_nipype.phantom.generate import generate
+
+    common = ["--nprocs", str(args.nprocs), "--omp-nthreads", str(args.omp_nthreads)]
+    common += ["--seed", "0"]
+    overrides = {}
+    for item in args.phantom.split():
+        key, value = item.split("=", 1)
+        overrides[key] = int(value) if value.isdigit() else value
+    runs = []
+    if args.before:
+        runs.append(("before", args.before.resolve(), shlex.split(args.before_args)))
+    runs.append(("after" if args.before else "run", TREE, shlex.split(args.args)))
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "phantom_overrides": overrides,
+        "common_options": common,
+        "versions": _versions(),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "load_average_start": os.getloadavg(),
+        },
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = (args.keep or Path(tmp)).resolve()
+        bids = root / "bids"
+        start = time.perf_counter()
+        generate(bids, preset=args.preset, seed=0, overwrite=True, **overrides)
+        seconds = time.perf_counter() - start
+        print(f"phantom {args.preset} {overrides}: {seconds:.0f} s", flush=True)
+        for label, tree, extra in runs:
+            res = run_study(label, tree, bids, root, [*common, *extra])
+            record["runs"][label] = res
+            print_run(label, res)
+            sys.stdout.flush()
+    record["machine"]["load_average_end"] = os.getloadavg()
+    if args.before:
+        b, a = record["runs"]["before"], record["runs"]["after"]
+        record["ratios"] = {
+            "node_time": b["node_s"] / a["node_s"],
+            **{
+                f"{lv}_wall": b["levels"][lv]["wall_s"] / a["levels"][lv]["wall_s"]
+                for lv in ("participant", "group")
+            },
+        }
+        print(
+            f"\nbefore/after: node time {b['node_s']:.0f} / {a['node_s']:.0f} s = "
+            f"{record['ratios']['node_time']:.2f}x; wall participant "
+            f"{record['ratios']['participant_wall']:.2f}x, group "
+            f"{record['ratios']['group_wall']:.2f}x"
+        )
+    args.record.mkdir(parents=True, exist_ok=True)
+    stem = args.record / f"{record['date'][:16].replace(':', '')}_{args.preset}"
+    Path(f"{stem}.json").write_text(json.dumps(record, indent=2))
+    with open(f"{stem}.tsv", "w") as fh:
+        fh.write("run\tlevel\tstep\tcount\tseconds\tshare\n")
+        for label, res in record["runs"].items():
+            for r in res["steps"]:
+                fh.write(
+                    f"{label}\t{r['level']}\t{r['step']}\t{r['count']}\t{r['seconds']:.3f}\t"
+                    f"{r['share']:.4f}\n"
+                )
+    print(f"record: {stem}.json, {stem}.tsv")
+
+
+if __name__ == "__main__":
+    main()
