@@ -73,6 +73,7 @@ def run_level(tree: Path, level: str, bids: Path, out: Path, work: Path, options
         proc = subprocess.run(
             [sys.executable, __file__, "--_measure", str(stats), "--", *cmd],
             env=env,
+            cwd=work,  # `python -m` puts the cwd first on sys.path: not a source tree
             stdout=fh,
             stderr=subprocess.STDOUT,
         )

@@ -4,7 +4,11 @@ One scanner's network is trained on phantom scans (``tiny`` by default; ``--voxe
 regrids it) with each ``--configs`` entry in turn, in one process, same data, same seed,
 same threads, so that ratios hold on a shared machine where absolute times do not. Inputs
 are the raw scans of the training subjects (normalised as the pipeline does), labels the
-phantom's true maps of the same scan; each network is then applied to a held-out subject's
+phantom's true maps of the same scan; with ``--participant OUT`` (a participant-level output
+of the same phantom) inputs are the preprocessed run-1 scans and labels the IRLLS maps of the
+subject's run 2 on that scanner (noisy labels, a small head movement away, as the
+pipeline's ``--reference-labels rescan``), where validation curves flatten as in a study. Each
+network is then applied to a held-out subject's
 scan and scored against its truth in WM (NRMSE, probability > 0.9).
 
 A config is ``name:key=value,key=value`` over :func:`~dkiharm_nipype.cnn.train.
@@ -69,11 +73,31 @@ def load_scan(root: Path, sub: str, scanner: str):
     return dwi, bvals, maps, mask, wm
 
 
+def participant_scan(out: Path, sub: str, scanner: str):
+    """Preprocessed run-1 DWI and bvals, and the run-2 IRLLS maps, of a participant output."""
+    prefix = out / sub / f"ses-{scanner}" / "dwi" / f"{sub}_ses-{scanner}_run-"
+    dwi_file = Path(f"{prefix}1_space-dwi_desc-preproc_dwi.nii.gz")
+    dwi = np.asarray(nb.load(dwi_file).dataobj, dtype=np.float32)
+    bvals = np.loadtxt(str(dwi_file).replace(".nii.gz", ".bval"))
+    labels = np.stack(
+        [
+            np.asarray(
+                nb.load(f"{prefix}2_space-dwi_model-dki_param-{k}_dwimap.nii.gz").dataobj,
+                dtype=np.float32,
+            )
+            for k in OUTPUT_NAMES
+        ],
+        axis=-1,
+    )
+    return dwi, bvals, labels
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phantom", type=Path, help="an existing phantom root")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--voxel-mm", type=float)
+    parser.add_argument("--participant", type=Path, help="participant-level output (labels)")
     parser.add_argument("--scanner", default="A")
     parser.add_argument("--train", nargs="+", default=["sub-01", "sub-02"])
     parser.add_argument("--test", default="sub-03")
@@ -93,10 +117,14 @@ def main(argv=None) -> None:
     subjects = []
     for sub in args.train:
         dwi, bvals, maps, mask, _ = load_scan(root, sub, args.scanner)
+        if args.participant:
+            dwi, bvals, maps = participant_scan(args.participant, sub, args.scanner)
         subjects.append(
             TrainingSubject(dwi=normalize_dwi(dwi, bvals), labels=maps, mask=mask, name=sub)
         )
     test_dwi, test_bvals, test_maps, test_mask, test_wm = load_scan(root, args.test, args.scanner)
+    if args.participant:
+        test_dwi, test_bvals, _ = participant_scan(args.participant, args.test, args.scanner)
     print(
         f"{root} scanner {args.scanner}: grid {test_dwi.shape}, "
         f"{sum(int(s.mask.sum()) for s in subjects)} training voxels, {args.threads} threads",

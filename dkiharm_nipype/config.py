@@ -60,7 +60,7 @@ class RunConfig:
     bids_filters: dict[str, Any] = field(default_factory=dict)
     scanner_entity: str = "session"
     preproc: str = "auto"
-    denoiser: str = "dwidenoise"
+    denoiser: str = "mppca"
     mask_method: str = "dwi2mask"
     fit_method: str = "irlls"
     b_max: float | None = None

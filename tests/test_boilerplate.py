@@ -67,8 +67,8 @@ def parse_bibtex(text: str) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 def test_fsl_cited_only_when_it_runs():
-    with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl")))
-    without = "\n".join(methods_paragraphs(_config(preproc="mrtrix")))
+    with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl", denoiser="dwidenoise")))
+    without = "\n".join(methods_paragraphs(_config(preproc="mrtrix", denoiser="dwidenoise")))
     for text in (with_fsl, without):
         assert "dwidenoise" in text and "@veraart2016" in text and "@kellner2016" in text
     assert "TOPUP" in with_fsl and "Eddy" in with_fsl
@@ -265,4 +265,4 @@ def test_boilerplate_only_cli_writes_text_and_no_derivatives(tiny_bids, tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     md = (out / "logs" / "CITATION.md").read_text()
-    assert "TOPUP" not in md and "Andersson" not in md and "dwidenoise" in md
+    assert "TOPUP" not in md and "Andersson" not in md and "every 3 voxels" in md  # mppca

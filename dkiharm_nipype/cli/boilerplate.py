@@ -447,7 +447,7 @@ def _fsl_version() -> str:
         return ""
 
 
-def _resolved_preproc(preproc: str, denoiser: str = "dwidenoise") -> str:
+def _resolved_preproc(preproc: str, denoiser: str = "mppca") -> str:
     if preproc != "auto":
         return preproc
     from ..workflows.preproc import resolved_preproc_mode

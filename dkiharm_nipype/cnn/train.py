@@ -53,6 +53,10 @@ _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 #: natively (CPUs with AVX512-BF16/AMX, GPUs with bf16 support), else float32.
 PRECISIONS = ("auto", "fp32", "bf16")
 
+#: Relative fall of the validation loss that counts as progress for early stopping: 0.5 %.
+#: Later epochs of a flattened curve creep down by less (docs/benchmarks.md, *Training*).
+MIN_DELTA = 0.005
+
 #: Fewest labelled brain voxels (all training subjects together) a network is trained on:
 #: the default network has ~460,000 weights for 96 volumes; below this it fits noise.
 MIN_TRAINING_VOXELS = 1000
@@ -129,12 +133,12 @@ def fit(
     lr: float = 1e-3,
     batch_size: int = 1024,
     patience: int = 10,
-    min_delta: float = 0.0,
+    min_delta: float = MIN_DELTA,
     seed: int = 0,
     device: str | torch.device = "cpu",
     loss: str = "mse",
     samples_per_epoch: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     log: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on neighbourhood vectors; keep the weights of the best epoch.
@@ -212,10 +216,10 @@ def train_harmonizer(
     lr: float = 1e-3,
     batch_size: int = 1024,
     patience: int = 10,
-    min_delta: float = 0.0,
+    min_delta: float = MIN_DELTA,
     loss: str = "mse",
     samples_per_epoch: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     network_input: str = "dwi",
     seed: int = 0,
     device: str | torch.device = "cpu",

@@ -91,6 +91,19 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     learning_rate = traits.Float(1e-3, usedefault=True, desc="Adam learning rate")
     batch_size = traits.Int(1024, usedefault=True, desc="voxels per optimisation step")
     patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
+    min_delta = traits.Float(
+        0.005,  # = cnn.train.MIN_DELTA
+        usedefault=True,
+        desc="relative fall of the validation loss that counts as an improvement",
+    )
+    precision = traits.Enum(
+        "auto",
+        "fp32",
+        "bf16",
+        usedefault=True,
+        desc="arithmetic of the training passes: auto is bfloat16 autocast where the device "
+        "computes it natively, else float32",
+    )
     val_fraction = traits.Float(0.1, usedefault=True, desc="fraction of blocks for validation")
     loss = traits.Enum("mse", "l1", usedefault=True, desc="loss on the scaled targets")
     samples_per_epoch = traits.Int(
@@ -219,6 +232,8 @@ class TrainHarmonizer(SimpleInterface):
                 lr=inputs.learning_rate,
                 batch_size=inputs.batch_size,
                 patience=inputs.patience,
+                min_delta=inputs.min_delta,
+                precision=inputs.precision,
                 loss=inputs.loss,
                 samples_per_epoch=inputs.samples_per_epoch or None,
                 network_input=inputs.network_input,

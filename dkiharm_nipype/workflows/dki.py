@@ -186,7 +186,7 @@ def init_scan_wf(
     scan: DWIScan,
     staging_dir: Path,
     preproc: str = "auto",
-    denoiser: str = "dwidenoise",
+    denoiser: str = "mppca",
     mask_method: str = "dwi2mask",
     fit_method: str = "irlls",
     b_max: float | None = None,

@@ -31,14 +31,14 @@ DENOISERS = ("dwidenoise", "mppca")
 MASK_METHODS = ("dwi2mask", "median_otsu")
 
 
-def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> tuple[bool, bool]:
+def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "mppca") -> tuple[bool, bool]:
     """Decide which steps run: ``(run_mrtrix, run_fsl)`` for a ``--preproc`` mode.
 
     ``auto`` denoises and removes Gibbs ringing, then adds TOPUP/Eddy when FSL is found
     and otherwise logs one line saying they were skipped; ``fsl`` requires FSL;
-    ``mrtrix`` never runs FSL; ``none`` passes the data through. ``denoiser="mppca"``
-    replaces ``dwidenoise`` by the torch MP-PCA (:mod:`dkiharm_nipype.denoise`), so that
-    only ``mrdegibbs`` is needed from MRtrix3.
+    ``mrtrix`` never runs FSL; ``none`` passes the data through. ``denoiser="mppca"`` (the
+    default) denoises with the torch MP-PCA (:mod:`dkiharm_nipype.denoise`), so that only
+    ``mrdegibbs`` is needed from MRtrix3; ``denoiser="dwidenoise"`` runs MRtrix3's.
 
     Raises
     ------
@@ -83,7 +83,7 @@ def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> 
     return True, True
 
 
-def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> str:
+def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "mppca") -> str:
     """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`)."""
     run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
     return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
@@ -92,7 +92,7 @@ def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise
 def init_dwi_preproc_wf(
     *,
     preproc: PreprocMode = "auto",
-    denoiser: Denoiser = "dwidenoise",
+    denoiser: Denoiser = "mppca",
     has_rpe_fmap: bool = False,
     mask_method: MaskMethod = "dwi2mask",
     b0_threshold: float = B0_THRESHOLD,
@@ -106,9 +106,9 @@ def init_dwi_preproc_wf(
     ========  ================================================================
     mode      steps
     ========  ================================================================
-    auto      ``dwidenoise`` -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL found]
-    fsl       ``dwidenoise`` -> ``mrdegibbs`` -> [TOPUP ->] Eddy (FSL required)
-    mrtrix    ``dwidenoise`` -> ``mrdegibbs``
+    auto      MP-PCA -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL found]
+    fsl       MP-PCA -> ``mrdegibbs`` -> [TOPUP ->] Eddy (FSL required)
+    mrtrix    MP-PCA -> ``mrdegibbs``
     none      input passed through
     ========  ================================================================
 
@@ -129,10 +129,11 @@ def init_dwi_preproc_wf(
     ----------
     preproc : {"auto", "fsl", "mrtrix", "none"}
         Which steps to run (see above); read once, when the workflow is built.
-    denoiser : {"dwidenoise", "mppca"}
-        MRtrix3 ``dwidenoise``, or the torch MP-PCA with overlapping windows
-        (:class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`: the same estimator,
-        about 7x faster at equal threads; README, *Denoising*).
+    denoiser : {"mppca", "dwidenoise"}
+        The torch MP-PCA with overlapping windows (default:
+        :class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`, the estimator of MRtrix3's
+        ``dwidenoise``, 6-7x faster at equal threads and at least as close to the truth;
+        docs/preprocessing.md), or MRtrix3 ``dwidenoise``.
     has_rpe_fmap : bool
         Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP (see
         :func:`dkiharm_nipype.utils.fsl.has_reversed_pe`). Ignored without FSL.
