@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shlex
@@ -33,7 +32,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import nibabel as nb
@@ -115,10 +113,12 @@ def step_table(steps: dict[str, list[float]]) -> list[dict]:
 
 
 def truth_errors(bids: Path, out: Path) -> dict[str, float]:
-    """Median over scans of each fit map's NRMSE to the phantom truth in WM (prob > 0.9).
+    """Each fit map's median absolute relative error to the phantom truth in WM (prob >
+    0.9), median over scans, in each scan's native space.
 
-    NRMSE = RMSE / (max - min of the truth in WM), native space of each scan (no Eddy, so
-    the fit and the truth share the grid).
+    A median, not an RMSE: without TOPUP/Eddy the scans keep their susceptibility
+    distortion, which the truth (undistorted) does not have, and a few displaced voxels at
+    the WM edge would otherwise dominate.
     """
     errors: dict[str, list[float]] = defaultdict(list)
     truth_root = bids / "derivatives" / "phantom-truth"
@@ -127,17 +127,15 @@ def truth_errors(bids: Path, out: Path) -> dict[str, float]:
         rel = wm_file.parent.relative_to(truth_root)
         wm = np.asanyarray(nb.load(wm_file).dataobj) > 0.9
         for name in MAPS:
-            fits = list((out / rel).glob(f"{stem}_*model-dki_param-{name}_dwimap.nii.gz"))
-            fits = [f for f in fits if "desc-" not in f.name]
+            fit = out / rel / f"{stem}_space-dwi_model-dki_param-{name}_dwimap.nii.gz"
             truth = truth_root / rel / f"{stem}_space-dwi_model-dki_param-{name}"
             truth = truth.with_name(truth.name + "_desc-truth_dwimap.nii.gz")
-            if len(fits) != 1 or not truth.exists():
+            if not fit.exists() or not truth.exists():
                 continue
-            est = np.asanyarray(nb.load(fits[0]).dataobj, dtype=np.float64)[wm]
-            ref = np.asanyarray(nb.load(truth).dataobj, dtype=np.float64)[wm]
-            ok = np.isfinite(est) & np.isfinite(ref)
-            span = np.ptp(ref[ok]) or 1.0
-            errors[name].append(float(np.sqrt(np.mean((est[ok] - ref[ok]) ** 2)) / span))
+            est = np.asanyarray(nb.load(fit).dataobj, dtype=np.float64)
+            ref = np.asanyarray(nb.load(truth).dataobj, dtype=np.float64)
+            ok = wm & np.isfinite(est) & np.isfinite(ref) & (ref != 0)
+            errors[name].append(float(np.median(np.abs(est[ok] / ref[ok] - 1))))
     return {k: float(np.median(v)) for k, v in errors.items()}
 
 
@@ -180,20 +178,6 @@ def _commit(tree: Path) -> str:
     return stamp.read_text().strip() if stamp.exists() else "unknown"
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "numpy", "scipy", "nipype", "dipy", "nibabel"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    proc = subprocess.run(["mrconvert", "-version"], capture_output=True, text=True)
-    out["mrtrix3"] = proc.stdout.split("\n")[0].split()[-1] if proc.returncode == 0 else "absent"
-    return out
-
-
 def print_run(label: str, res: dict) -> None:
     print(f"\n== {label}: {res['tree']} ({res['commit'][:10]}) {res['options']}")
     for level in ("participant", "group"):
@@ -218,8 +202,8 @@ def print_run(label: str, res: dict) -> None:
     cv = res["scores"]["cv"]
     print("WM CV cut: " + ", ".join(f"{p.upper()} {cv[p]['cut_pct']:.1f} %" for p in KURTOSIS))
     print(
-        "fit NRMSE to truth (WM, median over scans): "
-        + ", ".join(f"{k.upper()} {v:.4f}" for k, v in res["truth_nrmse"].items())
+        "fit error to truth (median |relative error| in WM, median over scans): "
+        + ", ".join(f"{k.upper()} {v:.4f}" for k, v in res["truth_error"].items())
     )
 
 
@@ -247,7 +231,7 @@ def run_study(label: str, tree: Path, bids: Path, root: Path, options: list[str]
         "node_s": total,
         "steps": steps,
         "scores": group_scores(out),
-        "truth_nrmse": truth_errors(bids, out),
+        "truth_error": truth_errors(bids, out),
     }
 
 
@@ -272,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(TREE))
+    from record import write_record
+
     from dkiharm_nipype.phantom.generate import generate
 
     common = ["--nprocs", str(args.nprocs), "--omp-nthreads", str(args.omp_nthreads)]
@@ -284,20 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.before:
         runs.append(("before", args.before.resolve(), shlex.split(args.before_args)))
     runs.append(("after" if args.before else "run", TREE, shlex.split(args.args)))
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "preset": args.preset,
-        "phantom_overrides": overrides,
-        "common_options": common,
-        "versions": _versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average_start": os.getloadavg(),
-        },
-        "runs": {},
-    }
+    load_start = os.getloadavg()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.keep or Path(tmp)).resolve()
         bids = root / "bids"
@@ -306,38 +280,60 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         print(f"phantom {args.preset} {overrides}: {seconds:.0f} s", flush=True)
         for label, tree, extra in runs:
-            res = run_study(label, tree, bids, root, [*common, *extra])
-            record["runs"][label] = res
-            print_run(label, res)
+            results[label] = run_study(label, tree, bids, root, [*common, *extra])
+            (root / f"{label}.json").write_text(json.dumps(results[label], indent=2))
+            print_run(label, results[label])
             sys.stdout.flush()
-    record["machine"]["load_average_end"] = os.getloadavg()
+    ratios = {}
     if args.before:
-        b, a = record["runs"]["before"], record["runs"]["after"]
-        record["ratios"] = {
-            "node_time": b["node_s"] / a["node_s"],
-            **{
-                f"{lv}_wall": b["levels"][lv]["wall_s"] / a["levels"][lv]["wall_s"]
-                for lv in ("participant", "group")
-            },
-        }
+        b, a = results["before"], results["after"]
+        ratios = {"node_time": b["node_s"] / a["node_s"]}
+        for lv in ("participant", "group"):
+            ratios[f"{lv}_wall"] = b["levels"][lv]["wall_s"] / a["levels"][lv]["wall_s"]
         print(
             f"\nbefore/after: node time {b['node_s']:.0f} / {a['node_s']:.0f} s = "
-            f"{record['ratios']['node_time']:.2f}x; wall participant "
-            f"{record['ratios']['participant_wall']:.2f}x, group "
-            f"{record['ratios']['group_wall']:.2f}x"
+            f"{ratios['node_time']:.2f}x; wall participant {ratios['participant_wall']:.2f}x, "
+            f"group {ratios['group_wall']:.2f}x"
         )
-    args.record.mkdir(parents=True, exist_ok=True)
-    stem = args.record / f"{record['date'][:16].replace(':', '')}_{args.preset}"
-    Path(f"{stem}.json").write_text(json.dumps(record, indent=2))
-    with open(f"{stem}.tsv", "w") as fh:
-        fh.write("run\tlevel\tstep\tcount\tseconds\tshare\n")
-        for label, res in record["runs"].items():
-            for r in res["steps"]:
-                fh.write(
-                    f"{label}\t{r['level']}\t{r['step']}\t{r['count']}\t{r['seconds']:.3f}\t"
-                    f"{r['share']:.4f}\n"
-                )
-    print(f"record: {stem}.json, {stem}.tsv")
+    tables = {
+        "steps": [{"run": k, **r} for k, res in results.items() for r in res["steps"]],
+        "levels": [
+            {"run": k, "level": lv, **v}
+            for k, res in results.items()
+            for lv, v in res["levels"].items()
+        ],
+        "training": [
+            {"run": k, "scanner": sc, **t}
+            for k, res in results.items()
+            for sc, t in res["scores"]["training"].items()
+        ],
+        "cv": [
+            {"run": k, "param": p, **c}
+            for k, res in results.items()
+            for p, c in res["scores"]["cv"].items()
+        ],
+        "truth_error": [{"run": k, **res["truth_error"]} for k, res in results.items()],
+    }
+    options = {
+        "preset": args.preset,
+        "phantom_overrides": overrides,
+        "common_options": common,
+        "runs": {k: {"tree": r["tree"], "commit": r["commit"], "options": r["options"]}
+                 for k, r in results.items()},
+        "ratios": ratios,
+        "load_average_start_end": [load_start, os.getloadavg()],
+    }  # fmt: skip
+    path = write_record(
+        "study",
+        tables=tables,
+        options=options,
+        wall_s={
+            f"{k}_{lv}": v["wall_s"] for k, r in results.items() for lv, v in r["levels"].items()
+        },
+        command=" ".join(["benchmarks/study.py", *(argv or [])]),
+        out_dir=args.record,
+    )
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from dkiharm_nipype.cnn.data import TrainingSubject, normalize_dwi
 from dkiharm_nipype.cnn.infer import harmonize_scan
 from dkiharm_nipype.cnn.model import OUTPUT_NAMES
 from dkiharm_nipype.cnn.train import train_harmonizer
-from dkiharm_nipype.metrics import nrmse
+from dkiharm_nipype.evaluation.scores import nrmse
 
 _FLOATS = {"lr", "min_delta"}
 _STRS = {"precision", "loss"}

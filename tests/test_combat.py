@@ -9,15 +9,15 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.errors import DkiharmInputError
-from dkiharm_nipype.harmonize.combat import (
+from dkiharm_nipype.comparators.combat import (
     ComBatInputError,
     combat,
     combat_maps,
     participant_covariates,
     read_participants,
 )
-from dkiharm_nipype.harmonize.commonspace import build_common_space, invert_deformation
+from dkiharm_nipype.comparators.commonspace import build_common_space, invert_deformation
+from dkiharm_nipype.errors import DkiharmInputError
 from dkiharm_nipype.registration import Registration, affine_deformation
 
 SITES = ("A", "B", "C")
@@ -193,6 +193,10 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
     assert [len(f) for f in out.out_files] == [2, 2, 2, 2]
     report = json.loads(Path(out.report_file).read_text())
     assert report["ReferenceSite"] == "D" and report["TemplateVoxels"] > 1000
+    from importlib.metadata import version
+
+    # the library named is the one whose function ran (was combatlearn, a rejected candidate)
+    assert report["Method"].startswith(f"ComBat (neuroCombat {version('neuroCombat')}")
     assert out.out_files[2][1].endswith("sub-01_ses-A_run-1_desc-combat_param-md_dwimap.nii.gz")
     for i in range(4):
         img, src = nb.load(out.out_files[i][1]), nb.load(files[i][1])

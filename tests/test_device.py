@@ -71,7 +71,7 @@ def _dwi_file(tmp_path) -> str:
 @pytest.mark.parametrize("available, expected", [(True, "cuda"), (False, "cpu")])
 def test_mppca_node_resolves_on_its_host(monkeypatch, tmp_path, available, expected):
     """The denoising node passes the device of the host that runs it to ``mppca``."""
-    import dkiharm_nipype.denoise as denoise
+    import dkiharm_nipype.preproc.denoise as denoise
     from dkiharm_nipype.interfaces.preproc import MPPCADenoise
 
     seen = []

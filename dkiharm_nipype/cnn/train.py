@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import NETWORK_INPUTS
 from ..errors import DkiharmInputError
-from ..metrics import nrmse
+from ..evaluation.scores import nrmse
 from ..utils.env import resolve_device
 from .data import (
     B0_THRESHOLD,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .utils.env import resolve_device
+from ..utils.env import resolve_device
 
 __all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold"]
 
