@@ -12,7 +12,10 @@ group evaluation's WM CV of MK/AK/RK/KFA before and after harmonization.
 ``--before TREE`` first runs the same study with the code of another source tree (e.g.
 ``git archive main | tar -x -C /tmp/before``), then this tree's, back to back on the same
 phantom and machine: ratios from one run are fair on a shared machine where absolute times
-are not. ``--before-args`` / ``--args`` add options to either run. A TSV (the step table of
+are not. ``--before-args`` / ``--args`` add options to either run. Where time is short, the
+two can also run side by side (the same load on both): one ``study.py`` per tree (a copy of
+this script in the other tree, ``--bids`` sharing one phantom), then ``--combine
+BEFORE.json AFTER.json`` tabulates them. A TSV (the step table of
 every run) and a JSON record (commits, package versions, machine and load, options, wall
 times, scores) are written under ``docs/benchmarks/study/`` (``--record``)::
 
@@ -168,6 +171,20 @@ def group_scores(out: Path) -> dict:
     return {"training": scanners, "cv": cv}
 
 
+def compare_steps(before: list[dict], after: list[dict], *, top: int = 15):
+    """``(step, before s, after s)`` summed over levels, the costliest ``top`` steps of either.
+
+    Steps are matched by name, except that the denoiser counts as one step ``denoise``
+    whichever tool ran it (the node is called ``denoise`` either way).
+    """
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for i, rows in enumerate((before, after)):
+        for row in rows:
+            totals[row["step"]][i] += row["seconds"]
+    ranked = sorted(totals.items(), key=lambda kv: -max(kv[1]))[:top]
+    return [(k, v[0], v[1]) for k, v in ranked]
+
+
 def _commit(tree: Path) -> str:
     proc = subprocess.run(
         ["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(_measure(argv[1], argv[3:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--bids", type=Path, help="an existing phantom (not regenerated)")
     parser.add_argument(
         "--phantom",
         default="",
@@ -253,6 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--omp-nthreads", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="work here instead of a temporary folder")
     parser.add_argument("--record", type=Path, default=TREE / "docs" / "benchmarks" / "study")
+    parser.add_argument(
+        "--combine",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE_JSON", "AFTER_JSON"),
+        help="only tabulate two runs' saved results (<label>.json of --keep folders), e.g. "
+        "of a 'before' and an 'after' run made side by side",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(TREE))
@@ -272,20 +298,27 @@ def main(argv: list[str] | None = None) -> None:
     runs.append(("after" if args.before else "run", TREE, shlex.split(args.args)))
     load_start = os.getloadavg()
     results = {}
+    if args.combine:
+        runs = []
+        pairs = zip(("before", "after"), args.combine, strict=True)
+        results = {k: json.loads(p.read_text()) for k, p in pairs}
+        for label, res in results.items():
+            print_run(label, res)
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.keep or Path(tmp)).resolve()
-        bids = root / "bids"
-        start = time.perf_counter()
-        generate(bids, preset=args.preset, seed=0, overwrite=True, **overrides)
-        seconds = time.perf_counter() - start
-        print(f"phantom {args.preset} {overrides}: {seconds:.0f} s", flush=True)
+        bids = args.bids.resolve() if args.bids else root / "bids"
+        if runs and not args.bids:
+            start = time.perf_counter()
+            generate(bids, preset=args.preset, seed=0, overwrite=True, **overrides)
+            seconds = time.perf_counter() - start
+            print(f"phantom {args.preset} {overrides}: {seconds:.0f} s", flush=True)
         for label, tree, extra in runs:
             results[label] = run_study(label, tree, bids, root, [*common, *extra])
             (root / f"{label}.json").write_text(json.dumps(results[label], indent=2))
             print_run(label, results[label])
             sys.stdout.flush()
     ratios = {}
-    if args.before:
+    if {"before", "after"} <= set(results):
         b, a = results["before"], results["after"]
         ratios = {"node_time": b["node_s"] / a["node_s"]}
         for lv in ("participant", "group"):
@@ -295,6 +328,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{ratios['node_time']:.2f}x; wall participant {ratios['participant_wall']:.2f}x, "
             f"group {ratios['group_wall']:.2f}x"
         )
+        print(f"{'step':28s} {'before s':>9s} {'after s':>9s} {'ratio':>6s}")
+        for step, sec_b, sec_a in compare_steps(b["steps"], a["steps"]):
+            ratio = f"{sec_b / sec_a:6.1f}" if sec_a else "     -"
+            print(f"{step:28s} {sec_b:9.1f} {sec_a:9.1f} {ratio}")
     tables = {
         "steps": [{"run": k, **r} for k, res in results.items() for r in res["steps"]],
         "levels": [
