@@ -32,6 +32,8 @@ class ExecConfig:
     nprocs: int = 2
     omp_nthreads: int = 1
     mem_gb: float | None = None
+    #: scheduler arguments added to the jobs of nodes that can use a GPU (batch plugins)
+    gpu_plugin_args: str = ""
 
     def nipype_plugin_args(self) -> dict[str, Any]:
         """Plugin arguments with the resource limits filled in for MultiProc."""
@@ -55,6 +57,9 @@ class RunConfig:
     output_dir: Path
     analysis_level: str
     work_dir: Path
+    skip_bids_validation: bool = False
+    bids_database_dir: Path | None = None
+    config_file: Path | None = None
     participant_label: tuple[str, ...] = ()
     session_label: tuple[str, ...] = ()
     bids_filters: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +75,8 @@ class RunConfig:
     verbose: int = 0
     # harmonization (group level; models_dir also at the participant level)
     reference_scanner: str | None = None
+    # white-matter ROI for the SNR ({subject}/{session}/{run} expand); default automatic
+    snr_roi: str | None = None
     train_participants: tuple[str, ...] = ()
     registration: str = "auto"
     epochs: int = 100

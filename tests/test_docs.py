@@ -18,6 +18,7 @@ PAGES = (
     "index",
     "installation",
     "usage",
+    "cluster",
     "outputs",
     "method",
     "phantom",
@@ -26,6 +27,7 @@ PAGES = (
     "registration",
     "cnn",
     "benchmarks",
+    "layout",
     "api",
 )
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import RunConfig
+from ..preproc.modes import resolved_preproc_mode
 
 __all__ = [
     "REFERENCES",
@@ -447,14 +448,6 @@ def _fsl_version() -> str:
         return ""
 
 
-def _resolved_preproc(preproc: str, denoiser: str = "mppca") -> str:
-    if preproc != "auto":
-        return preproc
-    from ..preproc.modes import resolved_preproc_mode
-
-    return resolved_preproc_mode(preproc, denoiser)
-
-
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -524,16 +517,20 @@ def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) 
 
 
 def _fit_paragraph(config: RunConfig) -> str:
+    from ..dki.provenance import constraints_sentence, fit_options
+
+    # the same values as the map sidecars (one source of truth: dki/provenance.py)
+    constraints = constraints_sentence(fit_options(method=config.fit_method, constraints=True))
     shells = (
         f"volumes with b ≤ {config.b_max:g} s/mm²" if config.b_max is not None else "all volumes"
     )
     return (
         "The diffusion and kurtosis tensors of the DKI signal model [@jensen2005] were "
         f"estimated voxelwise from {shells} by {_FIT_TEXT[config.fit_method]}, followed by a "
-        "projection onto physically plausible values (non-negative diffusivities, directional "
-        "kurtosis in [0, 10]). Mean, axial and radial diffusivity (MD, AD, RD), fractional "
-        "anisotropy (FA), and mean, axial and radial kurtosis (MK, AK, RK) [@tabesh2011] and "
-        "the kurtosis fractional anisotropy (KFA) [@glenn2015] were computed with the "
+        f"projection onto physically plausible values ({constraints}). Mean, axial and radial "
+        "diffusivity (MD, AD, RD), fractional anisotropy (FA), and mean, axial and radial "
+        "kurtosis (MK, AK, RK) [@tabesh2011] and the kurtosis fractional anisotropy (KFA) "
+        "[@glenn2015] were computed with the "
         "definitions of dipy [@dipy]. The SNR of each scan was measured as the mean b=0 signal "
         "in white matter divided by the noise standard deviation there (dwidenoise's "
         "noise map, or the spread across b=0 frames without denoising), in decibels."
@@ -723,7 +720,7 @@ def methods_paragraphs(config: RunConfig, *, scans: Sequence | None = None) -> l
         The selected scans: adds their counts, the runs TOPUP corrects and the training
         subjects drawn with the seed.
     """
-    preproc = _resolved_preproc(config.preproc, config.denoiser)
+    preproc = resolved_preproc_mode(config.preproc, config.denoiser, check=False)
     paragraphs = [
         f"Results included in this manuscript come from processing performed with dkiharm "
         f"{__version__}, an implementation of the DKI harmonization method of @tong2020, "
