@@ -119,7 +119,7 @@ def test_training_card_records_the_device_used(monkeypatch):
     _gpu(monkeypatch, True)
     _, card, _ = train_module.train_harmonizer(
         [subject], scanner="A", protocol={}, epochs=1, hidden_channels=8, device="auto",
-        block_size=2, min_voxels=10,
+        block_size=2, min_voxels=10, precision="auto",
     )  # fmt: skip
     assert handed == ["cuda"] and card.training["device"] == "cuda"
     assert json.loads(json.dumps(card.training["hyperparameters"]))["precision"] == "bf16"

@@ -591,8 +591,9 @@ def _training_sentence(config: RunConfig) -> str:
         f"with Adam (learning rate {d['learning_rate']:g}), a {loss} loss on {scaling}, "
         f"{config.samples_per_epoch:,} training voxels per epoch and at most {config.epochs} "
         f"epochs, with early stopping on the {d['val_fraction'] * 100:g} % of voxel blocks "
-        f"held out for validation (stopping after {d['patience']} epochs without a "
-        f"{d['min_delta'] * 100:g} % fall of its loss) and seed {config.seed}"
+        f"held out for validation (patience {d['patience']} epochs"
+        + (f", falls under {d['min_delta'] * 100:g} % not counted" if d["min_delta"] else "")
+        + f") and seed {config.seed}"
         + (
             "; matrix products ran in bfloat16 with float32 weights where the processor "
             "computes bfloat16 natively."

@@ -53,10 +53,6 @@ _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 #: natively (CPUs with AVX512-BF16/AMX, GPUs with bf16 support), else float32.
 PRECISIONS = ("auto", "fp32", "bf16")
 
-#: Relative fall of the validation loss that counts as progress for early stopping: 0.5 %.
-#: Later epochs of a flattened curve creep down by less (docs/benchmarks.md, *Training*).
-MIN_DELTA = 0.005
-
 #: Fewest labelled brain voxels (all training subjects together) a network is trained on:
 #: the default network has ~460,000 weights for 96 volumes; below this it fits noise.
 MIN_TRAINING_VOXELS = 1000
@@ -133,12 +129,12 @@ def fit(
     lr: float = 1e-3,
     batch_size: int = 1024,
     patience: int = 10,
-    min_delta: float = MIN_DELTA,
+    min_delta: float = 0.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
     loss: str = "mse",
     samples_per_epoch: int | None = None,
-    precision: str = "auto",
+    precision: str = "fp32",
     log: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on neighbourhood vectors; keep the weights of the best epoch.
@@ -216,10 +212,10 @@ def train_harmonizer(
     lr: float = 1e-3,
     batch_size: int = 1024,
     patience: int = 10,
-    min_delta: float = MIN_DELTA,
+    min_delta: float = 0.0,
     loss: str = "mse",
     samples_per_epoch: int | None = None,
-    precision: str = "auto",
+    precision: str = "fp32",
     network_input: str = "dwi",
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -401,9 +397,10 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """``fp32`` or ``bf16``: ``auto`` is ``bf16`` where ``device`` computes it natively.
 
     bfloat16 autocast runs the network's matrix products in bfloat16 (float32 accumulation);
-    on a CPU with AVX512-BF16 or AMX it measured 2-2.5x faster per training step for this
-    network at an unchanged validation loss (docs/benchmarks.md, *Training*). Without native
-    support it would be emulated, and slower than float32.
+    on a CPU with AVX512-BF16 or AMX it measured 1.4-2.2x faster per training step for this
+    network, but not per epoch of a small study's training, whose validation loss it left
+    worse (docs/benchmarks.md, *Training*): not the default. Without native support it would
+    be emulated, and slower than float32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}.")

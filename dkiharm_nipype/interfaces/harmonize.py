@@ -99,13 +99,13 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     batch_size = traits.Int(1024, usedefault=True, desc="voxels per optimisation step")
     patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
     min_delta = traits.Float(
-        0.005,  # = cnn.train.MIN_DELTA
+        0.0,
         usedefault=True,
         desc="relative fall of the validation loss that counts as an improvement",
     )
     precision = traits.Enum(
-        "auto",
         "fp32",
+        "auto",
         "bf16",
         usedefault=True,
         desc="arithmetic of the training passes: auto is bfloat16 autocast where the device "
