@@ -197,8 +197,7 @@ def _commit(tree: Path) -> str:
 
 def print_run(label: str, res: dict) -> None:
     print(f"\n== {label}: {res['tree']} ({res['commit'][:10]}) {res['options']}")
-    for level in ("participant", "group"):
-        lv = res["levels"][level]
+    for level, lv in res["levels"].items():
         print(
             f"{level}: wall {lv['wall_s']:.0f} s, CPU {lv['cpu_s']:.0f} s, node time "
             f"{lv['node_s']:.0f} s, peak RSS {lv['peak_rss_mib']:.0f} MiB"
@@ -217,7 +216,8 @@ def print_run(label: str, res: dict) -> None:
             f"val loss {t['best_val_loss']:.4f}, {t['device']}"
         )
     cv = res["scores"]["cv"]
-    print("WM CV cut: " + ", ".join(f"{p.upper()} {cv[p]['cut_pct']:.1f} %" for p in KURTOSIS))
+    if cv:
+        print("WM CV cut: " + ", ".join(f"{p.upper()} {cv[p]['cut_pct']:.1f} %" for p in cv))
     print(
         "fit error to truth (median |relative error| in WM, median over scans): "
         + ", ".join(f"{k.upper()} {v:.4f}" for k, v in res["truth_error"].items())
@@ -321,12 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     if {"before", "after"} <= set(results):
         b, a = results["before"], results["after"]
         ratios = {"node_time": b["node_s"] / a["node_s"]}
-        for lv in ("participant", "group"):
+        for lv in set(b["levels"]) & set(a["levels"]):
             ratios[f"{lv}_wall"] = b["levels"][lv]["wall_s"] / a["levels"][lv]["wall_s"]
         print(
             f"\nbefore/after: node time {b['node_s']:.0f} / {a['node_s']:.0f} s = "
-            f"{ratios['node_time']:.2f}x; wall participant {ratios['participant_wall']:.2f}x, "
-            f"group {ratios['group_wall']:.2f}x"
+            f"{ratios['node_time']:.2f}x; "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if k != "node_time")
         )
         print(f"{'step':28s} {'before s':>9s} {'after s':>9s} {'ratio':>6s}")
         for step, sec_b, sec_a in compare_steps(b["steps"], a["steps"]):
