@@ -69,8 +69,8 @@ def parse_bibtex(text: str) -> dict[str, tuple[str, dict[str, str]]]:
 def test_fsl_cited_only_when_it_runs(tmp_path, monkeypatch):
     # the text is read from the built workflow, and an FSL workflow is built only with FSL
     install_fake_fsl(tmp_path / "fsl", monkeypatch, {tool: "" for tool in FSL_TOOLS})
-    with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl")))
-    without = "\n".join(methods_paragraphs(_config(preproc="mrtrix")))
+    with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl", denoiser="dwidenoise")))
+    without = "\n".join(methods_paragraphs(_config(preproc="mrtrix", denoiser="dwidenoise")))
     for text in (with_fsl, without):
         assert "dwidenoise" in text and "@veraart2016" in text and "@kellner2016" in text
     assert "TOPUP" in with_fsl and "Eddy" in with_fsl

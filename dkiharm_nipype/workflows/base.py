@@ -141,6 +141,7 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
             omp_nthreads=config.execution.omp_nthreads,
             topup_runs=topup_runs,
             snr_roi=config.snr_roi,
+            device=config.device,
             name=_node_name(f"{scan.key}_wf"),
         )
         for scan in scans
