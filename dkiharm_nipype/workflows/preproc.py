@@ -243,7 +243,7 @@ def init_dwi_preproc_wf(
         return workflow  # fmt: skip
 
     degibbs = _add_mrtrix_steps(workflow, denoiser=denoiser, omp_nthreads=omp_nthreads,
-                                mem_gb=mem_gb)  # fmt: skip
+                                mem_gb=mem_gb, device=device)  # fmt: skip
     if not run_fsl:
         workflow.connect([
             (degibbs, outputnode, [("out_file", "dwi_file")]),
@@ -258,7 +258,7 @@ def init_dwi_preproc_wf(
     return workflow
 
 
-def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb) -> pe.Node:
+def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb, device="auto") -> pe.Node:
     """Denoising then Gibbs-ringing removal, in ``workflow`` itself; returns ``degibbs``."""
     inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     # Denoising first: the Marchenko-Pastur noise model holds only for raw magnitude data.
