@@ -8,7 +8,7 @@ by ``stride`` voxels and every voxel is the mean of the reconstructions of all w
 cover it (overlapping-patch aggregation, as in DIPY's ``localpca``), so that a stride of 2
 costs about 1/8 of the eigendecompositions. Windows run batched in torch, on CPU or GPU.
 
-On the phantom (README, *Denoising*) this matches ``dwidenoise`` in error to the noise-free
+On the phantom (docs/benchmarks.md, *Denoising*) this matches ``dwidenoise`` in error to the noise-free
 signal and in the noise map while taking a fraction of its time (5.8-7.2x), so it is the
 BIDS-App's default denoiser (``--denoiser dwidenoise`` runs MRtrix3's). ``device="auto"``
 takes the GPU of the host that runs it, when there is one.
@@ -27,7 +27,7 @@ from ..utils.env import resolve_device
 __all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold", "window_extent"]
 
 #: Voxels between windows: ~5 windows cover each voxel, about 1/27 of dwidenoise's
-#: eigendecompositions (README, *Denoising*: stride 2 is 3.6x slower for little gain).
+#: eigendecompositions (docs/benchmarks.md, *Denoising*: stride 2 is 3.6x slower for little gain).
 DEFAULT_STRIDE = 3
 
 
