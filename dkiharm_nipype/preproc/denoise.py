@@ -8,8 +8,8 @@ by ``stride`` voxels and every voxel is the mean of the reconstructions of all w
 cover it (overlapping-patch aggregation, as in DIPY's ``localpca``), so that a stride of 2
 costs about 1/8 of the eigendecompositions. Windows run batched in torch, on CPU or GPU.
 
-On the phantom (docs/benchmarks.md, *Denoising*) this matches ``dwidenoise`` in error to the noise-free
-signal and in the noise map while taking a fraction of its time (5.8-7.2x), so it is the
+On the phantom (docs/benchmarks.md, *Denoising*) this matches ``dwidenoise`` in error to the
+noise-free signal and in the noise map while taking a fraction of its time (5.8-7.2x), so it is the
 BIDS-App's default denoiser (``--denoiser dwidenoise`` runs MRtrix3's). ``device="auto"``
 takes the GPU of the host that runs it, when there is one.
 """
