@@ -364,6 +364,10 @@ def init_group_wf(
         engine=engine,
         staging_dir=staging_dir,
     )
+    # the networks' training curves, drawn in the report
+    logs = _fan_in(workflow, [(models[sc], "outputnode.log_file") for sc in sorted(models)],
+                   name="training_logs")  # fmt: skip
+    workflow.connect(logs, "out", evaluation, "inputnode.training_logs")
     if config.experiments:
         _add_experiments(
             workflow,
