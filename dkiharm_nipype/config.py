@@ -65,7 +65,7 @@ class RunConfig:
     bids_filters: dict[str, Any] = field(default_factory=dict)
     scanner_entity: str = "session"
     preproc: str = "auto"
-    denoiser: str = "dwidenoise"
+    denoiser: str = "mppca"
     mask_method: str = "dwi2mask"
     fit_method: str = "irlls"
     b_max: float | None = None
@@ -84,7 +84,7 @@ class RunConfig:
     network_input: str = "dwi"
     kernel_size: int = 3
     reference_labels: str = "rescan"
-    device: str = "cpu"
+    device: str = "auto"
     mc_samples: int = 0
     models_dir: Path | None = None
     # evaluation (group level): user WM mask / ROI atlas ("{subject}" for one per subject)
@@ -93,6 +93,10 @@ class RunConfig:
     roi_table: Path | None = None
     comparators: tuple[str, ...] = ()
     experiments: tuple[str, ...] = ()
+    #: QSIPrep-style folders of preprocessed DWIs (``--derivatives``)
+    derivatives: tuple[Path, ...] = ()
+    #: stop the whole run at the first failed node (default: skip the scan, go on)
+    stop_on_first_crash: bool = False
     # --experiment tissue: user tissue maps (a derivatives folder or a {subject} pattern)
     tissue_maps: str | None = None
     execution: ExecConfig = field(default_factory=ExecConfig)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..__about__ import __version__
 from ..config import NETWORK_INPUTS, REFERENCE_LABELS, ExecConfig, RunConfig
 from ..preproc.modes import DENOISERS, MASK_METHODS, PREPROC_MODES
+from ..utils.env import DEVICE_PATTERN
 
 PLUGINS = (
     "Linear",
@@ -227,20 +228,32 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "(faster start on large datasets)",
     )
 
+    sel.add_argument(
+        "--derivatives",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="folder of preprocessed DWIs (QSIPrep-style *_desc-preproc_dwi.nii.gz with "
+        ".bval/.bvec and *_desc-brain_mask.nii.gz); the scans found there skip dkiharm's "
+        "preprocessing (repeatable)",
+    )
+
     proc = parser.add_argument_group("Processing")
     proc.add_argument(
         "--preproc",
         choices=PREPROC_MODES,
         default="auto",
-        help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
-        "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only",
+        help="auto: denoising + MRtrix3 Gibbs removal, plus FSL TOPUP/Eddy when "
+        "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: no FSL",
     )
     proc.add_argument(
         "--denoiser",
         choices=DENOISERS,
-        default="dwidenoise",
-        help="denoising step of --preproc auto|fsl|mrtrix: MRtrix3 dwidenoise, or the "
-        "package's torch MP-PCA (same estimator, windows every 3 voxels; about 7x faster)",
+        default="mppca",
+        help="denoising step of --preproc auto|fsl|mrtrix: the package's torch MP-PCA "
+        "(default: dwidenoise's estimator, windows every 3 voxels, 6-7x faster and at least "
+        "as accurate; on the GPU with --device auto/cuda) or MRtrix3 dwidenoise",
     )
     proc.add_argument(
         "--mask-method",
@@ -333,7 +346,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     harm.add_argument(
         "--device",
         default="auto",
-        help="torch device for training and inference: auto, cpu, cuda, cuda:1",
+        help="torch device for training, inference and MP-PCA denoising: auto (each node "
+        "takes a GPU if the host that runs it has one, else the CPU), cpu, cuda, cuda:1",
     )
     harm.add_argument(
         "--mc-samples",
@@ -441,6 +455,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="plugin arguments as inline JSON or a JSON file",
     )
     perf.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop the whole run at the first failed step, publishing nothing (default: "
+        "report and skip the failed scan, finish and publish the others, exit with status 1)",
+    )
+    perf.add_argument(
         "--gpu-plugin-args",
         default="",
         metavar="ARGS",
@@ -502,6 +522,9 @@ def _toml_to_argv(parser, table: dict, path: Path) -> list[str]:
             tokens += [option] if value is True else []
         elif isinstance(action, argparse._CountAction):  # noqa: SLF001
             tokens += [option] * int(value)
+        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001 - repeatable
+            for item in value if isinstance(value, list) else [value]:
+                tokens += [option, str(item)]
         elif isinstance(value, list):
             tokens += [option, *(str(v) for v in value)] if value else []
         elif isinstance(value, dict):
@@ -580,12 +603,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     omp = opts.omp_nthreads or min(8, opts.nprocs)
     if opts.mc_samples < 0 or opts.mc_samples == 1:
         parser.error(f"--mc-samples must be 0 (off) or at least 2, got {opts.mc_samples}")
-    device = opts.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    device = opts.device  # "auto" stays: each node decides on the host that runs it
+    if not re.fullmatch(DEVICE_PATTERN, device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
     models_dir = None
     if opts.models is not None:
@@ -595,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                 f"--models {opts.models} is not a folder; give output_dir/models of a "
                 "group-level run"
             )
+    for folder in opts.derivatives:
+        if not folder.expanduser().is_dir():
+            parser.error(f"--derivatives {folder} is not a folder; give a QSIPrep output folder")
     for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
         if value and "{subject}" not in value and not Path(value).expanduser().is_file():
             parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
@@ -667,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         roi_table=opts.roi_table.expanduser().absolute() if opts.roi_table else None,
         comparators=tuple(dict.fromkeys(opts.comparators)),
         experiments=tuple(dict.fromkeys(opts.experiments)),
+        derivatives=tuple(d.expanduser().absolute() for d in opts.derivatives),
+        stop_on_first_crash=opts.stop_on_first_crash,
         tissue_maps=opts.tissue_maps,
         snr_roi=opts.snr_roi,
     )

@@ -36,9 +36,10 @@ from ..cnn.modelio import (
     save_model,
     scan_fingerprint,
 )
+from ..cnn.ood import score_scan
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 from ..utils.io import load_mask, read_gradients
 
 LOGGER = logging.getLogger("nipype.interface")
@@ -98,13 +99,31 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     learning_rate = traits.Float(1e-3, usedefault=True, desc="Adam learning rate")
     batch_size = traits.Int(1024, usedefault=True, desc="voxels per optimisation step")
     patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
+    min_delta = traits.Float(
+        0.0,
+        usedefault=True,
+        desc="relative fall of the validation loss that counts as an improvement",
+    )
+    precision = traits.Enum(
+        "fp32",
+        "auto",
+        "bf16",
+        usedefault=True,
+        desc="arithmetic of the training passes: auto is bfloat16 autocast where the device "
+        "computes it natively, else float32",
+    )
     val_fraction = traits.Float(0.1, usedefault=True, desc="fraction of blocks for validation")
     loss = traits.Enum("mse", "l1", usedefault=True, desc="loss on the scaled targets")
     samples_per_epoch = traits.Int(
         0, usedefault=True, desc="voxels drawn per epoch (0: all training voxels)"
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
@@ -224,13 +243,27 @@ class TrainHarmonizer(SimpleInterface):
                 lr=inputs.learning_rate,
                 batch_size=inputs.batch_size,
                 patience=inputs.patience,
+                min_delta=inputs.min_delta,
+                precision=inputs.precision,
                 loss=inputs.loss,
                 samples_per_epoch=inputs.samples_per_epoch or None,
                 network_input=inputs.network_input,
                 seed=inputs.seed,
-                device=inputs.device,
-                log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
+                device=resolve_device(inputs.device),  # on the host running this node
+                log=_every(LOG_EVERY, f"scanner {inputs.scanner}"),
             )
+        seconds = sum(rec["seconds"] for rec in result.history)
+        LOGGER.info(
+            "training scanner %s: best epoch %d of %d, %s loss %.4g, %.1f s",
+            inputs.scanner,
+            result.best_epoch,
+            len(result.history),
+            "validation"
+            if result.history and result.history[-1]["val_loss"] is not None
+            else "training",
+            result.best_loss,
+            seconds,
+        )
         weights, card_path, log_path = (
             fname_presuffix(inputs.out_name, suffix=suffix, newpath=runtime.cwd, use_ext=False)
             for suffix in (".safetensors", "_card.json", "_log.tsv")
@@ -263,11 +296,19 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
         0, usedefault=True, desc="MC-dropout passes (0: off, >= 2: also write std maps)"
     )
     batch_voxels = traits.Int(4096, usedefault=True, desc="voxels per chunk (bounds memory)")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the MC-dropout masks")
+    ood = traits.Bool(
+        True, usedefault=True, desc="write the voxelwise out-of-distribution mask and distance"
+    )
 
 
 class _ApplyHarmonizerOutputSpec(TraitedSpec):
@@ -278,6 +319,8 @@ class _ApplyHarmonizerOutputSpec(TraitedSpec):
     std_files = OutputMultiObject(
         File(exists=True), desc="MC-dropout standard deviation of each map (mc_samples >= 2)"
     )
+    ood_mask_file = File(desc="voxels whose input is unlike the training data (desc-ood_mask)")
+    ood_distance_file = File(desc="OOD distance of each voxel (desc-ooddistance_dwimap)")
     for _name in OUTPUT_NAMES:
         locals()[f"out_{_name}"] = File(exists=True, desc=f"harmonized {_name.upper()} map")
         locals()[f"std_{_name}"] = File(desc=f"MC-dropout standard deviation of {_name.upper()}")
@@ -294,9 +337,9 @@ class ApplyHarmonizer(SimpleInterface):
     --------
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
-    (20, 'cpu')
-    >>> sorted(apply.output_spec().get())[:4]
-    ['out_ad', 'out_ak', 'out_fa', 'out_files']
+    (20, 'auto')
+    >>> sorted(apply.output_spec().get())[:4]  # with the OOD mask, on by default
+    ['ood_distance_file', 'ood_mask_file', 'out_ad', 'out_ak']
 
     In an existing pipeline, with a network trained by a group-level run (its
     ``models/`` folder) and any preprocessing of a scan of that scanner:
@@ -318,7 +361,8 @@ class ApplyHarmonizer(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        model, card = load_model(inputs.weights_file, inputs.card_file, device=inputs.device)
+        device = resolve_device(inputs.device)  # on the host running this node
+        model, card = load_model(inputs.weights_file, inputs.card_file, device=device)
         img, dwi, bvals, bvecs = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
         fp = _fingerprint(img, bvals, bvecs, sidecar, inputs.echo_time)
@@ -341,7 +385,7 @@ class ApplyHarmonizer(SimpleInterface):
                 dwi,
                 bvals,
                 load_mask(inputs.mask_file),
-                device=inputs.device,
+                device=device,
                 batch_voxels=inputs.batch_voxels,
                 mc_samples=inputs.mc_samples,
                 seed=inputs.seed,
@@ -362,7 +406,32 @@ class ApplyHarmonizer(SimpleInterface):
                 self._results[f"{kind}_{name}"] = path
                 files.append(path)
             self._results[f"{kind}_files"] = files
+        if inputs.ood:
+            self._write_ood(card, dwi, bvals, img, stem, runtime.cwd)
         return runtime
+
+    def _write_ood(self, card, dwi, bvals, img, stem: str, cwd: str) -> None:
+        model = card.training.get("ood") or {}
+        if "threshold" not in model:
+            LOGGER.info(
+                "ApplyHarmonizer: %s has no out-of-distribution model (%s); no desc-ood_mask "
+                "written.",
+                self.inputs.card_file,
+                model.get("skipped", "trained before it existed"),
+            )
+            return
+        distance, flagged = score_scan(
+            model, dwi, bvals, load_mask(self.inputs.mask_file), normalization=card.normalization
+        )
+        for key, name, data in (
+            ("ood_mask_file", f"{stem}_desc-ood_mask.nii.gz", flagged.astype(np.uint8)),
+            ("ood_distance_file", f"{stem}_desc-ooddistance_dwimap.nii.gz", distance),
+        ):
+            path = fname_presuffix(name, newpath=cwd)
+            header = img.header.copy()
+            header.set_data_dtype(data.dtype)
+            nb.Nifti1Image(data, img.affine, header).to_filename(path)
+            self._results[key] = path
 
 
 def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):
@@ -420,6 +489,20 @@ def _save_map(data: np.ndarray, ref: nb.Nifti1Image, path: str) -> None:
     out = nb.Nifti1Image(data.astype(np.float32), ref.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
     out.to_filename(path)
+
+
+#: Training progress is logged on the first epoch and every ``LOG_EVERY`` epochs.
+LOG_EVERY = 10
+
+
+def _every(n: int, what: str):
+    """Training-log callback: one compact line every ``n`` epochs."""
+
+    def log(rec: dict) -> None:
+        if rec["epoch"] == 1 or rec["epoch"] % n == 0:
+            LOGGER.info("training %s: %s", what, _format_record(rec))
+
+    return log
 
 
 def _format_record(rec: dict) -> str:

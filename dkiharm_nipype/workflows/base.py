@@ -68,10 +68,10 @@ def init_dkiharm_wf(*, config: RunConfig, scans: list[DWIScan]):
         workflow.base_dir = str(config.work_dir)
         workflow.config["execution"].update(
             {
-                "crashdump_dir": str(config.work_dir / "crash"),
+                "crashdump_dir": str(config.output_dir / "logs" / "crash"),
                 "crashfile_format": "txt",
                 "remove_unnecessary_outputs": False,
-                "stop_on_first_crash": True,
+                "stop_on_first_crash": config.stop_on_first_crash,
                 # many short nodes per scan: poll often (Nipype's default waits 2 s)
                 "poll_sleep_duration": 0.2,
             }
@@ -120,12 +120,17 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
     from ..preproc.modes import resolved_preproc_mode
     from ..utils.fsl import has_reversed_pe
     from .dki import init_scan_wf
+    from .published import init_published_scan_wf
 
     # decide once (and log once) whether FSL runs, instead of once per scan
     preproc = resolved_preproc_mode(config.preproc, config.denoiser)
     topup_runs = (sum(has_reversed_pe(s.metadata, s.fmap_metadata) for s in scans), len(scans))
     return {
-        scan.key: init_scan_wf(
+        scan.key: init_published_scan_wf(
+            published=scan.published, name=_node_name(f"{scan.key}_wf")
+        )
+        if scan.published is not None  # published by a participant run: nothing recomputed
+        else init_scan_wf(
             scan=scan,
             staging_dir=staging_dir,
             preproc=preproc,
@@ -136,6 +141,7 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
             omp_nthreads=config.execution.omp_nthreads,
             topup_runs=topup_runs,
             snr_roi=config.snr_roi,
+            device=config.device,
             name=_node_name(f"{scan.key}_wf"),
         )
         for scan in scans
@@ -325,8 +331,16 @@ def init_group_wf(
         (reference_wf, ds_plan_wf, [("outputnode.plan_file", "inputnode.plan_file")]),
     ])  # fmt: skip
     training = [s for s in scans if s.subject in plan.training]
-    labels = _add_labels(workflow, training=training, scans=scans, scan_wfs=scan_wfs, plan=plan,
-                         reference_wf=reference_wf, config=config, engine=engine)
+    labels = _add_labels(
+        workflow,
+        training=training,
+        scans=scans,
+        scan_wfs=scan_wfs,
+        plan=plan,
+        reference_wf=reference_wf,
+        config=config,
+        engine=engine,
+    )
     models = _add_training(workflow, training=training, scan_wfs=scan_wfs, labels=labels,
                            plan=plan, config=config, staging_dir=staging_dir)  # fmt: skip
     applied = {}
@@ -339,17 +353,44 @@ def init_group_wf(
                 ("outputnode.card_file", "inputnode.card_file")]),
         ])  # fmt: skip
     evaluated = [s for s in scans if s.subject in plan.testing] or scans
-    evaluation = _add_evaluation(workflow, evaluated=evaluated, scan_wfs=scan_wfs,
-                                 applied=applied, reference_wf=reference_wf, merge_snr=merge_snr,
-                                 config=config, engine=engine, staging_dir=staging_dir)
+    evaluation = _add_evaluation(
+        workflow,
+        evaluated=evaluated,
+        scan_wfs=scan_wfs,
+        applied=applied,
+        reference_wf=reference_wf,
+        merge_snr=merge_snr,
+        config=config,
+        engine=engine,
+        staging_dir=staging_dir,
+    )
+    # the networks' training curves, drawn in the report
+    logs = _fan_in(workflow, [(models[sc], "outputnode.log_file") for sc in sorted(models)],
+                   name="training_logs")  # fmt: skip
+    workflow.connect(logs, "out", evaluation, "inputnode.training_logs")
     if config.experiments:
-        _add_experiments(workflow, scans=[s for s in scans if s.subject in plan.traveling],
-                         scan_wfs=scan_wfs, reference_wf=reference_wf, evaluation=evaluation,
-                         staging_dir=staging_dir, config=config, engine=engine)
+        _add_experiments(
+            workflow,
+            scans=[s for s in scans if s.subject in plan.traveling],
+            scan_wfs=scan_wfs,
+            reference_wf=reference_wf,
+            evaluation=evaluation,
+            staging_dir=staging_dir,
+            config=config,
+            engine=engine,
+        )
     if config.comparators:
-        _add_comparators(workflow, scans=scans, evaluated=evaluated, scan_wfs=scan_wfs,
-                         plan=plan, reference_wf=reference_wf, evaluation=evaluation,
-                         config=config, engine=engine)
+        _add_comparators(
+            workflow,
+            scans=scans,
+            evaluated=evaluated,
+            scan_wfs=scan_wfs,
+            plan=plan,
+            reference_wf=reference_wf,
+            evaluation=evaluation,
+            config=config,
+            engine=engine,
+        )
     return workflow  # fmt: skip
 
 

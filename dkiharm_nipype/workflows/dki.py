@@ -19,6 +19,22 @@ from ..utils.fsl import has_reversed_pe
 from .literate import LiterateWorkflow
 from .outputs import init_scan_derivatives_wf
 from .preproc import init_dwi_preproc_wf, preproc_sidecar
+from .published import init_preprocessed_dwi_wf
+
+
+def _preprocessed_meta(scan: DWIScan) -> dict:
+    """Sidecar fields of a series that another pipeline preprocessed (``--derivatives``)."""
+    pre = scan.preprocessed
+    if pre is None:
+        return {}
+    return {
+        "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
+        "dkiharm's own preprocessing was skipped",
+        "PreprocessedBy": pre.pipeline,
+        "PreprocessedSource": str(pre.dwi),
+        "SkullStripped": False,
+        "ProcessingSteps": [f"preprocessed by {pre.pipeline} (used as provided)"],
+    }
 
 #: How each ``fit_method`` is named in the methods text.
 FIT_TEXT = {
@@ -182,12 +198,13 @@ def init_scan_wf(
     scan: DWIScan,
     staging_dir: Path,
     preproc: str = "auto",
-    denoiser: str = "dwidenoise",
+    denoiser: str = "mppca",
     mask_method: str = "dwi2mask",
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
     topup_runs: tuple[int, int] | None = None,
+    device: str = "auto",
     snr_roi: str | None = None,
     name: str = "scan_wf",
 ) -> pe.Workflow:
@@ -246,8 +263,9 @@ def init_scan_wf(
                                       "snr_info"]),
         name="inputnode",
     )  # fmt: skip
+    given = scan.preprocessed or scan  # --derivatives: that series enters, SNR included
     inputnode.inputs.trait_set(
-        dwi_file=str(scan.dwi), bval_file=str(scan.bval), bvec_file=str(scan.bvec),
+        dwi_file=str(given.dwi), bval_file=str(given.bval), bvec_file=str(given.bvec),
         metadata=scan.metadata, fmap_epi_files=[str(f) for f in scan.fmap_epi],
         fmap_metadata=list(scan.fmap_metadata),
         snr_info={"participant_id": f"sub-{scan.subject}", "session": scan.session or "",
@@ -261,15 +279,19 @@ def init_scan_wf(
     merge_maps = pe.Node(
         niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True
     )
-    preproc_wf = init_dwi_preproc_wf(
-        preproc=preproc,
-        denoiser=denoiser,
-        has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        topup_runs=topup_runs,
-        mask_method=mask_method,
-        omp_nthreads=omp_nthreads,
-        mem_gb=mem_gb,
-    )
+    if scan.preprocessed is not None:  # preprocessed elsewhere (--derivatives): used as is
+        preproc_wf = init_preprocessed_dwi_wf(preprocessed=scan.preprocessed)
+    else:
+        preproc_wf = init_dwi_preproc_wf(
+            preproc=preproc,
+            denoiser=denoiser,
+            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
+            topup_runs=topup_runs,
+            mask_method=mask_method,
+            omp_nthreads=omp_nthreads,
+            mem_gb=mem_gb,
+            device=device,
+        )
     fit_wf = init_dki_fit_wf(fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads,
                              mem_gb=mem_gb)  # fmt: skip
     if snr_roi:
@@ -330,4 +352,19 @@ def _dwi_sidecar(scan: DWIScan, preproc: str, denoiser: str) -> dict:
     """The raw sidecar's acquisition fields, then what was done to the series."""
     rpe = has_reversed_pe(scan.metadata, scan.fmap_metadata)
     done = preproc_sidecar(resolved_preproc_mode(preproc, denoiser), denoiser, has_rpe_fmap=rpe)
-    return {**scan.metadata, **done}
+    return {**scan.metadata, **done, **_preprocessed_meta(scan)}
+
+
+def _preprocessed_meta(scan: DWIScan) -> dict:
+    """Sidecar fields of a series that another pipeline preprocessed (``--derivatives``)."""
+    pre = scan.preprocessed
+    if pre is None:
+        return {}
+    return {
+        "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
+        "dkiharm's own preprocessing was skipped",
+        "PreprocessedBy": pre.pipeline,
+        "PreprocessedSource": str(pre.dwi),
+        "SkullStripped": False,
+        "ProcessingSteps": [f"preprocessed by {pre.pipeline} (used as provided)"],
+    }

@@ -182,11 +182,12 @@ def init_evaluation_wf(
     ['evaluate', 'experiment_dir', 'gather', 'inputnode', 'merge_snr', 'methods', 'report']
     """
     workflow = LiterateWorkflow(name=name)
-    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs"]
+    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "training_logs"]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     inputnode.inputs.combat = []
     inputnode.inputs.rish = []
     inputnode.inputs.experiment_tsvs = []
+    inputnode.inputs.training_logs = []
 
     gather = _gather_node(scans, bids_dir=bids_dir, wm_mask=wm_mask, roi_atlas=roi_atlas)
     methods = pe.Node(niu.Function(function=_as_dict, input_names=list(METHODS),
@@ -233,6 +234,7 @@ def init_evaluation_wf(
             (evaluate, report, [("out_dir", "tsv_dir")]),
             (merge_snr, report, [("out", "snr_tsv")]),
             (experiment_dir, report, [("out", "experiment_dir")]),
+            (inputnode, report, [("training_logs", "training_logs")]),
             (evaluate, stages["tables"], [("out_dir", "paths")]),
             (report, stages["report"], [("report", "paths")]),
             (report, stages["pages"], [("subject_pages", "paths")]),
