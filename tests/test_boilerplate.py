@@ -270,7 +270,8 @@ def test_boilerplate_only_cli_writes_text_and_no_derivatives(tiny_bids, tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     md = (out / "logs" / "CITATION.md").read_text()
-    assert "TOPUP" not in md and "Andersson" not in md and "dwidenoise" in md
+    # no FSL here; the default denoiser is dkiharm's MP-PCA
+    assert "TOPUP" not in md and "Andersson" not in md and "5x5x5-voxel windows" in md
 
 
 def test_text_is_the_visit_of_the_built_workflow(tiny_bids, monkeypatch):

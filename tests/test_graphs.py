@@ -83,7 +83,7 @@ def test_group_call_writes_both_levels_without_running(tiny_bids, tmp_path):
     for style in ("hierarchical", "colored"):
         part, group = labels["participant", style], labels["group", style]
         # the participant processing of each of the 4 scans, in both graphs
-        for node in ("denoise (mrtrix3)", "degibbs (mrtrix3)", "fit (dki)", "ds_mk (bids)"):
+        for node in ("denoise (preproc)", "degibbs (mrtrix3)", "fit (dki)", "ds_mk (bids)"):
             assert node in part and node in group, (style, node)
         assert {"sub_02_ses_C_run_1_wf", "sub_01_ses_D_run_1_wf"} <= part
         # the harmonization only in the group graph: SNR-based reference, one network each

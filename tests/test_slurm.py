@@ -213,7 +213,8 @@ def test_gpu_plugin_args_only_on_nodes_that_can_use_a_gpu(tiny_bids, tmp_path):
     )
     assert len(applied) == len(list(workflow._get_all_nodes()))
     with_gpu = sorted({node.name for node, args in applied if gpu in args})
-    assert with_gpu == ["apply", "train"], with_gpu
+    # training, inference and the torch MP-PCA denoiser (the default) can use a GPU
+    assert with_gpu == ["apply", "denoise", "train"], with_gpu
     args = {node.name: node.plugin_args["sbatch_args"] for node, _ in applied}
     # n_procs and mem_gb of test_heavy_nodes_declare_threads_and_memory, plus 0.5 GB per job
     assert args["train"] == f" --cpus-per-task=2 --mem=4608M {gpu}"
@@ -295,7 +296,7 @@ def test_group_level_under_slurm_equals_multiproc(slurm, tiny_bids, tmp_path):
     assert {"denoise", "fit", "register", "train", "apply", "evaluate"} <= names
     assert {state for _, state, *_ in jobs} == {"COMPLETED"}
     on_gpu = {name: part == "gpu" for name, _, part, *_ in jobs}
-    assert {name for name, gpu in on_gpu.items() if gpu} == {"apply", "train"}
+    assert {name for name, gpu in on_gpu.items() if gpu} == {"apply", "denoise", "train"}
     assert all(on_gpu[name] == (part == "gpu") for name, _, part, *_ in jobs)
     resources = {(name, int(cpu), _mem_mb(mem)) for name, _, _, cpu, mem in jobs}
     expected = {("train", 2, 4608), ("apply", 2, 2560), ("denoise", 2, 820), ("snr", 1, 615)}

@@ -101,12 +101,21 @@ def _intro_desc(config: RunConfig, scans: list[DWIScan] | None) -> str:
         return text
     entity = {"ses": "session label", "session": "session label", "acq": "acquisition label"}
     how = entity.get(config.scanner_entity, f"sidecar field {config.scanner_entity}")
-    return text + (
+    text += (
         f" In total, {count(len(scans), 'diffusion-weighted (DWI) run')} of "
         f"{count(len({s.subject for s in scans}), 'participant')} acquired on "
         f"{count(len({s.scanner for s in scans}), 'scanner')} (scanners identified by the "
         f"{how}) were processed; repeated runs were kept as separate scans."
     )
+    pre = [s for s in scans if getattr(s, "preprocessed", None) is not None]
+    if pre:  # --derivatives: series preprocessed by another pipeline, used as provided
+        pipelines = ", ".join(sorted({s.preprocessed.pipeline for s in pre}))
+        text += (
+            f" {len(pre)} of {len(scans)} runs had been preprocessed by {pipelines} and were "
+            "used as provided, with that pipeline's brain mask: dkiharm's own preprocessing "
+            "and mask estimation were skipped for them."
+        )
+    return text
 
 
 def _top_wf(config: RunConfig, scans: list[DWIScan] | None, name: str) -> LiterateWorkflow:
