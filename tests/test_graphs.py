@@ -100,7 +100,7 @@ def test_group_call_writes_both_levels_without_running(tiny_bids, tmp_path):
     assert 300 < width <= 2000 and height > 300
     texts = _svg_texts(logs / "graph_methods.svg")
     for step, count in (
-        ("MP-PCA denoising (MRtrix3 dwidenoise)", "× 4 scans"),
+        ("MP-PCA denoising (dkiharm, overlapping windows)", "× 4 scans"),  # the default
         ("DKI fit (IRLLS), eight maps", "× 4 scans"),
         ("3-D CNN training (3³ kernel, ≤ 100 epochs)", "× 2 scanners"),
         ("Harmonized maps (the scanner's CNN)", "× 4 scans"),

@@ -219,14 +219,14 @@ def test_gpu_plugin_args_only_on_nodes_that_can_use_a_gpu(tiny_bids, tmp_path):
     # n_procs and mem_gb of test_heavy_nodes_declare_threads_and_memory, plus 0.5 GB per job
     assert args["train"] == f" --cpus-per-task=2 --mem=4608M {gpu}"
     assert args["apply"] == f" --cpus-per-task=2 --mem=2560M {gpu}"
-    assert args["denoise"] == " --cpus-per-task=2 --mem=820M"
+    assert args["denoise"] == f" --cpus-per-task=2 --mem=820M {gpu}"  # the torch MP-PCA
     assert args["register"] == " --cpus-per-task=2 --mem=2560M"
     assert args["snr"] == " --cpus-per-task=1 --mem=615M"
     # the user's own --cpus-per-task/--mem for every job win; MultiProc gets nothing
     _, workflow = _group_config(tiny_bids, tmp_path, "--plugin", "SLURM")
     fixed = apply_batch_resources(workflow, "SLURM", {"sbatch_args": "-c 4 --mem=8G"}, gpu)
     assert {args for _, args in fixed} == {gpu}
-    assert sorted({node.name for node, _ in fixed}) == ["apply", "train"]
+    assert sorted({node.name for node, _ in fixed}) == ["apply", "denoise", "train"]
     assert apply_batch_resources(workflow, "MultiProc", {}, gpu) == []
 
 
