@@ -311,8 +311,12 @@ def _assert_same_derivatives(via_slurm: Path, local: Path) -> None:
     three differed there, cause not yet found), text byte-identical but for clock fields."""
     from safetensors.numpy import load_file
 
-    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(via_slurm) for p in via_slurm.rglob("*") if p.is_file())
+    def outputs(root: Path) -> list[Path]:  # the run's own console log is named by its time
+        rels = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(r for r in rels if not (r.parts[0] == "logs" and r.suffix == ".log"))
+
+    files = outputs(local)
+    assert files == outputs(via_slurm)
     maps = [f for f in files if f.name.endswith(".nii.gz")]
     assert len([f for f in maps if "desc-harmonized" in f.name]) == 16
     for rel in maps:
