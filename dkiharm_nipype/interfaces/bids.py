@@ -154,7 +154,23 @@ class _OptionalDerivativesDataSinkInputSpec(_DerivativesDataSinkInputSpec):
 
 class OptionalDerivativesDataSink(DerivativesDataSink):
     """A :class:`DerivativesDataSink` storing nothing when ``in_file`` is undefined: an
-    optional output, e.g. the OOD mask of a model card trained without an OOD model."""
+    optional output, e.g. the OOD mask of a model card trained without an OOD model.
+
+    Examples
+    --------
+    After a harmonization node whose OOD mask may be missing:
+
+    >>> from nipype.interfaces import utility as niu
+    >>> from nipype.pipeline import engine as pe
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> cnn = pe.Node(niu.IdentityInterface(fields=["ood_mask"]), name="cnn")
+    >>> ds = pe.Node(OptionalDerivativesDataSink(base_directory="derivatives",
+    ...              source_file="sub-01_ses-A_dwi.nii.gz", space="dwi", desc="ood",
+    ...              suffix="mask"), name="ds_ood")
+    >>> wf.connect(cnn, "ood_mask", ds, "in_file")
+    >>> ds.inputs.desc
+    'ood'
+    """
 
     input_spec = _OptionalDerivativesDataSinkInputSpec
 
