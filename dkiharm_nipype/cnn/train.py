@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import NETWORK_INPUTS
 from ..errors import DkiharmInputError
+from ..harmonize.linear import fit_linear_mapping, select_mappings
 from ..metrics import nrmse
 from .data import (
     B0_THRESHOLD,
@@ -37,7 +38,7 @@ from .infer import predict_voxels
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 
-__all__ = ["FitResult", "fit", "train_harmonizer", "validation_metrics"]
+__all__ = ["FitResult", "choose_mapping", "fit", "train_harmonizer", "validation_metrics"]
 
 _LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 
@@ -92,6 +93,7 @@ def fit(
     device: str | torch.device = "cpu",
     loss: str = "mse",
     samples_per_epoch: int | None = None,
+    weight_decay: float = 0.0,
     log: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on neighbourhood vectors; keep the weights of the best epoch.
@@ -99,7 +101,8 @@ def fit(
     Early stopping watches the validation loss (the training loss without ``val_data``) and
     stops after ``patience`` epochs without improvement. Seeded and, on CPU, deterministic.
     ``samples_per_epoch`` caps the voxels drawn (without replacement, anew each epoch) per
-    epoch, so that an epoch of a large training set stays short on a CPU.
+    epoch, so that an epoch of a large training set stays short on a CPU. ``weight_decay``
+    is Adam's L2 penalty (regularisation for small training sets).
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {sorted(_LOSSES)}; got {loss!r}.")
@@ -114,7 +117,7 @@ def fit(
         model.to(device)
         train = train_data.to(device)
         val = val_data.to(device) if val_data is not None and len(val_data) else None
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         best_state, stale = copy.deepcopy(model.state_dict()), 0
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -170,6 +173,9 @@ def train_harmonizer(
     normalization: Mapping | None = None,
     log: Callable[[dict], None] | None = None,
     min_voxels: int = MIN_TRAINING_VOXELS,
+    weight_decay: float = 0.0,
+    linear_inputs: str = "own",
+    selection: str = "auto",
 ) -> tuple[HierarchicalDKINet, ModelCard, FitResult]:
     """Train a harmonizer for one target scanner from traveling subjects.
 
@@ -179,6 +185,13 @@ def train_harmonizer(
     also feeds each scan's own DKI maps (``TrainingSubject.fit``) and lets the network learn
     a correction of them. Returns the trained network (best epoch), its card (to save with
     :func:`.modelio.save_model`) and the fit history.
+
+    When every subject has its own ``fit`` (whatever the network input), the linear baseline
+    (:func:`~dkiharm_nipype.harmonize.linear.fit_linear_mapping`, ``linear_inputs``) is
+    fitted on the network's training voxels and both are scored on the held-out validation
+    blocks; ``selection`` (``auto``: per map, the network only where it is strictly better)
+    decides which one harmonizes each map. The card's ``mapping`` records the linear
+    mapping, the choice and the validation NRMSEs behind it.
     """
     if network_input not in NETWORK_INPUTS:
         raise ValueError(f"network_input must be one of {NETWORK_INPUTS}; got {network_input!r}.")
@@ -246,11 +259,16 @@ def train_harmonizer(
         patience=patience,
         loss=loss,
         samples_per_epoch=samples_per_epoch,
+        weight_decay=weight_decay,
         seed=seed,
         device=device,
         log=log,
     )
-    metrics = validation_metrics(model, val if val is not None else train, scaling, device=device)
+    held_out = val if val is not None else train
+    metrics = validation_metrics(model, held_out, scaling, device=device)
+    mapping = choose_mapping(
+        train, held_out, scaling, metrics, inputs=linear_inputs, selection=selection
+    )
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
     hyper.update(
         loss=loss,
@@ -258,6 +276,7 @@ def train_harmonizer(
         block_size=block_size,
         samples_per_epoch=samples_per_epoch,
         network_input=network_input,
+        weight_decay=weight_decay,
     )
     card = ModelCard(
         scanner=scanner,
@@ -280,8 +299,41 @@ def train_harmonizer(
             "device": device_description(device),
             "validation": metrics,
         },
+        mapping=mapping,
     )
     return model.cpu(), card, result
+
+
+def choose_mapping(
+    train: VoxelNeighbourhoods,
+    held_out: VoxelNeighbourhoods,
+    scaling: TargetScaling,
+    network_metrics: Mapping[str, Mapping[str, float]],
+    *,
+    inputs: str = "own",
+    selection: str = "auto",
+) -> dict:
+    """The card's ``mapping``: the linear baseline fitted on ``train`` and, per map, the
+    mapping chosen by held-out NRMSE (``{}`` when the scans' own fits are not given)."""
+    if train.own is None or held_out.own is None:
+        return {}
+    labels = scaling.to_physical(train.targets.cpu().numpy())
+    linear = fit_linear_mapping(train.own, labels, names=OUTPUT_NAMES, inputs=inputs)
+    truth = scaling.to_physical(held_out.targets.cpu().numpy())
+    pred = linear.apply(held_out.own)
+    linear_nrmse = {n: nrmse(pred[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
+    network_nrmse = {n: network_metrics[n]["nrmse"] for n in OUTPUT_NAMES}
+    chosen = select_mappings(network_nrmse, linear_nrmse, mode=selection)
+    return {
+        "linear": linear.to_dict(),
+        "selection": {
+            "mode": selection,
+            "rule": "per map, the network only where its held-out NRMSE is strictly lower",
+            "held_out": "validation blocks" if held_out is not train else "training voxels",
+            "n_voxels": len(held_out),
+            "maps": chosen,
+        },
+    }
 
 
 def device_description(device: str | torch.device) -> str:
