@@ -219,3 +219,85 @@ def cv_histogram(
     sel = np.asarray(cv, float)[np.asarray(mask, bool)]
     sel = np.clip(sel[np.isfinite(sel)], 0, upper)
     return np.histogram(sel, bins=bins, range=(0.0, upper))
+
+
+#: Kinds of noise floor: a rescan of the reference scan, or two halves of its directions.
+FLOOR_KINDS = ("rescan", "halves")
+
+
+def _full_scan_sd(first: np.ndarray, second: np.ndarray, kind: str) -> np.ndarray:
+    """Voxelwise difference of the two repeats scaled to a full scan's noise SD.
+
+    Two full scans differ by noise of variance ``2 sigma^2``; two halves, each with half
+    the measurements (twice the variance of a full scan), by ``4 sigma^2``.
+    """
+    if kind not in FLOOR_KINDS:
+        raise ValueError(f"floor kind must be one of {FLOOR_KINDS}; got {kind!r}.")
+    return (np.asarray(first, float) - np.asarray(second, float)) / (
+        2.0 if kind == "halves" else np.sqrt(2.0)
+    )
+
+
+def noise_floor(
+    first: np.ndarray,
+    second: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    kind: str = "halves",
+) -> float:
+    """The NRMSE-to-reference of a perfect harmonization: the reference's repeatability.
+
+    A scan harmonized perfectly still differs from the reference scan by both scans' noise,
+    ``sqrt(2) sigma`` RMS where ``sigma`` is a full scan's noise SD: the scan-rescan NRMSE
+    of the reference scanner. ``kind="rescan"``: ``first``/``second`` are two full scans
+    (their NRMSE, unscaled). ``kind="halves"``: two interleaved halves of one scan's
+    directions; each half averages half the measurements, so its noise variance is twice a
+    full scan's (``2 sigma^2``) and their difference has variance ``4 sigma^2``, twice that
+    of two full scans: the floor is ``RMS(first - second) / sqrt(2)``, normalised by the
+    mean absolute ``reference`` as in :func:`nrmse`. The halving argument holds for
+    independent noise and an estimator whose variance scales with ``1 / N`` (true to first
+    order for a least-squares fit; half-scan fits are a little noisier still, so the floor
+    errs high, i.e. conservative).
+    """
+    sd = _full_scan_sd(first, second, kind)
+    ref = np.asarray(reference, float)
+    sel = np.isfinite(sd) & np.isfinite(ref)
+    if mask is not None:
+        sel &= np.asarray(mask, bool)
+    if not sel.any():
+        raise ValueError("noise floor over an empty set of voxels")
+    return float(np.sqrt(2.0 * np.mean(sd[sel] ** 2)) / np.mean(np.abs(ref[sel])))
+
+
+def cv_floor(
+    first: np.ndarray,
+    second: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray,
+    *,
+    n_scanners: int,
+    kind: str = "halves",
+    ddof: int = 1,
+) -> float:
+    """Mean voxelwise inter-scanner CV of ``n_scanners`` scans that differ by noise only.
+
+    Per voxel the full-scan noise SD is estimated from the two repeats, unbiased for
+    Gaussian noise: ``sigma = |d| sqrt(pi / 2)`` with ``d`` the difference scaled to one
+    full scan (see :func:`noise_floor`); the sample SD of ``n`` such scans averages
+    ``c(n) sigma`` (``c4`` for ``ddof=1``); divided by the reference value.
+    """
+    from math import exp, lgamma, pi, sqrt
+
+    n = int(n_scanners)
+    if n < 2:
+        raise ValueError(f"A CV needs at least 2 scanners; got {n}.")
+    dof = n - ddof
+    # E[sqrt(chi2_{n-1})] / sqrt(dof): the mean sample SD of n draws, in units of sigma
+    c = sqrt(2.0 / dof) * exp(lgamma(n / 2.0) - lgamma((n - 1) / 2.0))
+    sd = np.abs(_full_scan_sd(first, second, kind)) * sqrt(pi / 2.0)
+    ref = np.asarray(reference, float)
+    sel = np.asarray(mask, bool) & np.isfinite(sd) & np.isfinite(ref) & (ref > 0)
+    if not sel.any():
+        return float("nan")
+    return float(c * np.mean(sd[sel] / ref[sel]))
