@@ -34,6 +34,12 @@ from ..utils.bids import DWIScan
 from .dki import init_scan_wf
 from .evaluation import init_comparators_node, init_evaluation_wf
 
+#: Sidecar description of the linear baseline's maps (``--comparators linear``).
+LINEAR_DESC = (
+    "linear baseline: per-map least-squares regression from the scan's own DKI maps to the "
+    "reference scanner's, fitted on the network's training voxels (dkiharm)"
+)
+
 
 def _node_name(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)
@@ -328,9 +334,8 @@ def init_group_wf(
     for scanner in plan.scanners:
         train_scans = [s for s in training_scans if s.scanner == scanner]
         n = len(train_scans)
-        with_fit = config.network_input == "dwi+fit"
-        keys = ("dwi", "bval", "bvec", "mask", "labels", "support")
-        keys += ("fit",) if with_fit else ()
+        # every scan's own fit: the dwi+fit input and the linear baseline (model selection)
+        keys = ("dwi", "bval", "bvec", "mask", "labels", "support", "fit")
         fields = {
             k: pe.Node(
                 niu.Merge(n, no_flatten=(k in ("labels", "fit"))),
@@ -378,8 +383,7 @@ def init_group_wf(
                     ),
                 ]
             )
-            if with_fit:
-                workflow.connect(scan_wfs[scan.key], "outputnode.maps", fields["fit"], f"in{i}")
+            workflow.connect(scan_wfs[scan.key], "outputnode.maps", fields["fit"], f"in{i}")
         workflow.connect(
             [
                 (fields["dwi"], train, [("out", "dwi_files")]),
@@ -388,10 +392,9 @@ def init_group_wf(
                 (fields["mask"], train, [("out", "mask_files")]),
                 (fields["labels"], train, [("out", "label_files")]),
                 (fields["support"], train, [("out", "label_mask_files")]),
+                (fields["fit"], train, [("out", "fit_files")]),
             ]
         )
-        if with_fit:
-            workflow.connect(fields["fit"], "out", train, "fit_files")
         for kind, rel in (
             ("weights_file", f"models/scanner-{scanner}_harmonizer.safetensors"),
             ("card_file", f"models/scanner-{scanner}_harmonizer.json"),
@@ -440,25 +443,33 @@ def init_group_wf(
     # --- evaluation of the test subjects and the HTML report ------------------------------
     evaluated = [s for s in scans if s.subject in plan.testing] or scans
     evaluation = init_evaluation_wf(
-        scans=evaluated, staging_dir=staging_dir, config=config, engine=engine
-    )
+        scans=evaluated, staging_dir=staging_dir, config=config, engine=engine,
+        held_out=bool(plan.testing),
+    )  # fmt: skip
     n = len(evaluated)
+    flat = ("masks", "dwis", "bvals", "bvecs")
     gathered = {
         key: pe.Node(
-            niu.Merge(n, no_flatten=key != "masks"),
+            niu.Merge(n, no_flatten=key not in flat),
             name=f"eval_{key}",
             run_without_submitting=True,
         )
-        for key in ("before", "dl", "masks")
+        for key in ("before", "dl", "linear", *flat)
     }
+    own = {"before": "maps", "masks": "mask_file", "dwis": "dwi_file", "bvals": "bval_file",
+           "bvecs": "bvec_file"}  # fmt: skip
     for i, scan in enumerate(evaluated, 1):
         workflow.connect(
-            [
-                (scan_wfs[scan.key], gathered["before"], [("outputnode.maps", f"in{i}")]),
-                (scan_wfs[scan.key], gathered["masks"], [("outputnode.mask_file", f"in{i}")]),
-                (applied[scan.key], gathered["dl"], [("outputnode.maps", f"in{i}")]),
-            ]
-        )
+            [(scan_wfs[scan.key], gathered[k], [(f"outputnode.{o}", f"in{i}")])
+             for k, o in own.items()]
+            + [(applied[scan.key], gathered[k], [(f"outputnode.{k2}", f"in{i}")])
+               for k, k2 in (("dl", "maps"), ("linear", "linear"))]
+        )  # fmt: skip
+    cards = pe.Node(niu.Merge(len(models)), name="eval_cards", run_without_submitting=True)
+    workflow.connect(
+        [(train, cards, [("card_file", f"in{i}")]) for i, train in enumerate(models.values(), 1)]
+        + [(cards, evaluation, [("out", "inputnode.cards")])]
+    )
     workflow.connect(
         [(gathered[k], evaluation, [("out", f"inputnode.{k}")]) for k in gathered]
         + [
@@ -469,7 +480,7 @@ def init_group_wf(
     if config.experiments:
         _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
                          config, engine)  # fmt: skip
-    if config.comparators:
+    if set(config.comparators) & {"combat", "rish"}:
         compare = init_comparators_node(
             scans=scans, evaluated=evaluated, config=config, engine=engine, training=plan.training
         )
@@ -695,15 +706,17 @@ def init_apply_wf(
             )
         ]
     )
-    outputnode = pe.Node(niu.IdentityInterface(fields=["maps"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["maps", "linear"]), name="outputnode")
     merge = pe.Node(niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True)
     workflow.connect(
         [(apply, merge, [(f"out_{p}", f"in{i}") for i, p in enumerate(ALL_METRICS, 1)]),
-         (merge, outputnode, [("out", "maps")])]
+         (merge, outputnode, [("out", "maps")]),
+         (apply, outputnode, [("linear_files", "linear")])]
     )  # fmt: skip
     descs = [("out", "harmonized")] + ([("std", "harmonizedstd")] if config.mc_samples else [])
+    descs += [("linear", "linear")] if "linear" in config.comparators else []
     for kind, desc in descs:
-        for param in ALL_METRICS:
+        for i, param in enumerate(ALL_METRICS):
             ds = pe.Node(
                 DerivativesDataSink(
                     base_directory=str(staging_dir),
@@ -712,13 +725,21 @@ def init_apply_wf(
                     model="dki",
                     param=param,
                     desc=desc,
-                    meta_dict=meta,
+                    meta_dict=meta if kind != "linear" else {**meta, "Description": LINEAR_DESC},
                 ),
                 name=f"ds_{desc}_{param}",
                 run_without_submitting=True,
             )
-            workflow.connect(apply, f"{kind}_{param}", ds, "in_file")
+            if kind == "linear":
+                workflow.connect(apply, ("linear_files", _pick, i), ds, "in_file")
+            else:
+                workflow.connect(apply, f"{kind}_{param}", ds, "in_file")
     return workflow
+
+
+def _pick(files, index):
+    """Nipype connection function: one file of a list."""
+    return files[index]
 
 
 def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
