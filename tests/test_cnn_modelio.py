@@ -21,6 +21,7 @@ from dkiharm_nipype.cnn.modelio import (
     ProtocolMismatchError,
     ProtocolWarning,
     check_fingerprint,
+    direction_order,
     load_model,
     read_card,
     save_model,
@@ -164,3 +165,69 @@ def test_near_match_warns(saved):
 def _card_fields(card_path) -> dict:
     data = json.loads(card_path.read_text())
     return {k: data[k] for k in ("scanner", "protocol", "normalization", "target_scaling")}
+
+
+def _directions(n: int, seed: int) -> np.ndarray:
+    """``n`` random unit directions that are at least 25 degrees apart (sign-invariant)."""
+    rng, dirs = np.random.default_rng(seed), []
+    while len(dirs) < n:
+        v = rng.normal(size=3)
+        v /= np.linalg.norm(v)
+        if all(abs(v @ d) < np.cos(np.radians(25)) for d in dirs):
+            dirs.append(v)
+    return np.array(dirs)
+
+
+def _table(dirs: np.ndarray) -> np.ndarray:
+    """BVALS' volumes with ``dirs`` (12 rows: 6 per shell) and zeros for the b0s."""
+    return np.vstack([np.zeros((3, 3)), dirs])
+
+
+def _with_dirs(bvecs):
+    return scan_fingerprint(
+        BVALS, voxel_size=(2, 2, 2), matrix=(110, 110, 70), echo_time=80.0, bvecs=bvecs
+    )
+
+
+def test_direction_table_order_and_sign():
+    dirs = _directions(12, seed=1)
+    trained = _with_dirs(_table(dirs))
+    assert len(trained["gradients"]) == BVALS.size and trained["gradients"][3][0] == 1000
+    # the same directions, flipped in sign and given as a 3 x N (FSL) table: the same scan
+    flipped = _with_dirs(_table(-dirs).T)
+    assert flipped["direction_digest"] == trained["direction_digest"]
+    order, worst = direction_order(trained, flipped)
+    assert order is None and worst < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_fingerprint(trained, flipped) == []
+    # the same directions in another order within each shell: refused by nothing, re-ordered
+    perm = np.r_[np.arange(3), 3 + np.random.default_rng(2).permutation(6), 9 + np.arange(6)[::-1]]
+    shuffled = _with_dirs(_table(dirs)[perm])
+    assert shuffled["direction_digest"] == trained["direction_digest"]
+    order, worst = direction_order(trained, shuffled)
+    assert worst < 1e-3
+    np.testing.assert_array_equal(perm[order], np.arange(BVALS.size))  # back in trained order
+    with pytest.warns(ProtocolWarning, match="re-ordered to the trained order"):
+        check_fingerprint(trained, shuffled)
+
+
+def test_other_directions_are_refused():
+    dirs = _directions(12, seed=1)
+    trained = _with_dirs(_table(dirs))
+    other = _with_dirs(_table(_directions(12, seed=7)))
+    assert other["direction_digest"] != trained["direction_digest"]
+    with pytest.raises(ProtocolMismatchError, match="gradient directions differ: b=1000 "):
+        check_fingerprint(trained, other)
+    # a small rotation (3 degrees) passes silently; 10 degrees passes with a warning
+    for angle, warns in ((3.0, False), (10.0, True)):
+        c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
+        rotated = _with_dirs(_table(dirs @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_fingerprint(trained, rotated)
+        assert any("differ by up to" in str(w.message) for w in caught) is warns
+    # a card written before directions were recorded: checked for the rest, with a note
+    legacy = {k: v for k, v in trained.items() if k not in ("gradients", "direction_digest")}
+    with pytest.warns(ProtocolWarning, match="not recorded in the model card"):
+        check_fingerprint(legacy, other)

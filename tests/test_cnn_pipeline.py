@@ -23,7 +23,7 @@ from dkiharm_nipype.cnn.data import (
 )
 from dkiharm_nipype.cnn.infer import harmonize_scan
 from dkiharm_nipype.cnn.model import OUTPUT_NAMES
-from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, scan_fingerprint
+from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, ProtocolWarning, scan_fingerprint
 from dkiharm_nipype.cnn.train import TooFewVoxelsError, device_description, fit, train_harmonizer
 from dkiharm_nipype.dki.fit import fit_dki
 from dkiharm_nipype.interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
@@ -251,6 +251,29 @@ def test_interfaces(subjects, tmp_path):
     apply.inputs.dwi_file, apply.inputs.bval_file = other["dwi"], other["bval"]
     apply.inputs.bvec_file = other["bvec"]
     with pytest.raises(ProtocolMismatchError, match="directions per shell"):
+        apply.run(cwd=str(tmp_path / "apply"))
+
+    # the same scan with its volumes in another order: re-ordered to the trained order, the
+    # same maps; the same shells with other directions: refused
+    perm = np.r_[0, 1, 2 + np.random.default_rng(5).permutation(BVALS.size - 2)]
+    shuffled = _write_scan(tmp_path, "sub-8", dwi[..., perm], mask, bvals=BVALS[perm])
+    np.savetxt(shuffled["bvec"], BVECS[perm].T, fmt="%.6f")
+    apply.inputs.dwi_file, apply.inputs.bval_file = shuffled["dwi"], shuffled["bval"]
+    apply.inputs.bvec_file, apply.inputs.mc_samples = shuffled["bvec"], 0
+    (tmp_path / "shuffled").mkdir()
+    with pytest.warns(ProtocolWarning, match="re-ordered to the trained order"):
+        again = apply.run(cwd=str(tmp_path / "shuffled")).outputs
+    apply.inputs.dwi_file, apply.inputs.bval_file = scans[2]["dwi"], scans[2]["bval"]
+    apply.inputs.bvec_file = scans[2]["bvec"]
+    (tmp_path / "plain").mkdir()
+    plain = apply.run(cwd=str(tmp_path / "plain")).outputs
+    for a, b in zip(plain.out_files, again.out_files, strict=True):
+        np.testing.assert_array_equal(nb.load(a).get_fdata(), nb.load(b).get_fdata())
+    rotated = np.random.default_rng(6).normal(size=(BVALS.size, 3))
+    np.savetxt(shuffled["bvec"], rotated.T, fmt="%.6f")
+    apply.inputs.dwi_file, apply.inputs.bval_file = shuffled["dwi"], shuffled["bval"]
+    apply.inputs.bvec_file = shuffled["bvec"]
+    with pytest.raises(ProtocolMismatchError, match="gradient directions differ"):
         apply.run(cwd=str(tmp_path / "apply"))
 
 

@@ -193,6 +193,10 @@ def test_combat_interface_on_the_phantom(tiny_bids, tmp_path):
     assert [len(f) for f in out.out_files] == [2, 2, 2, 2]
     report = json.loads(Path(out.report_file).read_text())
     assert report["ReferenceSite"] == "D" and report["TemplateVoxels"] > 1000
+    from importlib.metadata import version
+
+    # the library named is the one whose function ran (was combatlearn, a rejected candidate)
+    assert report["Method"].startswith(f"ComBat (neuroCombat {version('neuroCombat')}")
     assert out.out_files[2][1].endswith("sub-01_ses-A_run-1_desc-combat_param-md_dwimap.nii.gz")
     for i in range(4):
         img, src = nb.load(out.out_files[i][1]), nb.load(files[i][1])

@@ -35,6 +35,7 @@ __all__ = [
     "ProtocolWarning",
     "check_fingerprint",
     "describe_protocol",
+    "direction_order",
     "load_model",
     "read_card",
     "save_model",
@@ -49,6 +50,10 @@ B_SAME, B_WARN = 0.005, 0.025
 TE_SAME, TE_WARN = 0.5, 5.0
 #: Voxel-size differences (mm) above this are refused.
 VOXEL_TOL = 0.05
+#: Gradient directions (degrees, sign-invariant) up to this apart are the same direction;
+#: above DIRECTION_WARN they warn. 15 degrees is about half the spacing of neighbouring
+#: directions in a 30-direction shell, so a matching stays unambiguous.
+DIRECTION_WARN, DIRECTION_TOL = 5.0, 15.0
 
 
 class ModelFileError(DkiharmInputError):
@@ -70,17 +75,22 @@ def scan_fingerprint(
     matrix: Sequence[int],
     echo_time: float | None = None,
     b0_threshold: float = B0_THRESHOLD,
+    bvecs: Sequence[Sequence[float]] | np.ndarray | None = None,
 ) -> dict:
     """Protocol fingerprint of a scan: shells, directions per shell, b0s, TE, geometry.
 
     ``echo_time`` is in milliseconds (BIDS sidecars store seconds: multiply by 1000).
-    Shells group b-values rounded to 100 s/mm^2 and are reported as their mean.
+    Shells group b-values rounded to 100 s/mm^2 and are reported as their mean. With
+    ``bvecs`` (``(N, 3)`` or ``(3, N)``) the fingerprint also holds the gradient table in
+    acquisition order (``gradients``: one ``[b, x, y, z]`` row per volume, the order the
+    network's input channels follow) and an order- and sign-independent summary of each
+    shell's directions (``direction_digest``).
     """
     bvals = np.asarray(bvals, dtype=float).ravel()
     dw = bvals[bvals >= b0_threshold]
     keys = np.round(dw / 100.0)
     shells = [int(round(float(dw[keys == k].mean()))) for k in np.unique(keys)]
-    return {
+    fp = {
         "shells": shells,
         "directions": [int((keys == k).sum()) for k in np.unique(keys)],
         "n_b0": int((bvals < b0_threshold).sum()),
@@ -89,6 +99,84 @@ def scan_fingerprint(
         "voxel_size_mm": [round(float(v), 3) for v in voxel_size][:3],
         "matrix": [int(n) for n in matrix][:3],
     }
+    if bvecs is not None:
+        table = _gradient_table(bvals, bvecs)
+        fp["gradients"] = [[int(round(b)), *(round(float(v), 4) for v in g)] for b, *g in table]
+        fp["direction_digest"] = _direction_digest(table, b0_threshold)
+    return fp
+
+
+def _gradient_table(bvals: np.ndarray, bvecs) -> np.ndarray:
+    """``(N, 4)`` rows ``[b, x, y, z]``, directions normalised (zeros stay zeros)."""
+    g = np.asarray(bvecs, dtype=float)
+    if g.ndim != 2 or (g.shape[0] == 3 and g.shape[1] != 3):
+        g = g.T if g.ndim == 2 else g
+    if g.shape != (bvals.size, 3):
+        raise ValueError(f"b-vectors of shape {g.shape} for {bvals.size} b-values.")
+    norm = np.linalg.norm(g, axis=1, keepdims=True)
+    g = np.divide(g, norm, out=np.zeros_like(g), where=norm > 1e-6)
+    return np.column_stack([bvals, g])
+
+
+def _direction_digest(table: np.ndarray, b0_threshold: float = B0_THRESHOLD) -> str:
+    """Digest of each shell's direction *set*: sign and order do not change it."""
+    parts = []
+    for key in np.unique(np.round(table[table[:, 0] >= b0_threshold, 0] / 100.0)):
+        dirs = table[np.round(table[:, 0] / 100.0) == key, 1:]
+        dirs = dirs * np.where(_first_nonzero(dirs) < 0, -1.0, 1.0)[:, None]  # v ~ -v
+        rows = sorted(tuple(np.round(d, 2) + 0.0) for d in dirs)
+        parts.append(f"{int(key)}:{rows}")
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
+
+
+def _first_nonzero(dirs: np.ndarray) -> np.ndarray:
+    """Each row's first component that is not ~0 (the sign that canonicalises v ~ -v)."""
+    idx = np.argmax(np.abs(dirs) > 1e-3, axis=1)
+    return dirs[np.arange(len(dirs)), idx]
+
+
+def _split(rows) -> tuple[np.ndarray, np.ndarray]:
+    table = np.asarray(rows, dtype=float)
+    return table[:, 0], table[:, 1:]
+
+
+def direction_order(trained: Mapping, scan: Mapping) -> tuple[np.ndarray | None, float]:
+    """Match a scan's gradient directions to the ones a network was trained on.
+
+    Both arguments are :func:`scan_fingerprint` dicts with ``gradients``. Within each shell
+    the scan's directions are compared, sign-invariantly, with the trained ones in the
+    trained order; if one differs by more than :data:`DIRECTION_TOL` degrees, the scan's
+    directions are matched to the trained ones in any order (optimal assignment). Returns
+    ``(order, max_angle)``: ``order`` is ``None`` when the acquisition order already fits,
+    else the volume indices that put the scan in the trained order (``dwi[..., order]``;
+    b0s and other shells stay where they are); ``max_angle`` the largest angle (degrees)
+    between matched directions. Raises :class:`ValueError` when the sets differ.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    t_tab = _gradient_table(*_split(trained["gradients"]))  # re-normalised after rounding
+    s_tab = _gradient_table(*_split(scan["gradients"]))
+    order = np.arange(len(s_tab))
+    worst = 0.0
+    for key in np.unique(np.round(t_tab[t_tab[:, 0] >= B0_THRESHOLD, 0] / 100.0)):
+        t_idx = np.flatnonzero(np.round(t_tab[:, 0] / 100.0) == key)
+        s_idx = np.flatnonzero(np.round(s_tab[:, 0] / 100.0) == key)
+        if t_idx.size != s_idx.size:
+            raise ValueError(f"b={int(key) * 100} has {s_idx.size} directions, not {t_idx.size}")
+        cos = np.abs(t_tab[t_idx, 1:] @ s_tab[s_idx, 1:].T).clip(0.0, 1.0)
+        angles = np.degrees(np.arccos(np.diag(cos)))
+        match = np.arange(s_idx.size)
+        if angles.max(initial=0.0) > DIRECTION_TOL:
+            _, match = linear_sum_assignment(-cos)
+            angles = np.degrees(np.arccos(cos[np.arange(t_idx.size), match]))
+            if angles.max(initial=0.0) > DIRECTION_TOL:
+                raise ValueError(
+                    f"b={int(key) * 100} directions differ from the trained ones by up to "
+                    f"{angles.max():.0f} degrees, in any order"
+                )
+        order[s_idx] = s_idx[match]
+        worst = max(worst, float(angles.max(initial=0.0)))
+    return (None if np.array_equal(order, np.arange(len(s_tab))) else order), worst
 
 
 def describe_protocol(fp: Mapping) -> str:
@@ -137,6 +225,8 @@ def check_fingerprint(card: ModelCard | Mapping, scan: Mapping) -> list[str]:
         notes.append(f"{scan['n_b0']} b0 volumes instead of {trained['n_b0']}")
     if list(trained["matrix"]) != list(scan["matrix"]):
         notes.append("different matrix")
+    if not errors:
+        _check_directions(trained, scan, errors, notes)
     if errors:
         raise ProtocolMismatchError(
             f"Scan protocol does not match the harmonizer ({'; '.join(errors)}): {both}. "
@@ -147,6 +237,29 @@ def check_fingerprint(card: ModelCard | Mapping, scan: Mapping) -> list[str]:
             f"Protocol near match ({'; '.join(notes)}): {both}.", ProtocolWarning, stacklevel=2
         )
     return notes
+
+
+def _check_directions(trained: Mapping, scan: Mapping, errors: list, notes: list) -> None:
+    """Add the gradient-direction verdict of :func:`direction_order` to errors/notes."""
+    if "gradients" not in trained and "gradients" not in scan:
+        return  # neither side has a gradient table (e.g. fingerprints from b-values alone)
+    if "gradients" not in trained:
+        notes.append("gradient directions not recorded in the model card, not checked")
+        return
+    if "gradients" not in scan:
+        notes.append("the scan's gradient directions not given, not checked")
+        return
+    try:
+        order, worst = direction_order(trained, scan)
+    except ValueError as exc:
+        errors.append(f"gradient directions differ: {exc}")
+        return
+    if order is not None:
+        notes.append(
+            "same gradient directions in another order; volumes re-ordered to the trained order"
+        )
+    if worst > DIRECTION_WARN:
+        notes.append(f"gradient directions differ by up to {worst:.1f} degrees")
 
 
 @dataclass

@@ -57,6 +57,20 @@ from .commonspace import CommonSpace, build_common_space
 #: Columns of ``participants.tsv`` used as covariates when present: (name, kind).
 DEFAULT_COVARIATES = (("age", "continuous"), ("sex", "discrete"))
 
+
+def _library(func) -> str:
+    """``name version`` of the installed distribution that provides ``func``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name = func.__module__.split(".")[0]
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return name
+
+
+#: The ComBat implementation that runs (named in reports from the function itself).
+COMBAT_LIBRARY = _library(neuroCombat)
 #: Name of the site column handed to neuroCombat.
 _SITE = "site"
 

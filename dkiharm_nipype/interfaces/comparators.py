@@ -26,7 +26,13 @@ from nipype.interfaces.base import (
 from nipype.utils.filemanip import fname_presuffix
 
 from ..dki.metrics import ALL_METRICS
-from ..harmonize.combat import BACKMAPS, ComBatInputError, combat_maps, read_participants
+from ..harmonize.combat import (
+    BACKMAPS,
+    COMBAT_LIBRARY,
+    ComBatInputError,
+    combat_maps,
+    read_participants,
+)
 from ..harmonize.rish import (
     B_TOLERANCE,
     DWIScan,
@@ -169,7 +175,7 @@ class ComBatHarmonize(SimpleInterface):
         Path(report).write_text(
             json.dumps(
                 {
-                    "Method": "ComBat (combatlearn, method='fortin', parametric EB)",
+                    "Method": f"ComBat ({COMBAT_LIBRARY}, parametric empirical Bayes)",
                     "Sites": list(inputs.sites),
                     "ReferenceSite": inputs.reference_site
                     if isdefined(inputs.reference_site)

@@ -29,7 +29,13 @@ from nipype.utils.filemanip import fname_presuffix, split_filename
 from ..cnn.data import TrainingSubject, normalize_dwi
 from ..cnn.infer import harmonize_scan, linear_maps
 from ..cnn.model import OUTPUT_NAMES
-from ..cnn.modelio import check_fingerprint, load_model, save_model, scan_fingerprint
+from ..cnn.modelio import (
+    check_fingerprint,
+    direction_order,
+    load_model,
+    save_model,
+    scan_fingerprint,
+)
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
 from ..utils.env import torch_threads
@@ -186,13 +192,16 @@ class TrainHarmonizer(SimpleInterface):
                 raise ValueError(f"{trait} has {len(values)} entries for {n} dwi_files.")
         subjects, protocol = [], None
         for i, dwi_file in enumerate(inputs.dwi_files):
-            img, dwi, bvals = _load_dwi(dwi_file, inputs.bval_files[i], inputs.bvec_files[i])
+            img, dwi, bvals, bvecs = _load_dwi(
+                dwi_file, inputs.bval_files[i], inputs.bvec_files[i]
+            )
             sidecar = inputs.sidecar_files[i] if "sidecar_files" in lists else None
-            fp = _fingerprint(img, bvals, sidecar, inputs.echo_time)
+            fp = _fingerprint(img, bvals, bvecs, sidecar, inputs.echo_time)
             if protocol is None:
                 protocol = fp
             else:  # training subjects must share the protocol the harmonizer is made for
                 check_fingerprint(protocol, fp)
+                dwi, bvals = _in_trained_order(protocol, fp, dwi, bvals)
             exclude = label_mask = None
             if "exclude_mask_files" in lists:
                 exclude = _load_mask(lists["exclude_mask_files"][i])
@@ -340,9 +349,11 @@ class ApplyHarmonizer(SimpleInterface):
     def _run_interface(self, runtime):
         inputs = self.inputs
         model, card = load_model(inputs.weights_file, inputs.card_file, device=inputs.device)
-        img, dwi, bvals = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
+        img, dwi, bvals, bvecs = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
-        check_fingerprint(card, _fingerprint(img, bvals, sidecar, inputs.echo_time))
+        fp = _fingerprint(img, bvals, bvecs, sidecar, inputs.echo_time)
+        check_fingerprint(card, fp)
+        dwi, bvals = _in_trained_order(card.protocol, fp, dwi, bvals)
         fit_maps = None
         if model.residual_channels and not isdefined(inputs.fit_files):
             raise ValueError(
@@ -399,16 +410,30 @@ def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):
         )
     if bvecs.shape not in ((3, bvals.size), (bvals.size, 3)):
         raise ValueError(f"{bvec_file} has shape {bvecs.shape}; expected 3 x {bvals.size}.")
-    return img, dwi, bvals
+    return img, dwi, bvals, bvecs
 
 
-def _fingerprint(img, bvals, sidecar: str | None, echo_time) -> dict:
+def _in_trained_order(trained: dict, fp: dict, dwi: np.ndarray, bvals: np.ndarray):
+    """Volumes re-ordered to the trained gradient order when only their order differs."""
+    if "gradients" not in trained or "gradients" not in fp:
+        return dwi, bvals
+    order, _ = direction_order(trained, fp)
+    if order is None:
+        return dwi, bvals
+    return dwi[..., order], bvals[order]
+
+
+def _fingerprint(img, bvals, bvecs, sidecar: str | None, echo_time) -> dict:
     te = echo_time if isdefined(echo_time) else None
     if te is None and sidecar is not None:
         seconds = json.loads(Path(sidecar).read_text()).get("EchoTime")
         te = None if seconds is None else 1000.0 * float(seconds)
     return scan_fingerprint(
-        bvals, voxel_size=img.header.get_zooms()[:3], matrix=img.shape[:3], echo_time=te
+        bvals,
+        voxel_size=img.header.get_zooms()[:3],
+        matrix=img.shape[:3],
+        echo_time=te,
+        bvecs=bvecs,
     )
 
 

@@ -134,7 +134,7 @@ def check_models(scans, models_dir: Path) -> None:
         _, card = load_model(weights, card_path)  # rejects foreign or corrupted files
         for scan in (s for s in scans if s.scanner == scanner):
             img = nb.load(str(scan.dwi))
-            bvals, _ = read_gradients(scan.bval, scan.bvec)
+            bvals, bvecs = read_gradients(scan.bval, scan.bvec)
             te = scan.metadata.get("EchoTime")
             try:
                 check_fingerprint(
@@ -144,6 +144,7 @@ def check_models(scans, models_dir: Path) -> None:
                         voxel_size=img.header.get_zooms()[:3],
                         matrix=img.shape[:3],
                         echo_time=None if te is None else 1000 * float(te),
+                        bvecs=bvecs,
                     ),
                 )
             except DkiharmInputError as exc:
