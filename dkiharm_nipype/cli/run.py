@@ -105,6 +105,7 @@ def run(config: RunConfig) -> int:
     if snr_rows:
         table, _ = snr_table(snr_rows)
         print(table, flush=True)
+    _report_baseline(config.output_dir / "evaluation" / "baseline.tsv")
     LOGGER.info(
         "finished in %.0f s; %d derivative file(s) in %s",
         time.time() - started,
@@ -112,6 +113,23 @@ def run(config: RunConfig) -> int:
         config.output_dir,
     )
     return 0
+
+
+def _report_baseline(path: Path) -> None:
+    """The networks against the linear baseline (held out), a warning where one loses."""
+    from ..evaluation import read_tsv
+
+    for r in read_tsv(path):
+        line = (
+            f"scanner {r['scanner']} {r['param'].upper()}: held-out NRMSE-to-reference network "
+            f"{float(r['nrmse_dl']):.3f}, linear baseline {float(r['nrmse_linear']):.3f}"
+            + (f", noise floor {float(r['nrmse_floor']):.3f}" if r["nrmse_floor"] else "")
+            + f" ({r['source']})"
+        )
+        if r["dl_beats_linear"] == "True" and r["chosen"] != "linear":
+            LOGGER.info(line)
+        else:
+            LOGGER.warning("WARNING: the network does not beat the linear baseline: %s", line)
 
 
 def _crash_summary(exc: BaseException, crash_dir: Path) -> str:

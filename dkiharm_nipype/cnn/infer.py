@@ -103,7 +103,7 @@ def harmonize_scan(
     """
     mask = np.asarray(mask, dtype=bool)
     chosen = _linear_choices(card)
-    if chosen and fit_maps is None:
+    if chosen and fit_maps is None and not model.residual_channels:
         raise ValueError(
             "This harmonizer's model selection chose the linear mapping of the scan's own "
             f"DKI maps for {', '.join(chosen)}: pass the scan's fitted maps (fit_maps)."
