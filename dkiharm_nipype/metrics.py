@@ -226,7 +226,8 @@ FLOOR_KINDS = ("rescan", "halves")
 
 
 def _full_scan_sd(first: np.ndarray, second: np.ndarray, kind: str) -> np.ndarray:
-    """Voxelwise difference of the two repeats scaled to a full scan's noise SD.
+    """Voxelwise difference of the two repeats scaled to one full scan's noise (its RMS is
+    the full scan's noise SD).
 
     Two full scans differ by noise of variance ``2 sigma^2``; two halves, each with half
     the measurements (twice the variance of a full scan), by ``4 sigma^2``.
@@ -246,19 +247,19 @@ def noise_floor(
     *,
     kind: str = "halves",
 ) -> float:
-    """The NRMSE-to-reference of a perfect harmonization: the reference's repeatability.
+    """The NRMSE-to-reference no harmonization can beat: the reference scan's own noise.
 
-    A scan harmonized perfectly still differs from the reference scan by both scans' noise,
-    ``sqrt(2) sigma`` RMS where ``sigma`` is a full scan's noise SD: the scan-rescan NRMSE
-    of the reference scanner. ``kind="rescan"``: ``first``/``second`` are two full scans
-    (their NRMSE, unscaled). ``kind="halves"``: two interleaved halves of one scan's
-    directions; each half averages half the measurements, so its noise variance is twice a
-    full scan's (``2 sigma^2``) and their difference has variance ``4 sigma^2``, twice that
-    of two full scans: the floor is ``RMS(first - second) / sqrt(2)``, normalised by the
-    mean absolute ``reference`` as in :func:`nrmse`. The halving argument holds for
-    independent noise and an estimator whose variance scales with ``1 / N`` (true to first
-    order for a least-squares fit; half-scan fits are a little noisier still, so the floor
-    errs high, i.e. conservative).
+    A harmonized map made independently of the reference scan's noise (a test subject)
+    differs from that scan's raw fit by at least that noise: even a perfect harmonization,
+    one that outputs the true map, has NRMSE ``sigma / mean|ref|``, ``sigma`` being a full
+    scan's noise SD. Estimated from two repeats: ``kind="rescan"``, two full scans, differ by
+    variance ``2 sigma^2``, so ``sigma = RMS(first - second) / sqrt(2)``; ``kind="halves"``,
+    two interleaved halves of one scan's directions, each averaging half the measurements
+    (variance ``2 sigma^2`` each), differ by ``4 sigma^2``: ``sigma = RMS(first - second) / 2``,
+    i.e. ``/ sqrt(2)`` for the two independent halves and ``/ sqrt(2)`` again for the halved
+    averaging. Normalised by the mean absolute ``reference`` as in :func:`nrmse`. The
+    ``1 / N`` variance scaling holds to first order for a least-squares fit; fits of halves
+    are a little noisier still, so the floor errs high (``benchmarks/noise_floor.py``).
     """
     sd = _full_scan_sd(first, second, kind)
     ref = np.asarray(reference, float)
@@ -267,7 +268,7 @@ def noise_floor(
         sel &= np.asarray(mask, bool)
     if not sel.any():
         raise ValueError("noise floor over an empty set of voxels")
-    return float(np.sqrt(2.0 * np.mean(sd[sel] ** 2)) / np.mean(np.abs(ref[sel])))
+    return float(np.sqrt(np.mean(sd[sel] ** 2)) / np.mean(np.abs(ref[sel])))
 
 
 def cv_floor(
@@ -282,10 +283,12 @@ def cv_floor(
 ) -> float:
     """Mean voxelwise inter-scanner CV of ``n_scanners`` scans that differ by noise only.
 
-    Per voxel the full-scan noise SD is estimated from the two repeats, unbiased for
-    Gaussian noise: ``sigma = |d| sqrt(pi / 2)`` with ``d`` the difference scaled to one
-    full scan (see :func:`noise_floor`); the sample SD of ``n`` such scans averages
-    ``c(n) sigma`` (``c4`` for ``ddof=1``); divided by the reference value.
+    The CV that noise alone gives raw fits as noisy as the reference scan (a harmonization
+    that also denoises can go below it). Per voxel the full-scan noise SD is estimated from
+    the two repeats, unbiased for Gaussian noise: ``sigma = |d| sqrt(pi / 2)`` with ``d`` the
+    difference scaled to one full scan's noise (see :func:`noise_floor`); the sample SD of
+    ``n`` such scans averages ``c(n) sigma`` (``c4`` for ``ddof=1``); divided by the
+    reference value.
     """
     from math import exp, lgamma, pi, sqrt
 

@@ -11,21 +11,23 @@ from dkiharm_nipype.metrics import cv_floor, cv_map, noise_floor, nrmse
 
 def test_half_split_floor_of_noise_only_matches_its_analytical_value():
     """Full scans carry noise sigma, halves sigma * sqrt(2): the floor estimated from two
-    halves is the NRMSE of two full scans, sqrt(2) sigma / mean|ref|."""
+    halves is sigma / mean|ref|, the NRMSE of a perfect harmonization (the true map) against
+    the noisy reference scan."""
     rng = np.random.default_rng(0)
     shape, sigma = (60, 60, 40), 0.05
-    ref = 0.8 + 0.4 * rng.random(shape)
-    half = [ref + rng.normal(0, sigma * np.sqrt(2), shape) for _ in range(2)]
-    expected = np.sqrt(2) * sigma / ref.mean()
-    assert noise_floor(*half, ref, kind="halves") == pytest.approx(expected, rel=0.01)
-    scans = [ref + rng.normal(0, sigma, shape) for _ in range(3)]  # a real rescan agrees
-    assert nrmse(scans[0], scans[1]) == pytest.approx(expected, rel=0.01)
-    assert noise_floor(scans[0], scans[1], ref, kind="rescan") == pytest.approx(expected, rel=0.01)
-    # CV of three scans that differ by noise only, and its estimate from the two halves
+    truth = 0.8 + 0.4 * rng.random(shape)
+    half = [truth + rng.normal(0, sigma * np.sqrt(2), shape) for _ in range(2)]
+    expected = sigma / truth.mean()
+    assert noise_floor(*half, truth, kind="halves") == pytest.approx(expected, rel=0.01)
+    scans = [truth + rng.normal(0, sigma, shape) for _ in range(3)]  # full scans, a rescan
+    assert nrmse(truth, scans[0]) == pytest.approx(expected, rel=0.01)  # perfect harmonization
+    floor = noise_floor(scans[0], scans[1], scans[0], kind="rescan")
+    assert floor == pytest.approx(expected, rel=0.01)
+    # CV of three raw scans that differ by noise only, and its estimate from the two halves
     cv = np.nanmean(cv_map(np.stack(scans)))
-    assert cv_floor(*half, ref, np.ones(shape), n_scanners=3) == pytest.approx(cv, rel=0.02)
+    assert cv_floor(*half, truth, np.ones(shape), n_scanners=3) == pytest.approx(cv, rel=0.02)
     with pytest.raises(ValueError, match="floor kind"):
-        noise_floor(*half, ref, kind="split")
+        noise_floor(*half, truth, kind="split")
 
 
 def test_halves_interleave_every_shell():
@@ -42,7 +44,7 @@ def test_halves_interleave_every_shell():
 
 def test_every_score_has_its_ratio_to_the_floor(tmp_path):
     """The hand-computed study (tests/evaldata.py) with two halves of sub-01's reference
-    scan, 1.1 b and 0.9 b: floor = rms(0.2 b) / sqrt(2) / mean(b) = 0.2 k / sqrt(2)."""
+    scan, 1.1 b and 0.9 b: floor = rms(0.2 b) / 2 / mean(b) = 0.1 k."""
     import warnings
 
     from evaldata import PARAMS, base, make_study, rms_over_mean, save, wm
@@ -56,7 +58,7 @@ def test_every_score_has_its_ratio_to_the_floor(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluate_study(**study, out_dir=tmp_path / "eval", halves={"01": halves})
-    floor = 0.2 * rms_over_mean(wm()) / np.sqrt(2)
+    floor = 0.1 * rms_over_mean(wm())
     rows = read_tsv(tmp_path / "eval" / "floor.tsv")
     row = next(r for r in rows if r["subject"] == "01" and r["param"] == "mk" and r["roi"] == "WM")
     assert row["kind"] == "halves" and float(row["nrmse_floor"]) == pytest.approx(floor, 1e-5)
@@ -66,8 +68,8 @@ def test_every_score_has_its_ratio_to_the_floor(tmp_path):
         if (r["method"], r["subject"], r["scanner"], r["run"], r["param"], r["roi"])
         == ("before", "01", "A", "1", "mk", "WM")
     )  # fmt: skip
-    # NRMSE of A run 1 is 0.1 k: sqrt(2) / 2 of the floor
-    assert float(a1["ratio_to_floor"]) == pytest.approx(np.sqrt(2) / 2, 1e-4)
+    # NRMSE of A run 1 is 0.1 k: at the floor
+    assert float(a1["ratio_to_floor"]) == pytest.approx(1.0, 1e-4)
     assert all(r["floor"] == "" for r in nrmse if r["subject"] == "02")  # no halves, no rescan
     cv = read_tsv(tmp_path / "eval" / "cv.tsv")
     assert all(float(r["ratio_to_floor"]) > 0 for r in cv if r["method"] == "before")

@@ -672,9 +672,9 @@ def _group_paragraph(config: RunConfig, scans: Sequence | None) -> str:
         "harmonized by the network only where its NRMSE was lower than the baseline's, else "
         "by the baseline. Every scan of every participant was then passed through its "
         "scanner's harmonizer to obtain harmonized MD, AD, RD, FA, MK, AK, RK and "
-        f"KFA maps.{_mc_sentence(config)} Every evaluation score is reported beside the noise "
-        "floor of the reference scan (its scan-rescan NRMSE, or, without a rescan, that of "
-        "two interleaved halves of its directions fitted alike, scaled to full scans)."
+        f"KFA maps.{_mc_sentence(config)} Every evaluation score is reported beside a noise "
+        "floor, the reference scan's own noise level (from its rescan, or, without one, from "
+        "two interleaved halves of its directions fitted alike and scaled to a full scan)."
     )
 
 
