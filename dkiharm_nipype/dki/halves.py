@@ -27,10 +27,10 @@ def split_directions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Volume indices of two interleaved halves: per shell (b rounded to 100 s/mm^2) and
     among the b0s, in acquisition order, the even-ranked volumes go to the first half and
-    the odd-ranked ones to the second.
+    the odd-ranked ones to the second; each half keeps the acquisition order.
 
     >>> [h.tolist() for h in split_directions(np.array([0, 1000, 1000, 0, 2000, 1000, 2000]))]
-    [[0, 1, 4, 5], [3, 2, 6]]
+    [[0, 1, 4, 5], [2, 3, 6]]
     """
     bvals = np.asarray(bvals, dtype=float).ravel()
     shells = np.where(bvals < b0_threshold, 0, np.round(bvals / 100.0))
@@ -39,7 +39,7 @@ def split_directions(
         idx = np.flatnonzero(shells == shell)
         halves[0].extend(idx[0::2].tolist())
         halves[1].extend(idx[1::2].tolist())
-    return np.array(halves[0]), np.array(halves[1])
+    return np.sort(halves[0]), np.sort(halves[1])  # each half in acquisition order
 
 
 def fit_halves(
