@@ -30,9 +30,9 @@ import nibabel as nb
 import numpy as np
 import torch
 
-from dkiharm_nipype.denoise import mppca
 from dkiharm_nipype.dki.fit import fit_dki
-from dkiharm_nipype.metrics import nrmse
+from dkiharm_nipype.evaluation.scores import nrmse
+from dkiharm_nipype.preproc.denoise import mppca
 
 MAPS = ("md", "fa", "mk", "ak", "rk", "kfa")
 

@@ -8,7 +8,7 @@ models, and slice dropouts (signal x0.3) in 4 slices of 3 volumes), then fits it
 * dipy WLS and dipy RWLS (robust iterative WLS with Geman-McClure weights and outlier
   rejection, ``fit_method="RWLS"``; run on a random subset because it is slow),
 * MRtrix3 ``dwi2tensor -dkt`` (IWLS, 2 iterations; its rate is the fit only, maps from
-  :func:`dkiharm_nipype.dki.metrics.dki_metrics`).
+  :func:`dkiharm_nipype.dki.maps.dki_metrics`).
 
 Rates are brain voxels per second including the eight maps (MD, AD, RD, FA, MK, AK, RK,
 KFA) unless noted. NRMSE = RMSE / mean(truth) over white matter. Implausible: MK < 0 or
@@ -38,7 +38,7 @@ import numpy as np
 
 from dkiharm_nipype.dki.design import dki_signal
 from dkiharm_nipype.dki.fit import fit_dki
-from dkiharm_nipype.dki.metrics import ALL_METRICS, dki_metrics
+from dkiharm_nipype.dki.maps import ALL_METRICS, dki_metrics
 from dkiharm_nipype.dki.simulate import random_tissue_tensors
 
 KURTOSIS_MAPS = ("mk", "ak", "rk", "kfa")

@@ -47,9 +47,10 @@ import nibabel as nb
 import numpy as np
 
 from dkiharm_nipype.config import NETWORK_INPUTS, REFERENCE_LABELS
-from dkiharm_nipype.evaluation import read_tsv
-from dkiharm_nipype.metrics import mean_cv, nrmse
-from dkiharm_nipype.registration import register, resample, truth_deformation
+from dkiharm_nipype.evaluation.evaluate import read_tsv
+from dkiharm_nipype.evaluation.scores import mean_cv, nrmse
+from dkiharm_nipype.phantom.truth import truth_deformation
+from dkiharm_nipype.registration import register, resample
 from dkiharm_nipype.utils.env import missing_fsl
 
 KURTOSIS = ("mk", "ak", "rk", "kfa")

@@ -1,8 +1,9 @@
 """Does the half-split noise floor predict a real rescan, through the DKI fit?
 
-The evaluation's noise floor (``metrics.noise_floor``) takes two interleaved halves of the
-reference scan's directions, fits each with the pipeline's fit and scales their difference
-to two full scans (``/ sqrt(2)``: each half has twice a full scan's noise variance). The
+The evaluation's noise floor (``evaluation.scores.noise_floor``) takes two interleaved
+halves of the reference scan's directions, fits each with the pipeline's fit and scales
+their difference to one full scan's noise (``/ 2``: ``/ sqrt(2)`` for two independent
+halves, ``/ sqrt(2)`` for each half's twice larger noise variance). The
 scaling is exact for a linear estimator; the DKI fit is not linear (log signal, IRLLS,
 constraints). Here the same voxels (plausible WM and GM tensors,
 ``dki.simulate.random_tissue_tensors``) are acquired twice with independent Rician noise
@@ -22,7 +23,7 @@ from dkiharm_nipype.dki.design import dki_signal
 from dkiharm_nipype.dki.fit import fit_dki
 from dkiharm_nipype.dki.halves import fit_halves
 from dkiharm_nipype.dki.simulate import random_tissue_tensors
-from dkiharm_nipype.metrics import noise_floor, nrmse
+from dkiharm_nipype.evaluation.scores import noise_floor, nrmse
 
 MAPS = ("md", "fa", "mk", "ak", "rk", "kfa")
 PROTOCOLS = {
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
         clean = dki_signal(np.full(args.voxels, 1000.0), dt, kt, bvals, bvecs)
         sigma = 1000.0 / args.snr
 
-        def scan():
+        def scan(clean=clean, sigma=sigma):
             noise = rng.normal(0, sigma, (2, *clean.shape))
             return np.hypot(clean + noise[0], noise[1])[:, None, None, :].astype(np.float32)
 

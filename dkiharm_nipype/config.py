@@ -86,4 +86,6 @@ class RunConfig:
     roi_table: Path | None = None
     comparators: tuple[str, ...] = ()
     experiments: tuple[str, ...] = ()
+    # --experiment tissue: user tissue maps (a derivatives folder or a {subject} pattern)
+    tissue_maps: str | None = None
     execution: ExecConfig = field(default_factory=ExecConfig)

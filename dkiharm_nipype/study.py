@@ -16,19 +16,23 @@ from __future__ import annotations
 import csv
 import random
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nb
 import numpy as np
 
 from .errors import DkiharmInputError
-from .metrics import snr_table
+from .evaluation.scores import snr_table
 
 #: Share of the traveling subjects used for training by default (paper: 40 %).
 TRAIN_FRACTION = 0.4
 #: Voxel sizes (mm) closer than this count as equal.
 VOXEL_TOLERANCE = 0.01
+
+T = TypeVar("T")
 
 
 class StudyDesignError(DkiharmInputError):
@@ -151,11 +155,40 @@ def choose_reference(snr_files, override: str | None = None) -> tuple[str, str]:
     return (override or best), table
 
 
-def first_runs(scans) -> dict[tuple[str, str], object]:
-    """The first run of every (subject, scanner): the scans that provide reference labels."""
-    out = {}
-    for scan in sorted(scans, key=lambda s: (s.run or 0, s.key)):
-        out.setdefault((scan.subject, scan.scanner), scan)
+def run_key(run) -> tuple:
+    """Sort key of run labels: none first, numbers in numeric order (``2`` before ``10``), then
+    text."""
+    if run is None or run == "":
+        return (0, 0, "")
+    return (0, int(run), "") if str(run).isdigit() else (1, 0, str(run))
+
+
+def _subject_scanner(item) -> tuple[str, str]:
+    return (item.subject, item.scanner)
+
+
+def first_runs(
+    items: Iterable[T],
+    *,
+    group: Callable[[T], Hashable] = _subject_scanner,
+    run: Callable[[T], object] = lambda item: item.run,
+) -> dict[Hashable, T]:
+    """The first run of every subject on every scanner: the scans that provide reference
+    labels, enter the inter-scanner CV and ComBat, and that later runs are compared with.
+
+    ``items`` are scans by default (``.subject``, ``.scanner``, ``.run``); ``group`` and
+    ``run`` read other records (table rows, ``(method, scanner, run)`` keys). Runs sort by
+    :func:`run_key`; equal runs keep the order of their scan keys, else of ``items``.
+
+    >>> rows = [{"sub": "01", "run": "10"}, {"sub": "01", "run": "2"}, {"sub": "02", "run": "1"}]
+    >>> first = first_runs(rows, group=lambda r: r["sub"], run=lambda r: r["run"])
+    >>> {sub: row["run"] for sub, row in sorted(first.items())}
+    {'01': '2', '02': '1'}
+    """
+    ranked = sorted(items, key=lambda item: (run_key(run(item)), str(getattr(item, "key", ""))))
+    out: dict[Hashable, T] = {}
+    for item in ranked:
+        out.setdefault(group(item), item)
     return out
 
 
@@ -166,13 +199,31 @@ def rescan_partner(scan, scans, *, order=None):
     second run; ``None`` when the subject has a single run there. ``order`` sorts runs
     (default: by run number, as :func:`first_runs`).
     """
-    order = order or (lambda s: (s.run or 0, s.key))
+    order = order or (lambda s: (run_key(s.run), str(getattr(s, "key", ""))))
     same = sorted(
         (s for s in scans if s.subject == scan.subject and s.scanner == scan.scanner), key=order
     )
     if len(same) < 2:
         return None
     return same[1] if same[0] is scan else same[0]
+
+
+def label_source(scan, scans, *, reference: str, reference_labels: str = "rescan"):
+    """The scan whose raw-fit DKI maps, registered into ``scan``, are its training labels.
+
+    The paper (2.2): a target scanner's scan is labelled by the same subject's first run on
+    the ``reference`` scanner. A reference-scanner scan is labelled, with
+    ``reference_labels='rescan'``, by the subject's other run there (:func:`rescan_partner`),
+    else (``'fit'``, or a single run) by itself (its own fit, no registration). ``None``
+    when the subject has no scan on the reference scanner.
+    """
+    if scan.scanner != reference:
+        return first_runs(s for s in scans if s.subject == scan.subject).get(
+            (scan.subject, reference)
+        )
+    if reference_labels == "rescan":
+        return rescan_partner(scan, scans) or scan
+    return scan
 
 
 def write_plan(plan: StudyPlan, path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from dkiharm_nipype.evaluation import ScanMaps
+from dkiharm_nipype.evaluation.evaluate import ScanMaps
 
 SHAPE = (10, 10, 6)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -68,7 +68,7 @@ def save(data, path: Path, affine=AFFINE) -> Path:
 
 def make_study(root: Path) -> dict:
     """Write the maps, atlas and ROI table under ``root``; returns the inputs of
-    :func:`~dkiharm_nipype.evaluation.evaluate_study`."""
+    :func:`~dkiharm_nipype.evaluation.evaluate.evaluate_study`."""
     b = base()
     fa = np.where(wm(), 0.5, np.where(brain(), 0.1, 0.0)).astype(np.float32)
     md = np.where(brain(), 0.8e-3, 0.0).astype(np.float32)

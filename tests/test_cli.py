@@ -96,6 +96,8 @@ def test_version_flag():
         (["--kernel-size", "4"], "--kernel-size must be an odd positive integer"),
         (["--plugin-args", "{not json"], "--plugin-args is not valid JSON"),
         (["--plugin", "Nope"], "invalid choice"),
+        (["--tissue-maps", "/nonexistent/seg"], "--tissue-maps /nonexistent/seg is not a folder"),
+        (["--tissue-maps", "s/{subject}_{label}.nii"], "only read by --experiment tissue"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, extra, fragment):

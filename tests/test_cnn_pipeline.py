@@ -26,8 +26,8 @@ from dkiharm_nipype.cnn.model import OUTPUT_NAMES
 from dkiharm_nipype.cnn.modelio import ProtocolMismatchError, ProtocolWarning, scan_fingerprint
 from dkiharm_nipype.cnn.train import TooFewVoxelsError, device_description, fit, train_harmonizer
 from dkiharm_nipype.dki.fit import fit_dki
+from dkiharm_nipype.evaluation.scores import nrmse
 from dkiharm_nipype.interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
-from dkiharm_nipype.metrics import nrmse
 
 SHAPE = (18, 18, 12)
 BVALS = np.r_[np.zeros(2), np.full(15, 1000.0), np.full(15, 2000.0)]

@@ -9,15 +9,15 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.errors import DkiharmInputError
-from dkiharm_nipype.harmonize.combat import (
+from dkiharm_nipype.comparators.combat import (
     ComBatInputError,
     combat,
     combat_maps,
     participant_covariates,
     read_participants,
 )
-from dkiharm_nipype.harmonize.commonspace import build_common_space, invert_deformation
+from dkiharm_nipype.comparators.commonspace import build_common_space, invert_deformation
+from dkiharm_nipype.errors import DkiharmInputError
 from dkiharm_nipype.registration import Registration, affine_deformation
 
 SITES = ("A", "B", "C")

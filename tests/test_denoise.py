@@ -1,4 +1,4 @@
-"""MP-PCA denoising (dkiharm_nipype.denoise) against known noise and MRtrix3 dwidenoise."""
+"""MP-PCA denoising (dkiharm_nipype.preproc.denoise) against known noise and MRtrix3 dwidenoise."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dkiharm_nipype.denoise import mp_threshold, mppca
+from dkiharm_nipype.preproc.denoise import mp_threshold, mppca
 
 SIGMA = 30.0
 
@@ -92,8 +92,8 @@ def test_mppca_matches_dwidenoise(dwi, tmp_path):
 
 
 def test_the_interface_default_is_the_library_default():
-    from dkiharm_nipype.denoise import DEFAULT_STRIDE
     from dkiharm_nipype.interfaces.preproc import MPPCADenoise
+    from dkiharm_nipype.preproc.denoise import DEFAULT_STRIDE
 
     assert MPPCADenoise().inputs.stride == DEFAULT_STRIDE
 

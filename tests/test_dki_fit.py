@@ -12,7 +12,7 @@ from dipy.reconst.dki import DiffusionKurtosisModel
 
 from dkiharm_nipype.dki.design import dki_signal
 from dkiharm_nipype.dki.fit import METHODS, fit_dki
-from dkiharm_nipype.dki.metrics import ALL_METRICS, dki_metrics
+from dkiharm_nipype.dki.maps import ALL_METRICS, dki_metrics
 from dkiharm_nipype.dki.simulate import random_tissue_tensors
 
 SIGMA = 25.0  # SNR 40 at b = 0

@@ -15,7 +15,7 @@ from dkiharm_nipype.dki.design import (
     params_to_tensors,
     tensors_to_params,
 )
-from dkiharm_nipype.dki.metrics import dki_metrics
+from dkiharm_nipype.dki.maps import dki_metrics
 from dkiharm_nipype.dki.simulate import random_tissue_tensors
 
 

@@ -98,7 +98,7 @@ def test_autodoc_documents_every_interface_and_factory(site):
     for name in (
         "dkiharm_nipype.dki.fit.fit_dki",
         "dkiharm_nipype.cnn.model.HierarchicalDKINet",
-        "dkiharm_nipype.metrics.nrmse",
+        "dkiharm_nipype.evaluation.scores.nrmse",
         "dkiharm_nipype.cli.boilerplate.write_citation",
     ):
         assert f'id="{name}"' in api, name

@@ -12,7 +12,7 @@ import pytest
 from evaldata import AFFINE, SHAPE, atlas, make_study, rms_over_mean, save, wm
 
 from dkiharm_nipype.errors import DkiharmInputError
-from dkiharm_nipype.evaluation import (
+from dkiharm_nipype.evaluation.evaluate import (
     CV_COLUMNS,
     NRMSE_COLUMNS,
     SCANRESCAN_COLUMNS,
@@ -174,7 +174,7 @@ def test_tiny_phantom_raw_fits_vary_more_than_truth(tiny_bids, tmp_path):
     more than the phantom's true maps do (those differ only by interpolation and the
     scanners' TE-weighted truths)."""
     from dkiharm_nipype.dki.fit import fit_dki
-    from dkiharm_nipype.metrics import wm_mask_from_fit
+    from dkiharm_nipype.evaluation.scores import wm_mask_from_fit
     from dkiharm_nipype.phantom import truth
     from dkiharm_nipype.registration import dice
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from dkiharm_nipype.evaluation import EXPERIMENTS
-from dkiharm_nipype.experiments import (
+from dkiharm_nipype.evaluation.evaluate import EXPERIMENTS
+from dkiharm_nipype.evaluation.experiments import (
     ALL_SCANNERS,
     ExperimentInputError,
     ExperimentScan,
@@ -32,8 +32,8 @@ from dkiharm_nipype.experiments import (
     run_experiment,
     trainsize_splits,
 )
+from dkiharm_nipype.evaluation.scores import mean_cv, nrmse, wm_mask_from_fit
 from dkiharm_nipype.interfaces.experiments import RunExperiment
-from dkiharm_nipype.metrics import mean_cv, nrmse, wm_mask_from_fit
 
 PARAMS = ("mk", "ak", "rk", "kfa")
 SUBJECTS = ("01", "02", "03", "04")
@@ -275,7 +275,7 @@ def test_experiments_train_dwi_plus_fit_networks(study, tmp_path):
                     if r["scanner"] == "A" and r["param"] == param]  # fmt: skip
         print(f"{param}: raw {raw[param]:.3f}, dwi+fit {after:.3f}")
         assert after < (0.85 if param in ("mk", "rk") else 1.1) * raw[param], param
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     first = study["scans"][0]
     lacking = dataclasses.replace(
@@ -293,10 +293,10 @@ def test_bad_inputs_are_refused_in_one_line(study, tmp_path):
     only_one = [s for s in scans if s.subject == "01" or s.scanner == "A"]
     with pytest.raises(ExperimentInputError, match=r"at least two subjects .* found sub-01\.$"):
         run_experiment("seeds", only_one, reference="D", engine="none")
-    no_tissue = [ExperimentScan(s.subject, s.scanner, s.dwi, s.bval, s.mask, s.maps, run=s.run)
-                 for s in scans]  # fmt: skip
+    # tissue maps for some scans but not all: one source or the other, never mixed
+    mixed = [dataclasses.replace(scans[0], tissues={}), *scans[1:]]
     with pytest.raises(ExperimentInputError, match=r"^sub-01 scanner A run 1 has no SGM, CSF"):
-        run_experiment("tissue", no_tissue, reference="D", engine="none")
+        run_experiment("tissue", mixed, reference="D", engine="none")
     mask = nb.load(scans[0].mask)
     cropped = tmp_path / "cropped_mask.nii.gz"
     nb.Nifti1Image(np.asanyarray(mask.dataobj)[:, :, 2:], mask.affine).to_filename(cropped)
@@ -345,8 +345,8 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
     """Without label files, a target scan's labels are the reference scan's fit registered
     into it (here identity: one grid) and a reference scan's its own fit; given label
     files are used as they are."""
-    from dkiharm_nipype.dki.metrics import ALL_METRICS
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     scans = study["scans"]
     a2 = next(s for s in scans if (s.subject, s.scanner, s.run) == ("02", "A", "2"))
@@ -368,8 +368,8 @@ def test_labels_are_the_reference_fit_in_the_scan_space(study):
 def test_reference_scans_are_labelled_with_their_rescan(study):
     """reference_labels='rescan' (default): a reference-scanner scan's labels are the
     subject's other run there, registered (with its support); 'fit': its own fit."""
-    from dkiharm_nipype.dki.metrics import ALL_METRICS
-    from dkiharm_nipype.experiments import ExperimentStudy
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
 
     scans = study["scans"]
     a1, a2 = (
@@ -386,3 +386,56 @@ def test_reference_scans_are_labelled_with_their_rescan(study):
     labels, support = exp.labels_and_support(a1)
     np.testing.assert_allclose(labels, fit["1"], rtol=1e-6)
     assert support is None
+
+
+def test_tissues_without_user_maps_come_from_each_scans_fit(study):
+    """No truth, no user maps: the tissue experiment segments each scan from its own fit.
+    Against the phantom's truth each class is enriched in its tissue: the mean true
+    probability of the tissue inside the class over that outside it (the tiny phantom's CSF
+    and GM are mostly partial volume, so a hard Dice would measure the phantom, not us)."""
+    from dkiharm_nipype.evaluation.experiments import ExperimentStudy
+    from dkiharm_nipype.evaluation.scores import tissue_masks_from_fit
+
+    bare = [dataclasses.replace(s, tissues={}) for s in study["scans"]]
+    exp = ExperimentStudy(bare, reference="D", engine="none")
+    exp.require_tissues(("SGM", "CSF"), {s.subject for s in bare})  # no error: segmented
+    root = study["root"] / "derivatives" / "phantom-truth"
+    enrichment: dict[str, list[float]] = {}
+    for scan in (s for s in bare if s.scanner == "D" and s.run == "1"):
+        masks = exp.masks(scan.subject, ("SGM", "CSF"))
+        brain = nb.load(scan.mask).get_fdata() > 0
+        fit = {p: nb.load(scan.maps[p]).get_fdata() for p in ("fa", "md")}
+        own = tissue_masks_from_fit(fit["fa"], fit["md"], brain)
+        np.testing.assert_array_equal(masks["CSF"], own["CSF"])
+        np.testing.assert_array_equal(masks["SGM"], own["GM"])
+
+        def prob(label, sub=scan.subject):
+            hit = next(root.rglob(f"sub-{sub}_ses-D_run-1_*label-{label}_probseg.nii.gz"))
+            return nb.load(hit).get_fdata()
+
+        truth = {"CSF": prob("CSF"), "GM": prob("GM") + prob("SGM"), "WM": prob("WM")}
+        for name, p in truth.items():
+            inside, outside = p[own[name]].mean(), p[brain & ~own[name]].mean()
+            enrichment.setdefault(name, []).append(inside / outside)
+    print({k: np.round(v, 2).tolist() for k, v in enrichment.items()})
+    for name, bar in (("CSF", 3.0), ("GM", 2.0), ("WM", 2.5)):
+        assert min(enrichment[name]) > bar, (name, enrichment[name])
+
+
+def test_user_tissue_maps_by_folder_or_pattern(tmp_path):
+    from dkiharm_nipype.evaluation.experiments import find_tissue_files
+
+    dwi = tmp_path / "seg" / "sub-01" / "ses-A" / "anat"
+    dwi.mkdir(parents=True)
+    for label in ("GM", "CSF"):  # whole-brain GM stands in when no SGM map exists
+        (dwi / f"sub-01_ses-A_run-1_space-dwi_label-{label}_probseg.nii.gz").touch()
+    found = find_tissue_files(tmp_path / "seg", "01", "A", "1")
+    assert {k: v.name for k, v in found.items()} == {
+        "SGM": "sub-01_ses-A_run-1_space-dwi_label-GM_probseg.nii.gz",
+        "CSF": "sub-01_ses-A_run-1_space-dwi_label-CSF_probseg.nii.gz",
+    }
+    assert find_tissue_files(tmp_path / "seg", "02", "A", "1") == {}
+    name = "sub-{subject}_ses-{session}_run-{run}_space-dwi_label-{label}_probseg.nii.gz"
+    pattern = str(tmp_path / "seg" / "sub-{subject}" / "ses-{session}" / "anat" / name)
+    assert find_tissue_files(pattern, "01", "A", "1") == found
+    assert find_tissue_files(pattern, "01", "B", "1") == {}

@@ -11,8 +11,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.dki.metrics import ALL_METRICS
-from dkiharm_nipype.metrics import nrmse
+from dkiharm_nipype.dki.maps import ALL_METRICS
+from dkiharm_nipype.evaluation.scores import nrmse
 from dkiharm_nipype.registration import register
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]

@@ -12,7 +12,7 @@ import pytest
 from dkiharm_nipype import __version__
 from dkiharm_nipype.dki.design import dki_signal
 from dkiharm_nipype.dki.fit import DKIInputError, fit_dki
-from dkiharm_nipype.dki.metrics import ALL_METRICS
+from dkiharm_nipype.dki.maps import ALL_METRICS
 from dkiharm_nipype.dki.simulate import random_tissue_tensors
 from dkiharm_nipype.interfaces.dki import FitDKI
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dkiharm_nipype.metrics import (
+from dkiharm_nipype.evaluation.scores import (
     cv_histogram,
     cv_map,
     masked_stats,

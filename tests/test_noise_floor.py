@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dkiharm_nipype.dki.halves import split_directions
-from dkiharm_nipype.metrics import cv_floor, cv_map, noise_floor, nrmse
+from dkiharm_nipype.evaluation.scores import cv_floor, cv_map, noise_floor, nrmse
 
 
 def test_half_split_floor_of_noise_only_matches_its_analytical_value():
@@ -49,7 +49,7 @@ def test_every_score_has_its_ratio_to_the_floor(tmp_path):
 
     from evaldata import PARAMS, base, make_study, rms_over_mean, save, wm
 
-    from dkiharm_nipype.evaluation import baseline_rows, evaluate_study, read_tsv
+    from dkiharm_nipype.evaluation.evaluate import baseline_rows, evaluate_study, read_tsv
 
     study = make_study(tmp_path / "maps")
     halves = [

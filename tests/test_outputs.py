@@ -8,8 +8,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
+from dkiharm_nipype.evaluation.scores import auto_wm_roi, snr_in_roi
 from dkiharm_nipype.interfaces.bids import DerivativesDataSink, derivative_name
-from dkiharm_nipype.metrics import auto_wm_roi, snr_in_roi
 from dkiharm_nipype.utils.derivatives import publish_derivatives
 
 
@@ -106,7 +106,7 @@ def test_auto_wm_roi_selects_coherent_white_matter():
 
 
 def test_nrmse_and_cv_match_hand_computation():
-    from dkiharm_nipype.metrics import cv_map, mean_cv, nrmse, roi_nrmse
+    from dkiharm_nipype.evaluation.scores import cv_map, mean_cv, nrmse, roi_nrmse
 
     ref = np.array([1.0, 2.0, 3.0, 4.0])
     est = np.array([1.5, 2.0, 2.5, 4.0])

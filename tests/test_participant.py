@@ -13,7 +13,7 @@ import nibabel as nb
 import numpy as np
 import pytest
 
-from dkiharm_nipype.dki.metrics import ALL_METRICS
+from dkiharm_nipype.dki.maps import ALL_METRICS
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 

@@ -13,8 +13,10 @@ from scipy import ndimage
 
 from dkiharm_nipype import registration as reg
 from dkiharm_nipype.errors import DkiharmInputError
+from dkiharm_nipype.evaluation.scores import nrmse
 from dkiharm_nipype.interfaces.registration import CheckRegistration, RegisterMaps
 from dkiharm_nipype.phantom import truth
+from dkiharm_nipype.registration import engines, similarity
 from dkiharm_nipype.workflows.registration import init_label_registration_wf
 
 ENGINES_HERE = [e for e in ("dipy-syn", "mrtrix", "ants") if reg.engine_available(e)]
@@ -88,7 +90,7 @@ def test_auto_is_fnirt_with_fsl(fake_fsl):
 
 
 def test_ants_missing_error(monkeypatch):
-    monkeypatch.setattr(reg, "_ants_importable", lambda: False)
+    monkeypatch.setattr(engines, "_ants_importable", lambda: False)
     with pytest.raises(reg.EngineNotAvailableError, match="antspyx"):
         reg.resolve_engine("ants")
 
@@ -157,11 +159,11 @@ def test_recovers_synthetic_deformation(synthetic, engine):
     """
     fixed = synthetic["fixed_data"]
     mask = ndimage.binary_dilation(fixed > 0, iterations=2)
-    before = reg.nrmse(synthetic["moving_data"], fixed, mask)
+    before = nrmse(synthetic["moving_data"], fixed, mask)
     result = reg.register(synthetic["fixed"], synthetic["moving"], engine=engine)
     warped = result.apply(synthetic["moving"]).get_fdata()
     wm = np.asanyarray(result.apply(synthetic["moving_wm"], label=True).dataobj)
-    after = reg.nrmse(warped, fixed, mask)
+    after = nrmse(warped, fixed, mask)
     wm_dice = reg.dice(wm, synthetic["fixed_wm"])
     print(f"{engine}: NRMSE {before:.3f} -> {after:.3f}, WM Dice {wm_dice:.3f}")
     assert after < 0.5 * before, (engine, before, after)
@@ -172,7 +174,7 @@ def test_recovers_synthetic_deformation(synthetic, engine):
 
 
 def test_truth_deformation_is_identity_within_a_scan(tiny_bids):
-    deformation, affine = reg.truth_deformation(
+    deformation, affine = truth.truth_deformation(
         tiny_bids, "01", fixed_session="D", moving_session="D", distortion=False
     )
     np.testing.assert_allclose(
@@ -209,7 +211,7 @@ def test_tiny_phantom_d_to_c(tiny_bids):
     fixed, fixed_mask = _tiny_fa(tiny_bids, "C")
     moving = truth.load_truth(tiny_bids, "01", "D", params=("fa",))["fa"]
     moving_wm = truth.load_scan_labels(tiny_bids, "01", "D", what="WM")
-    frame, affine = reg.truth_deformation(
+    frame, affine = truth.truth_deformation(
         tiny_bids, "01", fixed_session="C", moving_session="C", distortion=True
     )
     target_fa = reg.resample(
@@ -226,7 +228,7 @@ def test_tiny_phantom_d_to_c(tiny_bids):
     def score(deformation):
         fa = reg.resample(moving, deformation, affine).get_fdata()
         wm = reg.resample(moving_wm, deformation, affine).get_fdata()
-        return reg.nrmse(fa, target_fa, brain > 0), reg.dice(wm > 0.5, target_wm > 0.5)
+        return nrmse(fa, target_fa, brain > 0), reg.dice(wm > 0.5, target_wm > 0.5)
 
     none = score(reg.affine_deformation(fixed.shape, affine))
     result = reg.register(fixed, moving, engine="auto", fixed_mask=fixed_mask)
@@ -444,7 +446,7 @@ def test_diverging_affine_stage_is_rejected(caplog, monkeypatch):
     assert np.allclose(reg.linear_scales(result.linear), 1, atol=1e-6)  # the rigid stage
     assert result.metrics["correlation_after"] > result.metrics["correlation_before"] + 0.1
 
-    monkeypatch.setattr(reg, "plausible_affine", lambda affine: True)
+    monkeypatch.setattr(engines, "plausible_affine", lambda affine: True)
     with pytest.raises(reg.RegistrationFailedError, match=r"sub-02_ses-D_run-1.*0\.28 to 0\.0"):
         reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
 
@@ -457,8 +459,8 @@ def test_check_registration_stops_a_failed_external_registration(tmp_path, monke
     moving = DIVERGENCE / "sub-02_ses-D_run-1_model-dki_param-fa_dwimap.nii.gz"
     mask = DIVERGENCE / "sub-02_ses-D_run-1_desc-brain_mask.nii.gz"
     good = reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
-    monkeypatch.setattr(reg, "plausible_affine", lambda affine: True)
-    monkeypatch.setattr(reg, "FAILURE_MARGIN", 1.0)
+    monkeypatch.setattr(engines, "plausible_affine", lambda affine: True)
+    monkeypatch.setattr(similarity, "FAILURE_MARGIN", 1.0)
     bad = reg.register(fixed, moving, engine="dipy-syn", moving_mask=mask)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import random
 import re
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from evaldata import make_study, rms_over_mean, wm
 
-from dkiharm_nipype.evaluation import EXPERIMENTS, evaluate_study, write_tsv
+from dkiharm_nipype.evaluation.evaluate import EXPERIMENTS, evaluate_study, write_tsv
 from dkiharm_nipype.interfaces.metrics import SNR_COLUMNS
 from dkiharm_nipype.report.html import GROUP_FIGURES, GROUP_TABLES, SUBJECT_FIGURES, build_report
 
@@ -70,9 +71,24 @@ def evaluated(tmp_path_factory) -> Path:
     return root / "eval"
 
 
+def _training_logs(folder: Path) -> list[Path]:
+    """Training logs in the schema TrainHarmonizer writes: the validation loss bottoms out at
+    epoch 7 for A and 9 for C."""
+    files = []
+    for scanner, best in (("A", 7), ("C", 9)):
+        rows = [
+            {"epoch": e, "loss": 1.0 / e, "val_loss": 0.2 + 0.01 * (e - best) ** 2, "seconds": 1.0}
+            for e in range(1, 13)
+        ]
+        files.append(folder / f"scanner-{scanner}_training.tsv")
+        write_tsv(rows, ("epoch", "loss", "val_loss", "seconds"), files[-1])
+    return files
+
+
 @pytest.fixture(scope="module")
 def report(evaluated) -> list[Path]:
-    return build_report(evaluated, evaluated.parent / "html")
+    logs = _training_logs(evaluated.parent)
+    return build_report(evaluated, evaluated.parent / "html", training_logs=logs)
 
 
 def test_pages_are_self_contained(report):
@@ -122,14 +138,17 @@ def _chromium() -> str | None:
 
 
 _PROBE = (
-    "<script>window.addEventListener('load',()=>{const o=[...document.images].map("
-    "i=>i.id+':'+i.naturalWidth+'x'+i.naturalHeight);const p=document.createElement('pre');"
-    "p.id='img-check';p.textContent=o.join(';');document.body.appendChild(p);});</script>"
+    "<script>window.addEventListener('load',()=>{const o=[...document.images].map(i=>{"
+    "let h=0;for(const c of i.src){h=(h*31+c.charCodeAt(0))|0;}"
+    "return {id:i.id,w:i.naturalWidth,h:i.naturalHeight,hash:h,"
+    "windows:JSON.parse(i.dataset.windows||'null')};});"
+    "const p=document.createElement('pre');"
+    "p.id='img-check';p.textContent=JSON.stringify(o);document.body.appendChild(p);});</script>"
 )
 
 
-def _render(page: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
-    """Open ``page`` (a probed copy) in headless Chromium; image id -> decoded size."""
+def _probe(page: Path, tmp_path: Path) -> list[dict]:
+    """Open ``page`` (a probed copy) in headless Chromium; what each decoded image holds."""
     probe = tmp_path / f"probe-{page.name}"
     probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
     cmd = [
@@ -140,12 +159,12 @@ def _render(page: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     found = re.search(r'<pre id="img-check">([^<]*)</pre>', dom)
     assert found, dom[-2000:]
-    sizes = {}
-    for item in filter(None, found.group(1).split(";")):
-        name, size = item.rsplit(":", 1)
-        width, height = size.split("x")
-        sizes[name] = (int(width), int(height))
-    return sizes
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _render(page: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
+    """Image id -> decoded size, as headless Chromium shows ``page``."""
+    return {i["id"]: (i["w"], i["h"]) for i in _probe(page, tmp_path)}
 
 
 @pytest.mark.skipif(
@@ -153,8 +172,45 @@ def _render(page: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
 )
 def test_chromium_renders_every_figure(report, tmp_path):
     group = _render(report[0], tmp_path)
-    assert set(group) == set(GROUP_FIGURES), group
+    # only raw and dl maps were evaluated: Fig. 9's maps would repeat Fig. 2, so it is a note
+    assert set(group) == set(GROUP_FIGURES) - {"fig-methods"}, group
+    assert "Fig. 2 already shows every evaluated method (before, dl)" in report[0].read_text()
     assert all(w > 100 and h > 100 for w, h in group.values()), group
     subject = _render(report[1], tmp_path)
     assert set(subject) == set(SUBJECT_FIGURES), subject
     assert all(w > 100 and h > 100 for w, h in subject.values()), subject
+
+
+@pytest.mark.skipif(
+    _chromium() is None, reason="Chromium is not installed (tools/install.sh --test installs it)"
+)
+def test_figures_share_windows_and_never_repeat(report, tmp_path):
+    """As rendered: each parameter's panels (raw, harmonized, reference) share one window,
+    Fig. 5's panels share their axes, and no two figures of a page are the same image."""
+    images = _probe(report[0], tmp_path)
+    hashes = [i["hash"] for i in images]
+    assert len(set(hashes)) == len(hashes), [i["id"] for i in images]
+    drawn = {i["id"]: i["windows"] for i in images}
+    for fig_id in ("fig-maps", "fig-diff", "fig-scanrescan"):
+        assert set(drawn[fig_id]) == set(PARAMS), (fig_id, drawn[fig_id])
+        for param, windows in drawn[fig_id].items():
+            assert len(windows) == 1, (fig_id, param, windows)  # one shared window
+    assert len(drawn["fig-cv"]["cv"]) == 1
+    # differences are drawn on a symmetric scale around 0
+    for ((lo, hi),) in drawn["fig-diff"].values():
+        assert lo == -hi and hi > 0
+    # Fig. 2's shared MK window covers the reference's values: 0 to their 99th percentile
+    ((lo, hi),) = drawn["fig-maps"]["mk"]
+    assert lo == 0 and hi > 0
+
+
+def test_training_curves_mark_the_kept_epoch(report):
+    from dkiharm_nipype.report.figures import fig_training
+    from dkiharm_nipype.report.html import read_training_logs
+
+    logs = read_training_logs(_training_logs(report[0].parent.parent))
+    assert sorted(logs) == ["A", "C"]
+    fig = fig_training(logs)
+    stars = [line for ax in fig.axes for line in ax.lines if line.get_marker() == "*"]
+    assert [int(line.get_xdata()[0]) for line in stars] == [7, 9]
+    assert 'id="fig-training"' in report[0].read_text()

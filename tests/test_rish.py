@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dkiharm_nipype.dki.design import dki_signal
-from dkiharm_nipype.dki.simulate import random_rotations, random_tissue_tensors
-from dkiharm_nipype.harmonize.rish import (
-    DWIScan,
+from dkiharm_nipype.comparators.rish import (
     RISHInputError,
     RISHModel,
+    RISHScan,
     apply_scales,
     find_shells,
     fit_sh,
@@ -22,6 +20,8 @@ from dkiharm_nipype.harmonize.rish import (
     shell_rish,
     train_rish,
 )
+from dkiharm_nipype.dki.design import dki_signal
+from dkiharm_nipype.dki.simulate import random_rotations, random_tissue_tensors
 
 
 def _hemisphere(n: int) -> np.ndarray:
@@ -39,8 +39,8 @@ def _scan(shape=(5, 4, 3), shells=(1000, 2000), n_dirs=30, seed=0, name="scan"):
     n = int(np.prod(shape))
     dt, kt = random_tissue_tensors(n, rng=seed, kind="wm")
     dwi = dki_signal(np.full(n, 1000.0), dt, kt, bvals, bvecs).reshape(*shape, -1)
-    return DWIScan(dwi, bvals, bvecs, np.ones(shape, bool), np.eye(4) * 2 + np.diag([0, 0, 0, -1]),
-                   name=name)  # fmt: skip
+    return RISHScan(dwi, bvals, bvecs, np.ones(shape, bool),
+                    np.eye(4) * 2 + np.diag([0, 0, 0, -1]), name=name)  # fmt: skip
 
 
 def test_shells_and_lmax():
@@ -88,7 +88,7 @@ def test_scale_maps_recover_a_known_scaling():
         vols = np.flatnonzero(ref.bvals == shell)
         coeffs, basis, orders = fit_sh(ref.dwi[..., vols] / b0[..., None], ref.bvecs[vols], 4)
         tgt_dwi[..., vols] = ((coeffs * np.sqrt(f)[orders // 2]) @ basis.T) * b0[..., None]
-    tgt = DWIScan(tgt_dwi, ref.bvals, ref.bvecs, ref.mask, ref.affine, name="tgt")
+    tgt = RISHScan(tgt_dwi, ref.bvals, ref.bvecs, ref.mask, ref.affine, name="tgt")
     scales, lmax = {}, {}
     for shell, f in factors.items():
         feats = [shell_rish(s.dwi, s.bvals, s.bvecs, s.mask, shell, 4) for s in (tgt, ref)]
@@ -148,10 +148,11 @@ def test_rish_on_the_phantom_moves_target_maps_towards_the_reference(tiny_bids, 
     import nibabel as nb
 
     from dkiharm_nipype.dki.fit import fit_dki
+    from dkiharm_nipype.evaluation.scores import nrmse
     from dkiharm_nipype.interfaces.comparators import ApplyRISH, TrainRISH
-    from dkiharm_nipype.metrics import nrmse
     from dkiharm_nipype.phantom import truth
-    from dkiharm_nipype.registration import Registration, truth_deformation
+    from dkiharm_nipype.phantom.truth import truth_deformation
+    from dkiharm_nipype.registration import Registration
 
     train_t = [_phantom_scan(tiny_bids, s, "A") for s in ("01", "02")]
     train_r = [_phantom_scan(tiny_bids, s, "D") for s in ("01", "02")]
@@ -177,11 +178,11 @@ def test_rish_on_the_phantom_moves_target_maps_towards_the_reference(tiny_bids, 
         .outputs
     )
     assert out.out_file.endswith("sub-03_ses-A_run-1_desc-rish_dwi.nii.gz")
-    before = DWIScan.from_files(*test)
-    after = DWIScan.from_files(out.out_file, out.out_bval, out.out_bvec, test[3])
+    before = RISHScan.from_files(*test)
+    after = RISHScan.from_files(out.out_file, out.out_bval, out.out_bvec, test[3])
     assert after.dwi.shape == before.dwi.shape  # A has the trained shells only
     assert find_shells(after.bvals) == [1000.0, 2000.0]
-    ref = DWIScan.from_files(*_phantom_scan(tiny_bids, "03", "D"))
+    ref = RISHScan.from_files(*_phantom_scan(tiny_bids, "03", "D"))
     fits = {
         "before": fit_dki(before.dwi, before.bvals, before.bvecs, mask=before.mask).metrics(),
         "after": fit_dki(after.dwi, after.bvals, after.bvecs, mask=after.mask).metrics(),
@@ -217,8 +218,8 @@ def test_comparator_fits_use_the_pipelines_plausibility_constraints():
     Without the constraints, noisy voxels give negative MK/RK: on the phantom at full size
     the RISH inter-scanner CV of RK went above 200 % from a few near-zero means.
     """
+    from dkiharm_nipype.comparators.compare import _fit_maps
     from dkiharm_nipype.dki.fit import fit_dki
-    from dkiharm_nipype.harmonize.compare import _fit_maps
 
     scan = _scan(shape=(12, 10, 8), seed=4)
     rng = np.random.default_rng(0)

@@ -450,7 +450,7 @@ def _fsl_version() -> str:
 def _resolved_preproc(preproc: str, denoiser: str = "dwidenoise") -> str:
     if preproc != "auto":
         return preproc
-    from ..workflows.preproc import resolved_preproc_mode
+    from ..preproc.modes import resolved_preproc_mode
 
     return resolved_preproc_mode(preproc, denoiser)
 
@@ -883,7 +883,7 @@ def write_citation(
 
     Returns the written paths by extension (``md``, ``html``, ``tex``, ``bib``).
     """
-    from ..interfaces.bids import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     paragraphs = methods_paragraphs(config, scans=scans)
     texts = {

@@ -308,6 +308,15 @@ def get_parser() -> argparse.ArgumentParser:
         help="the paper's validation experiments: training-size sweep, leave-p-subjects-out, "
         "leave-one-tissue-out, repeated trainings (each retrains networks: slow)",
     )
+    ev.add_argument(
+        "--tissue-maps",
+        metavar="DIR|PATTERN",
+        help="grey-matter and CSF probability maps for --experiment tissue, in each scan's DWI "
+        "space: a derivatives folder with BIDS *_label-SGM|GM|CSF_probseg.nii.gz files, or a "
+        "path pattern with {subject}, {session}, {run} and {label} (SGM or GM, CSF) "
+        "(default: each scan segmented from its own fit: CSF MD >= 2e-3 mm2/s, WM FA >= 0.2 "
+        "and MD < 1.1e-3, grey matter the rest)",
+    )
 
     perf = parser.add_argument_group("Execution")
     perf.add_argument(
@@ -404,6 +413,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
         if value and "{subject}" not in value and not Path(value).expanduser().is_file():
             parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
+    if opts.tissue_maps and "{" not in opts.tissue_maps:
+        if not Path(opts.tissue_maps).expanduser().is_dir():
+            parser.error(
+                f"--tissue-maps {opts.tissue_maps} is not a folder; give a derivatives folder "
+                "of *_label-SGM|GM|CSF_probseg.nii.gz files or a pattern with {subject} and "
+                "{label}"
+            )
+    if opts.tissue_maps and "tissue" not in opts.experiments:
+        parser.error("--tissue-maps is only read by --experiment tissue; add it or drop the maps")
     if bool(opts.roi_atlas) != bool(opts.roi_table):
         parser.error("--roi-atlas and --roi-table go together; give both")
     if opts.roi_table and not opts.roi_table.is_file():
@@ -456,6 +474,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         roi_table=opts.roi_table.expanduser().absolute() if opts.roi_table else None,
         comparators=tuple(dict.fromkeys(opts.comparators)),
         experiments=tuple(dict.fromkeys(opts.experiments)),
+        tissue_maps=opts.tissue_maps,
     )
 
 

@@ -70,8 +70,8 @@ def run(config: RunConfig) -> int:
     )
     print(f"dkiharm found in {config.bids_dir}:\n{summary_table(scans)}", flush=True)
 
-    from ..utils.checks import check_models, check_output_dir, check_plugin, preflight
-    from ..workflows.preproc import resolved_preproc_mode
+    from ..preproc.modes import resolved_preproc_mode
+    from .checks import check_models, check_output_dir, check_plugin, preflight
 
     check_output_dir(config.output_dir)
     check_plugin(config.execution.plugin)
@@ -81,7 +81,7 @@ def run(config: RunConfig) -> int:
     if config.models_dir is not None:
         check_models(scans, config.models_dir)
 
-    from ..metrics import snr_table
+    from ..evaluation.scores import snr_table
     from ..utils.derivatives import aggregate_snr, publish_derivatives
     from ..workflows.base import init_dkiharm_wf
 
@@ -117,7 +117,7 @@ def run(config: RunConfig) -> int:
 
 def _report_baseline(path: Path) -> None:
     """The networks against the linear baseline (held out), a warning where one loses."""
-    from ..evaluation import read_tsv
+    from ..evaluation.evaluate import read_tsv
 
     for r in read_tsv(path):
         line = (

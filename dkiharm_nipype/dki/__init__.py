@@ -8,7 +8,7 @@
 
 from .design import design_matrix, dki_signal, params_to_tensors, tensors_to_params
 from .fit import METHODS, DKIFit, DKIInputError, fit_dki, validate_gradients
-from .metrics import ALL_METRICS, dki_metrics
+from .maps import ALL_METRICS, dki_metrics
 
 __all__ = [
     "ALL_METRICS",

@@ -66,7 +66,7 @@ from ..errors import DkiharmInputError
 from ..utils.dwi import B0_THRESHOLD
 from ..utils.env import torch_threads
 from .design import DT_ORDER, KT_ORDER, N_PARAMS, _monomials, design_matrix, params_to_tensors
-from .metrics import ALL_METRICS, dki_metrics, dt_to_matrix
+from .maps import ALL_METRICS, dki_metrics, dt_to_matrix
 
 #: Fit methods accepted by :func:`fit_dki`.
 METHODS = ("ols", "wls", "irlls")
@@ -120,7 +120,7 @@ class DKIFit:
     def metrics(
         self, metrics: Iterable[str] = ALL_METRICS, *, n_threads: int | None = None, **kwargs
     ) -> dict[str, np.ndarray]:
-        """Scalar maps (see :func:`~dkiharm_nipype.dki.metrics.dki_metrics`), 0 outside mask.
+        """Scalar maps (see :func:`~dkiharm_nipype.dki.maps.dki_metrics`), 0 outside mask.
 
         ``n_threads`` voxel blocks are computed in parallel (default: the fit's threads).
         """

@@ -4,8 +4,8 @@ Without a ground truth, the lowest NRMSE-to-reference a harmonization can reach 
 reference scan's own repeatability (issue #20.4). With no rescan of it, the scan is split
 into two halves, every shell's directions (and the b0s) taken alternately in acquisition
 order, so both halves sample each shell evenly, and each half is fitted with the same fit
-as the full scan. :func:`dkiharm_nipype.metrics.noise_floor` then scales the difference of
-the two halves to that of two full scans.
+as the full scan. :func:`dkiharm_nipype.evaluation.scores.noise_floor` then scales the
+difference of the two halves to one full scan's noise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from ..utils.dwi import B0_THRESHOLD
 from .fit import fit_dki
-from .metrics import ALL_METRICS
+from .maps import ALL_METRICS
 
 __all__ = ["fit_halves", "split_directions", "write_half_maps"]
 

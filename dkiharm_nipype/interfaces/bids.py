@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -17,6 +16,8 @@ from nipype.interfaces.base import (
     isdefined,
     traits,
 )
+
+from ..utils.io import atomic_copy, atomic_write_text
 
 #: Entity order of diffusion derivatives: sub, ses, acq, rec, run, space, model, param, desc.
 ENTITY_ORDER = ("sub", "ses", "acq", "rec", "run", "space", "model", "param", "label", "desc")
@@ -46,24 +47,6 @@ def derivative_name(
     if found.get("ses"):
         folder /= f"ses-{found['ses']}"
     return folder / "dwi" / f"{stem}_{suffix}{extension}"
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy ``src`` to ``dst`` through a temporary sibling and an atomic rename."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def atomic_write_text(text: str, dst: str | os.PathLike) -> None:
-    """Write ``text`` to ``dst`` atomically."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, dst)
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):

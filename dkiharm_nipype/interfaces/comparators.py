@@ -1,7 +1,7 @@
 """Nipype interfaces of the comparators: voxelwise ComBat and RISH (paper section 2.3.4).
 
 The interfaces only read and write files; the science is in
-:mod:`dkiharm_nipype.harmonize.combat` and :mod:`dkiharm_nipype.harmonize.rish`.
+:mod:`dkiharm_nipype.comparators.combat` and :mod:`dkiharm_nipype.comparators.rish`.
 Outputs are named like those of :class:`~.harmonize.ApplyHarmonizer`, with
 ``desc-combat`` / ``desc-rish`` in place of ``desc-harmonized``.
 """
@@ -25,22 +25,22 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-from ..dki.metrics import ALL_METRICS
-from ..harmonize.combat import (
+from ..comparators.combat import (
     BACKMAPS,
     COMBAT_LIBRARY,
     ComBatInputError,
     combat_maps,
     read_participants,
 )
-from ..harmonize.rish import (
+from ..comparators.rish import (
     B_TOLERANCE,
-    DWIScan,
     RISHInputError,
     RISHModel,
+    RISHScan,
     harmonize_dwi,
     train_rish,
 )
+from ..dki.maps import ALL_METRICS
 from ..registration import ENGINES
 from .harmonize import _save_map
 
@@ -235,7 +235,7 @@ class _TrainRISHOutputSpec(TraitedSpec):
     card_file = File(exists=True, desc="JSON: shells, SH orders, options")
 
 
-def _scans(inputs, prefix: str) -> list[DWIScan]:
+def _scans(inputs, prefix: str) -> list[RISHScan]:
     files = [getattr(inputs, f"{prefix}_{k}_files") for k in ("dwi", "bval", "bvec", "mask")]
     fa = getattr(inputs, f"{prefix}_fa_files")
     fa = list(fa) if isdefined(fa) else [None] * len(files[0])
@@ -244,7 +244,7 @@ def _scans(inputs, prefix: str) -> list[DWIScan]:
             f"The {prefix}_* file lists have different lengths "
             f"({', '.join(str(len(f)) for f in (*files, fa))}); give one of each per subject."
         )
-    return [DWIScan.from_files(*args) for args in zip(*files, fa, strict=True)]
+    return [RISHScan.from_files(*args) for args in zip(*files, fa, strict=True)]
 
 
 class TrainRISH(SimpleInterface):
@@ -345,7 +345,7 @@ class ApplyRISH(SimpleInterface):
         if not np.isclose(model.options.get("b_tolerance", B_TOLERANCE), inputs.b_tolerance):
             model.options["b_tolerance"] = inputs.b_tolerance
         fa = inputs.fa_file if isdefined(inputs.fa_file) else None
-        scan = DWIScan.from_files(
+        scan = RISHScan.from_files(
             inputs.dwi_file, inputs.bval_file, inputs.bvec_file, inputs.mask_file, fa
         )
         dwi, bvals, bvecs = harmonize_dwi(

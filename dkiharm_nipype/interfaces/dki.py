@@ -20,7 +20,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 from .. import __version__
 from ..dki.fit import METHODS, DKIInputError, fit_dki
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 
 _UNITS = {"md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "s0": "arbitrary"}
 _DESCRIPTIONS = {
@@ -76,7 +76,7 @@ class _FitDKIOutputSpec(TraitedSpec):
 class FitDKI(SimpleInterface):
     """Fit diffusion kurtosis imaging and write the eight scalar maps with BIDS sidecars.
 
-    Maps follow dipy's definitions (:mod:`dkiharm_nipype.dki.metrics`) and are named
+    Maps follow dipy's definitions (:mod:`dkiharm_nipype.dki.maps`) and are named
     with the BIDS diffusion-derivatives pattern ``<source>_model-dki_param-<map>_dwimap``.
 
     Examples

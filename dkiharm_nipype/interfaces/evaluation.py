@@ -1,4 +1,5 @@
-"""Nipype interfaces over :mod:`dkiharm_nipype.evaluation` and :mod:`dkiharm_nipype.report`."""
+"""Nipype interfaces over :mod:`dkiharm_nipype.evaluation.evaluate` and
+:mod:`dkiharm_nipype.report`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
-from ..evaluation import EVAL_PARAMS, TABLE_FILES, ScanMaps, evaluate_study
+from ..evaluation.evaluate import EVAL_PARAMS, TABLE_FILES, ScanMaps, evaluate_study
 from ..registration import ENGINES
 
 
@@ -71,7 +73,7 @@ class EvaluateHarmonization(SimpleInterface):
 
     Each entry of ``scans`` names one scan and its maps per method, e.g.
     ``{"subject": "01", "scanner": "A", "run": "1", "maps": {"before": {"fa": ..., "md":
-    ..., "mk": ...}, "dl": {"mk": ...}}}`` (see :func:`~dkiharm_nipype.evaluation.
+    ..., "mk": ...}, "dl": {"mk": ...}}}`` (see :func:`~dkiharm_nipype.evaluation.evaluate.
     evaluate_study`).
 
     Examples
@@ -144,6 +146,9 @@ class _HarmonizationReportInputSpec(BaseInterfaceInputSpec):
     snr_tsv = File(exists=True, desc="SNR table (snr.tsv) for Table 3")
     experiment_dir = Directory(exists=True, desc="folder of the experiment-*.tsv tables")
     representative = traits.Str(desc="subject shown in the group page's picture panels")
+    training_logs = InputMultiObject(
+        File(exists=True), desc="the networks' training logs (scanner-<label>_training.tsv)"
+    )
 
 
 class _HarmonizationReportOutputSpec(TraitedSpec):
@@ -183,6 +188,7 @@ class HarmonizationReport(SimpleInterface):
             snr_tsv=inputs.snr_tsv if isdefined(inputs.snr_tsv) else None,
             experiment_dir=inputs.experiment_dir if isdefined(inputs.experiment_dir) else None,
             representative=inputs.representative if isdefined(inputs.representative) else None,
+            training_logs=inputs.training_logs if isdefined(inputs.training_logs) else (),
         )
         self._results["report"] = str(pages[0])
         self._results["subject_pages"] = [str(p) for p in pages[1:]]

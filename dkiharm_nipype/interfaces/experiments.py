@@ -1,4 +1,5 @@
-"""Nipype interface over :mod:`dkiharm_nipype.experiments` (the validation experiments)."""
+"""Nipype interface over :mod:`dkiharm_nipype.evaluation.experiments` (the validation
+experiments)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from nipype.interfaces.base import (
 )
 
 from ..config import NETWORK_INPUTS, REFERENCE_LABELS
-from ..dki.metrics import ALL_METRICS
-from ..evaluation import EVAL_PARAMS, EXPERIMENTS
-from ..experiments import (
+from ..dki.maps import ALL_METRICS
+from ..evaluation.evaluate import EVAL_PARAMS, EXPERIMENTS
+from ..evaluation.experiments import (
     MAX_COMBINATIONS,
     PAPER_PS,
     PAPER_REPEATS,
@@ -104,8 +105,8 @@ class RunExperiment(SimpleInterface):
     """Retrain, harmonize and score for one validation experiment (paper section 2.3.3).
 
     Every list input has one entry per scan (all scans of the traveling subjects); see
-    :func:`~dkiharm_nipype.experiments.run_experiment`. One progress line per training is
-    logged, e.g. ``sweep 3/12: scanner A, train sub-01+sub-02, test sub-05 (...)``.
+    :func:`~dkiharm_nipype.evaluation.experiments.run_experiment`. One progress line per
+    training is logged, e.g. ``sweep 3/12: scanner A, train sub-01+sub-02, test sub-05 (...)``.
 
     Examples
     --------

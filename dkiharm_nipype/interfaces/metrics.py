@@ -1,4 +1,4 @@
-"""Nipype interfaces over :mod:`dkiharm_nipype.metrics`."""
+"""Nipype interfaces over :mod:`dkiharm_nipype.evaluation.scores`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from nipype.utils.filemanip import fname_presuffix
 
 from ..errors import DkiharmInputError
-from ..metrics import auto_wm_roi, snr_in_roi
+from ..evaluation.scores import auto_wm_roi, snr_in_roi
 
 SNR_COLUMNS = (
     "participant_id",

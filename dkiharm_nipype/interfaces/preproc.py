@@ -274,7 +274,7 @@ class _MPPCADenoiseOutputSpec(TraitedSpec):
 
 
 class MPPCADenoise(SimpleInterface):
-    """MP-PCA denoising in torch (:func:`dkiharm_nipype.denoise.mppca`).
+    """MP-PCA denoising in torch (:func:`dkiharm_nipype.preproc.denoise.mppca`).
 
     The same estimator as MRtrix3 ``dwidenoise`` with overlapping windows placed every
     ``stride`` voxels; outputs are named as :class:`~nipype.interfaces.mrtrix3.DWIDenoise`'s,
@@ -313,7 +313,7 @@ class MPPCADenoise(SimpleInterface):
     output_spec = _MPPCADenoiseOutputSpec
 
     def _run_interface(self, runtime):
-        from ..denoise import mppca  # torch: imported when the node runs
+        from ..preproc.denoise import mppca  # torch: imported when the node runs
 
         img = nb.load(self.inputs.in_file)
         data = np.asarray(img.dataobj, dtype=np.float32)

@@ -40,7 +40,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..dki.design import design_matrix, params_to_tensors
-from ..dki.metrics import ALL_METRICS, dki_metrics
+from ..dki.maps import ALL_METRICS, dki_metrics
 from .anatomy import AnatomySample, SubjectAnatomy
 
 #: Diffusivity of free water at body temperature, mm²/s.

@@ -7,12 +7,14 @@ a rigid transform ``from-dwi_to-T1w`` (4 x 4, RAS world mm) in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import map_coordinates
 
+from ..registration.grids import grid_positions
 from .bids import TRUTH_PIPELINE
 
 PARAMS = ("md", "ad", "rd", "fa", "mk", "ak", "rk", "kfa")
@@ -139,3 +141,45 @@ def to_subject_space(
             -1,
         )
     return nib.Nifti1Image(out.astype(np.float32), reference.affine)
+
+
+def truth_deformation(
+    bids_root: str | Path,
+    subject: str,
+    *,
+    fixed_session: str,
+    moving_session: str,
+    run: int = 1,
+    distortion: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The true fixed-to-moving deformation between two scans of the phantom.
+
+    For a voxel ``y`` of the fixed scan's DWI grid, the signal there came from the
+    undistorted DWI-world point ``x = y - d(y) e_pe`` (``d``: the phantom's displacement
+    fieldmap, in voxels along the phase-encoding axis ``e_pe``; only with ``distortion``),
+    i.e. the subject-space point ``T_fixed x``, seen by the moving scan at
+    ``T_moving^-1 T_fixed x`` (``T``: ``from-dwi_to-T1w`` rigid transforms). The moving scan
+    is taken as undistorted (its truth maps are, and a reversed-PE scan is corrected).
+
+    Returns
+    -------
+    deformation, fixed_affine
+        ``(X, Y, Z, 3)`` moving-world positions, and the fixed grid's affine.
+    """
+    ref = load_scan_labels(bids_root, subject, fixed_session, run, what="brain")
+    x = grid_positions(ref.shape, ref.affine)
+    sub, ses = str(subject).removeprefix("sub-"), str(fixed_session).removeprefix("ses-")
+    fmap = (
+        truth_root(bids_root) / f"sub-{sub}" / f"ses-{ses}" / "fmap"
+        / f"sub-{sub}_ses-{ses}_space-dwi_desc-displacement_fieldmap.nii.gz"
+    )  # fmt: skip
+    if distortion and fmap.is_file():
+        pe_dir = json.loads(fmap.with_name(fmap.name.replace(".nii.gz", ".json")).read_text())[
+            "PhaseEncodingDirection"
+        ]
+        # the field is signed (PE polarity included) along the voxel axis of pe_dir
+        column = ref.affine[:3, "ijk".index(pe_dir[0])].astype(np.float32)
+        x = x - np.asarray(nib.load(fmap).dataobj, dtype=np.float32)[..., None] * column
+    to_moving = np.linalg.inv(scan_to_subject(bids_root, subject, moving_session))
+    m = to_moving @ scan_to_subject(bids_root, subject, fixed_session)
+    return (x @ m[:3, :3].T.astype(np.float32) + m[:3, 3]).astype(np.float32), ref.affine

@@ -1,7 +1,8 @@
 """The report's figures (the paper's Figs. 2-9), drawn with matplotlib's Agg canvas.
 
 Each ``fig_*`` function takes plain tables (lists of dicts as read from the tidy TSVs of
-:mod:`dkiharm_nipype.evaluation`) and arrays, and returns a :class:`matplotlib.figure.Figure`;
+:mod:`dkiharm_nipype.evaluation.evaluate`) and arrays, and returns a
+:class:`matplotlib.figure.Figure`;
 :func:`to_data_uri` turns one into an inline PNG so the report needs no other file.
 """
 
@@ -68,6 +69,39 @@ def _hide(ax) -> None:
     ax.set_yticks([])
 
 
+def _window(values: Sequence[np.ndarray], *, symmetric: bool = False) -> tuple[float, float]:
+    """One grey window for a set of maps: 0 (or the 1st percentile when negative values
+    matter) to the 99th percentile of the finite values; ``symmetric``: +-99th of |x|."""
+    finite = np.concatenate([np.ravel(v) for v in values]) if values else np.zeros(0)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        top = float(np.percentile(np.abs(finite), 99)) or 1.0
+        return -top, top
+    lo = min(0.0, float(np.percentile(finite, 1)))
+    hi = float(np.percentile(finite, 99))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def _record_windows(fig: Figure, groups: Mapping[str, Sequence]) -> None:
+    """``fig.windows[label]``: the distinct (vmin, vmax) of every image drawn in the axes of
+    ``groups[label]`` and of that label's colour bar (one pair when the window is shared)."""
+    fig.windows = {}
+    for label, axes in groups.items():
+        clims = {
+            tuple(round(float(v), 10) for v in im.get_clim()) for ax in axes for im in ax.images
+        }
+        fig.windows[label] = sorted(clims)
+
+
+def _colorbar(fig: Figure, image, axes, label: str):
+    bar = fig.colorbar(image, ax=list(axes), shrink=0.9, pad=0.02, fraction=0.05)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return bar
+
+
 def fig_maps(
     maps: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
     *,
@@ -79,33 +113,110 @@ def fig_maps(
 ) -> Figure:
     """Fig. 2 (and Fig. 9, top): one axial slice of every map, rows param x method,
     columns scanners. ``maps[(method, scanner)][param]``; the reference column is outlined.
+
+    Every panel of one parameter (all methods, all scanners, the reference included) shares
+    one grey window, shown by that parameter's colour bar, so a harmonized row can be read
+    against the reference column; ``fig.windows[param]`` holds the window(s) drawn.
     """
     z = best_slice(wm)
     rows = [(p, m) for p in params for m in methods]
-    fig, axes = _image_grid(len(rows), len(scanners), _axial(wm, z).shape, left=0.7, right=0.1)
-    for i, (param, method) in enumerate(rows):
-        values = [maps[(method, s)][param][wm] for s in scanners if (method, s) in maps]
-        finite = np.concatenate(values) if values else np.array([0.0, 1.0])
-        finite = finite[np.isfinite(finite)]
-        vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-        for j, scanner in enumerate(scanners):
-            ax = axes[i, j]
-            _hide(ax)
-            if (method, scanner) in maps:
-                ax.imshow(
-                    _axial(maps[(method, scanner)][param], z), cmap="gray", vmin=0, vmax=vmax
-                )
-            else:
-                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
-            if scanner == reference:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("#d62728")
-                    spine.set_linewidth(2)
-            if i == 0:
-                ax.set_title(f"{scanner}" + (" (ref)" if scanner == reference else ""))
-            if j == 0:
-                ax.set_ylabel(f"{param.upper()}\n{method}")
+    fig, axes = _image_grid(len(rows), len(scanners), _axial(wm, z).shape, left=0.7, right=0.9)
+    groups: dict[str, list] = defaultdict(list)
+    for param in params:
+        vmin, vmax = _window([v[param][wm] for v in maps.values() if param in v])
+        image = None
+        for i, (p, method) in enumerate(rows):
+            if p != param:
+                continue
+            for j, scanner in enumerate(scanners):
+                ax = axes[i, j]
+                _hide(ax)
+                groups[param].append(ax)
+                if (method, scanner) in maps:
+                    image = ax.imshow(
+                        _axial(maps[(method, scanner)][param], z),
+                        cmap="gray", vmin=vmin, vmax=vmax,
+                    )  # fmt: skip
+                else:
+                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+                if scanner == reference:
+                    for spine in ax.spines.values():
+                        spine.set_edgecolor("#d62728")
+                        spine.set_linewidth(2)
+                if i == 0:
+                    ax.set_title(f"{scanner}" + (" (ref)" if scanner == reference else ""))
+                if j == 0:
+                    ax.set_ylabel(f"{param.upper()}\n{method}")
+        if image is not None:
+            block = [
+                axes[i, j]
+                for i, r in enumerate(rows)
+                if r[0] == param
+                for j in range(len(scanners))
+            ]
+            _colorbar(fig, image, block, param.upper())
+    _record_windows(fig, groups)
     return fig
+
+
+def fig_differences(
+    maps: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
+    *,
+    reference_maps: Mapping[str, np.ndarray],
+    scanners: Sequence[str],
+    methods: Sequence[str],
+    params: Sequence[str],
+    brain: np.ndarray,
+) -> Figure:
+    """Where the maps still differ from the reference: ``map - reference`` (one axial slice,
+    inside ``brain``), rows param x method, columns scanners. One symmetric window per
+    parameter shared by its rows (before and after), with a colour bar."""
+    z = best_slice(brain)
+    rows = [(p, m) for p in params for m in methods]
+    fig, axes = _image_grid(len(rows), len(scanners), _axial(brain, z).shape, left=0.7, right=0.9)
+    groups: dict[str, list] = defaultdict(list)
+    cmap = _masked_cmap("RdBu_r", "#bbbbbb")
+    for param in params:
+        ref = reference_maps[param]
+        diffs = {
+            key: np.where(brain, m[param] - ref, np.nan) for key, m in maps.items() if param in m
+        }
+        vmin, vmax = _window([d[brain] for d in diffs.values()], symmetric=True)
+        image = None
+        for i, (p, method) in enumerate(rows):
+            if p != param:
+                continue
+            for j, scanner in enumerate(scanners):
+                ax = axes[i, j]
+                _hide(ax)
+                groups[param].append(ax)
+                if (method, scanner) in diffs:
+                    image = ax.imshow(
+                        _axial(diffs[(method, scanner)], z), cmap=cmap, vmin=vmin, vmax=vmax
+                    )
+                else:
+                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+                if i == 0:
+                    ax.set_title(scanner)
+                if j == 0:
+                    ax.set_ylabel(f"{param.upper()}\n{method}")
+        if image is not None:
+            block = [
+                axes[i, j]
+                for i, r in enumerate(rows)
+                if r[0] == param
+                for j in range(len(scanners))
+            ]
+            _colorbar(fig, image, block, f"{param.upper()} - reference")
+    _record_windows(fig, groups)
+    return fig
+
+
+def _masked_cmap(name: str, bad: str):
+    """A copy of colormap ``name`` drawing NaN (outside the mask) in ``bad``."""
+    from matplotlib import colormaps
+
+    return colormaps[name].with_extremes(bad=bad)
 
 
 def fig_cv_maps(
@@ -116,16 +227,20 @@ def fig_cv_maps(
     wm: np.ndarray,
     vmax: float = 0.5,
 ) -> Figure:
-    """Fig. 3: inter-scanner CV maps (one axial slice), rows method, columns param."""
+    """Fig. 3: inter-scanner CV maps (one axial slice), rows method, columns param, drawn
+    inside the evaluation's white-matter mask only (the brain edge's CV, where partial
+    volume with CSF dominates, is not what the CV table measures) with one shared window."""
     z = best_slice(wm)
     fig, axes = _image_grid(len(methods), len(params), _axial(wm, z).shape, left=0.5, right=1.2)
+    cmap = _masked_cmap("hot", "black")
     image = None
     for i, method in enumerate(methods):
         for j, param in enumerate(params):
             ax = axes[i, j]
             _hide(ax)
             if (method, param) in cv:
-                image = ax.imshow(_axial(cv[(method, param)], z), cmap="hot", vmin=0, vmax=vmax)
+                shown = np.where(wm, cv[(method, param)], np.nan)
+                image = ax.imshow(_axial(shown, z), cmap=cmap, vmin=0, vmax=vmax)
                 ax.set_facecolor("black")
             if i == 0:
                 ax.set_title(param.upper())
@@ -133,6 +248,7 @@ def fig_cv_maps(
                 ax.set_ylabel(method)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="CV", pad=0.02)
+    _record_windows(fig, {"cv": list(axes.ravel())})
     return fig
 
 
@@ -148,7 +264,7 @@ def fig_roi_nrmse(
     """Fig. 4: circular bar diagrams of the NRMSE-to-reference in each ROI, one per param;
     each scanner in its colour, ``before`` light and ``after`` dark."""
     value = {(r["method"], r["scanner"], r["param"], r["roi"]): float(r["nrmse"]) for r in rows}
-    fig = Figure(figsize=(3.2 * len(params), 3.6))
+    fig = Figure(figsize=(4.0 * len(params), 4.4))
     n_roi = len(rois)
     theta = np.linspace(0, 2 * np.pi, n_roi, endpoint=False)
     width = 2 * np.pi / n_roi / max(len(scanners), 1)
@@ -167,12 +283,15 @@ def fig_roi_nrmse(
                     alpha=alpha, label=f"{scanner} {method}" if k == 0 else None,
                 )  # fmt: skip
         ax.set_xticks(theta)
-        ax.set_xticklabels(rois, fontsize=6)
-        ax.set_yticks(ax.get_yticks()[1::2])
-        ax.tick_params(axis="y", labelsize=5)
-        ax.set_title(param.upper(), pad=12)
+        ax.set_xticklabels(rois, fontsize=7)
+        ax.tick_params(axis="x", pad=4)
+        top = ax.get_ylim()[1]
+        ax.set_yticks(np.round(np.linspace(0, top, 4)[1:], 2))  # three radial rings
+        ax.set_rlabel_position(90.0 / max(n_roi, 1))  # between the first two ROI spokes
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title(param.upper(), pad=18)
     fig.legend(loc="lower center", ncol=max(len(scanners), 1), fontsize=7, frameon=False)
-    fig.subplots_adjust(left=0.03, right=0.97, bottom=0.2, top=0.85, wspace=0.45)
+    fig.subplots_adjust(left=0.05, right=0.95, bottom=0.18, top=0.84, wspace=0.6)
     return fig
 
 
@@ -185,25 +304,34 @@ def fig_scanrescan(
     rois: Sequence[str],
 ) -> Figure:
     """Fig. 5: voxel values of the first vs the repeated run in a few ROIs, coloured by
-    scanner, with the line of equality. ``values[(method, scanner, param, roi)]``."""
+    scanner, with the line of equality. ``values[(method, scanner, param, roi)]``.
+
+    All panels of one parameter (every ROI and method) share their axes, so the raw and the
+    harmonized scatter are drawn at the same scale; ``fig.limits[param]`` records them.
+    """
     cols = [(roi, m) for roi in rois for m in methods]
     fig = Figure(figsize=(2.2 * len(cols), 2.2 * len(params)))
     axes = fig.subplots(len(params), len(cols), squeeze=False)
+    fig.limits = {}
     for i, param in enumerate(params):
+        pairs = [v for k, v in values.items() if k[2] == param]
+        both = np.concatenate([np.r_[x, y] for x, y in pairs]) if pairs else np.zeros(0)
+        both = both[np.isfinite(both)]
+        lo, hi = (
+            (min(0.0, float(np.percentile(both, 0.1))), float(np.percentile(both, 99.9)))
+            if both.size
+            else (0.0, 1.0)
+        )
         for j, (roi, method) in enumerate(cols):
             ax = axes[i, j]
-            lo, hi = np.inf, -np.inf
             for s, scanner in enumerate(scanners):
                 pair = values.get((method, scanner, param, roi))
-                if pair is None:
-                    continue
-                x, y = pair
-                ax.scatter(x, y, s=3, color=color(s), alpha=0.6, label=scanner)
-                if x.size:
-                    lo = min(lo, np.nanmin(x), np.nanmin(y))
-                    hi = max(hi, np.nanmax(x), np.nanmax(y))
-            if np.isfinite(lo):
-                ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+                if pair is not None:
+                    ax.scatter(*pair, s=3, color=color(s), alpha=0.6, label=scanner)
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_aspect("equal", adjustable="box")
             ax.tick_params(labelsize=6)
             if i == 0:
                 ax.set_title(f"{roi} - {method}", fontsize=8)
@@ -211,11 +339,49 @@ def fig_scanrescan(
                 ax.set_ylabel(f"{param.upper()} run 2", fontsize=8)
             if i == len(params) - 1:
                 ax.set_xlabel("run 1", fontsize=8)
+        fig.limits[param] = sorted(
+            {(*axes[i, j].get_xlim(), *axes[i, j].get_ylim()) for j in range(len(cols))}
+        )
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=7, markerscale=3)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.92, wspace=0.3, hspace=0.3)
     return fig
+
+
+def fig_training(logs: Mapping[str, Sequence[Mapping]]) -> Figure:
+    """Training curves: loss and validation loss per epoch, one panel per scanner, the best
+    epoch (lowest validation loss, else lowest loss) marked. ``logs[scanner]`` holds the rows
+    of a training log (``epoch``, ``loss``, ``val_loss``)."""
+    scanners = sorted(logs)
+    fig = Figure(figsize=(3.0 * max(len(scanners), 1), 2.6))
+    axes = fig.subplots(1, max(len(scanners), 1), squeeze=False)[0]
+    for ax, scanner in zip(axes, scanners, strict=False):
+        rows = logs[scanner]
+        epoch = np.array([float(r["epoch"]) for r in rows])
+        loss = np.array([_float(r.get("loss")) for r in rows])
+        val = np.array([_float(r.get("val_loss")) for r in rows])
+        ax.plot(epoch, loss, color=color(0), label="training loss")
+        watched = val if np.isfinite(val).any() else loss
+        if np.isfinite(val).any():
+            ax.plot(epoch, val, color=color(1), label="validation loss")
+        best = int(np.nanargmin(watched))
+        ax.axvline(epoch[best], color="k", lw=0.8, ls="--")
+        ax.plot(epoch[best], watched[best], "k*", ms=8, label=f"best epoch {int(epoch[best])}")
+        ax.set_yscale("log")
+        ax.set_title(f"scanner {scanner}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("loss (scaled units)")
+    _layout(fig)
+    return fig
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _groups(rows, keys, metric: str = "nrmse") -> dict[tuple, list[float]]:

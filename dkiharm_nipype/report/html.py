@@ -2,7 +2,7 @@
 
 Everything a page shows is inside the page: figures are inline PNGs (``data:`` URIs), the
 style sheet is inline, there is no script, font or remote resource. Inputs are the tidy
-tables of :func:`dkiharm_nipype.evaluation.evaluate_study` (with ``maps.tsv`` pointing at
+tables of :func:`dkiharm_nipype.evaluation.evaluate.evaluate_study` (with ``maps.tsv`` pointing at
 the registered maps, CV maps, WM masks and atlases), the SNR table (``snr.tsv``, see
 :func:`dkiharm_nipype.utils.derivatives.aggregate_snr`) and the experiment tables
 (``experiment-*.tsv``); a figure whose data are absent shows a labelled box instead.
@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from ..evaluation import (
+from ..evaluation.evaluate import (
     BEFORE,
     EVAL_PARAMS,
     EXPERIMENTS,
@@ -27,19 +27,19 @@ from ..evaluation import (
     TABLE_FILES,
     WM,
     read_tsv,
-    run_key,
 )
-from ..interfaces.bids import atomic_write_text
-from ..metrics import snr_matrix
+from ..evaluation.scores import snr_matrix
+from ..study import first_runs, run_key
+from ..utils.io import atomic_write_text
 from . import figures as F
 
 #: Figure ids of the group page (the test checks each renders).
 GROUP_FIGURES = (
-    "fig-maps", "fig-cv", "fig-roi-nrmse", "fig-scanrescan", "fig-trainsize",
-    "fig-leavepout", "fig-tissue", "fig-methods", "fig-cvhist", "fig-seeds",
+    "fig-maps", "fig-diff", "fig-cv", "fig-roi-nrmse", "fig-scanrescan", "fig-training",
+    "fig-trainsize", "fig-leavepout", "fig-tissue", "fig-methods", "fig-cvhist", "fig-seeds",
 )  # fmt: skip
 #: Figure ids of a subject page.
-SUBJECT_FIGURES = ("fig-maps", "fig-cv", "fig-roi-nrmse", "fig-scanrescan")
+SUBJECT_FIGURES = ("fig-maps", "fig-diff", "fig-cv", "fig-roi-nrmse", "fig-scanrescan")
 #: Table ids of the group page.
 GROUP_TABLES = ("table-snr", "table-baseline", "table-cv", "table-nrmse", "table-scanrescan")
 
@@ -60,12 +60,24 @@ _INTRO = {
         "Fig. 2 - maps before and after harmonization",
         "One axial slice of each DKI map for every scanner, all registered into the "
         "reference scan's space; the reference scanner (outlined) gives the labels the "
-        "networks learn. Harmonized maps should look like the reference column.",
+        "networks learn. Every panel of a parameter shares one grey scale (its colour bar): "
+        "harmonized maps should look like the reference column.",
+    ),
+    "fig-diff": (
+        "Differences from the reference",
+        "Each scanner's map minus the reference scan's raw fit (same slice, inside the brain), "
+        "before and after harmonization, one colour scale per parameter: what harmonization "
+        "leaves is where the after row is not white.",
+    ),
+    "fig-training": (
+        "Training curves",
+        "Loss and validation loss per epoch of each scanner's network (log scale); the star "
+        "marks the epoch whose weights were kept.",
     ),
     "fig-cv": (
         "Fig. 3 - inter-scanner CV maps",
         "Voxelwise coefficient of variation (SD / mean) across the first run of every "
-        "scanner. Lower is better; the WM means are in the CV table.",
+        "scanner, inside the white-matter mask the CV table averages over. Lower is better.",
     ),
     "fig-roi-nrmse": (
         "Fig. 4 - NRMSE-to-reference in the WM ROIs",
@@ -153,11 +165,16 @@ def _load(path: Path) -> np.ndarray:
 
 # --------------------------------------------------------------------------- html bits
 def _figure(fig_id: str, fig) -> str:
+    """A titled figure; its shared intensity windows / axis limits (``fig.windows``,
+    ``fig.limits``, as drawn) ride along in ``data-windows`` for readers and tests."""
     title, intro = _INTRO[fig_id]
     uri = F.to_data_uri(fig)
+    drawn = getattr(fig, "windows", None) or getattr(fig, "limits", None)
+    data = f" data-windows='{html.escape(json.dumps(drawn))}'" if drawn else ""
     return (
         f'<section><h2>{html.escape(title)}</h2><p class="intro">{html.escape(intro)}</p>'
-        f'<figure><img id="{fig_id}" alt="{html.escape(title)}" src="{uri}"></figure></section>'
+        f'<figure><img id="{fig_id}" alt="{html.escape(title)}"{data} src="{uri}"></figure>'
+        "</section>"
     )
 
 
@@ -324,22 +341,16 @@ def _by_scanner_method(study: _Study, rows, table_id, title, intro, subjects) ->
     return _table(table_id, title, intro, header, body)
 
 
-def _first_runs(rows) -> dict[tuple[str, str], str]:
-    first: dict[tuple[str, str], str] = {}
-    for r in rows:
-        key = (r["subject"], r["scanner"])
-        first[key] = min(first.get(key, r["run"]), r["run"], key=run_key)
-    return first
-
-
 def table_nrmse(study: _Study, subjects: Sequence[str]) -> str:
-    first = _first_runs(study.tables["nrmse"])
+    first = first_runs(
+        study.tables["nrmse"], group=lambda r: (r["subject"], r["scanner"]), run=lambda r: r["run"]
+    )
     rows = [
         r
         for r in study.tables["nrmse"]
         if r["roi"] == WM
         and r["subject"] in subjects
-        and r["run"] == first[(r["subject"], r["scanner"])]
+        and r["run"] == first[(r["subject"], r["scanner"])]["run"]
     ]
     return _by_scanner_method(
         study, rows, "table-nrmse", "Table 4 - NRMSE-to-reference in white matter",
@@ -376,10 +387,7 @@ def figure_maps(study: _Study, subject: str, methods: Sequence[str], fig_id="fig
     paths = study.paths("map", subject)
     if wm is None or not paths:
         return _missing(fig_id, f"no registered maps of sub-{subject} (evaluation save_maps)")
-    first = {}
-    for method, scanner, run, _ in paths:
-        if (method, scanner) not in first or run_key(run) < run_key(first[(method, scanner)]):
-            first[(method, scanner)] = run
+    first = _first_map_runs(paths)
     maps = defaultdict(dict)
     for (method, scanner, run, param), path in paths.items():
         if run == first[(method, scanner)] and method in methods:
@@ -390,6 +398,58 @@ def figure_maps(study: _Study, subject: str, methods: Sequence[str], fig_id="fig
         params=study.params, wm=wm > 0, reference=study.reference,
     )  # fmt: skip
     return _figure(fig_id, fig)
+
+
+def figure_differences(study: _Study, subject: str, methods: Sequence[str]) -> str:
+    """Each scanner's first run minus the reference scanner's raw first run."""
+    paths = study.paths("map", subject)
+    first = _first_map_runs(paths)
+    ref_key = (BEFORE, study.reference)
+    if ref_key not in first:
+        return _missing("fig-diff", f"no raw map of sub-{subject} on the reference scanner")
+    maps = defaultdict(dict)
+    for (method, scanner, run, param), path in paths.items():
+        if run == first[(method, scanner)] and method in methods and scanner != study.reference:
+            maps[(method, scanner)][param] = _load(path)
+    if not maps:
+        return _missing("fig-diff", f"sub-{subject} has no scan on another scanner")
+    reference = {
+        param: _load(path)
+        for (method, scanner, run, param), path in paths.items()
+        if (method, scanner) == ref_key and run == first[ref_key]
+    }
+    brain = np.all([m != 0 for m in reference.values()], axis=0) if reference else None
+    wm = study.image("wm", subject)
+    brain = brain if brain is not None and brain.any() else wm > 0
+    fig = F.fig_differences(
+        maps, reference_maps=reference, scanners=sorted({s for _, s in maps}),
+        methods=[m for m in methods if any(k[0] == m for k in maps)],
+        params=[p for p in study.params if p in reference], brain=brain,
+    )  # fmt: skip
+    return _figure("fig-diff", fig)
+
+
+def _first_map_runs(paths) -> dict[tuple[str, str], str]:
+    """(method, scanner) -> the first run among ``paths``' keys."""
+    first = first_runs(paths, group=lambda k: k[:2], run=lambda k: k[2])
+    return {group: key[2] for group, key in first.items()}
+
+
+def figure_training(logs: dict[str, list[dict]]) -> str:
+    if not logs:
+        return _missing("fig-training", "no training log was given (networks not trained here)")
+    return _figure("fig-training", F.fig_training(logs))
+
+
+def read_training_logs(files: Sequence[str | Path]) -> dict[str, list[dict]]:
+    """Training logs by scanner (named from ``scanner-<label>`` in the file name)."""
+    import re
+
+    logs = {}
+    for path in map(Path, files):
+        found = re.search(r"scanner-([A-Za-z0-9]+)", path.name)
+        logs[found.group(1) if found else path.name.split("_")[0]] = read_tsv(path)
+    return logs
 
 
 def figure_cv(study: _Study, subject: str) -> str:
@@ -406,11 +466,8 @@ def figure_roi_nrmse(study: _Study, subject: str, after: str | None) -> str:
     rows = [r for r in study.tables["nrmse"] if r["subject"] == subject and r["roi"] != WM]
     if not rows:
         return _missing("fig-roi-nrmse", "no ROI atlas was given to the evaluation")
-    run_one = {}
-    for r in rows:
-        key = (r["method"], r["scanner"])
-        run_one[key] = min(run_one.get(key, r["run"]), r["run"], key=run_key)
-    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]]
+    run_one = first_runs(rows, group=lambda r: (r["method"], r["scanner"]), run=lambda r: r["run"])
+    rows = [r for r in rows if r["run"] == run_one[(r["method"], r["scanner"])]["run"]]
     rois = [roi for roi in study.rois if any(r["roi"] == roi for r in rows)]
     fig = F.fig_roi_nrmse(
         rows, scanners=study.scanners, params=study.params, rois=rois, before=BEFORE, after=after
@@ -452,11 +509,18 @@ def figure_scanrescan(study: _Study, subject: str, after: str | None) -> str:
     return _figure("fig-scanrescan", fig)
 
 
-def figure_methods(study: _Study, subject: str) -> list[str]:
+def figure_methods(study: _Study, subject: str, after: str | None = None) -> list[str]:
     if len(study.methods) < 2:
         why = "only one method was evaluated; add ComBat/RISH/DL maps to compare"
         return [_missing("fig-methods", why), _missing("fig-cvhist", why)]
-    out = [figure_maps(study, subject, study.methods, fig_id="fig-methods")]
+    if set(study.methods) <= {BEFORE, after}:  # Fig. 2 already shows exactly these maps
+        why = (
+            f"Fig. 2 already shows every evaluated method ({', '.join(study.methods)}); "
+            "comparators (--comparators combat rish) add their maps here"
+        )
+        out = [_missing("fig-methods", why)]
+    else:
+        out = [figure_maps(study, subject, study.methods, fig_id="fig-methods")]
     hist = [r for r in study.tables["cvhist"] if r["subject"] == subject]
     if hist:
         fig = F.fig_cv_histograms(hist, methods=study.methods, params=study.params)
@@ -475,6 +539,7 @@ def build_report(
     experiment_dir: str | Path | None = None,
     representative: str | None = None,
     after: str | None = None,
+    training_logs: Sequence[str | Path] = (),
     title: str = "dkiharm - harmonization report",
 ) -> list[Path]:
     """Write ``report.html`` and one ``sub-<label>.html`` per subject into ``out_dir``.
@@ -482,7 +547,7 @@ def build_report(
     Parameters
     ----------
     tsv_dir
-        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate_study`.
+        The ``out_dir`` of :func:`~dkiharm_nipype.evaluation.evaluate.evaluate_study`.
     snr_tsv
         The SNR table (Table 3); default ``tsv_dir/snr.tsv``.
     experiment_dir
@@ -492,6 +557,9 @@ def build_report(
         subject scanned on every scanner.
     after
         The method shown as "after" in Figs. 4-5 (default ``dl`` if evaluated).
+    training_logs
+        The networks' training logs (``scanner-<label>_training.tsv``: epoch, loss,
+        val_loss), drawn as training curves on the group page.
 
     Returns the written pages (group page first). Pages are written only once all are built.
     """
@@ -506,7 +574,9 @@ def build_report(
     rep = representative or (complete[0] if complete else (study.subjects or [None])[0])
     rep = rep.removeprefix("sub-") if rep else rep
     panels = {s: _subject_panels(study, s, after) for s in study.subjects}
-    pages = {"report.html": _page(title, _group_body(study, rep, after, panels.get(rep)))}
+    training = figure_training(read_training_logs(training_logs))
+    body = _group_body(study, rep, after, panels.get(rep), training)
+    pages = {"report.html": _page(title, body)}
     for subject in study.subjects:
         pages[f"sub-{subject}.html"] = _page(
             f"{title}: sub-{subject}", _subject_body(study, subject, panels[subject])
@@ -533,7 +603,9 @@ def _summary(study: _Study) -> str:
     )
 
 
-def _group_body(study: _Study, rep: str | None, after: str | None, panels=None) -> str:
+def _group_body(
+    study: _Study, rep: str | None, after: str | None, panels=None, training: str = ""
+) -> str:
     links = " ".join(f'<a href="sub-{s}.html">sub-{s}</a>' for s in study.subjects)
     parts = [_summary(study), f"<p>Subject pages: {links}</p>"]
     parts += [
@@ -546,6 +618,7 @@ def _group_body(study: _Study, rep: str | None, after: str | None, panels=None) 
     if rep is not None:
         parts.append(f"<p class='note'>Figures 2-5 and 9 show sub-{html.escape(rep)}.</p>")
         parts += panels or _subject_panels(study, rep, after)
+    parts.append(training or figure_training({}))
     exp = study.experiments
     parts.append(
         _figure("fig-trainsize", F.fig_trainsize(exp["trainsize"], params=study.params))
@@ -563,7 +636,7 @@ def _group_body(study: _Study, rep: str | None, after: str | None, panels=None) 
         else _not_run("fig-tissue", "tissue")
     )
     if rep is not None:
-        parts += figure_methods(study, rep)
+        parts += figure_methods(study, rep, after)
     parts.append(
         _figure("fig-seeds", F.fig_seeds(exp["seeds"], params=study.params))
         if exp["seeds"]
@@ -574,8 +647,10 @@ def _group_body(study: _Study, rep: str | None, after: str | None, panels=None) 
 
 def _subject_panels(study: _Study, subject: str, after: str | None) -> list[str]:
     """Figs. 2-5 of one subject (drawn once, shown on its page and maybe the group page)."""
+    shown = [m for m in (BEFORE, after) if m]
     return [
-        figure_maps(study, subject, [m for m in (BEFORE, after) if m]),
+        figure_maps(study, subject, shown),
+        figure_differences(study, subject, shown),
         figure_cv(study, subject),
         figure_roi_nrmse(study, subject, after),
         figure_scanrescan(study, subject, after),

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..__about__ import __version__
-from ..interfaces.bids import atomic_copy, atomic_write_text
+from .io import atomic_copy, atomic_write_text
 
 
 def dataset_description(*, pipeline_description: str | None = None) -> dict:

@@ -113,8 +113,8 @@ def init_participant_wf(
     >>> len(study_wf.list_node_names()) > 40
     True
     """
+    from ..preproc.modes import resolved_preproc_mode
     from .dki import init_scan_wf
-    from .preproc import resolved_preproc_mode
 
     # decide once (and log once) whether FSL runs, instead of once per scan
     preproc = resolved_preproc_mode(config.preproc, config.denoiser)

@@ -9,7 +9,7 @@ import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.dki import FitDKI
 from ..interfaces.metrics import ComputeSNR
@@ -196,7 +196,7 @@ def init_scan_wf(
     """Preprocess, fit and store one DWI run (participant level).
 
     Its ``outputnode`` (``dwi_file``, ``bval_file``, ``bvec_file``, ``mask_file``, ``maps``
-    — the eight maps in :data:`~dkiharm_nipype.dki.metrics.ALL_METRICS` order —,
+    — the eight maps in :data:`~dkiharm_nipype.dki.maps.ALL_METRICS` order —,
     ``fa_file``, ``snr_tsv``) feeds the group level.
 
     Parameters

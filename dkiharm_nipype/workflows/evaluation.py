@@ -2,7 +2,7 @@
 
 The test subjects' scans (all scans when every traveling subject was used for training)
 are compared within subject after non-linear registration into the subject's reference
-scan (:func:`dkiharm_nipype.evaluation.evaluate_study`): inter-scanner CV, NRMSE to the
+scan (:func:`dkiharm_nipype.evaluation.evaluate.evaluate_study`): inter-scanner CV, NRMSE to the
 reference and scan-rescan NRMSE, before (the scans' own IRLLS fits) and after (the
 networks' harmonized maps), plus any comparator (ComBat, RISH). The tables land in
 ``output_dir/evaluation/``, the report in ``output_dir/report.html`` and one
@@ -17,7 +17,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import RunConfig
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.evaluation import EvaluateHarmonization, HarmonizationReport
 from ..utils.bids import DWIScan
 
@@ -63,7 +63,7 @@ def _gather(meta, masks, reference, method_maps, bids_dir, wm_mask, roi_atlas, p
                 atlases[s] = str(runs[0])
     missing = [p for p in (*wm_masks.values(), *atlases.values()) if not Path(p).is_file()]
     if missing:
-        from dkiharm_nipype.evaluation import EvaluationInputError
+        from dkiharm_nipype.evaluation.evaluate import EvaluationInputError
 
         raise EvaluationInputError(
             f"{missing[0]} does not exist; give --wm-mask/--roi-atlas paths that exist for "
@@ -78,8 +78,8 @@ def _fit_halves(meta, dwis, bvals, bvecs, masks, reference, fit_method, b_max, n
     import os
 
     from dkiharm_nipype.dki.halves import write_half_maps
-    from dkiharm_nipype.dki.metrics import ALL_METRICS
-    from dkiharm_nipype.evaluation import run_key
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.study import run_key
 
     on_ref = {}
     for i, m in enumerate(meta):
@@ -148,7 +148,7 @@ def _stage(paths, staging_dir, rel):
     """Nipype Function: copy files, or the files of folders, into ``staging_dir/rel``."""
     from pathlib import Path
 
-    from dkiharm_nipype.interfaces.bids import atomic_copy
+    from dkiharm_nipype.utils.io import atomic_copy
 
     dst = Path(staging_dir) / rel
     written = []
@@ -341,7 +341,7 @@ def _run_comparators(
     """Nipype Function: ComBat / RISH maps of the evaluated scans (see ``run_comparators``)."""
     import os
 
-    from dkiharm_nipype.harmonize.compare import run_comparators
+    from dkiharm_nipype.comparators.compare import run_comparators
 
     scans = [
         dict(m, dwi=d, bval=b, bvec=v, mask=k, maps=list(mp))

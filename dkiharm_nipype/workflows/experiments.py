@@ -7,8 +7,8 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..evaluation import EXPERIMENTS
-from ..experiments import MAX_COMBINATIONS, PAPER_PS, PAPER_REPEATS
+from ..evaluation.evaluate import EXPERIMENTS
+from ..evaluation.experiments import MAX_COMBINATIONS, PAPER_PS, PAPER_REPEATS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.experiments import RunExperiment
 from ..registration import DEFAULT_OPEN_ENGINE
@@ -67,7 +67,7 @@ def init_experiment_wf(
         The networks' input, first-convolution size and reference labels (as the group
         run's).
     max_combinations, ps, n_seeds, repeats
-        See :func:`~dkiharm_nipype.experiments.run_experiment`.
+        See :func:`~dkiharm_nipype.evaluation.experiments.run_experiment`.
     omp_nthreads : int
         Threads of the experiment node.
     staging_dir : Path, optional
@@ -92,7 +92,8 @@ def init_experiment_wf(
     Outputs
     -------
     tsv
-        ``experiment-<name>.tsv`` (columns: :data:`~dkiharm_nipype.evaluation.EXPERIMENTS`).
+        ``experiment-<name>.tsv`` (columns:
+        :data:`~dkiharm_nipype.evaluation.evaluate.EXPERIMENTS`).
 
     Examples
     --------

@@ -25,7 +25,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..config import RunConfig
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.harmonize import ApplyHarmonizer, TrainHarmonizer
 from ..interfaces.registration import RegisterMaps
@@ -745,7 +745,7 @@ def _pick(files, index):
 def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, staging_dir,
                      config, engine) -> None:  # fmt: skip
     """The ``--experiment`` runs on the traveling subjects; their tables feed the report."""
-    from ..experiments import find_tissue_files
+    from ..evaluation.experiments import find_tissue_files
     from ..study import StudyDesignError
     from .experiments import init_experiment_wf
 
@@ -790,14 +790,15 @@ def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, sta
         exp_wf.inputs.inputnode.runs = [
             str(s.run) if s.run is not None else "1" for s in exp_scans
         ]
-        if name == "tissue":
-            truth = Path(config.bids_dir) / "derivatives" / "phantom-truth"
-            tissues = [find_tissue_files(truth, s.subject, s.session, s.run) for s in exp_scans]
-            if not all(tissues):
+        if name == "tissue" and config.tissue_maps:  # else each scan's own segmentation
+            source = config.tissue_maps
+            tissues = [find_tissue_files(source, s.subject, s.session, s.run) for s in exp_scans]
+            lacking = [s for s, t in zip(exp_scans, tissues, strict=True) if not t]
+            if lacking:
                 raise StudyDesignError(
-                    f"--experiment tissue needs subcortical GM and CSF probability maps of every "
-                    f"scan (*_label-SGM_probseg / *_label-CSF_probseg in {truth}); none found "
-                    "for some scans: provide them or leave this experiment out."
+                    f"--tissue-maps {source} has no SGM (or GM) and CSF probability map of "
+                    f"{lacking[0].dwi.name} ({len(lacking)} scan(s) lack them); give one "
+                    "*_label-SGM|GM|CSF_probseg.nii.gz per scan, in its DWI space."
                 )
             exp_wf.inputs.inputnode.sgm_files = [str(t["SGM"]) for t in tissues]
             exp_wf.inputs.inputnode.csf_files = [str(t["CSF"]) for t in tissues]

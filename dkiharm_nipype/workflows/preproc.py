@@ -9,7 +9,6 @@ interpolation, then ringing is removed, then volumes are resampled once by Eddy.
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 from nipype.interfaces import utility as niu
 from nipype.interfaces.fsl import TOPUP, Eddy
@@ -18,75 +17,11 @@ from nipype.pipeline import engine as pe
 
 from ..errors import DkiharmInputError
 from ..interfaces.preproc import DWI2Mask, MeanB0, MedianOtsuMask, MPPCADenoise, TopupEddyFiles
+from ..preproc.modes import MASK_METHODS, Denoiser, MaskMethod, PreprocMode, resolve_preproc
 from ..utils.dwi import B0_THRESHOLD, degibbs_axes
-from ..utils.env import FSLNotFoundError, ToolNotFoundError, missing_fsl, missing_mrtrix
+from ..utils.env import ToolNotFoundError, missing_mrtrix
 
 LOGGER = logging.getLogger("dkiharm")
-
-PreprocMode = Literal["auto", "fsl", "mrtrix", "none"]
-MaskMethod = Literal["dwi2mask", "median_otsu"]
-Denoiser = Literal["dwidenoise", "mppca"]
-PREPROC_MODES = ("auto", "fsl", "mrtrix", "none")
-DENOISERS = ("dwidenoise", "mppca")
-MASK_METHODS = ("dwi2mask", "median_otsu")
-
-
-def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> tuple[bool, bool]:
-    """Decide which steps run: ``(run_mrtrix, run_fsl)`` for a ``--preproc`` mode.
-
-    ``auto`` denoises and removes Gibbs ringing, then adds TOPUP/Eddy when FSL is found
-    and otherwise logs one line saying they were skipped; ``fsl`` requires FSL;
-    ``mrtrix`` never runs FSL; ``none`` passes the data through. ``denoiser="mppca"``
-    replaces ``dwidenoise`` by the torch MP-PCA (:mod:`dkiharm_nipype.denoise`), so that
-    only ``mrdegibbs`` is needed from MRtrix3.
-
-    Raises
-    ------
-    FSLNotFoundError
-        If ``preproc == "fsl"`` and FSL is not installed.
-    ToolNotFoundError
-        If a mode that denoises runs on a machine without MRtrix3.
-    """
-    if preproc not in PREPROC_MODES:
-        raise DkiharmInputError(
-            f"preproc={preproc!r} is not a preprocessing mode; use one of {PREPROC_MODES}."
-        )
-    if denoiser not in DENOISERS:
-        raise DkiharmInputError(f"denoiser={denoiser!r} is unknown; use one of {DENOISERS}.")
-    if preproc == "none":
-        return False, False
-
-    tools = ("dwidenoise", "mrdegibbs") if denoiser == "dwidenoise" else ("mrdegibbs",)
-    no_mrtrix = missing_mrtrix(tools)
-    if no_mrtrix:
-        instead = "--denoiser mppca" if no_mrtrix == ["dwidenoise"] else "--preproc none"
-        raise ToolNotFoundError(
-            f"--preproc {preproc} runs MRtrix3 but {', '.join(no_mrtrix)} not found on PATH; "
-            f"install MRtrix3 >= 3.0 or use {instead}."
-        )
-    if preproc == "mrtrix":
-        return True, False
-
-    no_fsl = missing_fsl()
-    if preproc == "fsl" and no_fsl:
-        raise FSLNotFoundError(
-            f"--preproc fsl needs FSL's TOPUP and Eddy but {', '.join(no_fsl)} not found; "
-            "install FSL (and set FSLDIR) or use --preproc mrtrix."
-        )
-    if no_fsl:
-        LOGGER.warning(
-            "FSL not found (%s missing): skipping TOPUP and Eddy, preprocessing with "
-            "MRtrix3 denoising and Gibbs-ringing removal only.",
-            ", ".join(no_fsl),
-        )
-        return True, False
-    return True, True
-
-
-def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> str:
-    """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`)."""
-    run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
-    return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")
 
 
 def init_dwi_preproc_wf(

@@ -41,9 +41,24 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage
 
-from .errors import DkiharmInputError
-from .metrics import nrmse  # noqa: F401 - re-exported for registration scoring
-from .utils.env import FSLNotFoundError, ToolNotFoundError
+from ..utils.env import FSLNotFoundError, ToolNotFoundError
+from .grids import (
+    RegistrationInputError,
+    _load,
+    _mask_array,
+    _name,
+    affine_deformation,
+    check_same_grid,
+    grid_positions,
+    resample,
+)
+from .similarity import (
+    _correlations,
+    check_registration,
+    linear_scales,
+    normalize_intensity,
+    plausible_affine,
+)
 
 #: Names accepted by ``registration=``.
 ENGINES = ("auto", "fnirt", "dipy-syn", "mrtrix", "ants", "none")
@@ -61,38 +76,17 @@ FNIRT_COMMANDS = ("flirt", "fnirt", "applywarp")
 #: MRtrix3 commands of the ``mrtrix`` engine.
 MRTRIX_REGISTRATION_COMMANDS = ("mrregister", "mrtransform")
 
-#: Voxel sizes (mm) closer than this count as equal.
-VOXEL_TOLERANCE_MM = 1e-3
 
 #: A fixed voxel is inside a registered mask's support when the trilinearly resampled
 #: mask is at least 1 - this (float32 rounding), i.e. all eight samples were inside.
 SUPPORT_TOLERANCE = 1e-3
 
-#: Largest scaling (either way) an affine stage may find between two scans of one head;
-#: beyond it the affine is a divergence (it happens on small, noisy maps) and the rigid
-#: stage's result is kept.
-MAX_AFFINE_SCALE = 1.25
-
-#: A registration that lowers the images' correlation by more than this has failed.
-FAILURE_MARGIN = 0.1
 
 LOGGER = logging.getLogger("dkiharm.registration")
 
 
-class RegistrationInputError(DkiharmInputError):
-    """The images or the options given to a registration cannot be used."""
-
-
 class UnknownEngineError(RegistrationInputError):
     """``registration=`` names no known engine."""
-
-
-class GridMismatchError(RegistrationInputError):
-    """Two images that must share a voxel grid do not."""
-
-
-class RegistrationFailedError(RegistrationInputError):
-    """A registration left the images less alike than it found them."""
 
 
 class FNIRTNotFoundError(FSLNotFoundError):
@@ -172,164 +166,6 @@ def resolve_engine(engine: str = "auto") -> str:
             f"pip install antspyx or use registration='{DEFAULT_OPEN_ENGINE}'."
         )
     return engine
-
-
-# ------------------------------------------------------------------------------- grids
-def _load(img: str | os.PathLike | nb.spatialimages.SpatialImage) -> nb.Nifti1Image:
-    return img if isinstance(img, nb.spatialimages.SpatialImage) else nb.load(img)
-
-
-def _name(img, default: str) -> str:
-    name = getattr(img, "get_filename", lambda: None)() if not isinstance(img, str | Path) else img
-    return Path(name).name if name else default
-
-
-def voxel_sizes(affine: np.ndarray) -> np.ndarray:
-    """Voxel sizes (mm) of a voxel-to-world ``affine``."""
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-
-
-def check_same_voxel_size(img_a, img_b, *, names: tuple[str, str] = ("image", "image")) -> None:
-    """Raise :class:`GridMismatchError` unless both images have the same voxel size."""
-    a, b = _load(img_a), _load(img_b)
-    va, vb = voxel_sizes(a.affine), voxel_sizes(b.affine)
-    if not np.allclose(va, vb, atol=VOXEL_TOLERANCE_MM):
-        raise GridMismatchError(
-            f"{_name(img_a, names[0])} has voxels of {_fmt(va)} mm but "
-            f"{_name(img_b, names[1])} has {_fmt(vb)} mm; resample one onto the other's grid "
-            "(or pick a registration engine instead of 'none')."
-        )
-
-
-def check_same_grid(img_a, img_b, *, names: tuple[str, str] = ("image", "image")) -> None:
-    """Raise :class:`GridMismatchError` unless both images share shape and voxel-to-world."""
-    check_same_voxel_size(img_a, img_b, names=names)
-    a, b = _load(img_a), _load(img_b)
-    if a.shape[:3] != b.shape[:3] or not np.allclose(a.affine, b.affine, atol=1e-3):
-        raise GridMismatchError(
-            f"{_name(img_a, names[0])} (grid {a.shape[:3]}) and {_name(img_b, names[1])} "
-            f"(grid {b.shape[:3]}) are not on the same voxel grid; give images on one grid "
-            "(e.g. all maps of one DKI fit)."
-        )
-
-
-def _fmt(v) -> str:
-    return "x".join(f"{x:.3g}" for x in v)
-
-
-def grid_positions(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """World (RAS mm) position of every voxel centre, shape ``(*shape, 3)``."""
-    ijk = np.stack(np.meshgrid(*map(np.arange, shape[:3]), indexing="ij"), axis=-1)
-    return (ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]).astype(np.float32)
-
-
-def affine_deformation(
-    shape: Sequence[int], affine: np.ndarray, fixed_to_moving: np.ndarray | None = None
-) -> np.ndarray:
-    """Deformation field of a linear map: ``fixed_to_moving`` (4x4, world mm) at each voxel."""
-    pos = grid_positions(shape, affine)
-    if fixed_to_moving is None:
-        return pos
-    m = np.asarray(fixed_to_moving, dtype=float)
-    return (pos @ m[:3, :3].T + m[:3, 3]).astype(np.float32)
-
-
-# ----------------------------------------------------------------------- resampling
-def resample(
-    img,
-    deformation: np.ndarray,
-    fixed_affine: np.ndarray,
-    *,
-    order: int = 1,
-    cval: float = 0.0,
-) -> nb.Nifti1Image:
-    """Pull ``img`` (3-D or 4-D) onto the fixed grid through a deformation field.
-
-    Parameters
-    ----------
-    img
-        Image (or path) in the moving space.
-    deformation
-        ``(X, Y, Z, 3)`` moving-world positions (RAS mm) of the fixed voxels.
-    fixed_affine
-        Voxel-to-world affine of the fixed grid (that of the output).
-    order
-        1 (trilinear) for continuous maps, 0 (nearest neighbour) for labels; label images
-        keep their data type.
-    """
-    img = _load(img)
-    inv = np.linalg.inv(img.affine)
-    coords = deformation @ inv[:3, :3].T.astype(np.float32) + inv[:3, 3].astype(np.float32)
-    coords = np.moveaxis(coords, -1, 0)
-    data = np.asanyarray(img.dataobj)
-    label = order == 0
-    src = data if label else data.astype(np.float32)
-    vols = [src] if src.ndim == 3 else [src[..., k] for k in range(src.shape[3])]
-    out = [
-        ndimage.map_coordinates(
-            v, coords, order=order, mode="constant", cval=cval, prefilter=False
-        )
-        for v in vols
-    ]
-    out = out[0] if src.ndim == 3 else np.stack(out, axis=-1)
-    header = img.header.copy()
-    if not label:
-        header.set_data_dtype(np.float32)
-    res = nb.Nifti1Image(out.astype(data.dtype if label else np.float32), fixed_affine, header)
-    res.set_qform(fixed_affine, code=1)
-    res.set_sform(fixed_affine, code=1)
-    return res
-
-
-# ------------------------------------------------------------------------ similarity
-def intensity_scale(
-    data: np.ndarray, mask: np.ndarray | None = None, *, percentile: float = 99.5
-) -> float:
-    """The ``percentile`` of ``data`` inside ``mask`` (or > 0): :func:`normalize_intensity`'s 1."""
-    sel = mask.astype(bool) if mask is not None else data > 0
-    if not sel.any():
-        raise RegistrationInputError(
-            "The image to register is empty (no voxel > 0 in its mask); check the input map."
-        )
-    return float(np.percentile(data[sel], percentile)) or 1.0
-
-
-def normalize_intensity(
-    data: np.ndarray, mask: np.ndarray | None = None, *, percentile: float = 99.5
-) -> np.ndarray:
-    """Scale ``data`` to 1 at its ``percentile`` inside ``mask`` (or > 0), clip to [0, 1.5].
-
-    Scanners differ in intensity scale and b0 contrast; a common scale lets the
-    intensity-difference metric of ``mrregister`` compare them and bounds outliers.
-    """
-    data = np.nan_to_num(np.asarray(data, dtype=np.float32))
-    sel = mask.astype(bool) if mask is not None else data > 0
-    out = np.clip(data / intensity_scale(data, mask, percentile=percentile), 0.0, 1.5)
-    if mask is not None:
-        out = out * sel
-    return out.astype(np.float32)
-
-
-def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Pearson correlation of ``a`` and ``b`` inside ``mask``."""
-    mask = mask.astype(bool)
-    x, y = a[mask].astype(float), b[mask].astype(float)
-    if x.size < 2 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two binary images (1 when both are empty)."""
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
-
-
-def mean_label_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean Dice over the non-zero labels of ``b`` (e.g. white-matter ROIs)."""
-    labels = [v for v in np.unique(b) if v != 0]
-    return float(np.mean([dice(a == v, b == v) for v in labels])) if labels else 1.0
 
 
 # ---------------------------------------------------------------------- registration
@@ -465,68 +301,6 @@ def register(
         engine=engine,
     )
     return Registration(engine, deformation, fixed_img.affine, linear, seconds, metrics)
-
-
-def check_registration(metrics: dict, *, fixed: str, moving: str, engine: str) -> None:
-    """Raise :class:`RegistrationFailedError` when a registration lowered the images'
-    correlation (``metrics``: ``correlation_before``/``_after``) by more than
-    :data:`FAILURE_MARGIN`."""
-    if metrics["correlation_after"] < metrics["correlation_before"] - FAILURE_MARGIN:
-        raise RegistrationFailedError(
-            f"Registering {moving} to {fixed} with {engine} failed: it lowered their "
-            f"correlation from {metrics['correlation_before']:.2f} to "
-            f"{metrics['correlation_after']:.2f}; check that both are maps of the same head "
-            "(with brain masks), or choose another --registration engine."
-        )
-
-
-def registration_similarity(fixed, moving, registered, *, moving_mask=None) -> dict[str, float]:
-    """Correlation of ``fixed`` with ``moving`` before (world-aligned) and after registration.
-
-    For registrations run by other software (FSL FNIRT): ``registered`` is ``moving``
-    resampled onto ``fixed``'s grid by that software. Intensities are normalized as in
-    :func:`register` (``registered`` with ``moving``'s scale, taken inside ``moving_mask``)
-    and correlated where the fixed image is > 0.
-    """
-    fixed_img, moving_img, registered_img = _load(fixed), _load(moving), _load(registered)
-    check_same_grid(registered_img, fixed_img, names=("registered image", "fixed image"))
-    mmask = _mask_array(moving_mask, moving_img, "moving")
-    fdata = normalize_intensity(fixed_img.get_fdata(dtype=np.float32))
-    mraw = np.nan_to_num(moving_img.get_fdata(dtype=np.float32))
-    scale = intensity_scale(mraw, mmask)
-    mnorm = nb.Nifti1Image(np.clip(mraw / scale, 0.0, 1.5), moving_img.affine)
-    after = np.clip(np.nan_to_num(registered_img.get_fdata(dtype=np.float32)) / scale, 0.0, 1.5)
-    return _correlations(nb.Nifti1Image(fdata, fixed_img.affine), mnorm, after, fdata > 0)
-
-
-def _correlations(fnorm: nb.Nifti1Image, mnorm: nb.Nifti1Image, after: np.ndarray, sel) -> dict:
-    """Correlation of the normalized fixed image with the normalized moving one world-aligned
-    (before) and with ``after`` (the moving image registered onto the fixed grid), in ``sel``."""
-    fdata = np.asanyarray(fnorm.dataobj)
-    before = resample(mnorm, affine_deformation(fnorm.shape, fnorm.affine), fnorm.affine)
-    return {
-        "correlation_before": correlation(fdata, before.get_fdata(), sel),
-        "correlation_after": correlation(fdata, after, sel),
-    }
-
-
-def linear_scales(affine: np.ndarray) -> np.ndarray:
-    """Scalings (singular values) of an affine's linear part: 1 for a rigid transform."""
-    return np.linalg.svd(np.asarray(affine, dtype=float)[:3, :3], compute_uv=False)
-
-
-def plausible_affine(affine: np.ndarray, max_scale: float = MAX_AFFINE_SCALE) -> bool:
-    """Whether an affine between two scans of one head scales by at most ``max_scale``."""
-    scales = linear_scales(affine)
-    return bool(np.all(scales <= max_scale) and np.all(scales >= 1.0 / max_scale))
-
-
-def _mask_array(mask, ref: nb.Nifti1Image, what: str) -> np.ndarray | None:
-    if mask is None:
-        return None
-    mask_img = _load(mask)
-    check_same_grid(mask_img, ref, names=(f"{what} mask", f"{what} image"))
-    return np.asanyarray(mask_img.dataobj) > 0
 
 
 #: SyN iterations per level, coarsest first, and the CC window radius (voxels).
@@ -704,50 +478,3 @@ def apply_registration(
 ) -> list[nb.Nifti1Image]:
     """Resample each of ``images`` (moving space) onto the fixed grid."""
     return [registration.apply(img, label=label) for img in images]
-
-
-# ------------------------------------------------------------------ phantom ground truth
-def truth_deformation(
-    bids_root: str | os.PathLike,
-    subject: str,
-    *,
-    fixed_session: str,
-    moving_session: str,
-    run: int = 1,
-    distortion: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The true fixed-to-moving deformation between two scans of the phantom.
-
-    For a voxel ``y`` of the fixed scan's DWI grid, the signal there came from the
-    undistorted DWI-world point ``x = y - d(y) e_pe`` (``d``: the phantom's displacement
-    fieldmap, in voxels along the phase-encoding axis ``e_pe``; only with ``distortion``),
-    i.e. the subject-space point ``T_fixed x``, seen by the moving scan at
-    ``T_moving^-1 T_fixed x`` (``T``: ``from-dwi_to-T1w`` rigid transforms). The moving scan
-    is taken as undistorted (its truth maps are, and a reversed-PE scan is corrected).
-
-    Returns
-    -------
-    deformation, fixed_affine
-        ``(X, Y, Z, 3)`` moving-world positions, and the fixed grid's affine.
-    """
-    from .phantom import truth
-
-    ref = truth.load_scan_labels(bids_root, subject, fixed_session, run, what="brain")
-    x = grid_positions(ref.shape, ref.affine)
-    sub, ses = str(subject).removeprefix("sub-"), str(fixed_session).removeprefix("ses-")
-    fmap = (
-        truth.truth_root(bids_root) / f"sub-{sub}" / f"ses-{ses}" / "fmap"
-        / f"sub-{sub}_ses-{ses}_space-dwi_desc-displacement_fieldmap.nii.gz"
-    )  # fmt: skip
-    if distortion and fmap.is_file():
-        import json
-
-        pe_dir = json.loads(fmap.with_name(fmap.name.replace(".nii.gz", ".json")).read_text())[
-            "PhaseEncodingDirection"
-        ]
-        # the field is signed (PE polarity included) along the voxel axis of pe_dir
-        column = ref.affine[:3, "ijk".index(pe_dir[0])].astype(np.float32)
-        x = x - np.asarray(nb.load(fmap).dataobj, dtype=np.float32)[..., None] * column
-    to_moving = np.linalg.inv(truth.scan_to_subject(bids_root, subject, moving_session))
-    m = to_moving @ truth.scan_to_subject(bids_root, subject, fixed_session)
-    return (x @ m[:3, :3].T.astype(np.float32) + m[:3, 3]).astype(np.float32), ref.affine

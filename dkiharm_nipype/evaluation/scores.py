@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .utils.dwi import B0_THRESHOLD
+from ..utils.dwi import B0_THRESHOLD
 
 
 def auto_wm_roi(
@@ -185,6 +185,31 @@ def wm_mask_from_fit(
     if brain_mask is not None:
         wm &= np.asarray(brain_mask, bool)
     return wm
+
+
+#: Tissue classes of :func:`tissue_masks_from_fit`: CSF at or above this MD (mm^2/s; free
+#: water ~3e-3 at body temperature, tissue 0.6-1.2e-3)...
+CSF_MD_MIN = 2.0e-3
+#: ... white matter FA >= :data:`WM_FA_MIN` below this MD (adult WM 0.6-0.9e-3).
+TISSUE_WM_MD_MAX = 1.1e-3
+
+
+def tissue_masks_from_fit(
+    fa: np.ndarray, md: np.ndarray, brain_mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """A three-class segmentation of a scan from its own DTI/DKI fit, when no tissue maps are
+    given: ``CSF`` (MD >= :data:`CSF_MD_MIN`), ``WM`` (FA >= :data:`WM_FA_MIN` and
+    MD < :data:`TISSUE_WM_MD_MAX`) and ``GM`` (the rest of the brain). Boolean, disjoint,
+    inside ``brain_mask``. Diffusion alone cannot tell deep from cortical grey matter, so
+    ``GM`` is grey matter as a whole; partial-volume voxels go to the class their MD and FA
+    point to (measured against a phantom's truth in tests/test_experiments.py).
+    """
+    brain = np.asarray(brain_mask, bool)
+    fa, md = np.asarray(fa, float), np.asarray(md, float)
+    valid = brain & np.isfinite(fa) & np.isfinite(md) & (md > 0)
+    csf = valid & (md >= CSF_MD_MIN)
+    wm = valid & ~csf & (fa >= WM_FA_MIN) & (md < TISSUE_WM_MD_MAX)
+    return {"WM": wm, "GM": valid & ~csf & ~wm, "CSF": csf}
 
 
 def masked_stats(values: np.ndarray, mask: np.ndarray) -> dict[str, float]:

@@ -26,21 +26,14 @@ import nibabel as nb
 import numpy as np
 
 from ..dki.fit import fit_dki
-from ..dki.metrics import ALL_METRICS
+from ..dki.maps import ALL_METRICS
+from ..study import first_runs
+from ..utils.io import read_bvals
 
 LOGGER = logging.getLogger("dkiharm.comparators")
 
 #: Comparators the group level knows.
 COMPARATORS = ("combat", "rish")
-
-
-def _first_runs(scans: Sequence[dict]) -> dict[tuple[str, str], int]:
-    first: dict[tuple[str, str], int] = {}
-    for i, s in enumerate(scans):
-        key = (s["subject"], s["scanner"])
-        if key not in first or str(s["run"]) < str(scans[first[key]]["run"]):
-            first[key] = i
-    return first
 
 
 def _save_maps(maps: dict[str, np.ndarray], ref: nb.Nifti1Image, stem: Path) -> list[str]:
@@ -82,14 +75,18 @@ def run_comparators(
     networks were trained on (RISH learns from them too).
     """
     from .combat import combat_maps, read_participants
-    from .rish import DWIScan, find_shells, harmonize_dwi, train_rish
+    from .rish import RISHScan, find_shells, harmonize_dwi, train_rish
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(methods) - set(COMPARATORS))
     if unknown:
         raise ValueError(f"unknown comparator(s) {unknown}; use {list(COMPARATORS)}")
-    first = _first_runs(scans)
+    first = first_runs(
+        range(len(scans)),
+        group=lambda i: (scans[i]["subject"], scans[i]["scanner"]),
+        run=lambda i: scans[i]["run"],
+    )
     results: dict[str, list[list[str] | None]] = {}
 
     def workdir(name: str) -> Path:
@@ -135,13 +132,13 @@ def run_comparators(
 
     if "rish" in methods:
 
-        def load(i: int) -> DWIScan:
+        def load(i: int) -> RISHScan:
             s = scans[i]
-            return DWIScan.from_files(s["dwi"], s["bval"], s["bvec"], s["mask"], fa=s["maps"][3])
+            return RISHScan.from_files(s["dwi"], s["bval"], s["bvec"], s["mask"], fa=s["maps"][3])
 
         targets = sorted({scans[i]["scanner"] for i in evaluated} - {reference})
         b_max = max(
-            max(find_shells(np.loadtxt(scans[i]["bval"], ndmin=1)))
+            max(find_shells(read_bvals(scans[i]["bval"])))
             for i in evaluated
             if scans[i]["scanner"] != reference
         ) if targets else None  # fmt: skip

@@ -1,7 +1,7 @@
 """The paper's validation experiments (section 2.3.3, Figs. 6-8) as plain functions.
 
 Each experiment retrains the networks on chosen traveling subjects, harmonizes held-out
-subjects and scores them, writing one tidy table (:data:`~dkiharm_nipype.evaluation.
+subjects and scores them, writing one tidy table (:data:`~dkiharm_nipype.evaluation.evaluate.
 EXPERIMENTS`, read by the HTML report):
 
 * ``trainsize`` (Fig. 6): one held-out test subject; every other subject set of size
@@ -25,9 +25,12 @@ once on the raw FA and reused by every replicate. Scores, per test subject:
 * ``cv``: mean voxelwise inter-scanner CV of the harmonized maps (section 2.3.1); its rows
   carry ``scanner`` = :data:`ALL_SCANNERS`.
 
-White matter is :func:`~dkiharm_nipype.metrics.wm_mask_from_fit` of the reference scan's
-raw fit (as in :mod:`~dkiharm_nipype.evaluation`); SGM and CSF are the scans' tissue
-probability maps at or above ``tissue_threshold``.
+White matter is :func:`~dkiharm_nipype.evaluation.scores.wm_mask_from_fit` of the reference scan's
+raw fit (as in :mod:`~dkiharm_nipype.evaluation.evaluate`); SGM and CSF are the scans' tissue
+probability maps at or above ``tissue_threshold`` (given by the user, see
+:func:`find_tissue_files`) or, when none are given, each scan's own segmentation from its
+fit (:func:`~dkiharm_nipype.evaluation.scores.tissue_masks_from_fit`; grey matter as a whole
+then stands for SGM). Nothing is read from a phantom's truth.
 """
 
 from __future__ import annotations
@@ -44,17 +47,17 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from .cnn.data import TrainingSubject, mask_bounding_box, normalize_dwi
-from .cnn.infer import harmonize_scan
-from .cnn.modelio import scan_fingerprint
-from .cnn.train import train_harmonizer
-from .dki.metrics import ALL_METRICS
-from .errors import DkiharmInputError
-from .evaluation import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, run_key, write_tsv
-from .metrics import mean_cv, nrmse, wm_mask_from_fit
-from .registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
-from .study import plan_study, rescan_partner
-from .utils.dwi import check_volumes
+from ..cnn.data import TrainingSubject, mask_bounding_box, normalize_dwi
+from ..cnn.infer import harmonize_scan
+from ..cnn.modelio import scan_fingerprint
+from ..cnn.train import train_harmonizer
+from ..dki.maps import ALL_METRICS
+from ..errors import DkiharmInputError
+from ..registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
+from ..study import first_runs, label_source, plan_study, run_key
+from ..utils.dwi import check_volumes
+from .evaluate import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, write_tsv
+from .scores import mean_cv, nrmse, tissue_masks_from_fit, wm_mask_from_fit
 
 LOGGER = logging.getLogger("dkiharm.experiments")
 
@@ -86,7 +89,7 @@ class ExperimentScan:
 
     ``maps`` is the scan's raw IRLLS fit ``{param: path}`` (FA and MD, for registration
     and the WM rule, plus the scored parameters); ``labels`` the reference scanner's eight
-    maps (:data:`~dkiharm_nipype.dki.metrics.ALL_METRICS`) registered into this scan (for
+    maps (:data:`~dkiharm_nipype.dki.maps.ALL_METRICS`) registered into this scan (for
     a reference-scanner scan, its own fit; empty: registered here from the subject's
     reference scan with the experiment's engine); ``tissues`` optional tissue probability
     maps ``{"SGM": path, "CSF": path}`` in this scan's space.
@@ -245,28 +248,50 @@ def default_split(
     return train, test
 
 
-def find_tissue_files(
-    derivatives_dir: str | Path, subject: str, session: str | None = None, run=None
-) -> dict[str, Path]:
-    """The SGM and CSF probability maps of one scan in a derivatives folder.
+#: Probseg labels accepted for each tissue of the experiment, in order of preference.
+TISSUE_LABELS = {"SGM": ("SGM", "GM"), "CSF": ("CSF",)}
 
-    Looks for ``sub-<subject>[_ses-<session>][_run-<run>]_*label-{SGM,CSF}_probseg.nii.gz``
-    in ``sub-<subject>/[ses-<session>/]dwi`` (the phantom's ``derivatives/phantom-truth``
-    names them so, in each scan's DWI space). Returns ``{}`` unless both are found once.
+
+def find_tissue_files(
+    source: str | Path, subject: str, session: str | None = None, run=None
+) -> dict[str, Path]:
+    """The grey-matter and CSF probability maps of one scan, from the user.
+
+    ``source`` is either a derivatives folder, searched for
+    ``sub-<subject>/[ses-<session>/]{dwi,anat}/sub-<subject>[_ses-<session>][_run-<run>]_*
+    label-<SGM|GM|CSF>_probseg.nii.gz`` (BIDS probabilistic segmentations; subcortical
+    ``SGM`` preferred, whole ``GM`` accepted), or a path pattern with ``{subject}``,
+    ``{session}``, ``{run}`` and ``{label}`` (``SGM``/``GM``, ``CSF``) placeholders. The
+    maps must be in the scan's DWI space. Returns ``{"SGM": path, "CSF": path}``, or ``{}``
+    unless one file of each is found.
     """
-    folder = Path(derivatives_dir) / f"sub-{subject}"
+    found = {}
+    for tissue, labels in TISSUE_LABELS.items():
+        for label in labels:
+            hits = _tissue_candidates(source, subject, session, run, label)
+            if len(hits) == 1:
+                found[tissue] = hits[0]
+                break
+        else:
+            return {}
+    return found
+
+
+def _tissue_candidates(source, subject, session, run, label) -> list[Path]:
+    text = str(source)
+    if "{" in text:
+        path = Path(
+            text.format(subject=subject, session=session or "", run=run or "", label=label)
+        ).expanduser()
+        return [path] if path.is_file() else []
+    folder = Path(source) / f"sub-{subject}"
     stem = f"sub-{subject}"
     if session:
         folder, stem = folder / f"ses-{session}", f"{stem}_ses-{session}"
     if run not in (None, ""):
         stem = f"{stem}_run-{run}"
-    found = {}
-    for tissue in ("SGM", "CSF"):
-        hits = sorted((folder / "dwi").glob(f"{stem}_*label-{tissue}_probseg.nii.gz"))
-        if len(hits) != 1:
-            return {}
-        found[tissue] = hits[0]
-    return found
+    pattern = f"{stem}_*label-{label}_probseg.nii*"
+    return sorted(h for kind in ("dwi", "anat") for h in (folder / kind).glob(pattern))
 
 
 # --------------------------------------------------------------------------- the study
@@ -348,23 +373,41 @@ class ExperimentStudy:
 
     # -- lookup
     def first(self, subject: str, scanner: str) -> ExperimentScan:
-        return next(s for s in self.scans if s.subject == subject and s.scanner == scanner)
+        return first_runs(self.scans)[(subject, scanner)]
 
     def training_scans(self, subjects: Iterable[str], scanner: str) -> list[ExperimentScan]:
         subjects = set(subjects)
         return [s for s in self.scans if s.subject in subjects and s.scanner == scanner]
 
     def require_tissues(self, tissues: Iterable[str], subjects: Iterable[str]) -> None:
-        """Stop unless every scan of ``subjects`` has the ``tissues`` probability maps."""
-        for scan in self.scans:
-            if scan.subject in set(subjects):
-                lacking = [t for t in tissues if t not in scan.tissues]
-                if lacking:
-                    raise ExperimentInputError(
-                        f"{scan.name} has no {', '.join(lacking)} probability map; the "
-                        "leave-one-tissue-out experiment needs SGM and CSF maps of every scan "
-                        "in its DWI space (e.g. *_label-SGM_probseg.nii.gz)."
-                    )
+        """Tissue maps of ``subjects``: given for every scan, or for none (then each scan is
+        segmented from its own fit, :func:`~.scores.tissue_masks_from_fit`)."""
+        scans = [s for s in self.scans if s.subject in set(subjects)]
+        if not any(s.tissues for s in scans):
+            LOGGER.info(
+                "No tissue maps given: each scan is segmented from its own fit (CSF: MD >= "
+                "2.0e-3 mm^2/s; WM: FA >= 0.2 and MD < 1.1e-3; grey matter: the rest)."
+            )
+            return
+        for scan in scans:
+            lacking = [t for t in tissues if t not in scan.tissues]
+            if lacking:
+                raise ExperimentInputError(
+                    f"{scan.name} has no {', '.join(lacking)} probability map while other "
+                    "scans have them; give SGM (or GM) and CSF maps of every scan in its DWI "
+                    "space (e.g. *_label-SGM_probseg.nii.gz), or none to segment each scan "
+                    "from its own fit."
+                )
+
+    def tissue_probability(self, scan: ExperimentScan, tissue: str) -> np.ndarray:
+        """The scan's ``tissue`` (``SGM``/``CSF``) probability map: the given file, else 0/1
+        from the scan's own fit (``SGM`` then stands for grey matter as a whole)."""
+        if tissue in scan.tissues:
+            return _load(scan.tissues[tissue])
+        masks = tissue_masks_from_fit(
+            _load(scan.maps["fa"]), _load(scan.maps["md"]), _load_mask(scan.mask)
+        )
+        return masks["GM" if tissue == "SGM" else tissue].astype(np.float32)
 
     # -- the reference space of a subject
     def masks(self, subject: str, tissues: Sequence[str] = (WM,)) -> dict[str, np.ndarray]:
@@ -380,7 +423,8 @@ class ExperimentStudy:
                     _load(ref.maps["fa"]), _load(ref.maps["md"]), brain
                 )
             else:
-                cache[tissue] = brain & (_load(ref.tissues[tissue]) >= self.tissue_threshold)
+                probability = self.tissue_probability(ref, tissue)
+                cache[tissue] = brain & (probability >= self.tissue_threshold)
             if not cache[tissue].any():
                 LOGGER.warning("sub-%s: no %s voxel in the reference scan; not scored",
                                subject, tissue)  # fmt: skip
@@ -421,13 +465,9 @@ class ExperimentStudy:
         ``None`` (everywhere)."""
         if scan.labels:
             return np.stack([_load(scan.labels[p]) for p in ALL_METRICS], -1), None
-        if scan.scanner != self.reference:
-            source = self.first(scan.subject, self.reference)
-        elif self.reference_labels == "rescan":
-            partner = rescan_partner(scan, self.scans, order=lambda s: run_key(s.run))
-            source = partner or scan
-        else:
-            source = scan
+        source = label_source(
+            scan, self.scans, reference=self.reference, reference_labels=self.reference_labels
+        )
         lacking = sorted(set(ALL_METRICS) - set(source.maps))
         if lacking:
             raise ExperimentInputError(
@@ -470,7 +510,9 @@ class ExperimentStudy:
             dwi=np.asarray(img.dataobj[box], dtype=np.float32), bvals=bvals,
             mask=mask[box], labels=labels[box],
             label_mask=None if support is None else support[box],
-            tissues={t: _load(scan.tissues[t])[box] >= self.tissue_threshold for t in tissues},
+            tissues={
+                t: self.tissue_probability(scan, t)[box] >= self.tissue_threshold for t in tissues
+            },
         )  # fmt: skip
 
 
@@ -626,7 +668,7 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     trainings: list[dict] | None = None,
 ) -> list[dict]:
-    """Run one experiment; return its rows (columns of :data:`~dkiharm_nipype.evaluation.
+    """Run one experiment; return its rows (columns of :data:`~dkiharm_nipype.evaluation.evaluate.
     EXPERIMENTS`) and write them to ``out_file`` (atomically) when given.
 
     Parameters

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DkiharmInputError
+from ..utils.io import check_nifti, read_gradients
 
 LOGGER = logging.getLogger("dkiharm")
 
@@ -33,59 +32,6 @@ def check_output_dir(output_dir: Path) -> None:
         )
 
 
-def read_gradients(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read FSL-style ``.bval``/``.bvec`` files with one-line errors naming the file."""
-    try:
-        bvals = np.loadtxt(bval, ndmin=1, dtype=float)
-    except (OSError, ValueError) as exc:
-        raise DkiharmInputError(
-            f"{bval} cannot be read as b-values ({exc}); it must hold one row of numbers."
-        ) from None
-    try:
-        bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
-    except (OSError, ValueError) as exc:
-        raise DkiharmInputError(
-            f"{bvec} cannot be read as b-vectors ({exc}); it must hold three rows of numbers."
-        ) from None
-    if bvals.ndim != 1:
-        bvals = bvals.ravel()
-    if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
-        bvecs = bvecs.T
-    if bvecs.shape[0] != 3:
-        raise DkiharmInputError(
-            f"{bvec} has {bvecs.shape[0]} rows; BIDS b-vectors are 3 rows (x, y, z) with one "
-            "column per volume."
-        )
-    return bvals, bvecs.T
-
-
-def check_nifti(path: Path, *, min_ndim: int = 4):
-    """Load a NIfTI header and data fully, turning truncation and shape problems into errors."""
-    import nibabel as nb
-
-    try:
-        img = nb.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (
-        OSError,
-        EOFError,
-        zlib.error,
-        gzip.BadGzipFile,
-        ValueError,
-        nb.filebasedimages.ImageFileError,
-    ) as exc:
-        raise DkiharmInputError(
-            f"{path} cannot be read ({type(exc).__name__}: {exc}); the file is truncated or "
-            "not NIfTI: copy or convert it again."
-        ) from None
-    if data.ndim < min_ndim or (min_ndim == 4 and data.shape[-1] < 2):
-        raise DkiharmInputError(
-            f"{path} is a {data.ndim}-D image of shape {data.shape}; a DWI must be 4-D with "
-            "one volume per gradient direction."
-        )
-    return img, data
-
-
 def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> None:
     """Check every selected scan can be read and fitted; raise on the first problem.
 
@@ -93,7 +39,7 @@ def preflight(scans, *, b_max: float | None = None, run_fsl: bool = False) -> No
     missing ``PhaseEncodingDirection`` or readout time stops the run before it starts.
     """
     from ..dki.fit import validate_gradients
-    from .fsl import acqparams_from_metadata, has_reversed_pe
+    from ..utils.fsl import acqparams_from_metadata, has_reversed_pe
 
     for number, scan in enumerate(scans, 1):
         _, data = check_nifti(scan.dwi)

@@ -15,7 +15,7 @@ The paper's section 2.3 in plain functions over NIfTI files:
 
 ``method`` is a free label for one version of the maps: ``before`` (raw IRLLS fits),
 ``dl`` (the network's ``desc-harmonized`` maps), ``combat``, ``rish``... White matter comes
-from a user mask or, by default, from the reference fit (:func:`~dkiharm_nipype.metrics.
+from a user mask or, by default, from the reference fit (:func:`~dkiharm_nipype.evaluation.scores.
 wm_mask_from_fit`); ROIs from a user atlas (label image + TSV) or the phantom's labels.
 
 The tidy-table column names used here, by the report and by the experiments are defined
@@ -37,9 +37,11 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from .errors import DkiharmInputError
-from .interfaces.bids import atomic_copy
-from .metrics import (
+from ..errors import DkiharmInputError
+from ..registration import VOXEL_TOLERANCE_MM, register
+from ..study import first_runs, run_key
+from ..utils.io import atomic_copy
+from .scores import (
     cv_floor,
     cv_histogram,
     cv_map,
@@ -48,7 +50,6 @@ from .metrics import (
     nrmse,
     wm_mask_from_fit,
 )
-from .registration import VOXEL_TOLERANCE_MM, register
 
 LOGGER = logging.getLogger("dkiharm.evaluation")
 
@@ -131,7 +132,7 @@ def _fmt(value) -> str:
 
 def write_tsv(rows: Iterable[Mapping], columns: Iterable[str], path: str | Path) -> Path:
     """Write ``rows`` (dicts) as a tab-separated table with ``columns`` (header always)."""
-    from .interfaces.bids import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     columns = tuple(columns)
     lines = ["\t".join(columns)]
@@ -204,11 +205,6 @@ def read_roi_table(path: str | Path) -> dict[int, str]:
         raise EvaluationInputError(
             f"The ROI table {path} has a non-integer 'index'; give each label's integer value."
         ) from None
-
-
-def run_key(run: str) -> tuple:
-    """Sort key of run labels: numbers in numeric order (``2`` before ``10``), then text."""
-    return (0, int(run), "") if str(run).isdigit() else (1, 0, str(run))
 
 
 def _same_grid(img: nb.spatialimages.SpatialImage, ref: nb.spatialimages.SpatialImage) -> bool:
@@ -312,7 +308,7 @@ def evaluate_study(
         every scan of a subject is already on its reference scan's grid).
     wm_masks, atlases
         Per-subject paths (``{subject: path}``) or one path for all, in the reference scan's
-        space. Without a WM mask, white matter is :func:`~dkiharm_nipype.metrics.
+        space. Without a WM mask, white matter is :func:`~dkiharm_nipype.evaluation.scores.
         wm_mask_from_fit` of the reference scan's raw fit (FA and MD needed).
     roi_table
         ``index``/``name``[/``abbreviation``] TSV of the atlas labels, or a dict.
@@ -325,7 +321,7 @@ def evaluate_study(
         two interleaved halves of its reference scan's directions
         (:func:`~dkiharm_nipype.dki.halves.write_half_maps`): the noise floor of subjects
         without a rescan on the reference scanner (``floor.tsv``, and every score's
-        ``floor``/``ratio_to_floor``; :func:`~dkiharm_nipype.metrics.noise_floor`).
+        ``floor``/``ratio_to_floor``; :func:`~dkiharm_nipype.evaluation.scores.noise_floor`).
     cards, held_out
         The networks' model cards (dicts) and whether the evaluated subjects were held out
         of training: ``baseline.tsv`` compares the networks with the linear baseline on the
@@ -797,8 +793,8 @@ def _align_subject(
 
 
 def _first_run(aligned, method: str, scanner: str) -> str | None:
-    runs = sorted((r for m, s, r in aligned if m == method and s == scanner), key=run_key)
-    return runs[0] if runs else None
+    first = first_runs(aligned, group=lambda k: k[:2], run=lambda k: k[2]).get((method, scanner))
+    return first[2] if first else None
 
 
 def _safe_nrmse(estimate, reference, mask) -> float:

@@ -311,7 +311,7 @@ def dti_fa(dwi: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarr
 
 # ----------------------------------------------------------------------------- the model
 @dataclass
-class DWIScan:
+class RISHScan:
     """One DWI series in memory: data (X, Y, Z, N), gradients, mask and affine."""
 
     dwi: np.ndarray
@@ -329,7 +329,7 @@ class DWIScan:
         return nb.Nifti1Image(np.asarray(fa, dtype=np.float32), self.affine)
 
     @classmethod
-    def from_files(cls, dwi, bval, bvec, mask, fa=None) -> DWIScan:
+    def from_files(cls, dwi, bval, bvec, mask, fa=None) -> RISHScan:
         """Load a scan from NIfTI + FSL gradient files (and an optional FA map)."""
         img = nb.load(dwi)
         bvals = np.loadtxt(bval, ndmin=1).ravel()
@@ -392,8 +392,8 @@ class RISHModel:
 
 
 def train_rish(
-    targets: Sequence[DWIScan],
-    references: Sequence[DWIScan],
+    targets: Sequence[RISHScan],
+    references: Sequence[RISHScan],
     *,
     tolerance: float = B_TOLERANCE,
     smoothing_mm: float = 2.0,
@@ -492,7 +492,7 @@ def train_rish(
 
 def harmonize_dwi(
     model: RISHModel,
-    scan: DWIScan,
+    scan: RISHScan,
     *,
     keep_residual: bool = True,
     engine: str = "auto",

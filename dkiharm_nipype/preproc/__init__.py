@@ -1,0 +1,2 @@
+"""Preprocessing science that is not a Nipype built-in node: MP-PCA denoising in torch
+(:mod:`.denoise`)."""
