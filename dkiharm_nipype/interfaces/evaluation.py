@@ -91,8 +91,8 @@ class EvaluateHarmonization(SimpleInterface):
     >>> report = pe.Node(HarmonizationReport(), name="report")
     >>> wf.connect([(gather, evaluate, [("scans", "scans"), ("atlas", "roi_atlas")]),
     ...             (evaluate, report, [("out_dir", "tsv_dir")])])
-    >>> sorted(wf.get_node("evaluate").inputs.get())[:3]
-    ['engine', 'num_threads', 'params']
+    >>> sorted(wf.get_node("evaluate").inputs.get())[:4]
+    ['card_files', 'engine', 'halves', 'held_out']
     """
 
     input_spec = _EvaluateHarmonizationInputSpec

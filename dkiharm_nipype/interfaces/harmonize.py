@@ -326,7 +326,7 @@ class ApplyHarmonizer(SimpleInterface):
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'cpu')
     >>> sorted(apply.output_spec().get())[:4]
-    ['out_ad', 'out_ak', 'out_fa', 'out_files']
+    ['linear_files', 'out_ad', 'out_ak', 'out_fa']
 
     In an existing pipeline, with a network trained by a group-level run (its
     ``models/`` folder) and any preprocessing of a scan of that scanner:
