@@ -43,16 +43,13 @@ def test_selection_keeps_the_network_only_where_it_is_better():
     assert select_mappings({"mk": 0.1}, {"mk": 0.2}, mode="linear")["mk"]["chosen"] == "linear"
 
 
-def test_selection_picks_the_baseline_when_the_network_is_worse():
-    """The scan's own fit maps carry the labels exactly (a linear map of them), its DWIs
-    only noise: on held-out blocks the network cannot match the linear mapping, so every
-    map is harmonized by it and the applied output equals the linear mapping."""
+def _train(labels_from_fit):
     rng = np.random.default_rng(1)
     shape, bvals = (16, 16, 10), np.r_[0.0, 0.0, np.full(12, 1000.0)]
     mask = np.zeros(shape, bool)
     mask[2:-2, 2:-2, 1:-1] = True
     fit = (UNITS * (0.5 + rng.random((*shape, 8)))).astype(np.float32)
-    labels = (1.2 * fit + 0.05 * UNITS).astype(np.float32)
+    labels = labels_from_fit(fit)
     dwi = (100 + 20 * rng.random((*shape, bvals.size))).astype(np.float32)
     subject = TrainingSubject(normalize_dwi(dwi, bvals), labels, mask, name="sub-1", fit=fit)
     protocol = scan_fingerprint(bvals, voxel_size=(2, 2, 2), matrix=shape)
@@ -60,6 +57,16 @@ def test_selection_picks_the_baseline_when_the_network_is_worse():
         [subject], scanner="A", protocol=protocol, hidden_channels=16, epochs=3,
         block_size=4, seed=0,
     )  # fmt: skip
+    return model, card, dwi, bvals, mask, fit, labels
+
+
+def test_selection_picks_the_baseline_when_the_network_is_worse():
+    """The scan's own fit maps carry the labels exactly (a linear map of them), its DWIs
+    only noise: on held-out blocks the network cannot match the linear mapping, so every
+    map is harmonized by it and the applied output equals the linear mapping."""
+    model, card, dwi, bvals, mask, fit, labels = _train(
+        lambda fit: (1.2 * fit + 0.05 * UNITS).astype(np.float32)
+    )
     choices = card.mapping["selection"]["maps"]
     assert {c["chosen"] for c in choices.values()} == {"linear"}
     assert all(c["val_nrmse_linear"] < 1e-5 < c["val_nrmse_network"] for c in choices.values())
@@ -70,3 +77,14 @@ def test_selection_picks_the_baseline_when_the_network_is_worse():
     np.testing.assert_allclose(maps[mask], labels[mask], rtol=1e-5)
     with pytest.raises(ValueError, match="chose the linear mapping"):
         harmonize_scan(model, card, dwi, bvals, mask)
+
+
+def test_selection_does_not_judge_against_the_scans_own_fit():
+    """A reference-scanner scan labelled with its own fit: the identity would score 0 on
+    held-out blocks and always win, which says nothing about the truth; the network is
+    kept and the card says why."""
+    _, card, *_ = _train(lambda fit: fit.copy())
+    selection = card.mapping["selection"]
+    assert {c["chosen"] for c in selection["maps"].values()} == {"network"}
+    assert selection["n_voxels"] == 0 and "no evidence against the network" in selection["reason"]
+    np.testing.assert_allclose(np.diag(card.mapping["linear"]["coef"]), 1.0, rtol=1e-4)

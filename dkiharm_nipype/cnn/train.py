@@ -267,7 +267,7 @@ def train_harmonizer(
     held_out = val if val is not None else train
     metrics = validation_metrics(model, held_out, scaling, device=device)
     mapping = choose_mapping(
-        train, held_out, scaling, metrics, inputs=linear_inputs, selection=selection
+        model, train, held_out, scaling, inputs=linear_inputs, selection=selection, device=device
     )
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
     hyper.update(
@@ -304,36 +304,64 @@ def train_harmonizer(
     return model.cpu(), card, result
 
 
+#: Fewest held-out voxels with independent labels that model selection decides on.
+MIN_SELECTION_VOXELS = 100
+
+
 def choose_mapping(
+    model: HierarchicalDKINet,
     train: VoxelNeighbourhoods,
     held_out: VoxelNeighbourhoods,
     scaling: TargetScaling,
-    network_metrics: Mapping[str, Mapping[str, float]],
     *,
     inputs: str = "own",
     selection: str = "auto",
+    device: str | torch.device = "cpu",
 ) -> dict:
     """The card's ``mapping``: the linear baseline fitted on ``train`` and, per map, the
-    mapping chosen by held-out NRMSE (``{}`` when the scans' own fits are not given)."""
+    mapping chosen by held-out NRMSE (``{}`` when the scans' own fits are not given).
+
+    Only held-out voxels whose label is not the scan's own fit count: against its own noisy
+    fit (a reference-scanner scan without a rescan) the identity scores 0 and a network that
+    denoises always loses, which says nothing about which is closer to the truth. With fewer
+    than :data:`MIN_SELECTION_VOXELS` such voxels ``auto`` keeps the network and says why.
+    """
     if train.own is None or held_out.own is None:
         return {}
     labels = scaling.to_physical(train.targets.cpu().numpy())
     linear = fit_linear_mapping(train.own, labels, names=OUTPUT_NAMES, inputs=inputs)
     truth = scaling.to_physical(held_out.targets.cpu().numpy())
-    pred = linear.apply(held_out.own)
-    linear_nrmse = {n: nrmse(pred[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
-    network_nrmse = {n: network_metrics[n]["nrmse"] for n in OUTPUT_NAMES}
-    chosen = select_mappings(network_nrmse, linear_nrmse, mode=selection)
-    return {
-        "linear": linear.to_dict(),
-        "selection": {
-            "mode": selection,
-            "rule": "per map, the network only where its held-out NRMSE is strictly lower",
-            "held_out": "validation blocks" if held_out is not train else "training voxels",
-            "n_voxels": len(held_out),
-            "maps": chosen,
-        },
+    own = np.isclose(held_out.own, truth, rtol=1e-4, atol=0.0).all(axis=1)
+    scored = np.flatnonzero(~own)
+    info = {
+        "mode": selection,
+        "rule": "per map, the network only where its held-out NRMSE is strictly lower",
+        "held_out": "validation blocks" if held_out is not train else "training voxels",
+        "n_voxels": int(scored.size),
+        "n_voxels_own_fit_labels": int(own.sum()),
     }
+    if scored.size < MIN_SELECTION_VOXELS and selection == "auto":
+        info["maps"] = {n: {"chosen": "network"} for n in OUTPUT_NAMES}
+        info["reason"] = (
+            f"{scored.size} held-out voxels have labels other than the scan's own fit (fewer "
+            f"than {MIN_SELECTION_VOXELS}): no evidence against the network, which is kept"
+        )
+        return {"linear": linear.to_dict(), "selection": info}
+    idx = torch.from_numpy(scored)
+    subset = dataclasses.replace(
+        held_out,
+        centres=held_out.centres.cpu()[idx],
+        targets=held_out.targets.cpu()[idx],
+        subject=held_out.subject[scored] if held_out.subject.size else held_out.subject,
+        own=held_out.own[scored],
+    )
+    net = scaling.to_physical(predict_voxels(model, subset, device=device)[0])
+    lin = linear.apply(subset.own)
+    truth = truth[scored]
+    network_nrmse = {n: nrmse(net[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
+    linear_nrmse = {n: nrmse(lin[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
+    info["maps"] = select_mappings(network_nrmse, linear_nrmse, mode=selection)
+    return {"linear": linear.to_dict(), "selection": info}
 
 
 def device_description(device: str | torch.device) -> str:
