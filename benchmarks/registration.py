@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from dkiharm_nipype import registration as reg  # noqa: E402
+from dkiharm_nipype.evaluation.scores import nrmse  # noqa: E402
 from dkiharm_nipype.phantom import truth  # noqa: E402
 
 SUBJECT = "01"
@@ -96,7 +97,7 @@ def _fa(bids: Path, session: str, *, distorted: bool) -> tuple[nb.Nifti1Image, n
             data = _unwarp(data, np.asarray(nb.load(fmap).dataobj, np.float32), axis=1)
     # A good brain extraction is assumed: the true brain mask in this DWI frame, dilated by
     # one voxel (median-Otsu on the b0 lost half of A's brain to its receive bias).
-    frame, affine = reg.truth_deformation(
+    frame, affine = truth.truth_deformation(
         bids, SUBJECT, fixed_session=session, moving_session=session, distortion=distorted
     )
     brain = truth.load_scan_labels(bids, SUBJECT, session, what="brain")
@@ -115,8 +116,8 @@ def _scores(warped: dict, target: dict, error_mm: np.ndarray) -> dict[str, float
     brain = target["brain"] > 0
     return {
         "error_mm": float(error_mm[brain].mean()),
-        "fa_nrmse": reg.nrmse(warped["fa"], target["fa"], brain),
-        "md_nrmse": reg.nrmse(warped["md"], target["md"], brain),
+        "fa_nrmse": nrmse(warped["fa"], target["fa"], brain),
+        "md_nrmse": nrmse(warped["md"], target["md"], brain),
         "wm_dice": reg.dice(warped["wm"] > 0.5, target["wm"] > 0.5),
         "roi_dice": reg.mean_label_dice(warped["rois"], target["rois"]),
     }
@@ -150,11 +151,11 @@ def run(bids: Path, engines: list[str], n_threads: int = 1) -> list[dict]:
     for target, distorted in TARGETS.items():
         fixed_fa, fixed_mask = _fa(bids, target, distorted=distorted)
         # the target's own truth in its DWI frame (displaced by C's distortion)
-        frame, affine = reg.truth_deformation(
+        frame, affine = truth.truth_deformation(
             bids, SUBJECT, fixed_session=target, moving_session=target, distortion=distorted
         )
         expected = _warp_all(_truth_images(bids, target), frame, affine)
-        true_deformation, _ = reg.truth_deformation(
+        true_deformation, _ = truth.truth_deformation(
             bids, SUBJECT, fixed_session=target, moving_session=REFERENCE, distortion=distorted
         )
         for engine in ["none", "truth", *engines]:

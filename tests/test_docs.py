@@ -26,6 +26,7 @@ PAGES = (
     "registration",
     "cnn",
     "benchmarks",
+    "layout",
     "api",
 )
 

@@ -188,7 +188,8 @@ def _tiny_fa(bids: Path, session: str) -> tuple[nb.Nifti1Image, nb.Nifti1Image]:
     from dipy.core.gradients import gradient_table
     from dipy.reconst.dti import TensorModel
 
-    from dkiharm_nipype.utils.dwi import mean_b0, median_otsu_mask
+    from dkiharm_nipype.preproc.masks import median_otsu_mask
+    from dkiharm_nipype.utils.dwi import mean_b0
 
     stem = bids / "sub-01" / f"ses-{session}" / "dwi" / f"sub-01_ses-{session}_run-1_dwi"
     img = nb.load(f"{stem}.nii.gz")

@@ -15,7 +15,7 @@ import pytest
 from evaldata import make_study, rms_over_mean, wm
 
 from dkiharm_nipype.evaluation.evaluate import EXPERIMENTS, evaluate_study, write_tsv
-from dkiharm_nipype.interfaces.metrics import SNR_COLUMNS
+from dkiharm_nipype.interfaces.scores import SNR_COLUMNS
 from dkiharm_nipype.report.html import GROUP_FIGURES, GROUP_TABLES, SUBJECT_FIGURES, build_report
 
 PARAMS = ("mk", "kfa")

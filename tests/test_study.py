@@ -12,6 +12,8 @@ from dkiharm_nipype.study import (
     StudyDesignError,
     check_voxel_sizes,
     choose_reference,
+    first_runs,
+    label_source,
     plan_study,
     rescan_partner,
 )
@@ -103,3 +105,32 @@ def test_rescan_partner_is_the_other_run():
     assert rescan_partner(get("03", "C", 1), scans) is None  # C: one run (Table 1)
     third = _scan("01", "D", 3)
     assert rescan_partner(third, [*scans, third]) is get("01", "D", 1)
+
+
+def test_first_runs_order_runs_as_numbers_and_serve_every_record():
+    """One rule for the scans, the evaluation tables and the report: run 2 before run 10."""
+    scans = [_scan("01", "A", 10), _scan("01", "A", 2), _scan("01", "B", 1), _scan("02", "A", 3)]
+    first = first_runs(scans)
+    assert {k: s.run for k, s in first.items()} == {("01", "A"): 2, ("01", "B"): 1, ("02", "A"): 3}
+    rows = [{"subject": "01", "scanner": "A", "run": r} for r in ("10", "2", "x")]
+    by_row = first_runs(rows, group=lambda r: (r["subject"], r["scanner"]), run=lambda r: r["run"])
+    assert by_row[("01", "A")]["run"] == "2"
+
+
+def test_label_source_follows_the_paper():
+    """Target scans: the subject's first reference-scanner run; reference-scanner scans: the
+    other run with ``rescan`` labels, else (or with a single run) their own fit."""
+    scans = _paper_design()
+
+    def get(sub, scanner, run):
+        return next(s for s in scans if (s.subject, s.scanner, s.run) == (sub, scanner, run))
+
+    for scan in (get("02", "A", 2), get("02", "C", 1)):
+        assert label_source(scan, scans, reference="D") is get("02", "D", 1)
+    assert label_source(get("02", "D", 1), scans, reference="D") is get("02", "D", 2)
+    assert label_source(get("02", "D", 2), scans, reference="D") is get("02", "D", 1)
+    own = get("02", "D", 2)
+    assert label_source(own, scans, reference="D", reference_labels="fit") is own
+    assert label_source(get("03", "C", 1), scans, reference="C") is get("03", "C", 1)
+    alone = _scan("09", "A")
+    assert label_source(alone, [*scans, alone], reference="D") is None

@@ -41,6 +41,7 @@ MODULES: dict[str, str] = {
     "dkiharm_nipype.denoise": "dkiharm_nipype.preproc.denoise",
     "dkiharm_nipype.dki.metrics": "dkiharm_nipype.dki.maps",
     "dkiharm_nipype.utils.checks": "dkiharm_nipype.cli.checks",
+    "dkiharm_nipype.interfaces.metrics": "dkiharm_nipype.interfaces.scores",
 }
 
 #: (module, name) -> the module that now defines ``name`` (after MODULES is applied).
@@ -51,6 +52,7 @@ NAMES: dict[tuple[str, str], str] = {
     ("dkiharm_nipype.cli.checks", "read_gradients"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.utils.checks", "check_nifti"): "dkiharm_nipype.utils.io",
     ("dkiharm_nipype.cli.checks", "check_nifti"): "dkiharm_nipype.utils.io",
+    ("dkiharm_nipype.utils.dwi", "median_otsu_mask"): "dkiharm_nipype.preproc.masks",
     ("dkiharm_nipype.registration", "truth_deformation"): "dkiharm_nipype.phantom.truth",
     ("dkiharm_nipype.registration.engines", "truth_deformation"): "dkiharm_nipype.phantom.truth",
     ("dkiharm_nipype.comparators.rish", "DWIScan"): "dkiharm_nipype.comparators.rish",
@@ -84,6 +86,7 @@ FILES: dict[str, str] = {
     "dkiharm_nipype/preproc/denoise.py": "dkiharm_nipype/denoise.py",
     "dkiharm_nipype/dki/maps.py": "dkiharm_nipype/dki/metrics.py",
     "dkiharm_nipype/cli/checks.py": "dkiharm_nipype/utils/checks.py",
+    "dkiharm_nipype/interfaces/scores.py": "dkiharm_nipype/interfaces/metrics.py",
 }
 
 
@@ -179,6 +182,13 @@ def _render(indent: str, module: str, names: list[str], suffix: str) -> str:
     return f"{indent}from {module} import (\n{body}{indent}){suffix}"
 
 
+def _module_alias(new: str, a: ast.alias) -> tuple[str, list[str]]:
+    """``from parent import leaf [as name]`` for a moved module imported as a name."""
+    parent, _, leaf = new.rpartition(".")
+    name = a.asname or a.name
+    return parent, [leaf if leaf == name else f"{leaf} as {name}"]
+
+
 def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> str | None:
     """The new text of one ``from ... import ...`` statement, or None when unchanged."""
     here = module_of(path)
@@ -204,9 +214,8 @@ def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> 
     for a in node.names:
         full = f"{absolute}.{a.name}"
         if full in MODULES and MODULES[full] != full and not exists(full + ".__init__"):
-            new = MODULES[full]
-            parent, _, leaf = new.rpartition(".")
-            groups.setdefault(parent, []).append(f"{leaf} as {a.asname or a.name}")
+            parent, names_ = _module_alias(MODULES[full], a)
+            groups.setdefault(parent, []).extend(names_)
             continue
         if (
             full in MODULES
@@ -215,9 +224,8 @@ def rewrite_from(node: ast.ImportFrom, path: Path, indent: str, suffix: str) -> 
             and not exists(f"{MODULES[full]}.{a.name}")
         ):
             # e.g. ``from dkiharm_nipype import evaluation`` meaning the old module
-            new = MODULES[full]
-            parent, _, leaf = new.rpartition(".")
-            groups.setdefault(parent, []).append(f"{leaf} as {a.asname or a.name}")
+            parent, names_ = _module_alias(MODULES[full], a)
+            groups.setdefault(parent, []).extend(names_)
             continue
         new_module = map_module(absolute, names)
         target = NAMES.get((new_module, a.name)) or NAMES.get((absolute, a.name)) or new_module

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import RunConfig
+from ..preproc.modes import resolved_preproc_mode
 
 __all__ = [
     "REFERENCES",
@@ -447,14 +448,6 @@ def _fsl_version() -> str:
         return ""
 
 
-def _resolved_preproc(preproc: str, denoiser: str = "dwidenoise") -> str:
-    if preproc != "auto":
-        return preproc
-    from ..preproc.modes import resolved_preproc_mode
-
-    return resolved_preproc_mode(preproc, denoiser)
-
-
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -718,7 +711,7 @@ def methods_paragraphs(config: RunConfig, *, scans: Sequence | None = None) -> l
         The selected scans: adds their counts, the runs TOPUP corrects and the training
         subjects drawn with the seed.
     """
-    preproc = _resolved_preproc(config.preproc, config.denoiser)
+    preproc = resolved_preproc_mode(config.preproc, config.denoiser, check=False)
     paragraphs = [
         f"Results included in this manuscript come from processing performed with dkiharm "
         f"{__version__}, an implementation of the DKI harmonization method of @tong2020, "

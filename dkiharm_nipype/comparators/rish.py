@@ -52,6 +52,7 @@ from scipy import ndimage
 from ..errors import DkiharmInputError
 from ..registration import register, resample, voxel_sizes
 from ..utils.dwi import B0_THRESHOLD, check_volumes
+from ..utils.io import read_gradients
 from .commonspace import build_common_space
 
 #: Shells whose b-values differ by at most this (s/mm^2) are the same shell.
@@ -332,10 +333,9 @@ class RISHScan:
     def from_files(cls, dwi, bval, bvec, mask, fa=None) -> RISHScan:
         """Load a scan from NIfTI + FSL gradient files (and an optional FA map)."""
         img = nb.load(dwi)
-        bvals = np.loadtxt(bval, ndmin=1).ravel()
+        bvals, bvecs = read_gradients(bval, bvec)
         data = np.asarray(img.dataobj, dtype=np.float32)
         check_volumes(data.shape, bvals, source=str(dwi))
-        bvecs = np.loadtxt(bvec, ndmin=2)
         mask_img = nb.load(mask)
         if mask_img.shape[:3] != img.shape[:3]:
             raise RISHInputError(

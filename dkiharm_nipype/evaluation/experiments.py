@@ -56,6 +56,7 @@ from ..errors import DkiharmInputError
 from ..registration import VOXEL_TOLERANCE_MM, register, voxel_sizes
 from ..study import first_runs, label_source, plan_study, run_key
 from ..utils.dwi import check_volumes
+from ..utils.io import load_mask, read_bvals
 from .evaluate import EVAL_PARAMS, EXPERIMENTS, TISSUE_LEFT_OUT, WM, write_tsv
 from .scores import mean_cv, nrmse, tissue_masks_from_fit, wm_mask_from_fit
 
@@ -405,7 +406,7 @@ class ExperimentStudy:
         if tissue in scan.tissues:
             return _load(scan.tissues[tissue])
         masks = tissue_masks_from_fit(
-            _load(scan.maps["fa"]), _load(scan.maps["md"]), _load_mask(scan.mask)
+            _load(scan.maps["fa"]), _load(scan.maps["md"]), load_mask(scan.mask)
         )
         return masks["GM" if tissue == "SGM" else tissue].astype(np.float32)
 
@@ -417,7 +418,7 @@ class ExperimentStudy:
         for tissue in tissues:
             if tissue in cache:
                 continue
-            brain = _load_mask(ref.mask)
+            brain = load_mask(ref.mask)
             if tissue == WM:
                 cache[tissue] = wm_mask_from_fit(
                     _load(ref.maps["fa"]), _load(ref.maps["md"]), brain
@@ -491,8 +492,8 @@ class ExperimentStudy:
         """The scan's DWI, mask, labels and tissue masks (and, ``with_fit``, its own eight
         maps), cropped to the brain."""
         img = nb.load(scan.dwi)
-        bvals = np.loadtxt(scan.bval, ndmin=1).ravel()
-        mask = _load_mask(scan.mask)
+        bvals = read_bvals(scan.bval)
+        mask = load_mask(scan.mask)
         box = mask_bounding_box(mask, margin=1)
         labels, support = self.labels_and_support(scan)
         fit = None
@@ -773,14 +774,10 @@ def _load(path) -> np.ndarray:
     return np.asarray(nb.load(path).dataobj, dtype=np.float32)
 
 
-def _load_mask(path) -> np.ndarray:
-    return np.asarray(nb.load(path).dataobj) > 0
-
-
 def _check_grids(scan: ExperimentScan) -> None:
     """Headers only: one b-value per volume, and every 3-D file of the scan on its grid."""
     img = nb.load(scan.dwi)
-    check_volumes(img.shape, np.loadtxt(scan.bval, ndmin=1).ravel(), source=str(scan.dwi))
+    check_volumes(img.shape, read_bvals(scan.bval), source=str(scan.dwi))
     files = {"brain mask": scan.mask, **{f"{p} map": f for p, f in scan.maps.items()}}
     files.update({f"{p} label": f for p, f in scan.labels.items()})
     files.update({f"{t} probability map": f for t, f in scan.tissues.items()})

@@ -21,6 +21,7 @@ from nipype.utils.filemanip import fname_presuffix
 from .. import __version__
 from ..dki.fit import METHODS, DKIInputError, fit_dki
 from ..dki.maps import ALL_METRICS
+from ..utils.io import load_mask, read_gradients
 
 _UNITS = {"md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "s0": "arbitrary"}
 _DESCRIPTIONS = {
@@ -138,8 +139,8 @@ class FitDKI(SimpleInterface):
         img = nb.load(inputs.dwi_file)
         mask = None
         if isdefined(inputs.mask_file):
-            mask = np.asanyarray(nb.load(inputs.mask_file).dataobj) > 0
-        bvals, bvecs = _read_gradients(inputs.bval_file, inputs.bvec_file)
+            mask = load_mask(inputs.mask_file)
+        bvals, bvecs = read_gradients(inputs.bval_file, inputs.bvec_file, error=DKIInputError)
         source = (
             f"{name} (bval: {os.path.basename(inputs.bval_file)}, "
             f"bvec: {os.path.basename(inputs.bvec_file)})"
@@ -230,20 +231,6 @@ def _bids_stem(dwi_file: str) -> str:
         if base.endswith(ext):
             base = base[: -len(ext)]
     return base[: -len("_dwi")] if base.endswith("_dwi") else base
-
-
-def _read_gradients(bval_file: str, bvec_file: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read FSL bval/bvec files, naming the file that cannot be parsed."""
-    arrays = []
-    for path in (bval_file, bvec_file):
-        try:
-            arrays.append(np.loadtxt(path, ndmin=2))
-        except ValueError as err:
-            raise DKIInputError(
-                f"Cannot read numbers from {os.path.basename(path)} ({err}); give a "
-                "whitespace-separated FSL bval/bvec text file."
-            ) from err
-    return arrays[0].ravel(), arrays[1]
 
 
 __all__ = ["FitDKI", "METHODS"]

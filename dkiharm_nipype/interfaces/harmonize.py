@@ -39,6 +39,7 @@ from ..cnn.modelio import (
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
 from ..utils.env import torch_threads
+from ..utils.io import load_mask, read_gradients
 
 LOGGER = logging.getLogger("nipype.interface")
 LOG_COLUMNS = ("epoch", "loss", "val_loss", "seconds")
@@ -204,14 +205,14 @@ class TrainHarmonizer(SimpleInterface):
                 dwi, bvals = _in_trained_order(protocol, fp, dwi, bvals)
             exclude = label_mask = None
             if "exclude_mask_files" in lists:
-                exclude = _load_mask(lists["exclude_mask_files"][i])
+                exclude = load_mask(lists["exclude_mask_files"][i])
             if "label_mask_files" in lists:
-                label_mask = _load_mask(lists["label_mask_files"][i])
+                label_mask = load_mask(lists["label_mask_files"][i])
             subjects.append(
                 TrainingSubject(
                     dwi=normalize_dwi(dwi, bvals),
                     labels=_load_labels(inputs.label_files[i]),
-                    mask=_load_mask(inputs.mask_files[i]),
+                    mask=load_mask(inputs.mask_files[i]),
                     exclude=exclude,
                     label_mask=label_mask,
                     name=lists["subject_ids"][i]
@@ -370,7 +371,7 @@ class ApplyHarmonizer(SimpleInterface):
                 card,
                 dwi,
                 bvals,
-                _load_mask(inputs.mask_file),
+                load_mask(inputs.mask_file),
                 device=inputs.device,
                 batch_voxels=inputs.batch_voxels,
                 mc_samples=inputs.mc_samples,
@@ -402,13 +403,12 @@ class ApplyHarmonizer(SimpleInterface):
 def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):
     img = nb.load(dwi_file)
     dwi = np.asarray(img.dataobj, dtype=np.float32)
-    bvals = np.loadtxt(bval_file, ndmin=1).ravel()
-    bvecs = np.loadtxt(bvec_file, ndmin=2)
+    bvals, bvecs = read_gradients(bval_file, bvec_file)
     if dwi.ndim != 4 or dwi.shape[-1] != bvals.size:
         raise ValueError(
             f"{dwi_file} has shape {dwi.shape}; {bval_file} lists {bvals.size} b-values."
         )
-    if bvecs.shape not in ((3, bvals.size), (bvals.size, 3)):
+    if bvecs.shape != (bvals.size, 3):
         raise ValueError(f"{bvec_file} has shape {bvecs.shape}; expected 3 x {bvals.size}.")
     return img, dwi, bvals, bvecs
 
@@ -435,10 +435,6 @@ def _fingerprint(img, bvals, bvecs, sidecar: str | None, echo_time) -> dict:
         echo_time=te,
         bvecs=bvecs,
     )
-
-
-def _load_mask(path: str) -> np.ndarray:
-    return np.asarray(nb.load(path).dataobj) > 0
 
 
 def _load_labels(labels) -> np.ndarray:

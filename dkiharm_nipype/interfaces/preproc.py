@@ -16,9 +16,11 @@ from nipype.interfaces.mrtrix3.base import MRTrix3Base
 from nipype.interfaces.mrtrix3.utils import BrainMask
 from nipype.utils.filemanip import fname_presuffix
 
-from ..utils.dwi import B0_THRESHOLD, mean_b0, median_otsu_mask
+from ..preproc.masks import median_otsu_mask
+from ..utils.dwi import B0_THRESHOLD, mean_b0
 from ..utils.env import torch_threads
 from ..utils.fsl import sidecar_name, write_topup_files
+from ..utils.io import load_mask, read_bvals
 
 
 class DWI2Mask(MRTrix3Base, BrainMask):
@@ -110,7 +112,7 @@ class MeanB0(SimpleInterface):
         img = nb.load(self.inputs.in_file)
         b0 = mean_b0(
             np.asarray(img.dataobj),
-            np.loadtxt(self.inputs.in_bval, ndmin=1),
+            read_bvals(self.inputs.in_bval),
             threshold=self.inputs.b0_threshold,
         )
         self._results["out_file"] = _save_like(
@@ -241,7 +243,7 @@ class TopupEddyFiles(SimpleInterface):
         self._results.update(
             write_topup_files(
                 self.inputs.in_file,
-                np.loadtxt(self.inputs.in_bval, ndmin=1),
+                read_bvals(self.inputs.in_bval),
                 self.inputs.metadata,
                 fmap_files=fmap_files,
                 fmap_metadata=fmap_meta,
@@ -323,7 +325,7 @@ class MPPCADenoise(SimpleInterface):
             )
         mask = None
         if isdefined(self.inputs.mask):
-            mask = np.asarray(nb.load(self.inputs.mask).dataobj) > 0
+            mask = load_mask(self.inputs.mask)
         with torch_threads(max(1, self.inputs.nthreads)):
             res = mppca(data, mask, extent=self.inputs.extent, stride=self.inputs.stride)
         cwd = runtime.cwd

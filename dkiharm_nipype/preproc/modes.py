@@ -75,7 +75,15 @@ def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> 
     return True, True
 
 
-def resolved_preproc_mode(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> str:
-    """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`)."""
+def resolved_preproc_mode(
+    preproc: PreprocMode, denoiser: Denoiser = "dwidenoise", *, check: bool = True
+) -> str:
+    """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`).
+
+    With ``check=False`` an explicit mode is returned as given, without looking for its
+    tools (the methods text of a run made elsewhere); ``auto`` is always decided here.
+    """
+    if not check and preproc != "auto":
+        return preproc
     run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
     return "fsl" if run_fsl else ("mrtrix" if run_mrtrix else "none")

@@ -45,21 +45,6 @@ def mean_b0(data: np.ndarray, bvals: np.ndarray, *, threshold: float = B0_THRESH
     return data[..., b0_indices(bvals, threshold=threshold)].mean(axis=-1, dtype=np.float64)
 
 
-def median_otsu_mask(b0: np.ndarray, *, median_radius: int = 2, numpass: int = 1) -> np.ndarray:
-    """Brain mask of a mean b0 image by median filtering and Otsu thresholding.
-
-    Uses :func:`dipy.segment.mask.median_otsu` (Garyfallidis et al. 2014, *Front.
-    Neuroinform.* 8:8). The default radius suits clinical voxel sizes (~2 mm); dipy's
-    own default (4 voxels, 4 passes) erodes small fields of view too much.
-    """
-    from dipy.segment.mask import median_otsu
-
-    _, mask = median_otsu(
-        np.asarray(b0, dtype=np.float32), median_radius=median_radius, numpass=numpass
-    )
-    return mask.astype(bool)
-
-
 def degibbs_axes(metadata: dict | None = None) -> list[int]:
     """The in-plane voxel axes of a 2-D multi-slice acquisition, for ``mrdegibbs -axes``.
 

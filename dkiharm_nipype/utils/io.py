@@ -35,35 +35,43 @@ def atomic_write_text(text: str, dst: str | os.PathLike) -> None:
     os.replace(tmp, dst)
 
 
-def read_bvals(bval: str | os.PathLike) -> np.ndarray:
-    """The b-values of an FSL-style ``.bval`` file as a 1-D float array (one per volume)."""
+def read_bvals(
+    bval: str | os.PathLike, *, error: type[DkiharmInputError] = DkiharmInputError
+) -> np.ndarray:
+    """The b-values of an FSL-style ``.bval`` file as a 1-D float array (one per volume).
+
+    A file that is not numbers raises ``error`` (a :class:`DkiharmInputError`) naming it.
+    """
     try:
         return np.loadtxt(bval, ndmin=1, dtype=float).ravel()
     except (OSError, ValueError) as exc:
-        raise DkiharmInputError(
+        raise error(
             f"{bval} cannot be read as b-values ({exc}); it must hold one row of numbers."
         ) from None
 
 
 def read_gradients(
-    bval: str | os.PathLike, bvec: str | os.PathLike
+    bval: str | os.PathLike,
+    bvec: str | os.PathLike,
+    *,
+    error: type[DkiharmInputError] = DkiharmInputError,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read FSL-style ``.bval``/``.bvec`` files with one-line errors naming the file.
 
     Returns ``(bvals, bvecs)``: ``(N,)`` b-values and ``(N, 3)`` unit directions (a file with
-    three columns instead of three rows is read too).
+    three columns instead of three rows is read too). Problems raise ``error`` naming the file.
     """
-    bvals = read_bvals(bval)
+    bvals = read_bvals(bval, error=error)
     try:
         bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
     except (OSError, ValueError) as exc:
-        raise DkiharmInputError(
+        raise error(
             f"{bvec} cannot be read as b-vectors ({exc}); it must hold three rows of numbers."
         ) from None
     if bvecs.shape[0] != 3 and bvecs.shape[1] == 3:
         bvecs = bvecs.T
     if bvecs.shape[0] != 3:
-        raise DkiharmInputError(
+        raise error(
             f"{bvec} has {bvecs.shape[0]} rows; BIDS b-vectors are 3 rows (x, y, z) with one "
             "column per volume."
         )

@@ -12,7 +12,7 @@ from nipype.pipeline import engine as pe
 from ..dki.maps import ALL_METRICS
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.dki import FitDKI
-from ..interfaces.metrics import ComputeSNR
+from ..interfaces.scores import ComputeSNR
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
 from .preproc import init_dwi_preproc_wf

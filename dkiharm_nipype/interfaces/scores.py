@@ -19,6 +19,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 from ..errors import DkiharmInputError
 from ..evaluation.scores import auto_wm_roi, snr_in_roi
+from ..utils.io import load_mask, read_bvals
 
 SNR_COLUMNS = (
     "participant_id",
@@ -100,10 +101,10 @@ class ComputeSNR(SimpleInterface):
 
     def _run_interface(self, runtime):
         dwi = np.asanyarray(nb.load(self.inputs.dwi_file).dataobj, dtype=np.float32)
-        bvals = np.loadtxt(self.inputs.bval_file, ndmin=1)
-        mask = np.asanyarray(nb.load(self.inputs.brain_mask).dataobj) > 0
+        bvals = read_bvals(self.inputs.bval_file)
+        mask = load_mask(self.inputs.brain_mask)
         if isdefined(self.inputs.roi_file):
-            roi = np.asanyarray(nb.load(self.inputs.roi_file).dataobj) > 0
+            roi = load_mask(self.inputs.roi_file)
             roi_name = Path(self.inputs.roi_file).name
         elif isdefined(self.inputs.fa_file) and isdefined(self.inputs.md_file):
             fa = np.asanyarray(nb.load(self.inputs.fa_file).dataobj)
