@@ -7,10 +7,10 @@ import pytest
 
 from dkiharm_nipype.cnn.data import TrainingSubject, normalize_dwi
 from dkiharm_nipype.cnn.infer import harmonize_scan, linear_maps
+from dkiharm_nipype.cnn.linear import LinearMapping, fit_linear_mapping, select_mappings
 from dkiharm_nipype.cnn.model import OUTPUT_NAMES
 from dkiharm_nipype.cnn.modelio import scan_fingerprint
 from dkiharm_nipype.cnn.train import train_harmonizer
-from dkiharm_nipype.comparators.linear import LinearMapping, fit_linear_mapping, select_mappings
 
 #: Physical scale of each map (diffusivities in mm^2/s, FA and kurtoses unitless).
 UNITS = np.array([1e-3, 1.5e-3, 0.6e-3, 0.5, 1.0, 0.7, 1.2, 0.4])

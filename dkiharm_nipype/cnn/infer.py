@@ -166,7 +166,7 @@ def harmonize_scan(
 def linear_maps(card: ModelCard, fit_maps: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """The linear baseline of a scan: the card's linear mapping of its own maps ``(X, Y, Z,
     8)``, inside ``mask`` (0 elsewhere); ``None`` for a card without one."""
-    from ..comparators.linear import LinearMapping
+    from .linear import LinearMapping
 
     spec = card.mapping.get("linear") if card.mapping else None
     if not spec:

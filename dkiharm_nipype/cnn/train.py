@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..comparators.linear import fit_linear_mapping, select_mappings
 from ..config import NETWORK_INPUTS
 from ..errors import DkiharmInputError
 from ..evaluation.scores import nrmse
@@ -35,6 +34,7 @@ from .data import (
     make_training_sets,
 )
 from .infer import predict_voxels
+from .linear import fit_linear_mapping, select_mappings
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 
@@ -187,7 +187,7 @@ def train_harmonizer(
     :func:`.modelio.save_model`) and the fit history.
 
     When every subject has its own ``fit`` (whatever the network input), the linear baseline
-    (:func:`~dkiharm_nipype.comparators.linear.fit_linear_mapping`, ``linear_inputs``) is
+    (:func:`~dkiharm_nipype.cnn.linear.fit_linear_mapping`, ``linear_inputs``) is
     fitted on the network's training voxels and both are scored on the held-out validation
     blocks; ``selection`` (``auto``: per map, the network only where it is strictly better)
     decides which one harmonizes each map. The card's ``mapping`` records the linear

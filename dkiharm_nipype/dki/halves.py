@@ -16,6 +16,7 @@ import nibabel as nb
 import numpy as np
 
 from ..utils.dwi import B0_THRESHOLD
+from ..utils.io import read_gradients
 from .fit import fit_dki
 from .maps import ALL_METRICS
 
@@ -82,7 +83,7 @@ def write_half_maps(
     img = nb.load(dwi_file)
     dwi = np.asarray(img.dataobj, dtype=np.float32)
     mask = np.asarray(nb.load(mask_file).dataobj) > 0
-    bvals, bvecs = np.loadtxt(bval_file, ndmin=1), np.loadtxt(bvec_file, ndmin=2)
+    bvals, bvecs = read_gradients(bval_file, bvec_file)
     halves = fit_halves(dwi, bvals, bvecs, mask, method=method, b_max=b_max, n_threads=n_threads)
     files = []
     for k, maps in enumerate(halves, 1):

@@ -379,7 +379,7 @@ class ApplyHarmonizer(SimpleInterface):
                 fit_maps=fit_maps,
             )
         linear = (
-            None if fit_maps is None else linear_maps(card, fit_maps, _load_mask(inputs.mask_file))
+            None if fit_maps is None else linear_maps(card, fit_maps, load_mask(inputs.mask_file))
         )
         _, stem, _ = split_filename(inputs.dwi_file)
         stem = stem.removesuffix("_dwi")

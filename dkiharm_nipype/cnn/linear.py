@@ -6,7 +6,9 @@ map) or ``y_j = sum_k A_jk x_k + b_j`` (``inputs="all"``: all eight maps), fitte
 ordinary least squares on the same training voxels as the networks (the target scanner's
 fit against the reference scanner's labels registered into it).
 
-The group level fits one mapping per target scanner beside its network
+It lives with the networks (``cnn``) because it is one of the two mappings a harmonizer
+card can apply; the evaluation scores it as a comparator. The group level fits one mapping
+per target scanner beside its network
 (:func:`dkiharm_nipype.cnn.train.train_harmonizer`), stores it in the model card, scores it
 as method ``linear`` everywhere the networks are scored, and uses it where the network does
 not beat it on held-out blocks (model selection, :func:`select_mappings`).
