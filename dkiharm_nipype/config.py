@@ -55,6 +55,9 @@ class RunConfig:
     output_dir: Path
     analysis_level: str
     work_dir: Path
+    skip_bids_validation: bool = False
+    bids_database_dir: Path | None = None
+    config_file: Path | None = None
     participant_label: tuple[str, ...] = ()
     session_label: tuple[str, ...] = ()
     bids_filters: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +73,8 @@ class RunConfig:
     verbose: int = 0
     # harmonization (group level; models_dir also at the participant level)
     reference_scanner: str | None = None
+    # white-matter ROI for the SNR ({subject}/{session}/{run} expand); default automatic
+    snr_roi: str | None = None
     train_participants: tuple[str, ...] = ()
     registration: str = "auto"
     epochs: int = 100

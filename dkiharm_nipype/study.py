@@ -152,6 +152,12 @@ def read_snr_rows(tsv_files) -> list[dict]:
 def choose_reference(snr_files, override: str | None = None) -> tuple[str, str]:
     """The reference scanner (highest mean WM SNR, or ``override``) and the SNR table."""
     table, best = snr_table(read_snr_rows(snr_files))
+    if not (override or best):
+        raise StudyDesignError(
+            "No scan has a measurable SNR (every SNR is n/a: no white matter in the automatic "
+            "ROI), so no reference scanner can be chosen; give --snr-roi FILE or "
+            "--reference-scanner LABEL."
+        )
     return (override or best), table
 
 

@@ -123,6 +123,26 @@ def _(bids, tmp):
     return ["--bids-filter-file", str(filters)], [str(filters), "not valid JSON", "write it"]
 
 
+def _rename_scan(dwi: Path, new_stem: str) -> Path:
+    """Rename a DWI and its .bval/.bvec/.json to ``new_stem`` (entities changed)."""
+    for ext in (".nii.gz", ".bval", ".bvec", ".json"):
+        _sib(dwi, ext).rename(dwi.with_name(new_stem + ext))
+    return dwi.with_name(new_stem + ".nii.gz")
+
+
+@case("entity_unknown_to_bids")
+def _(bids, tmp):
+    _rename_scan(_dwi(bids), "sub-01_ses-D_run-1_foo-bar_dwi")
+    return [], ["sub-01_ses-D_run-1_foo-bar_dwi.nii.gz", "entity 'foo'", "rename the file"]
+
+
+@case("two_files_with_the_same_entities")
+def _(bids, tmp):
+    dwi = _dwi(bids)
+    nb.save(nb.load(dwi), dwi.with_suffix("").with_suffix(".nii"))  # .nii beside .nii.gz
+    return [], ["same entities (sub-01_ses-D_run-1)", "keep one"]
+
+
 @case("scanner_field_missing_in_sidecar")
 def _(bids, tmp):
     sidecar = _sib(_dwi(bids), ".json")

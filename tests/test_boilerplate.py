@@ -251,6 +251,7 @@ def test_boilerplate_only_cli_writes_text_and_no_derivatives(tiny_bids, tmp_path
         "CITATION.html",
         "CITATION.md",
         "CITATION.tex",
+        "config.toml",  # the resolved options of the call
     ]
     assert not list(work.rglob("result_*.pklz"))  # no node ran
     md = (out / "logs" / "CITATION.md").read_text()

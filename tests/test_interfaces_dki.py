@@ -70,11 +70,15 @@ def test_fitdki_writes_maps_and_sidecars(scan, tmp_path, monkeypatch):
         np.testing.assert_allclose(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
         np.testing.assert_allclose(img.get_fdata(), expected[name], rtol=1e-5, atol=1e-9)
         meta = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
-        assert meta["Model"] == "DKI" and meta["FitMethod"] == "IRLLS"
+        model = meta["Model"]
+        assert model["FitMethod"] == "IRLLS" and "kurtosis" in model["Description"]
         assert meta["Software"]["Version"] == __version__
-        assert meta["BValuesUsed"] == [0.0, 1000.0, 2000.0]
-        assert meta["Parameters"]["Map"] == name and "Units" in meta["Parameters"]
-        assert "OutlierRejectionMethod" in meta and "Iterations" in meta
+        assert model["Parameters"]["BValuesUsed"] == [0.0, 1000.0, 2000.0]
+        assert model["Parameters"]["BMax"] == 2000.0 and "Units" in meta
+        assert model["Parameters"]["OutlierRejection"]["Threshold"] == 3.5
+        assert model["Parameters"]["Iterations"] >= 0
+        # the projection the code runs: K(n) in [0, 3], not dipy's [-3/7, 10] map clip
+        assert model["Parameters"]["Constraints"]["DirectionalKurtosisRange"] == [0.0, 3.0]
     assert len(out.sidecar_files) == 10
     assert nb.load(out.outlier_fraction_file).shape == (4, 4, 3)
     assert nb.load(out.s0_file).get_fdata()[1:].min() > 0

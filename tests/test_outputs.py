@@ -53,9 +53,11 @@ def test_sink_and_publish_are_atomic(tmp_path):
     )
     res = sink.run(cwd=str(tmp_path))
     assert res.outputs.out_file.endswith("_space-dwi_model-dki_param-md_dwimap.nii.gz")
+    raw = "bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"
     assert json.loads(open(res.outputs.out_meta).read()) == {
         "Model": "DKI",
-        "Sources": ["bids:raw:sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz"],
+        "Sources": [raw],
+        "SpatialReference": raw,  # space-dwi is no template: it names its image
     }
     out = tmp_path / "out"
     written = publish_derivatives(staging, out)
@@ -121,3 +123,25 @@ def test_nrmse_and_cv_match_hand_computation():
     assert roi_nrmse(est, ref, labels, {1: "GCC", 2: "BCC", 3: "SCC"}) == pytest.approx(
         {"GCC": np.sqrt(0.125) / 1.5, "BCC": np.sqrt(0.125) / 3.5}
     )
+
+
+def test_dataset_description_is_rewritten_and_links_the_raw_dataset(tmp_path):
+    from dkiharm_nipype import __version__
+
+    raw = tmp_path / "study"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text(
+        json.dumps({"Name": "study", "BIDSVersion": "1.9.0", "DatasetDOI": "doi:10.1/x"})
+    )
+    out = raw / "derivatives" / "dkiharm"
+    out.mkdir(parents=True)
+    stale = {"Name": "old", "GeneratedBy": [{"Name": "dkiharm", "Version": "0.0.1"}]}
+    (out / "dataset_description.json").write_text(json.dumps(stale))
+    publish_derivatives(None, out, bids_dir=raw)
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["GeneratedBy"][0]["Version"] == __version__  # not the first run's forever
+    # bids:raw: URIs of the sidecars resolve through DatasetLinks, relative inside the dataset
+    assert desc["DatasetLinks"] == {"raw": "../.."}
+    assert desc["SourceDatasets"] == [{"URL": "../..", "DOI": "doi:10.1/x"}]
+    ignore = (out / ".bidsignore").read_text().splitlines()
+    assert "*_dwimap.nii.gz" in ignore and "*_desc-preproc_dwi.bval" in ignore

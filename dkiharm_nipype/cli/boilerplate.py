@@ -517,16 +517,20 @@ def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) 
 
 
 def _fit_paragraph(config: RunConfig) -> str:
+    from ..dki.provenance import constraints_sentence, fit_options
+
+    # the same values as the map sidecars (one source of truth: dki/provenance.py)
+    constraints = constraints_sentence(fit_options(method=config.fit_method, constraints=True))
     shells = (
         f"volumes with b ≤ {config.b_max:g} s/mm²" if config.b_max is not None else "all volumes"
     )
     return (
         "The diffusion and kurtosis tensors of the DKI signal model [@jensen2005] were "
         f"estimated voxelwise from {shells} by {_FIT_TEXT[config.fit_method]}, followed by a "
-        "projection onto physically plausible values (non-negative diffusivities, directional "
-        "kurtosis in [0, 10]). Mean, axial and radial diffusivity (MD, AD, RD), fractional "
-        "anisotropy (FA), and mean, axial and radial kurtosis (MK, AK, RK) [@tabesh2011] and "
-        "the kurtosis fractional anisotropy (KFA) [@glenn2015] were computed with the "
+        f"projection onto physically plausible values ({constraints}). Mean, axial and radial "
+        "diffusivity (MD, AD, RD), fractional anisotropy (FA), and mean, axial and radial "
+        "kurtosis (MK, AK, RK) [@tabesh2011] and the kurtosis fractional anisotropy (KFA) "
+        "[@glenn2015] were computed with the "
         "definitions of dipy [@dipy]. The SNR of each scan was measured as the mean b=0 signal "
         "in white matter divided by the noise standard deviation there (dwidenoise's "
         "noise map, or the spread across b=0 frames without denoising), in decibels."

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..__about__ import __version__
 from ..config import NETWORK_INPUTS, REFERENCE_LABELS, ExecConfig, RunConfig
+from ..preproc.modes import DENOISERS, MASK_METHODS, PREPROC_MODES
 
 PLUGINS = (
     "Linear",
@@ -34,8 +35,43 @@ PLUGINS = (
 class _OneLineParser(argparse.ArgumentParser):
     """Errors are one line (``dkiharm: error: ...``) and exit with status 2."""
 
+    #: where the options being parsed come from, when not the command line
+    context = ""
+
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        where = f" in {self.context}" if self.context else ""
+        self.exit(2, f"{self.prog}: error: {message}{where} (see '{self.prog} --help')\n")
+
+
+#: Memory units of ``--mem`` (to GB).
+_MEM_UNITS = {"K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}
+
+
+def parse_memory(value: str) -> float:
+    """``16GB``, ``16G``, ``16000MB``, ``1.5T`` -> GB; a bare number is refused.
+
+    >>> parse_memory("16GB"), parse_memory("16000MB"), parse_memory("1.5 T")
+    (16.0, 16.0, 1500.0)
+    """
+    text = value.strip().upper().replace(" ", "").removesuffix("IB").removesuffix("B")
+    number, unit = text[:-1], text[-1:]
+    try:
+        gigabytes = float(number) * _MEM_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"'{value}' is not a memory size; write e.g. 16GB or 16000MB") from None
+    if gigabytes <= 0:
+        raise ValueError(f"'{value}' is not a positive memory size; write e.g. 16GB")
+    return gigabytes
+
+
+def _memory(parser):
+    def check(value: str) -> float:
+        try:
+            return parse_memory(value)
+        except ValueError as exc:
+            parser.error(f"--mem {exc}")
+
+    return check
 
 
 def _existing_dir(parser, value: str) -> Path:
@@ -100,8 +136,11 @@ def _plugin_args(parser):
     return parse
 
 
-def get_parser() -> argparse.ArgumentParser:
-    """Build the parser; positionals first, then option groups."""
+def get_parser(*, positionals: bool = True) -> argparse.ArgumentParser:
+    """Build the parser; positionals first, then option groups.
+
+    ``positionals=False`` gives the options alone (what a ``--config-file`` may set).
+    """
     parser = _OneLineParser(
         prog="dkiharm",
         description=(
@@ -111,7 +150,24 @@ def get_parser() -> argparse.ArgumentParser:
             "scanner, trains one network per scanner and writes harmonized maps."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # "--mem 16000" must not be read as another option's prefix
     )
+    if positionals:
+        _add_positionals(parser)
+    parser.add_argument("--version", action="version", version=f"dkiharm {__version__}")
+    parser.add_argument(
+        "--config-file",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options (long names without '--', e.g. 'epochs = 50', "
+        "'participant-label = [\"01\"]'); options on the command line win; "
+        "output_dir/logs/config.toml of a run can be passed back",
+    )
+    _add_options(parser)
+    return parser
+
+
+def _add_positionals(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "bids_dir",
         type=lambda v: _existing_dir(parser, v),
@@ -125,8 +181,9 @@ def get_parser() -> argparse.ArgumentParser:
         choices=["participant", "group"],
         help="processing stage: per-scan fitting, or scanner-level training and harmonization",
     )
-    parser.add_argument("--version", action="version", version=f"dkiharm {__version__}")
 
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
     sel = parser.add_argument_group("Selecting data")
     sel.add_argument(
         "--participant-label",
@@ -156,25 +213,38 @@ def get_parser() -> argparse.ArgumentParser:
         help="what identifies a scanner: 'ses' (session label), 'acq', or a "
         "sidecar field such as DeviceSerialNumber",
     )
+    sel.add_argument(
+        "--skip-bids-validation",
+        "--skip_bids_validation",
+        action="store_true",
+        help="do not validate the input dataset with bids-validator-deno before processing",
+    )
+    sel.add_argument(
+        "--bids-database-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder of a pybids index of bids_dir, made if absent and reused by later runs "
+        "(faster start on large datasets)",
+    )
 
     proc = parser.add_argument_group("Processing")
     proc.add_argument(
         "--preproc",
-        choices=["auto", "fsl", "mrtrix", "none"],
+        choices=PREPROC_MODES,
         default="auto",
         help="auto: MRtrix3 denoising + Gibbs removal, plus FSL TOPUP/Eddy when "
         "FSL is installed; fsl: require TOPUP/Eddy; mrtrix: MRtrix3 only",
     )
     proc.add_argument(
         "--denoiser",
-        choices=["dwidenoise", "mppca"],
+        choices=DENOISERS,
         default="dwidenoise",
         help="denoising step of --preproc auto|fsl|mrtrix: MRtrix3 dwidenoise, or the "
         "package's torch MP-PCA (same estimator, windows every 3 voxels; about 7x faster)",
     )
     proc.add_argument(
         "--mask-method",
-        choices=["dwi2mask", "median_otsu"],
+        choices=MASK_METHODS,
         default="dwi2mask",
         help="brain-mask estimation on the preprocessed DWI",
     )
@@ -202,6 +272,13 @@ def get_parser() -> argparse.ArgumentParser:
         "--reference-scanner",
         metavar="LABEL",
         help="reference scanner (default: the one with the highest WM SNR)",
+    )
+    harm.add_argument(
+        "--snr-roi",
+        metavar="FILE",
+        help="white-matter mask for each scan's SNR, on its DWI grid; {subject}, {session} and "
+        "{run} in the path are replaced by the scan's labels (default: FA >= 0.45 and MD <= "
+        "1.1e-3 mm2/s inside the eroded brain mask; a scan without such voxels gets SNR n/a)",
     )
     harm.add_argument(
         "--train-participants",
@@ -339,7 +416,22 @@ def get_parser() -> argparse.ArgumentParser:
         default=None,
         help="threads per process (default: min(8, nprocs))",
     )
-    perf.add_argument("--mem-gb", type=float, default=None, help="memory limit for MultiProc")
+    perf.add_argument(
+        "--mem",
+        dest="mem_gb",
+        type=_memory(parser),
+        default=None,
+        metavar="SIZE",
+        help="memory limit for MultiProc, with a unit: 16GB, 16000MB",
+    )
+    perf.add_argument(
+        "--mem-gb",
+        "--mem_gb",
+        dest="mem_gb",
+        type=float,
+        metavar="GB",
+        help="the same limit in GB (older spelling of --mem)",
+    )
     perf.add_argument(
         "--plugin", choices=PLUGINS, default="MultiProc", help="Nipype execution plugin"
     )
@@ -370,13 +462,72 @@ def get_parser() -> argparse.ArgumentParser:
         default=0,
         help="more log output (-v info from Nipype, -vv debug)",
     )
-    return parser
+
+
+def _read_toml(parser, path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        parser.error(f"--config-file {path} does not exist; check the path")
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"--config-file {path} is not valid TOML ({exc}); fix the file")
+
+
+def _toml_to_argv(parser, table: dict, path: Path) -> list[str]:
+    """The command-line tokens that a ``--config-file`` table stands for."""
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse's option table
+    tokens: list[str] = []
+    for key, value in table.items():
+        if key == "resolved":  # what a run dumped for the record (logs/config.toml)
+            continue
+        option = "--" + key.replace("_", "-") if len(key) > 1 else "-" + key
+        action = actions.get(option) or actions.get("--" + key)
+        if action is None or option in ("--help", "--version", "--config-file"):
+            parser.error(
+                f"'{key}' is not an option of dkiharm; use the long option names of "
+                "'dkiharm --help' (bids_dir, output_dir and the analysis level go on the "
+                "command line)"
+            )
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            tokens += [option] if value is True else []
+        elif isinstance(action, argparse._CountAction):  # noqa: SLF001
+            tokens += [option] * int(value)
+        elif isinstance(value, list):
+            tokens += [option, *(str(v) for v in value)] if value else []
+        elif isinstance(value, dict):
+            tokens += [option, json.dumps(value)]
+        else:
+            tokens += [option, str(value)]
+    return tokens
+
+
+def _with_config_file(parser, argv: list[str]) -> argparse.Namespace:
+    """Options of ``--config-file`` as defaults that the command line overrides."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config-file", type=Path)
+    known, _ = first.parse_known_args(argv)
+    if known.config_file is None:
+        return argparse.Namespace()
+    path = known.config_file
+    options = get_parser(positionals=False)
+    options.context = f"--config-file {path}"
+    for action in options._actions:  # noqa: SLF001 - only what the file sets
+        action.default = argparse.SUPPRESS
+    return options.parse_args(_toml_to_argv(options, _read_toml(parser, path), path))
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    """Parse and validate the command line into a :class:`RunConfig`."""
+    """Parse and validate the command line into a :class:`RunConfig`.
+
+    Options of a ``--config-file`` fill in what the command line does not set.
+    """
     parser = get_parser()
-    opts = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opts = parser.parse_args(argv, namespace=_with_config_file(parser, argv))
     bids_dir: Path = opts.bids_dir
     output_dir = opts.output_dir.expanduser().absolute()
     if output_dir == bids_dir:
@@ -413,6 +564,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
         if value and "{subject}" not in value and not Path(value).expanduser().is_file():
             parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
+    if opts.snr_roi and "{" not in opts.snr_roi and not Path(opts.snr_roi).expanduser().is_file():
+        parser.error(f"--snr-roi {opts.snr_roi} does not exist; give a white-matter mask (NIfTI)")
     if opts.tissue_maps and "{" not in opts.tissue_maps:
         if not Path(opts.tissue_maps).expanduser().is_dir():
             parser.error(
@@ -444,6 +597,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         output_dir=output_dir,
         analysis_level=opts.analysis_level,
         work_dir=opts.work_dir.expanduser().absolute(),
+        skip_bids_validation=opts.skip_bids_validation,
+        bids_database_dir=(
+            opts.bids_database_dir.expanduser().absolute() if opts.bids_database_dir else None
+        ),
+        config_file=opts.config_file.expanduser().absolute() if opts.config_file else None,
         participant_label=tuple(p.removeprefix("sub-") for p in opts.participant_label),
         session_label=tuple(s.removeprefix("ses-") for s in opts.session_label),
         bids_filters=filters,
@@ -475,7 +633,102 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         comparators=tuple(dict.fromkeys(opts.comparators)),
         experiments=tuple(dict.fromkeys(opts.experiments)),
         tissue_maps=opts.tissue_maps,
+        snr_roi=opts.snr_roi,
     )
+
+
+#: RunConfig fields written under another option name (``--models DIR`` -> models_dir).
+_OPTION_OF_FIELD = {"models_dir": "models", "experiments": "experiment"}
+#: Fields that are no option (the positionals) or are kept only for the record.
+_RESOLVED_ONLY = ("bids_dir", "output_dir", "analysis_level", "bids_filters", "config_file")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + items + "}"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def config_toml(config: RunConfig) -> str:
+    """The resolved configuration as TOML, loadable again with ``--config-file``.
+
+    Options come first under their long names; ``[resolved]`` records what is not an option
+    (positionals, the BIDS filters read from ``--bids-filter-file``, the version).
+
+    >>> from pathlib import Path
+    >>> text = config_toml(RunConfig(bids_dir=Path("/raw"), output_dir=Path("/out"),
+    ...                              analysis_level="participant", work_dir=Path("/work")))
+    >>> print(text.splitlines()[1]); "[resolved]" in text
+    work-dir = "/work"
+    True
+    """
+    from dataclasses import asdict, fields
+
+    lines = [f"# dkiharm {__version__}: resolved configuration of this run"]
+    values = asdict(config)
+    execution = values.pop("execution")
+    for item in fields(RunConfig):
+        name = item.name
+        if name in _RESOLVED_ONLY or name == "execution" or values.get(name) in (None, []):
+            continue
+        key = _OPTION_OF_FIELD.get(name, name).replace("_", "-")
+        lines.append(f"{key} = {_toml_value(values[name])}")
+    for name, value in execution.items():
+        if value is not None and value != {}:
+            lines.append(f"{name.replace('_', '-')} = {_toml_value(value)}")
+    lines += ["", "[resolved]", f"version = {_toml_value(__version__)}"]
+    for name in _RESOLVED_ONLY:
+        if values.get(name) is not None:
+            lines.append(f"{name} = {_toml_value(values[name])}")
+    return "\n".join(lines) + "\n"
+
+
+def options_markdown(parser: argparse.ArgumentParser | None = None) -> str:
+    """The option reference of ``docs/usage.md``, generated from the parser.
+
+    One table per option group: every option string, its choices or value, its default
+    and its help text, as ``dkiharm --help`` has them (``tools/usage_reference.py`` writes
+    it into the page; ``tests/test_cli.py`` fails when the page is out of date).
+    """
+    parser = parser or get_parser()
+    out = []
+    for group in parser._action_groups:  # noqa: SLF001 - argparse keeps groups private
+        rows = [a for a in group._group_actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+        if not rows:
+            continue
+        title = "General" if group.title in ("options", "optional arguments") else group.title
+        out += [f"### {title}", "", "| option | value | default | meaning |", "|---|---|---|---|"]
+        for action in rows:
+            names = ", ".join(f"`{o}`" for o in action.option_strings)
+            if action.choices:
+                value = " \\| ".join(f"`{c}`" for c in action.choices)
+            elif action.nargs == 0:
+                value = ""
+            else:
+                value = f"`{action.metavar or action.dest.upper()}`"
+            default = action.default
+            empty = default is None or default is False or default == [] or default == {}
+            shown = "" if empty or default is argparse.SUPPRESS else f"`{default}`"
+            if action.dest == "nprocs":
+                shown = "CPU count"
+            text = (action.help or "").replace("%%", "%").replace("|", "\\|")
+            out.append(f"| {names} | {value} | {shown} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_config(config: RunConfig, path: Path) -> None:
+    """Write :func:`config_toml` to ``path`` (``output_dir/logs/config.toml``) atomically."""
+    from ..utils.io import atomic_write_text
+
+    atomic_write_text(config_toml(config), path)
 
 
 if __name__ == "__main__":  # pragma: no cover

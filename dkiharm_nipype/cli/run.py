@@ -60,7 +60,7 @@ def run(config: RunConfig) -> int:
 
     os.environ.setdefault("MRTRIX_QUIET", "1")
     LOGGER.info("indexing %s", config.bids_dir)
-    layout = load_layout(config.bids_dir)
+    layout = load_layout(config.bids_dir, database_path=config.bids_database_dir)
     scans = collect_scans(
         layout,
         participant_label=config.participant_label,
@@ -86,7 +86,11 @@ def run(config: RunConfig) -> int:
     from ..workflows.base import init_dkiharm_wf
 
     workflow, staging = init_dkiharm_wf(config=config, scans=scans)
+    _validate_input(config)
     from .boilerplate import write_citation
+    from .parser import write_config
+
+    write_config(config, config.output_dir / "logs" / "config.toml")
 
     write_citation(config, config.output_dir / "logs", scans=scans)
     if config.write_graph:
@@ -100,7 +104,7 @@ def run(config: RunConfig) -> int:
         return 0
     started = time.time()
     workflow.run(plugin=config.execution.plugin, plugin_args=config.execution.nipype_plugin_args())
-    written = publish_derivatives(staging, config.output_dir)
+    written = publish_derivatives(staging, config.output_dir, bids_dir=config.bids_dir)
     snr_rows = aggregate_snr(config.output_dir)
     if snr_rows:
         table, _ = snr_table(snr_rows)
@@ -130,6 +134,20 @@ def _report_baseline(path: Path) -> None:
             LOGGER.info(line)
         else:
             LOGGER.warning("WARNING: the network does not beat the linear baseline: %s", line)
+
+
+def _validate_input(config: RunConfig) -> None:
+    """The BIDS validator on the input, after dkiharm's own checks and before processing."""
+    from ..utils.bids import validate_bids
+
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation of %s skipped (--skip-bids-validation)", config.bids_dir)
+        return
+    warnings = validate_bids(
+        config.bids_dir, participant_label=config.participant_label, logger=LOGGER
+    )
+    LOGGER.info("%s passed the BIDS validator (%d kind(s) of warning)", config.bids_dir,
+                len(warnings))  # fmt: skip
 
 
 def _crash_summary(exc: BaseException, crash_dir: Path) -> str:

@@ -25,10 +25,29 @@ def auto_wm_roi(
     Voxels inside the brain mask eroded by one voxel (away from edges and partial volume)
     with FA >= ``fa_min`` and MD <= ``md_max`` mm^2/s (no CSF contamination). On a real brain
     this selects the corpus callosum and internal capsule, the regions where the paper
-    measured SNR (genu of the corpus callosum).
+    measured SNR (genu of the corpus callosum). On a slab thinner than three voxels the
+    erosion is in-plane only (:func:`erode`): a 3-D erosion would leave nothing.
     """
-    core = ndimage.binary_erosion(brain_mask.astype(bool), iterations=1)
+    core = erode(brain_mask)
     return core & np.isfinite(fa) & (fa >= fa_min) & (md <= md_max) & (md > 0)
+
+
+def erode(mask: np.ndarray, *, iterations: int = 1) -> np.ndarray:
+    """Binary erosion by the 6-neighbourhood along the axes with at least three voxels.
+
+    Along an axis of one or two voxels every voxel touches the volume's border, so a 3-D
+    erosion empties a thin slab; such axes are left out of the structuring element (a
+    two-slice scan is eroded slice by slice, in-plane).
+    """
+    mask = np.asarray(mask, bool)
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    for axis, size in enumerate(mask.shape):
+        if size < 3:
+            index = [1] * mask.ndim
+            for end in (0, 2):
+                index[axis] = end
+                structure[tuple(index)] = False
+    return ndimage.binary_erosion(mask, structure=structure, iterations=iterations)
 
 
 def snr_in_roi(
@@ -79,36 +98,59 @@ def snr_matrix(
     """
     cells: dict[tuple[str, str], list[float]] = {}
     for row in rows:
-        cells.setdefault((row["participant_id"], row["scanner"]), []).append(float(row["snr_db"]))
-    scanners = sorted({s for _, s in cells})
+        value = snr_value(row["snr_db"])
+        if value is not None:  # n/a: no measurable SNR (e.g. no WM in a thin slab)
+            cells.setdefault((row["participant_id"], row["scanner"]), []).append(value)
+    scanners = sorted({row["scanner"] for row in rows})
     means = {
-        sc: float(np.mean([v for (p, s), vals in cells.items() if s == sc for v in vals]))
+        sc: float(np.mean(vals)) if (vals := [v for (_, s), vs in cells.items() if s == sc
+                                               for v in vs]) else float("nan")
         for sc in scanners
-    }
-    return cells, means, max(scanners, key=means.get)
+    }  # fmt: skip
+    measured = [sc for sc in scanners if np.isfinite(means[sc])]
+    return cells, means, (max(measured, key=means.get) if measured else None)
+
+
+def snr_value(text) -> float | None:
+    """An SNR table cell as a number, ``None`` for ``n/a`` (or empty, or not finite)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def snr_table(rows: list[dict]) -> tuple[str, str]:
     """Format per-scan SNR rows as the paper's Table 3 (subjects x scanners, dB).
 
     Returns ``(table_text, reference_scanner)``; the reference scanner is the one with the
-    highest mean SNR over its scans (the paper's rule). Repeated runs are averaged per cell.
+    highest mean SNR over its scans (the paper's rule). Repeated runs are averaged per cell;
+    scans without a measurable SNR (``n/a``) are left out, and the reference is ``None`` when
+    no scan has one.
     """
     cells, means, reference = snr_matrix(rows)
     scanners = sorted(means)
-    subjects = sorted({p for p, _ in cells})
-    width = max(len("subject"), *(len(p) for p in subjects)) + 2
+    subjects = sorted({row["participant_id"] for row in rows})
+    scanned = {(row["participant_id"], row["scanner"]) for row in rows}
+    width = max([len("subject"), *(len(p) for p in subjects)]) + 2
     lines = ["SNR (dB)".ljust(width) + "".join(f"{sc:>9}" for sc in scanners)]
     for sub in subjects:
         lines.append(
             sub.ljust(width)
             + "".join(
-                f"{np.mean(cells[sub, sc]):9.2f}" if (sub, sc) in cells else f"{'-':>9}"
+                f"{np.mean(cells[sub, sc]):9.2f}"
+                if (sub, sc) in cells
+                else f"{'n/a' if (sub, sc) in scanned else '-':>9}"
                 for sc in scanners
             )
         )
-    lines.append("mean".ljust(width) + "".join(f"{means[sc]:9.2f}" for sc in scanners))
-    lines.append(f"reference scanner (highest SNR): {reference}")
+    lines.append(
+        "mean".ljust(width)
+        + "".join(
+            f"{means[sc]:9.2f}" if np.isfinite(means[sc]) else f"{'n/a':>9}" for sc in scanners
+        )
+    )
+    lines.append(f"reference scanner (highest SNR): {reference or 'none (no measurable SNR)'}")
     return "\n".join(lines), reference
 
 

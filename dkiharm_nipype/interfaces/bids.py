@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from nipype.interfaces.base import (
@@ -17,11 +16,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..utils.bids import derivative_path
 from ..utils.io import atomic_copy, atomic_write_text
 
-#: Entity order of diffusion derivatives: sub, ses, acq, rec, run, space, model, param, desc.
-ENTITY_ORDER = ("sub", "ses", "acq", "rec", "run", "space", "model", "param", "label", "desc")
-_SOURCE_ENTITY = re.compile(r"(sub|ses|acq|rec|run)-([a-zA-Z0-9]+)")
+_IMAGE_EXTENSIONS = (".nii.gz", ".nii")
+#: Gradient tables share the NIfTI's sidecar: a sink of theirs writes none.
+_GRADIENT_EXTENSIONS = (".bval", ".bvec")
 
 
 def derivative_name(
@@ -33,20 +33,13 @@ def derivative_name(
 ) -> Path:
     """Relative BIDS-Derivatives path for an output derived from ``source_file``.
 
-    >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_run-1_dwi.nii.gz",
+    Every entity of the source is kept (:func:`dkiharm_nipype.utils.bids.derivative_path`):
+
+    >>> str(derivative_name("/data/sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-1_dwi.nii.gz",
     ...     space="dwi", model="dki", param="mk", suffix="dwimap"))
-    'sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
+    'sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
     """
-    name = Path(source_file).name
-    found = dict(_SOURCE_ENTITY.findall(name.split("_dwi")[0]))
-    if "sub" not in found:
-        raise ValueError(f"{source_file} is not a BIDS file name (no sub- entity).")
-    found.update({k: v for k, v in entities.items() if v})
-    stem = "_".join(f"{key}-{found[key]}" for key in ENTITY_ORDER if found.get(key))
-    folder = Path(f"sub-{found['sub']}")
-    if found.get("ses"):
-        folder /= f"ses-{found['ses']}"
-    return folder / "dwi" / f"{stem}_{suffix}{extension}"
+    return derivative_path(source_file, suffix=suffix, extension=extension, **entities)
 
 
 class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
@@ -138,11 +131,15 @@ class DerivativesDataSink(SimpleInterface):
             meta_file = sibling if sibling.is_file() else None
         if meta_file:
             meta = {**json.loads(Path(meta_file).read_text()), **meta}
-        if meta and isdefined(self.inputs.source_file):
+        has_source = isdefined(self.inputs.source_file)
+        if has_source:
             # provenance points at the raw file (BIDS URI), not at a work-directory name
-            meta["Sources"] = [
-                f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"
-            ]
+            raw_uri = f"bids:raw:{rel.parent.as_posix()}/{Path(self.inputs.source_file).name}"
+            if ent["space"] and self.inputs.extension in _IMAGE_EXTENSIONS:
+                # a space that is no template (space-dwi: the scan's own grid) names its image
+                meta.setdefault("SpatialReference", raw_uri)
+        if meta and has_source and self.inputs.extension not in _GRADIENT_EXTENSIONS:
+            meta["Sources"] = [raw_uri]
             sidecar = out.with_name(out.name[: -len(self.inputs.extension)] + ".json")
             atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", sidecar)
             self._results["out_meta"] = str(sidecar)

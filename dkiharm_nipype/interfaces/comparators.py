@@ -41,23 +41,25 @@ from ..comparators.rish import (
     train_rish,
 )
 from ..dki.maps import ALL_METRICS
+from ..errors import BIDSInputError
 from ..registration import ENGINES
+from ..utils.bids import scan_key
 from .harmonize import _save_map
 
-_ENTITY = re.compile(r"(sub|ses|acq|rec|run)-[a-zA-Z0-9]+")
 _SUBJECT = re.compile(r"sub-([a-zA-Z0-9]+)")
 _OPEN_ENGINES = tuple(e for e in ENGINES if e not in ("fnirt", "none"))
 
 
 def source_stem(path: str) -> str:
-    """The ``sub``/``ses``/``acq``/``rec``/``run`` entities of a BIDS file name.
+    """The entities of the scan a BIDS file derives from (all but space/model/param/desc).
 
-    >>> source_stem("/d/sub-01_ses-A_run-1_space-dwi_model-dki_param-fa_dwimap.nii.gz")
-    'sub-01_ses-A_run-1'
+    >>> source_stem("/d/sub-01_ses-A_dir-AP_run-1_space-dwi_model-dki_param-fa_dwimap.nii.gz")
+    'sub-01_ses-A_dir-AP_run-1'
     """
-    name = Path(path).name
-    found = [m.group(0) for m in _ENTITY.finditer(name.split("_dwi")[0])]
-    return "_".join(found) if found else name.split(".")[0]
+    try:
+        return scan_key(path) or Path(path).name.split(".")[0]
+    except BIDSInputError:
+        return Path(path).name.split(".")[0]
 
 
 # ----------------------------------------------------------------------------- ComBat

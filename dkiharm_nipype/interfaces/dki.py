@@ -21,22 +21,8 @@ from nipype.utils.filemanip import fname_presuffix
 from .. import __version__
 from ..dki.fit import METHODS, DKIInputError, fit_dki
 from ..dki.maps import ALL_METRICS
+from ..dki.provenance import fit_options, map_sidecar, model_object
 from ..utils.io import load_mask, read_gradients
-
-_UNITS = {"md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s", "s0": "arbitrary"}
-_DESCRIPTIONS = {
-    "md": "mean diffusivity",
-    "ad": "axial diffusivity (largest eigenvalue of D)",
-    "rd": "radial diffusivity (mean of the two smallest eigenvalues of D)",
-    "fa": "fractional anisotropy",
-    "mk": "mean kurtosis (analytical, Tabesh et al. 2011), clipped to [-3/7, 10]",
-    "ak": "axial kurtosis (analytical, Tabesh et al. 2011), clipped to [-3/7, 10]",
-    "rk": "radial kurtosis (analytical, Tabesh et al. 2011), clipped to [-3/7, 10]",
-    "kfa": "kurtosis fractional anisotropy (Glenn et al. 2015)",
-    "s0": "fitted non-diffusion-weighted signal",
-    "outlierfraction": "fraction of the used volumes rejected as outliers per voxel",
-}
-_FIT_NAMES = {"ols": "OLS", "wls": "WLS", "irlls": "IRLLS"}
 
 
 class _FitDKIInputSpec(BaseInterfaceInputSpec):
@@ -106,7 +92,7 @@ class FitDKI(SimpleInterface):
     ...              bvec_file="sub-01_dwi.bvec").run()
     >>> os.path.basename(res.outputs.mk_file)
     'sub-01_model-dki_param-mk_dwimap.nii.gz'
-    >>> json.loads(Path(res.outputs.sidecar_files[4]).read_text())["FitMethod"]
+    >>> json.loads(Path(res.outputs.sidecar_files[4]).read_text())["Model"]["FitMethod"]
     'IRLLS'
 
     In an existing pipeline, after any preprocessing that gives a DWI series and a mask,
@@ -166,26 +152,11 @@ class FitDKI(SimpleInterface):
         maps["s0"] = fit.s0
         maps["outlierfraction"] = fit.outlier_fraction
         shells = sorted({float(b) for b in np.round(bvals[fit.volumes_used], -2)})
-        common = {
-            "Model": "DKI",
-            "FitMethod": _FIT_NAMES[fit.method],
-            "Iterations": int(fit.n_iter.max()) if fit.n_iter.size else 0,
-            "OutlierRejectionMethod": (
-                "IRLLS: Geman-McClure reweighting, then rejection of |S - S_hat| > "
-                f"{inputs.outlier_threshold:g} x 1.4826 MAD (Collier 2015; Tax 2015)"
-                if fit.method == "irlls"
-                else "none"
-            ),
-            "Constraints": (
-                "post-fit projection: D eigenvalues >= 1e-5 mm^2/s, directional kurtosis "
-                "in [0, 10]"
-                if inputs.constraints
-                else "none"
-            ),
-            "BValuesUsed": shells,
-            "Sources": [name],
-            "Software": {"Name": "dkiharm", "Version": __version__},
-        }
+        model = model_object(
+            fit_options(**fit.options, method=fit.method),
+            shells=shells,
+            iterations=int(fit.n_iter.max()) if fit.n_iter.size else 0,
+        )
         stem = _bids_stem(inputs.dwi_file)
         sidecars = []
         header = img.header.copy()
@@ -197,14 +168,9 @@ class FitDKI(SimpleInterface):
                 newpath=runtime.cwd,
             )
             nb.Nifti1Image(data.astype(np.float32), img.affine, header).to_filename(out)
-            meta = dict(common)
-            meta["Parameters"] = {
-                "Map": key,
-                "Description": _DESCRIPTIONS[key],
-                "Units": _UNITS.get(key, "dimensionless"),
-                "BMax": inputs.b_max if isdefined(inputs.b_max) else None,
-                "OutlierThreshold": inputs.outlier_threshold,
-            }
+            meta = map_sidecar(key, model)
+            meta["Sources"] = [name]
+            meta["Software"] = {"Name": "dkiharm", "Version": __version__}
             sidecar = out.replace(".nii.gz", ".json")
             Path(sidecar).write_text(json.dumps(meta, indent=2))
             sidecars.append(sidecar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import nibabel as nb
@@ -19,7 +20,10 @@ from nipype.utils.filemanip import fname_presuffix
 
 from ..errors import DkiharmInputError
 from ..evaluation.scores import auto_wm_roi, snr_in_roi
+from ..utils.dwi import B0_THRESHOLD
 from ..utils.io import load_mask, read_bvals
+
+LOGGER = logging.getLogger("dkiharm.snr")
 
 SNR_COLUMNS = (
     "participant_id",
@@ -116,13 +120,25 @@ class ComputeSNR(SimpleInterface):
         noise = None
         if isdefined(self.inputs.noise_file):
             noise = np.asanyarray(nb.load(self.inputs.noise_file).dataobj, dtype=np.float32)
-        if not roi.any():
+        if roi.shape != mask.shape:
             raise DkiharmInputError(
-                f"no white-matter voxels ({roi_name}) to measure the SNR of "
-                f"{Path(self.inputs.dwi_file).name}; check its brain mask and DKI fit, or give a "
-                "white-matter ROI."
+                f"SNR ROI {roi_name} has {roi.shape} voxels, the DWI "
+                f"{Path(self.inputs.dwi_file).name} {mask.shape}; give a ROI on the DWI's grid."
             )
-        result = snr_in_roi(dwi, bvals, roi, noise_map=noise)
+        if roi.any():
+            result = snr_in_roi(dwi, bvals, roi, noise_map=noise)
+        else:  # reported and left out of the reference choice, not fatal
+            LOGGER.warning(
+                "%s: no white-matter voxel in the SNR ROI (%s); its SNR is n/a and the "
+                "reference scanner is chosen from the scans that have one (--snr-roi FILE "
+                "gives a ROI)",
+                Path(self.inputs.dwi_file).name,
+                roi_name,
+            )
+            n_b0 = int((bvals <= B0_THRESHOLD).sum())
+            nan = float("nan")
+            result = {"snr_db": nan, "snr": nan, "roi_voxels": 0, "n_b0": n_b0,
+                      "noise_method": "n/a"}  # fmt: skip
         row = {
             "participant_id": self.inputs.participant_id,
             "session": self.inputs.session,
@@ -140,9 +156,13 @@ class ComputeSNR(SimpleInterface):
                 fh, fieldnames=SNR_COLUMNS, delimiter="\t", extrasaction="ignore"
             )
             writer.writeheader()
-            writer.writerow(
-                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
+            writer.writerow({k: _cell(v) for k, v in row.items()})
         self._results["out_tsv"] = out
         self._results["snr_db"] = result["snr_db"]
         return runtime
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if np.isfinite(value) else "n/a"
+    return value

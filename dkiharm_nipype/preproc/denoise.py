@@ -21,11 +21,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold"]
+__all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold", "window_extent"]
 
 #: Voxels between windows: ~5 windows cover each voxel, about 1/27 of dwidenoise's
 #: eigendecompositions (README, *Denoising*: stride 2 is 3.6x slower for little gain).
 DEFAULT_STRIDE = 3
+
+
+def window_extent(shape, extent: int = 5) -> tuple[int, int, int]:
+    """The ``extent``-voxel window fitted to a grid: along an axis shorter than ``extent``,
+    the largest odd size that fits (a two-slice scan gets ``(5, 5, 1)``: a 2-D window, as
+    ``dwidenoise -extent 5,5,1``; MRtrix3 3.0.3's default cube crashes on such a slab)."""
+    if extent < 1 or extent % 2 == 0:
+        raise ValueError(f"extent must be an odd number >= 3; got {extent}.")
+    return tuple(min(extent, n if n % 2 else n - 1) for n in tuple(shape)[:3])
 
 
 @dataclass
@@ -83,7 +92,9 @@ def mppca(
     Windows are ``extent`` voxels a side (odd, as ``dwidenoise -extent``), placed every
     ``stride`` voxels (``stride=1`` visits every voxel as a window centre); only windows
     that touch the mask are decomposed, and voxels outside the mask keep their input
-    value. Returns float32 arrays; ``sigma`` is 0 and ``rank`` -1 outside the mask.
+    value. Along an axis shorter than ``extent`` the window is as long as fits
+    (:func:`window_extent`: a thin slab is denoised with 2-D windows). Returns float32
+    arrays; ``sigma`` is 0 and ``rank`` -1 outside the mask.
     """
     dwi = np.asarray(dwi)
     if dwi.ndim != 4:
@@ -106,15 +117,19 @@ def mppca(
     # Windows lie inside the volume (as in dwidenoise, which shifts them at the border
     # rather than padding: repeated voxels would look like signal to the PCA); corners
     # every `stride` voxels plus one flush with the far edge, so every voxel is covered.
-    if min(shape) < extent:
-        raise ValueError(f"The DWI grid {shape} is smaller than the {extent}-voxel window.")
-    axes = [np.union1d(np.arange(0, n - extent + 1, stride), [n - extent]) for n in shape]
-    touch = F.max_pool3d(torch.from_numpy(mask[None, None].astype(np.float32)), extent, 1)[0, 0]
+    ext = window_extent(shape, extent)
+    if np.prod(ext) < 2:
+        raise ValueError(f"The DWI grid {shape} is too small for a denoising window.")
+    axes = [
+        np.union1d(np.arange(0, n - e + 1, min(stride, e)), [n - e])
+        for n, e in zip(shape, ext, strict=True)
+    ]
+    touch = F.max_pool3d(torch.from_numpy(mask[None, None].astype(np.float32)), ext, 1)[0, 0]
     touch = touch.numpy()[np.ix_(*axes)] > 0
     corners = np.stack(
         [ax[i] for ax, i in zip(axes, np.nonzero(touch), strict=True)], axis=1
     )  # (W, 3)
-    grid = np.stack(np.meshgrid(*(np.arange(extent),) * 3, indexing="ij"), axis=-1).reshape(
+    grid = np.stack(np.meshgrid(*(np.arange(e) for e in ext), indexing="ij"), axis=-1).reshape(
         -1, 3
     )  # (M, 3)
     strides = np.array([shape[1] * shape[2], shape[2], 1])
@@ -125,7 +140,7 @@ def mppca(
     count = torch.zeros(flat.shape[0], device=device)
     sig_acc = torch.zeros(flat.shape[0], device=device)
     rank_acc = torch.zeros(flat.shape[0], device=device)
-    m = extent**3
+    m = int(np.prod(ext))
     starts = torch.from_numpy(corners @ strides).to(device)
     for chunk in starts.split(batch_windows):
         rows = (chunk[:, None] + offsets[None, :]).reshape(-1)  # (B*M,)

@@ -234,7 +234,11 @@ def table_snr(study: _Study) -> str:
     ]
     body.append(["mean"] + [_num(means[sc]) for sc in scanners])
     return _table(
-        "table-snr", title, intro + f" Reference: {reference}.", ["subject", *scanners], body
+        "table-snr",
+        title,
+        intro + f" Reference: {reference or 'n/a'}.",
+        ["subject", *scanners],
+        body,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,144 @@ SCANNER_ENTITIES = {
 }
 
 
+#: Entities a derivative adds to its source's (BEP016 diffusion derivatives); ``model`` and
+#: ``param`` are not in the released BIDS schema yet and go before ``label``/``desc``.
+DERIVATIVE_ENTITIES = ("space", "model", "param", "label", "desc")
+
+#: pybids entity names that are neither a schema name nor a file-name key.
+_PYBIDS_ALIASES = {"staining": "stain"}
+
+#: What pybids parses that is not an entity of the file name.
+_NOT_ENTITIES = {"suffix", "extension", "datatype", "fmap", "scans"}
+
+
+@lru_cache(maxsize=1)
+def entity_order() -> tuple[str, ...]:
+    """File-name keys of every BIDS entity in the schema's order, BEP016's model/param added.
+
+    >>> order = entity_order()
+    >>> order[:3], order.index("dir") < order.index("run") < order.index("echo")
+    (('sub', 'tpl', 'ses'), True)
+    >>> order[order.index("den") + 1:]
+    ('model', 'param', 'label', 'desc')
+    """
+    from bidsschematools import schema
+
+    bids_schema = schema.load_schema()
+    keys = [bids_schema.objects.entities[name].name for name in bids_schema.rules.entities]
+    at = keys.index("label")
+    return (*keys[:at], "model", "param", *keys[at:])
+
+
+@lru_cache(maxsize=1)
+def _long_to_key() -> dict[str, str]:
+    from bidsschematools import schema
+
+    bids_schema = schema.load_schema()
+    entities = bids_schema.objects.entities
+    return {name: entities[name].name for name in bids_schema.rules.entities}
+
+
+@lru_cache(maxsize=4096)
+def source_entities(path: str | Path) -> dict[str, str]:
+    """Every BIDS entity of a file name, by file-name key in BIDS order.
+
+    Parsed with pybids (:func:`bids.layout.parse_file_entities`); an entity that pybids
+    does not know but the BIDS schema does (``split``, ``tpl``, ...) is kept as written. A
+    ``key-value`` part that is no BIDS entity at all raises :class:`BIDSInputError` naming
+    the file and the entity.
+
+    >>> source_entities("/d/sub-01/ses-A/dwi/sub-01_ses-A_dir-PA_run-01_echo-2_dwi.nii.gz")
+    {'sub': '01', 'ses': 'A', 'dir': 'PA', 'run': '01', 'echo': '2'}
+    >>> source_entities("sub-01_foo-bar_dwi.nii.gz")
+    Traceback (most recent call last):
+    ...
+    dkiharm_nipype.errors.BIDSInputError: sub-01_foo-bar_dwi.nii.gz has the entity 'foo', \
+which is not a BIDS entity; rename the file or leave it out with --bids-filter-file.
+    """
+    from bids.layout import parse_file_entities
+
+    name = Path(path).name
+    parsed = parse_file_entities(name, config=["bids", "derivatives"])
+    long_to_key = _long_to_key()
+    found: dict[str, str] = {}
+    for long_name, value in parsed.items():
+        if long_name in _NOT_ENTITIES:
+            continue
+        key = _PYBIDS_ALIASES.get(long_name, long_to_key.get(long_name, long_name))
+        found[key] = str(value)
+    known = set(entity_order())
+    for part in name.split(".")[0].split("_")[:-1]:  # BIDS grammar: key-value_..._suffix
+        key, _, value = part.partition("-")
+        if key not in known or not value:
+            raise BIDSInputError(
+                f"{name} has the entity '{key}', which is not a BIDS entity; rename the file "
+                "or leave it out with --bids-filter-file."
+            )
+        found.setdefault(key, value)  # in the schema, unknown to pybids: kept as written
+    return {key: found[key] for key in entity_order() if key in found}
+
+
+def derivative_path(
+    source_file: str | Path,
+    *,
+    suffix: str,
+    extension: str = ".nii.gz",
+    datatype: str = "dwi",
+    **entities: str | None,
+) -> Path:
+    """Relative BIDS-Derivatives path of an output derived from ``source_file``.
+
+    Every entity of the source is kept (:func:`source_entities`) and ``entities``
+    (``space``, ``model``, ``param``, ``desc``, ...) are added, all in BIDS order, through a
+    pybids path pattern (:func:`bids.layout.writing.build_path`).
+
+    >>> str(derivative_path("/raw/sub-01_ses-A_dir-AP_run-1_dwi.nii.gz", space="dwi",
+    ...                     model="dki", param="mk", suffix="dwimap"))
+    'sub-01/ses-A/dwi/sub-01_ses-A_dir-AP_run-1_space-dwi_model-dki_param-mk_dwimap.nii.gz'
+    """
+    from bids.layout.writing import build_path
+
+    found = dict(source_entities(source_file))
+    if "sub" not in found:
+        raise BIDSInputError(
+            f"{source_file} is not a BIDS file name (no sub- entity); name it sub-<label>_..."
+        )
+    unknown = sorted(set(entities) - set(entity_order()))
+    if unknown:
+        raise ValueError(f"{unknown} are not BIDS entities; use some of {DERIVATIVE_ENTITIES}.")
+    found.update({key: value for key, value in entities.items() if value})
+    found.update(suffix=suffix, extension=extension, datatype=datatype)
+    path = build_path(found, [_path_pattern()], strict=False)
+    if path is None:  # pragma: no cover - the pattern has every entity as optional
+        raise ValueError(f"cannot name a derivative of {source_file} with {entities}")
+    return Path(path)
+
+
+@lru_cache(maxsize=1)
+def _path_pattern() -> str:
+    optional = "".join(f"[_{key}-{{{key}}}]" for key in entity_order() if key != "sub")
+    return f"sub-{{sub}}[/ses-{{ses}}]/{{datatype}}/sub-{{sub}}{optional}_{{suffix}}{{extension}}"
+
+
+def scan_key(path: str | Path) -> str:
+    """The entities of a scan joined as in its file name, e.g. ``sub-01_ses-A_dir-AP_run-1``.
+
+    Entities a derivative adds (:data:`DERIVATIVE_ENTITIES`) are left out, so a map names
+    the scan it was made from:
+
+    >>> scan_key("/raw/sub-01/ses-A/dwi/sub-01_ses-A_acq-hi_dir-PA_run-1_dwi.nii.gz")
+    'sub-01_ses-A_acq-hi_dir-PA_run-1'
+    >>> scan_key("sub-01_ses-A_echo-2_space-dwi_model-dki_param-fa_dwimap.nii.gz")
+    'sub-01_ses-A_echo-2'
+    """
+    return "_".join(
+        f"{key}-{value}"
+        for key, value in source_entities(path).items()
+        if key not in DERIVATIVE_ENTITIES
+    )
+
+
 @dataclass(frozen=True)
 class DWIScan:
     """One diffusion acquisition (one run) and everything needed to process it."""
@@ -44,19 +183,121 @@ class DWIScan:
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     fmap_epi: tuple[Path, ...] = ()
     fmap_metadata: tuple[dict[str, Any], ...] = field(default=(), hash=False, compare=False)
-    entities: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: every entity of the DWI's file name, by key in BIDS order (:func:`source_entities`)
+    entities: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def key(self) -> str:
-        """A readable identifier, e.g. ``sub-01_ses-A_run-1``."""
+        """Every entity of the scan, e.g. ``sub-01_ses-A_dir-AP_run-1``: unique per scan."""
+        if self.entities:
+            return "_".join(f"{key}-{value}" for key, value in self.entities.items())
         parts = [f"sub-{self.subject}"]
         if self.session:
             parts.append(f"ses-{self.session}")
-        if self.entities.get("acquisition"):
-            parts.append(f"acq-{self.entities['acquisition']}")
         if self.run is not None:
             parts.append(f"run-{self.run}")
         return "_".join(parts)
+
+
+#: How many of the validator's errors a failed validation prints (one line each).
+VALIDATOR_FIRST_MESSAGES = 5
+
+
+def validator_command() -> list[str] | None:
+    """The ``bids-validator-deno`` command (PyPI package of the maintained validator)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).with_name("bids-validator-deno")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("bids-validator-deno")
+    return [found] if found else None
+
+
+def run_validator(bids_dir: Path, *, extra_args: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Issues of the BIDS validator on ``bids_dir`` (a list of its JSON issue objects).
+
+    Raises :class:`BIDSInputError` when the validator is not installed or gives no
+    answer it can read.
+    """
+    import subprocess
+
+    command = validator_command()
+    if command is None:
+        raise BIDSInputError(
+            "the BIDS validator is not installed; pip install bids-validator-deno, or pass "
+            "--skip-bids-validation."
+        )
+    proc = subprocess.run(
+        [*command, str(bids_dir), "--format", "json", *extra_args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return list(json.loads(proc.stdout)["issues"]["issues"])
+    except (ValueError, KeyError, TypeError):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BIDSInputError(
+            f"the BIDS validator could not check {bids_dir} (exit {proc.returncode}: {last}); "
+            "pass --skip-bids-validation to go on without it."
+        ) from None
+
+
+def issue_line(issue: dict[str, Any]) -> str:
+    """One line for a validator issue: code, file, and what is wrong.
+
+    >>> issue_line({"code": "SIDECAR_KEY_REQUIRED", "subCode": "RepetitionTime",
+    ...             "location": "/sub-01/func/sub-01_task-x_bold.nii.gz",
+    ...             "issueMessage": "Field description: ..."})
+    'SIDECAR_KEY_REQUIRED: /sub-01/func/sub-01_task-x_bold.nii.gz (RepetitionTime)'
+    """
+    what = issue.get("subCode") or (issue.get("issueMessage") or "").strip().split("\n")[0]
+    where = issue.get("location") or "dataset"
+    return f"{issue.get('code', '?')}: {where}" + (f" ({what[:120]})" if what else "")
+
+
+def validate_bids(
+    bids_dir: Path, *, participant_label: tuple[str, ...] | list[str] = (), logger=None
+) -> list[str]:
+    """Validate the raw dataset before processing, as fMRIPrep does.
+
+    Errors raise :class:`BIDSInputError` whose message gives the validator's first
+    :data:`VALIDATOR_FIRST_MESSAGES` errors, one line each; warnings are logged (one line
+    per code, with a count) and returned. With ``participant_label``, issues in other
+    subjects' folders are left out (as fMRIPrep validates only the selected subjects).
+    """
+    others = [f"/sub-{s.removeprefix('sub-')}/" for s in participant_label]
+    issues = [
+        issue
+        for issue in run_validator(bids_dir)
+        if not others
+        or not str(issue.get("location", "")).startswith("/sub-")
+        or any(str(issue["location"]).startswith(prefix) for prefix in others)
+    ]
+    errors = [i for i in issues if i.get("severity") == "error"]
+    if errors:
+        lines = [issue_line(i) for i in errors[:VALIDATOR_FIRST_MESSAGES]]
+        more = len(errors) - len(lines)
+        raise BIDSInputError(
+            f"{bids_dir} is not valid BIDS ({len(errors)} error(s) from bids-validator-deno); "
+            "fix them, or pass --skip-bids-validation to process it anyway:\n  "
+            + "\n  ".join(lines)
+            + (f"\n  ... and {more} more" if more else "")
+        )
+    by_code: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for issue in issues:
+        if issue.get("severity") == "warning":
+            by_code[issue.get("code", "?")].append(issue)
+    warnings = [
+        f"{issue_line(found[0])}" + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+        for found in by_code.values()
+    ]
+    for line in warnings:
+        if logger is not None:
+            logger.warning("BIDS validator: %s", line)
+    return warnings
 
 
 def load_layout(bids_dir: Path, *, database_path: Path | None = None):
@@ -76,6 +317,8 @@ def load_layout(bids_dir: Path, *, database_path: Path | None = None):
         raise BIDSInputError(
             f"{bids_dir / 'dataset_description.json'} is not valid JSON ({exc}); fix the file."
         ) from None
+    if database_path is not None:
+        Path(database_path).mkdir(parents=True, exist_ok=True)  # reused by later runs
     try:
         return BIDSLayout(
             str(bids_dir),
@@ -211,7 +454,7 @@ def collect_scans(
                 metadata=dict(metadata),
                 fmap_epi=fmaps,
                 fmap_metadata=tuple(dict(layout.get_metadata(str(fm))) for fm in fmaps),
-                entities=dict(entities),
+                entities=dict(source_entities(dwi)),
             )
         )
     if not scans:
@@ -219,7 +462,20 @@ def collect_scans(
             f"no DWI scans in {bids_dir} match the selection {_describe(query)}; "
             "check --participant-label, --session-label and --bids-filter-file."
         )
+    _raise_on_same_key(scans)
     return sorted(scans, key=lambda s: (s.subject, s.scanner, s.key))
+
+
+def _raise_on_same_key(scans: list[DWIScan]) -> None:
+    """Two files with the same entities (``.nii`` beside ``.nii.gz``) would share outputs."""
+    seen: dict[str, Path] = {}
+    for scan in scans:
+        other = seen.setdefault(scan.key, scan.dwi)
+        if other != scan.dwi:
+            raise BIDSInputError(
+                f"{scan.dwi} and {other.name} have the same entities ({scan.key}); keep one "
+                "of them, or tell them apart with an entity such as acq-, run- or echo-."
+            )
 
 
 def _companion(layout, dwi: Path, extension: str) -> Path:

@@ -15,11 +15,28 @@ from ..__about__ import __version__
 from .io import atomic_copy, atomic_write_text
 
 
-def dataset_description(*, pipeline_description: str | None = None) -> dict:
-    """``dataset_description.json`` of the dkiharm derivatives."""
-    return {
+def dataset_description(
+    *,
+    bids_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    pipeline_description: str | None = None,
+) -> dict:
+    """``dataset_description.json`` of the dkiharm derivatives.
+
+    ``GeneratedBy`` names this version; with ``bids_dir``, ``DatasetLinks`` resolves the
+    ``bids:raw:`` URIs of the sidecars' ``Sources`` and ``SourceDatasets`` names the raw
+    dataset (a relative path when the derivatives sit inside it, else a ``file://`` URI).
+
+    >>> desc = dataset_description(bids_dir="/data/study",
+    ...                            output_dir="/data/study/derivatives/dkiharm")
+    >>> desc["DatasetLinks"], desc["SourceDatasets"]
+    ({'raw': '../..'}, [{'URL': '../..'}])
+    >>> dataset_description(bids_dir="/data/study", output_dir="/out")["DatasetLinks"]
+    {'raw': 'file:///data/study'}
+    """
+    description: dict = {
         "Name": "dkiharm derivatives",
-        "BIDSVersion": "1.9.0",
+        "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
         "GeneratedBy": [
             {
@@ -34,10 +51,67 @@ def dataset_description(*, pipeline_description: str | None = None) -> dict:
             }
         ],
     }
+    if bids_dir is not None:
+        raw = Path(bids_dir).absolute()
+        out = Path(output_dir).absolute() if output_dir is not None else None
+        if out is not None and raw in out.parents:
+            uri = "/".join([".."] * len(out.relative_to(raw).parts))
+        else:
+            uri = raw.as_uri()
+        source = {"URL": uri}
+        raw_description = _read_json(raw / "dataset_description.json")
+        for key, field in (("DatasetDOI", "DOI"), ("Version", "Version")):
+            if raw_description.get(key):
+                source[field] = raw_description[key]
+        description["SourceDatasets"] = [source]
+        description["DatasetLinks"] = {"raw": uri}
+    return description
 
 
-def publish_derivatives(staging: Path | None, output_dir: Path) -> list[Path]:
-    """Copy every file of ``staging`` into ``output_dir``; returns the published paths."""
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+#: Files whose BIDS-Derivatives rules the BIDS validator cannot check yet (its schema has
+#: no rule for them); written to ``output_dir/.bidsignore`` so that a validation of the
+#: output folder reports what it can check. ``docs/outputs.md`` explains each.
+NOT_YET_VALIDATED = {
+    "diffusion model maps (BEP016 draft, QSIRecon's naming)": ("*_dwimap.nii.gz", "*_dwimap.json"),
+    "gradient tables of preprocessed DWIs (the schema allows them in raw data only)": (
+        "*_desc-preproc_dwi.bval",
+        "*_desc-preproc_dwi.bvec",
+    ),
+    "quality-control tables": ("*_qc.tsv", "/snr.tsv"),
+    "group level: models, evaluation tables, report": (
+        "/models/",
+        "/evaluation/",
+        "/experiments/",
+        "/report*.html",
+        "/sub-*.html",
+        "/figures/",
+    ),
+}
+
+
+def bidsignore_text() -> str:
+    """``.bidsignore`` of the derivatives: :data:`NOT_YET_VALIDATED`, one comment per kind."""
+    lines = []
+    for what, patterns in NOT_YET_VALIDATED.items():
+        lines += [f"# {what}", *patterns]
+    return "\n".join(lines) + "\n"
+
+
+def publish_derivatives(
+    staging: Path | None, output_dir: Path, *, bids_dir: Path | None = None
+) -> list[Path]:
+    """Copy every file of ``staging`` into ``output_dir``; returns the published paths.
+
+    ``dataset_description.json`` is rewritten every time, so ``GeneratedBy`` names the
+    version that wrote the newest files.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -46,9 +120,11 @@ def publish_derivatives(staging: Path | None, output_dir: Path) -> list[Path]:
             dst = output_dir / src.relative_to(staging)
             atomic_copy(src, dst)
             written.append(dst)
-    description = output_dir / "dataset_description.json"
-    if not description.exists():
-        atomic_write_text(json.dumps(dataset_description(), indent=2) + "\n", description)
+    description = dataset_description(bids_dir=bids_dir, output_dir=output_dir)
+    atomic_write_text(bidsignore_text(), output_dir / ".bidsignore")
+    atomic_write_text(
+        json.dumps(description, indent=2) + "\n", output_dir / "dataset_description.json"
+    )
     return written
 
 

@@ -128,6 +128,7 @@ def init_participant_wf(
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,
+            snr_roi=config.snr_roi,
             omp_nthreads=config.execution.omp_nthreads,
             name=_node_name(f"{scan.key}_wf"),
         )

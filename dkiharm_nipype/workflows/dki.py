@@ -10,12 +10,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..dki.maps import ALL_METRICS
+from ..errors import DkiharmInputError
 from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.dki import FitDKI
 from ..interfaces.scores import ComputeSNR
+from ..preproc.modes import resolved_preproc_mode
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
-from .preproc import init_dwi_preproc_wf
+from .preproc import init_dwi_preproc_wf, preproc_sidecar
 
 
 def init_dki_fit_wf(
@@ -191,6 +193,7 @@ def init_scan_wf(
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
+    snr_roi: str | None = None,
     name: str = "scan_wf",
 ) -> pe.Workflow:
     """Preprocess, fit and store one DWI run (participant level).
@@ -209,6 +212,9 @@ def init_scan_wf(
         See :func:`~dkiharm_nipype.workflows.preproc.init_dwi_preproc_wf`.
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
+    snr_roi : str, optional
+        White-matter ROI for the SNR on the scan's DWI grid; ``{subject}``, ``{session}`` and
+        ``{run}`` are replaced by the scan's labels (default: the automatic ROI).
 
     Examples
     --------
@@ -294,6 +300,9 @@ def init_scan_wf(
     fit_wf = init_dki_fit_wf(
         fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb
     )
+    if snr_roi:
+        fit_wf.get_node("snr").inputs.roi_file = snr_roi_path(snr_roi, scan)
+    _fit_denoising_window(preproc_wf, nb.load(str(scan.dwi)).shape[:3])
 
     source = str(scan.dwi)
     sink_args = {"base_directory": str(staging_dir), "source_file": source}
@@ -305,8 +314,19 @@ def init_scan_wf(
         )
         for metric in (*ALL_METRICS, "outlierfraction")
     }
+    # the raw sidecar's acquisition fields, then what was done to the series
+    preproc_meta = {
+        **scan.metadata,
+        **preproc_sidecar(
+            resolved_preproc_mode(preproc, denoiser),
+            denoiser,
+            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
+        ),
+    }
     ds_dwi = pe.Node(
-        DerivativesDataSink(**sink_args, space="dwi", desc="preproc", suffix="dwi"),
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="preproc", suffix="dwi", meta_dict=preproc_meta
+        ),
         name="ds_dwi",
         run_without_submitting=True,
     )
@@ -325,7 +345,9 @@ def init_scan_wf(
         run_without_submitting=True,
     )
     ds_mask = pe.Node(
-        DerivativesDataSink(**sink_args, space="dwi", desc="brain", suffix="mask"),
+        DerivativesDataSink(
+            **sink_args, space="dwi", desc="brain", suffix="mask", meta_dict={"Type": "Brain"}
+        ),
         name="ds_mask",
         run_without_submitting=True,
     )
@@ -404,3 +426,30 @@ def init_scan_wf(
         ]
     )
     return workflow
+
+
+def snr_roi_path(pattern: str, scan: DWIScan) -> str:
+    """``--snr-roi`` for one scan: ``{subject}``, ``{session}``, ``{run}`` replaced; the file
+    must exist (one line naming it otherwise)."""
+    path = Path(
+        pattern.format(subject=scan.subject, session=scan.session or "", run=scan.run or "")
+    ).expanduser()
+    if not path.is_file():
+        raise DkiharmInputError(
+            f"--snr-roi {pattern} gives {path} for {scan.dwi.name}, which does not exist; give "
+            "a white-matter mask on each scan's DWI grid ({subject}/{session}/{run} expand)."
+        )
+    return str(path.absolute())
+
+
+def _fit_denoising_window(preproc_wf: pe.Workflow, shape) -> None:
+    """A scan thinner than ``dwidenoise``'s 5-voxel window gets the window that fits (e.g.
+    ``-extent 5,5,1`` for two slices; MRtrix3 3.0.3 crashes with the default cube there).
+    Other scans keep the default command line. The MP-PCA denoiser adapts by itself."""
+    from nipype.interfaces.mrtrix3 import DWIDenoise
+
+    from ..preproc.denoise import window_extent
+
+    denoise = preproc_wf.get_node("denoise")
+    if denoise is not None and isinstance(denoise.interface, DWIDenoise) and min(shape) < 5:
+        denoise.inputs.extent = window_extent(shape)

@@ -36,7 +36,7 @@ from .evaluation import init_comparators_node, init_evaluation_wf
 
 #: Sidecar description of the linear baseline's maps (``--comparators linear``).
 LINEAR_DESC = (
-    "linear baseline: per-map least-squares regression from the scan's own DKI maps to the "
+    "linear baseline: per-map least-squares regression from the scan's own DKI map to the "
     "reference scanner's, fitted on the network's training voxels (dkiharm)"
 )
 
@@ -188,6 +188,7 @@ def init_group_wf(
             mask_method=config.mask_method,
             fit_method=config.fit_method,
             b_max=config.b_max,
+            snr_roi=config.snr_roi,
             omp_nthreads=omp,
             name=_node_name(f"{scan.key}_wf"),
         )
@@ -683,11 +684,11 @@ def init_apply_wf(
     )
     if scan.sidecar:
         apply.inputs.sidecar_file = str(scan.sidecar)
-    meta = {
-        "Model": "DKI",
-        "Description": "harmonized to the reference scanner by the "
-        "scanner's 3-D hierarchical CNN (dkiharm)",
-        "Scanner": scan.scanner,
+    model = {  # BEP016 Model object: the network stands in for the reference scanner's fit
+        "Description": "DKI map harmonized to the reference scanner: predicted from this "
+        "scan by the scanner's 3-D hierarchical CNN (dkiharm)",
+        "FitMethod": "CNN harmonizer",
+        "Parameters": {"Scanner": scan.scanner, "MCDropoutSamples": config.mc_samples},
     }
     workflow.connect(
         [
@@ -725,7 +726,9 @@ def init_apply_wf(
                     model="dki",
                     param=param,
                     desc=desc,
-                    meta_dict=meta if kind != "linear" else {**meta, "Description": LINEAR_DESC},
+                    meta_dict=harmonized_sidecar(param, model, std=kind == "std")
+                    if kind != "linear"
+                    else {**harmonized_sidecar(param, model), "Description": LINEAR_DESC},
                 ),
                 name=f"ds_{desc}_{param}",
                 run_without_submitting=True,
@@ -810,3 +813,15 @@ def _add_experiments(workflow, scans, scan_wfs, plan, reference, evaluation, sta
             ]
         )
     workflow.connect(tables, "out", evaluation, "inputnode.experiment_tsvs")
+
+
+def harmonized_sidecar(param: str, model: dict, *, std: bool = False) -> dict:
+    """Sidecar of a harmonized map (or of its MC-dropout standard deviation)."""
+    from ..dki.provenance import MAP_DESCRIPTIONS, MAP_UNITS
+
+    what = MAP_DESCRIPTIONS[param] + ", harmonized to the reference scanner"
+    return {
+        "Description": f"MC-dropout standard deviation of the {what}" if std else what,
+        "Units": MAP_UNITS.get(param, "dimensionless"),
+        "Model": model,
+    }

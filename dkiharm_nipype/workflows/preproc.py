@@ -24,6 +24,38 @@ from ..utils.env import ToolNotFoundError, missing_mrtrix
 LOGGER = logging.getLogger("dkiharm")
 
 
+def preproc_sidecar(
+    preproc: str, denoiser: Denoiser = "dwidenoise", *, has_rpe_fmap: bool = False
+) -> dict:
+    """Sidecar fields of the ``desc-preproc_dwi`` series for a *resolved* mode.
+
+    The series is not masked (the brain mask is a file of its own), so ``SkullStripped``
+    is false; ``ProcessingSteps`` lists what :func:`init_dwi_preproc_wf` runs, in order.
+
+    >>> preproc_sidecar("fsl", "mppca", has_rpe_fmap=False)["ProcessingSteps"]
+    ['MP-PCA denoising (dkiharm, torch)', 'Gibbs-ringing removal (MRtrix3 mrdegibbs)', \
+'motion and eddy-current correction with outlier replacement (FSL eddy, no TOPUP field)']
+    >>> preproc_sidecar("none")
+    {'SkullStripped': False, 'ProcessingSteps': []}
+    """
+    steps = []
+    if preproc in ("mrtrix", "fsl"):
+        steps.append(
+            "MP-PCA denoising (MRtrix3 dwidenoise)"
+            if denoiser == "dwidenoise"
+            else "MP-PCA denoising (dkiharm, torch)"
+        )
+        steps.append("Gibbs-ringing removal (MRtrix3 mrdegibbs)")
+    if preproc == "fsl":
+        if has_rpe_fmap:
+            steps.append("susceptibility field estimation (FSL topup)")
+        steps.append(
+            "motion and eddy-current correction with outlier replacement (FSL eddy"
+            + (", with the topup field)" if has_rpe_fmap else ", no TOPUP field)")
+        )
+    return {"SkullStripped": False, "ProcessingSteps": steps}
+
+
 def init_dwi_preproc_wf(
     *,
     preproc: PreprocMode = "auto",
