@@ -686,7 +686,8 @@ def init_apply_wf(
         apply.inputs.sidecar_file = str(scan.sidecar)
     model = {  # BEP016 Model object: the network stands in for the reference scanner's fit
         "Description": "DKI map harmonized to the reference scanner: predicted from this "
-        "scan by the scanner's 3-D hierarchical CNN (dkiharm)",
+        "scan by the scanner's 3-D hierarchical CNN, or, for a map where the CNN did not beat "
+        "it on held-out blocks, by the linear baseline (the model card says which; dkiharm)",
         "FitMethod": "CNN harmonizer",
         "Parameters": {"Scanner": scan.scanner, "MCDropoutSamples": config.mc_samples},
     }
@@ -728,7 +729,15 @@ def init_apply_wf(
                     desc=desc,
                     meta_dict=harmonized_sidecar(param, model, std=kind == "std")
                     if kind != "linear"
-                    else {**harmonized_sidecar(param, model), "Description": LINEAR_DESC},
+                    else {
+                        **harmonized_sidecar(param, model),
+                        "Description": LINEAR_DESC,
+                        "Model": {
+                            **model,
+                            "Description": LINEAR_DESC,
+                            "FitMethod": "linear baseline (per-map least squares)",
+                        },
+                    },  # fmt: skip
                 ),
                 name=f"ds_{desc}_{param}",
                 run_without_submitting=True,
