@@ -32,6 +32,8 @@ class ExecConfig:
     nprocs: int = 2
     omp_nthreads: int = 1
     mem_gb: float | None = None
+    #: scheduler arguments added to the jobs of nodes that can use a GPU (batch plugins)
+    gpu_plugin_args: str = ""
 
     def nipype_plugin_args(self) -> dict[str, Any]:
         """Plugin arguments with the resource limits filled in for MultiProc."""

@@ -50,3 +50,13 @@ def hide_tools(monkeypatch, tools) -> None:
         if not any((Path(folder) / tool).exists() for tool in tools)
     ]
     monkeypatch.setenv("PATH", os.pathsep.join(keep))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests (the container image build) run only when asked: ``pytest -m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: select with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

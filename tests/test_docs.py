@@ -18,6 +18,7 @@ PAGES = (
     "index",
     "installation",
     "usage",
+    "cluster",
     "outputs",
     "method",
     "phantom",

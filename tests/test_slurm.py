@@ -88,8 +88,8 @@ def _participant(bids: Path, root: Path, *extra: str, env=None) -> subprocess.Po
     )
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
 
 
@@ -173,3 +173,160 @@ def test_heavy_nodes_declare_threads_and_memory(tiny_bids, tmp_path):
             assert node.n_procs == n_procs, (name, node.n_procs)
             if mem_gb is not None:
                 assert node.mem_gb == pytest.approx(mem_gb), (name, node.mem_gb)
+
+
+def _group_config(bids: Path, tmp_path: Path, *extra: str):
+    """The group level of sub-01 on scanners C and D (run 1), parsed and built, not run."""
+    from dkiharm_nipype.cli.parser import parse_args
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.base import init_dkiharm_wf
+
+    selection = tmp_path / "filter.json"
+    selection.write_text(json.dumps({"dwi": {"run": 1}}))
+    config = parse_args(
+        [str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work")]
+        + ["--participant-label", "01", "--session-label", "C", "D", "--omp-nthreads", "2"]
+        + ["--bids-filter-file", str(selection), *extra]
+    )
+    scans = collect_scans(
+        load_layout(bids),
+        participant_label=config.participant_label,
+        session_label=config.session_label,
+        bids_filters=config.bids_filters,
+    )
+    workflow, _ = init_dkiharm_wf(config=config, scans=scans)
+    return config, workflow
+
+
+def test_gpu_plugin_args_only_on_nodes_that_can_use_a_gpu(tiny_bids, tmp_path):
+    """``--gpu-plugin-args`` reaches training and inference; CPUs/memory follow each node."""
+    from dkiharm_nipype.utils.resources import apply_batch_resources
+
+    gpu = "--gres=gpu:1 --partition=gpu"
+    config, workflow = _group_config(
+        tiny_bids, tmp_path, "--plugin", "SLURM", "--gpu-plugin-args", gpu, "--device", "auto"
+    )
+    execution = config.execution
+    assert execution.gpu_plugin_args == gpu
+    applied = apply_batch_resources(
+        workflow, execution.plugin, execution.plugin_args, execution.gpu_plugin_args
+    )
+    assert len(applied) == len(list(workflow._get_all_nodes()))
+    with_gpu = sorted({node.name for node, args in applied if gpu in args})
+    assert with_gpu == ["apply", "train_C", "train_D"], with_gpu
+    args = {node.name: node.plugin_args["sbatch_args"] for node, _ in applied}
+    # n_procs and mem_gb of test_heavy_nodes_declare_threads_and_memory, plus 0.5 GB per job
+    assert args["train_C"] == f" --cpus-per-task=2 --mem=4608M {gpu}"
+    assert args["apply"] == f" --cpus-per-task=2 --mem=2560M {gpu}"
+    assert args["denoise"] == " --cpus-per-task=2 --mem=820M"
+    assert args["register"] == " --cpus-per-task=2 --mem=2560M"
+    assert args["snr"] == " --cpus-per-task=1 --mem=615M"
+    # the user's own --cpus-per-task/--mem for every job win; MultiProc gets nothing
+    _, workflow = _group_config(tiny_bids, tmp_path, "--plugin", "SLURM")
+    fixed = apply_batch_resources(workflow, "SLURM", {"sbatch_args": "-c 4 --mem=8G"}, gpu)
+    assert {args for _, args in fixed} == {gpu}
+    assert sorted({node.name for node, _ in fixed}) == ["apply", "train_C", "train_D"]
+    assert apply_batch_resources(workflow, "MultiProc", {}, gpu) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--plugin", "MultiProc"], "--gpu-plugin-args needs a batch plugin (SLURM,"),
+        (["--plugin", "SLURM", "--device", "cpu"], "--device cpu keeps them on the CPU"),
+    ],
+)
+def test_gpu_plugin_args_refused_where_no_job_could_get_a_gpu(tiny_bids, tmp_path, extra, message):
+    proc = subprocess.run(
+        [*DKIHARM, str(tiny_bids), str(tmp_path / "out"), "group"]
+        + ["--gpu-plugin-args", "--partition=gpu", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def _mem_mb(value: str) -> float:
+    return float(value[:-1]) * {"M": 1, "G": 1024}[value[-1]]
+
+
+def test_group_level_under_slurm_equals_multiproc(slurm, tiny_bids, tmp_path):
+    """The whole group level as Slurm jobs, each with its own CPUs, memory and partition.
+
+    Sub-01 on scanners C and D, 2 epochs: the Slurm run (GPU-capable jobs sent to the
+    cluster's ``gpu`` partition) and a MultiProc run, at the same time. Every map and
+    network tensor must be bit-identical, and every text output byte-identical except the
+    wall-clock fields (model cards' ``seconds``/``created``, training logs' last column).
+    """
+    from safetensors.numpy import load_file
+
+    env = {k: v for k, v in os.environ.items() if k != "LOGNAME"}
+    env["SLURM_CONF"] = str(slurm["conf"])
+    env["PATH"] = f"{env['PATH']}:/usr/sbin"
+    selection = tmp_path / "filter.json"
+    selection.write_text(json.dumps({"dwi": {"run": 1}}))
+    common = ["--participant-label", "01", "--session-label", "C", "D", "--device", "auto"]
+    common += ["--bids-filter-file", str(selection), "--omp-nthreads", "2", "--seed", "1"]
+    common += ["--epochs", "2", "--samples-per-epoch", "2000"]
+    jobcomp = slurm["dir"] / "jobcomp.log"  # shared with the module's other Slurm test
+    log_start = jobcomp.stat().st_size if jobcomp.exists() else 0
+    runs = {}
+    for name, extra, run_env in (
+        ("slurm", ["--plugin", "SLURM", "--gpu-plugin-args", "--partition=gpu"], env),
+        ("multiproc", ["--plugin", "MultiProc", "--nprocs", "2"], None),
+    ):
+        cmd = [*DKIHARM, str(tiny_bids), str(tmp_path / name / "out"), "group"]
+        cmd += ["-w", str(tmp_path / name / "work"), *common, *extra]
+        runs[name] = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=run_env
+        )
+    for proc in runs.values():
+        _finish(proc, timeout=1200)
+
+    # each job got its node's CPUs and memory (+0.5 GB), GPU-capable ones the gpu partition
+    log = jobcomp.read_text()[log_start:]
+    jobs = re.findall(
+        r"Name=([^. ]+)\S* JobState=(\S+) Partition=(\S+) .*?Tres=cpu=(\d+),mem=([\d.]+[MG])",
+        log,
+    )
+    print(f"{len(jobs)} Slurm jobs:", sorted(set(jobs)))
+    names = {name for name, *_ in jobs}
+    assert {"denoise", "fit", "register", "train_C", "train_D", "apply", "evaluate"} <= names
+    assert {state for _, state, *_ in jobs} == {"COMPLETED"}
+    on_gpu = {name: part == "gpu" for name, _, part, *_ in jobs}
+    assert {name for name, gpu in on_gpu.items() if gpu} == {"apply", "train_C", "train_D"}
+    assert all(on_gpu[name] == (part == "gpu") for name, _, part, *_ in jobs)
+    resources = {(name, int(cpu), _mem_mb(mem)) for name, _, _, cpu, mem in jobs}
+    expected = {("train_C", 2, 4608), ("apply", 2, 2560), ("denoise", 2, 820), ("snr", 1, 615)}
+    assert expected <= resources, resources
+    assert len({r for r in resources if r[0] in {n for n, *_ in expected}}) == len(expected)
+
+    # the same derivatives as MultiProc
+    via_slurm, local = tmp_path / "slurm" / "out", tmp_path / "multiproc" / "out"
+    files = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(via_slurm) for p in via_slurm.rglob("*") if p.is_file())
+    maps = [f for f in files if f.name.endswith(".nii.gz")]
+    assert len([f for f in maps if "desc-harmonized" in f.name]) == 16
+    for rel in maps:
+        expected = np.asanyarray(nb.load(local / rel).dataobj)
+        got = np.asanyarray(nb.load(via_slurm / rel).dataobj)
+        assert np.array_equal(got, expected, equal_nan=True), rel
+    for rel in (f for f in files if f.suffix == ".safetensors"):
+        expected, got = load_file(local / rel), load_file(via_slurm / rel)
+        assert all(np.array_equal(got[k], v) for k, v in expected.items()), rel
+    texts = [f for f in files if f not in maps and f.suffix != ".safetensors"]
+    clocked = {f for f in texts if f.parent.name == "models" and f.name.startswith("scanner-")}
+    for rel in texts:
+        a, b = (local / rel).read_bytes(), (via_slurm / rel).read_bytes()
+        if rel in clocked:
+            a, b = (_without_clock(x.decode()) for x in (a, b))
+        assert a == b, rel
+
+
+def _without_clock(text: str) -> str:
+    """A model card or training log without its wall-clock fields."""
+    if text.lstrip().startswith("{"):
+        return re.sub(r'"(seconds|created|weights_sha256)": [^,\n]+', "", text)
+    return "\n".join("\t".join(row.split("\t")[:3]) for row in text.splitlines())

@@ -16,6 +16,11 @@ python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ -n "$extras" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
 # a single-node Slurm cluster for tests/test_slurm.py (started by tools/slurm/start.sh)
 if [ -n "$extras" ]; then [ -x /usr/sbin/slurmctld ] || need_apt+=(slurm-wlm munge); fi
+# buildah and debootstrap build the container image in tests/test_container.py (-m slow)
+if [ -n "$extras" ]; then
+  command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+  command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[install] apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

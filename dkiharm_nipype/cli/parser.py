@@ -443,6 +443,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="plugin arguments as inline JSON or a JSON file",
     )
     perf.add_argument(
+        "--gpu-plugin-args",
+        default="",
+        metavar="ARGS",
+        help="scheduler arguments for the jobs that can use a GPU (training, inference, torch "
+        "denoising) under a batch plugin, e.g. '--gres=gpu:1 --partition=gpu' for SLURM",
+    )
+    perf.add_argument(
         "--write-graph",
         action="store_true",
         help="write the workflow graphs (hierarchical and colored, PNG and SVG; the "
@@ -520,13 +527,41 @@ def _with_config_file(parser, argv: list[str]) -> argparse.Namespace:
     return options.parse_args(_toml_to_argv(options, _read_toml(parser, path), path))
 
 
+def _glue_option_values(argv: list[str]) -> list[str]:
+    """``--gpu-plugin-args --partition=gpu``: argparse would read the value as an option."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--gpu-plugin-args":
+            argv[i : i + 2] = [f"{arg}={argv[i + 1]}"]
+            break
+    return argv
+
+
+def _gpu_plugin_args(parser, opts) -> str:
+    """``--gpu-plugin-args`` only means something to a batch plugin that submits each node."""
+    from ..utils.resources import ARGS_KEY
+
+    gpu = opts.gpu_plugin_args.strip()
+    if gpu and opts.plugin not in ARGS_KEY:
+        parser.error(
+            f"--gpu-plugin-args needs a batch plugin ({', '.join(ARGS_KEY)}); "
+            f"--plugin {opts.plugin} runs every node on this machine"
+        )
+    if gpu and opts.device == "cpu":
+        parser.error(
+            "--gpu-plugin-args asks GPUs for the training/inference jobs but --device cpu "
+            "keeps them on the CPU; use --device auto (or cuda), or drop --gpu-plugin-args"
+        )
+    return gpu
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate the command line into a :class:`RunConfig`.
 
     Options of a ``--config-file`` fill in what the command line does not set.
     """
     parser = get_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _glue_option_values(sys.argv[1:] if argv is None else list(argv))
     opts = parser.parse_args(argv, namespace=_with_config_file(parser, argv))
     bids_dir: Path = opts.bids_dir
     output_dir = opts.output_dir.expanduser().absolute()
@@ -585,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         nprocs=opts.nprocs,
         omp_nthreads=omp,
         mem_gb=opts.mem_gb,
+        gpu_plugin_args=_gpu_plugin_args(parser, opts),
     )
     from ..utils.bids import load_bids_filters
 

@@ -102,6 +102,7 @@ def run(config: RunConfig) -> int:
         return 0
     if workflow is None:
         return 0
+    _request_batch_resources(workflow, config)
     started = time.time()
     workflow.run(plugin=config.execution.plugin, plugin_args=config.execution.nipype_plugin_args())
     written = publish_derivatives(staging, config.output_dir, bids_dir=config.bids_dir)
@@ -148,6 +149,33 @@ def _validate_input(config: RunConfig) -> None:
     )
     LOGGER.info("%s passed the BIDS validator (%d kind(s) of warning)", config.bids_dir,
                 len(warnings))  # fmt: skip
+
+
+def _request_batch_resources(workflow, config: RunConfig) -> None:
+    """Batch plugins: each node's job asks for its own CPUs, memory and, if it can use one,
+    the GPU of ``--gpu-plugin-args`` (MultiProc and Linear are left as they are)."""
+    from ..utils.resources import apply_batch_resources
+
+    execution = config.execution
+    applied = apply_batch_resources(
+        workflow, execution.plugin, execution.plugin_args, execution.gpu_plugin_args
+    )
+    gpu = execution.gpu_plugin_args
+    with_gpu = sum(1 for _, args in applied if gpu and args.endswith(gpu))
+    if applied:
+        LOGGER.info(
+            "%s: per-node CPUs/memory on %d job(s), '%s' on %d",
+            execution.plugin,
+            len(applied),
+            gpu,
+            with_gpu,
+        )
+    if gpu and not with_gpu:
+        LOGGER.warning(
+            "--gpu-plugin-args '%s' asked for no job: no node of this run can use a GPU "
+            "(training and inference run at the group level or with --models)",
+            gpu,
+        )
 
 
 def _crash_summary(exc: BaseException, crash_dir: Path) -> str:
