@@ -93,6 +93,10 @@ class RunConfig:
     roi_table: Path | None = None
     comparators: tuple[str, ...] = ()
     experiments: tuple[str, ...] = ()
+    #: QSIPrep-style folders of preprocessed DWIs (``--derivatives``)
+    derivatives: tuple[Path, ...] = ()
+    #: stop the whole run at the first failed node (default: skip the scan, go on)
+    stop_on_first_crash: bool = False
     # --experiment tissue: user tissue maps (a derivatives folder or a {subject} pattern)
     tissue_maps: str | None = None
     execution: ExecConfig = field(default_factory=ExecConfig)

@@ -66,7 +66,9 @@ def parse_bibtex(text: str) -> dict[str, tuple[str, dict[str, str]]]:
     return entries
 
 
-def test_fsl_cited_only_when_it_runs():
+def test_fsl_cited_only_when_it_runs(tmp_path, monkeypatch):
+    # the text is read from the built workflow, and an FSL workflow is built only with FSL
+    install_fake_fsl(tmp_path / "fsl", monkeypatch, {tool: "" for tool in FSL_TOOLS})
     with_fsl = "\n".join(methods_paragraphs(_config(preproc="fsl")))
     without = "\n".join(methods_paragraphs(_config(preproc="mrtrix")))
     for text in (with_fsl, without):
@@ -175,7 +177,8 @@ def test_models_and_comparators():
     assert not {"fortin2017", "pomponio2020", "mirzaalian2016"} & set(cited_keys(plain))
 
 
-def test_every_format_is_valid_and_consistent(tmp_path):
+def test_every_format_is_valid_and_consistent(tmp_path, monkeypatch):
+    install_fake_fsl(tmp_path / "fsl", monkeypatch, {tool: "" for tool in FSL_TOOLS})
     paragraphs = methods_paragraphs(
         _config(preproc="fsl", analysis_level="group", registration="mrtrix", mc_samples=5)
     )
@@ -267,3 +270,33 @@ def test_boilerplate_only_cli_writes_text_and_no_derivatives(tiny_bids, tmp_path
     assert proc.returncode == 0, proc.stderr
     md = (out / "logs" / "CITATION.md").read_text()
     assert "TOPUP" not in md and "Andersson" not in md and "dwidenoise" in md
+
+
+def test_text_is_the_visit_of_the_built_workflow(tiny_bids, monkeypatch):
+    """The methods text comes from the factories' ``__desc__``: options changed in the run
+    (and a value changed where the fit defines it) appear in the text, while the
+    boilerplate module itself names no pipeline step or setting."""
+    import inspect
+
+    import dkiharm_nipype.cli.boilerplate as boilerplate
+    from dkiharm_nipype.dki.fit import fit_dki
+    from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    from dkiharm_nipype.workflows.base import init_dkiharm_wf
+
+    source = inspect.getsource(boilerplate)
+    for step in ("dwidenoise", "mrdegibbs", "epochs", "IRLLS", "registered", "[0, 10]"):
+        assert step not in source, step
+
+    scans = collect_scans(load_layout(tiny_bids), session_label=["C", "D"])
+    config = _config(analysis_level="group", bids_dir=tiny_bids, registration="none",
+                     denoiser="mppca", epochs=13, mc_samples=4)  # fmt: skip
+    workflow, _ = init_dkiharm_wf(config=config, scans=scans)
+    text = "\n".join(methods_paragraphs(config, workflow=workflow))
+    assert "at most 13 epochs" in text and "4 Monte Carlo dropout passes" in text
+    assert "every 3 voxels" in text and "dwidenoise" not in text  # mppca, from the preproc wf
+    assert f"{len(scans)} diffusion-weighted (DWI) runs" in text
+    assert text.count("Gibbs ringing was removed") == 1  # four scans, described once
+    # the projection's range is the fit's own constant, not a copy of it
+    assert "directional kurtosis in [0, 3]" in text and "[0, 10]" not in text
+    monkeypatch.setitem(fit_dki.__kwdefaults__, "kurtosis_range", (0.0, 2.5))
+    assert "directional kurtosis in [0, 2.5]" in methods_paragraphs(_config())[2]

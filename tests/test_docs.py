@@ -26,6 +26,7 @@ PAGES = (
     "dki",
     "registration",
     "cnn",
+    "workflows",
     "benchmarks",
     "layout",
     "api",
@@ -80,6 +81,10 @@ def test_key_pages_are_built(site):
     outputs = _text(site / "outputs.html")
     assert "CITATION.bib" in outputs and "desc-harmonized" in outputs
     assert (site / "_images" / "graph_participant_colored.svg").is_file()
+    pieces = _text(site / "workflows.html")
+    assert "init_training_labels_wf" in pieces and "registered_maps" in pieces
+    assert (site / "_images" / "graph_methods.png").is_file()
+    assert (site / "workflows.html").read_text().count('<div class="workflow-graph"><svg') == 4
 
 
 def test_autodoc_documents_every_interface_and_factory(site):
@@ -92,7 +97,8 @@ def test_autodoc_documents_every_interface_and_factory(site):
     for name in (
         "preproc.init_dwi_preproc_wf",
         "dki.init_scan_wf",
-        "harmonize.init_group_wf",
+        "base.init_group_wf",
+        "harmonize.init_training_wf",
         "registration.init_label_registration_wf",
         "base.init_dkiharm_wf",
     ):

@@ -33,6 +33,11 @@ def _svg_labels(path: Path) -> set[str]:
     return {"".join(t.itertext()).strip() for t in root.iter(f"{SVG_NS}text")}
 
 
+def _svg_texts(path: Path) -> list[str]:
+    root = ET.parse(path).getroot()
+    return ["".join(t.itertext()).strip() for t in root.iter(f"{SVG_NS}text")]
+
+
 def _svg_fills(path: Path) -> set[str]:
     root = ET.parse(path).getroot()
     return {
@@ -84,12 +89,27 @@ def test_group_call_writes_both_levels_without_running(tiny_bids, tmp_path):
         # the harmonization only in the group graph: SNR-based reference, one network each
         only_group = {
             "reference (utility)",
-            "train_C (harmonize)",
-            "train_D (harmonize)",
+            "train (harmonize)",
             "apply (harmonize)",
             "ds_plan (bids)",
         }
         assert only_group <= group and not only_group & part
+        assert {"train_C_wf", "train_D_wf", "reference_wf"} <= group  # one piece each
+    # the methods figure: a page wide, one node per step, repetitions folded with their count
+    width, height = _png_size(logs / "graph_methods.png")
+    assert 300 < width <= 2000 and height > 300
+    texts = _svg_texts(logs / "graph_methods.svg")
+    for step, count in (
+        ("MP-PCA denoising (MRtrix3 dwidenoise)", "× 4 scans"),
+        ("DKI fit (IRLLS), eight maps", "× 4 scans"),
+        ("3-D CNN training (3³ kernel, ≤ 100 epochs)", "× 2 scanners"),
+        ("Harmonized maps (the scanner's CNN)", "× 4 scans"),
+        ("Reference scanner (highest white-matter SNR)", None),
+    ):
+        assert texts.count(step) == 1, step
+        following = texts[texts.index(step) + 1]
+        assert following == count if count else not following.startswith("×"), (step, following)
+    assert not [t for t in texts if t.startswith("ds_") or "inputnode" in t or "merge" in t]
     # "colored" fills the sub-workflow clusters; "hierarchical" is black and white
     assert len(_svg_fills(logs / "graph_group_colored.svg")) >= 3
     assert not _svg_fills(logs / "graph_group_hierarchical.svg")
@@ -112,11 +132,13 @@ def test_participant_call_writes_participant_graph(tiny_bids, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     names = sorted(p.name for p in (out / "logs").glob("graph_*"))
-    assert names == [
+    assert names == ["graph_methods.png", "graph_methods.svg"] + [
         f"graph_participant_{style}.{ext}"
         for style in ("colored", "hierarchical")
         for ext in ("dot", "png", "svg")
     ]
+    methods = _svg_texts(out / "logs" / "graph_methods.svg")
+    assert "DKI fit (IRLLS), eight maps" in methods and "× 1 scan" in methods
     labels = _svg_labels(out / "logs" / "graph_participant_colored.svg")
     assert "sub_03_ses_D_run_1_wf" in labels and "fit (dki)" in labels
     assert not any("sub_01" in label for label in labels)

@@ -229,20 +229,22 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
     from dkiharm_nipype.config import RunConfig
     from dkiharm_nipype.study import StudyDesignError
     from dkiharm_nipype.utils.bids import collect_scans, load_layout
-    from dkiharm_nipype.workflows.harmonize import init_group_wf
+    from dkiharm_nipype.workflows.base import init_group_wf
 
     scans = collect_scans(load_layout(tiny_bids))
     config = RunConfig(
         bids_dir=Path(tiny_bids), output_dir=tmp_path / "out", analysis_level="group",
         work_dir=tmp_path / "work", registration="dipy-syn",
         experiments=("seeds", "tissue"), comparators=("combat", "rish"),
+        tissue_maps=str(Path(tiny_bids) / "derivatives" / "phantom-truth"),
     )  # fmt: skip
     wf = init_group_wf(scans=scans, staging_dir=tmp_path / "stage", config=config)
     names = wf.list_node_names()
-    assert {"experiment_seeds_wf.run", "experiment_tissue_wf.run", "comparators"} <= set(names)
+    assert {"experiment_seeds_wf.run", "experiment_tissue_wf.run",
+            "comparators_wf.comparators"} <= set(names)  # fmt: skip
     tissue = wf.get_node("experiment_tissue_wf").get_node("inputnode").inputs
     assert len(tissue.sgm_files) == len(scans) and all(Path(f).is_file() for f in tissue.csf_files)
-    compare = wf.get_node("comparators").inputs
+    compare = wf.get_node("comparators_wf.comparators").inputs
     assert compare.methods == ["combat", "rish"] and len(compare.meta) == len(scans)
     # torch nodes run with the threads they declare to the scheduler (no oversubscription)
     checked = {"TrainHarmonizer": 0, "ApplyHarmonizer": 0}
@@ -253,17 +255,18 @@ def test_experiments_and_comparators_are_wired(tiny_bids, tmp_path):
             assert node.inputs.num_threads == node.n_procs == 1, name
             checked[kind] += 1
     assert checked["TrainHarmonizer"] >= 2 and checked["ApplyHarmonizer"] >= len(scans), checked
-    # without tissue maps the tissue experiment is refused at build time, in one line
+    # --tissue-maps without maps of every scan is refused at build time, in one line
     bare = tmp_path / "bare"
     shutil.copytree(tiny_bids, bare, ignore=shutil.ignore_patterns("derivatives"))
     bare_scans = collect_scans(load_layout(bare))
-    with pytest.raises(StudyDesignError, match="needs subcortical GM and CSF") as err:
+    with pytest.raises(StudyDesignError, match="has no SGM \\(or GM\\) and CSF") as err:
         init_group_wf(
             scans=bare_scans,
             staging_dir=tmp_path / "stage2",
             config=RunConfig(
                 bids_dir=bare, output_dir=tmp_path / "out2", analysis_level="group",
                 work_dir=tmp_path / "work2", experiments=("tissue",),
+                tissue_maps=str(bare / "derivatives"),
             ),
         )  # fmt: skip
     assert "\n" not in str(err.value)
@@ -276,7 +279,7 @@ def test_dwi_plus_fit_is_wired(tiny_bids, tmp_path):
 
     from dkiharm_nipype.config import RunConfig
     from dkiharm_nipype.utils.bids import collect_scans, load_layout
-    from dkiharm_nipype.workflows.harmonize import init_group_wf
+    from dkiharm_nipype.workflows.base import init_group_wf
 
     scans = collect_scans(load_layout(tiny_bids))
     config = RunConfig(
@@ -289,20 +292,28 @@ def test_dwi_plus_fit_is_wired(tiny_bids, tmp_path):
     def into(node):
         return {c for _, _, d in wf._graph.in_edges(node, data=True) for c in d["connect"]}
 
-    trains = [wf.get_node(n) for n in wf.list_node_names() if n.startswith("train_")]
+    def inside(sub_wf, node):
+        return {c for _, _, d in sub_wf._graph.in_edges(node, data=True) for c in d["connect"]}
+
+    # each scanner's network is trained in its own train_<scanner>_wf
+    trains = [wf.get_node(n) for n in wf.list_node_names() if n.endswith("_wf.train")]
     trains = [n for n in trains if type(n.interface).__name__ == "TrainHarmonizer"]
     assert len(trains) == len({s.scanner for s in scans})
     for node in trains:
+        train_wf = wf.get_node(f"train_{node.inputs.scanner}_wf")
         assert node.inputs.network_input == "dwi+fit"
-        assert ("out", "fit_files") in into(node)
-        merge = wf.get_node(node.name.replace("train_", "train_fit_", 1))
+        assert ("out", "inputnode.fit_files") in into(train_wf)
+        assert ("fit_files", "fit_files") in inside(train_wf, node)
+        merge = wf.get_node(f"train_fit_{node.inputs.scanner}")
         assert len(into(merge)) == len(node.inputs.subject_ids)
     applies = [n for n in wf._graph.nodes if n.name.startswith("harmonize_")]
     assert len(applies) == len(scans)
     assert all(("outputnode.maps", "inputnode.fit_files") in into(n) for n in applies)
     for node in trains:  # labels are trained on inside their registration's support only
-        assert ("out", "label_mask_files") in into(node)
-        merge = wf.get_node(node.name.replace("train_", "train_support_", 1))
+        train_wf = wf.get_node(f"train_{node.inputs.scanner}_wf")
+        assert ("out", "inputnode.label_mask_files") in into(train_wf)
+        assert ("label_mask_files", "label_mask_files") in inside(train_wf, node)
+        merge = wf.get_node(f"train_support_{node.inputs.scanner}")
         assert into(merge) == {
             ("outputnode.support_mask", f"in{i}")
             for i in range(1, len(node.inputs.subject_ids) + 1)
@@ -317,7 +328,8 @@ def test_reference_labels_rescan_is_wired(tiny_bids, tmp_path):
 
     from dkiharm_nipype.config import RunConfig
     from dkiharm_nipype.utils.bids import collect_scans, load_layout
-    from dkiharm_nipype.workflows.harmonize import _select_moving, init_group_wf
+    from dkiharm_nipype.workflows.base import init_group_wf
+    from dkiharm_nipype.workflows.harmonize import _select_moving
 
     scans = collect_scans(load_layout(tiny_bids))
 
@@ -333,17 +345,17 @@ def test_reference_labels_rescan_is_wired(tiny_bids, tmp_path):
         node = wf.get_node(node_name)
         return {
             u.name for u, _, d in wf._graph.in_edges(node, data=True)
-            if ("outputnode.fa_file", "partner_fa") in d["connect"]
+            if ("outputnode.fa_file", "inputnode.partner_fa") in d["connect"]
         }  # fmt: skip
 
     wf = build("rescan")
-    assert partner_of(wf, "select_sub_01_ses_A_run_1") == {"sub_01_ses_A_run_2_wf"}
-    assert partner_of(wf, "select_sub_01_ses_A_run_2") == {"sub_01_ses_A_run_1_wf"}
-    assert partner_of(wf, "select_sub_02_ses_D_run_1") == set()
-    plan = json.loads(wf.get_node("plan").inputs.plan_json)
+    assert partner_of(wf, "labels_sub_01_ses_A_run_1_wf") == {"sub_01_ses_A_run_2_wf"}
+    assert partner_of(wf, "labels_sub_01_ses_A_run_2_wf") == {"sub_01_ses_A_run_1_wf"}
+    assert partner_of(wf, "labels_sub_02_ses_D_run_1_wf") == set()
+    plan = json.loads(wf.get_node("reference_wf.plan").inputs.plan_json)
     assert plan["reference_labels"] == "rescan"
     wf = build("fit")
-    assert partner_of(wf, "select_sub_01_ses_A_run_1") == set()
+    assert partner_of(wf, "labels_sub_01_ses_A_run_1_wf") == set()
 
     # what the selector hands to the label registration, once the reference is known
     common = dict(

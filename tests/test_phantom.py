@@ -93,7 +93,7 @@ def test_tiny_is_valid_bids(tiny_bids):
     assert len(rois) >= 4  # background + a few of the 15 ROIs at this size
 
 
-@pytest.mark.parametrize("preset", ["paper-dataset1", "mushac"])
+@pytest.mark.parametrize("preset", ["paper-dataset1", "mushac", "hard", "hard-mixed-res"])
 def test_cut_down_presets_are_valid_bids(tmp_path, preset):
     cfg = get_preset(preset)
     root = generate(
@@ -412,3 +412,115 @@ def test_reversed_pe_b0_from_line_interpolation_matches_direct_sampling():
     assert nrmse(data[..., 0]) > 0.1  # forward and reversed b0 differ a lot ...
     # ... the interpolated reversed b0 is the direct one (1 % at 4 mm, 0.45 % at 2 mm)
     assert nrmse(rev[..., 0]) < 0.02
+
+
+# --- lesions -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lesion_bids(tmp_path_factory) -> Path:
+    """``tiny``, two subjects on A, C and D, a 4 mm lesion in sub-02 only (seed 2)."""
+    out = tmp_path_factory.mktemp("lesion") / "bids"
+    return generate(out, preset="tiny", seed=2, subjects=2, lesion_subjects=["02"],
+                    lesion_radius_mm=4.0)  # fmt: skip
+
+
+def _lesion_mask(root: Path, sub: str, ses: str | None = None, what: str = "desc-lesion_mask"):
+    truth = root / "derivatives" / "phantom-truth" / f"sub-{sub}"
+    if ses is None:
+        return nib.load(truth / "anat" / f"sub-{sub}_space-T1w_{what}.nii.gz")
+    name = f"sub-{sub}_ses-{ses}_run-1_space-dwi_{what}.nii.gz"
+    return nib.load(truth / f"ses-{ses}" / "dwi" / name)
+
+
+def _centroid_mm(img: nib.Nifti1Image, xfm: np.ndarray | None = None) -> np.ndarray:
+    ijk = np.argwhere(np.asanyarray(img.dataobj) > 0).mean(0)
+    world = img.affine @ [*ijk, 1.0]
+    return (world if xfm is None else xfm @ world)[:3]
+
+
+def test_lesion_sits_at_the_same_place_in_every_scan(lesion_bids):
+    """Each scan's truth lesion, moved to subject space with that visit's true rigid
+    transform, lands on the subject-space lesion: mask centroids within 1 mm (half a voxel),
+    Dice >= 0.75 of the trilinearly moved lesion probability (> 0.5) with the subject-space
+    mask; the other subject has no lesion."""
+    from dkiharm_nipype.phantom.truth import scan_to_subject
+
+    subject_mask = _lesion_mask(lesion_bids, "02")
+    ref = np.asanyarray(subject_mask.dataobj) > 0
+    centre = _centroid_mm(subject_mask)
+    poses = []
+    for ses in ("A", "C", "D"):
+        scan = _lesion_mask(lesion_bids, "02", ses)
+        xfm = scan_to_subject(lesion_bids, "02", ses)
+        poses.append(xfm)
+        prob = _lesion_mask(lesion_bids, "02", ses, "label-lesion_probseg")
+        moved = to_subject_space(prob, lesion_bids, "02", ses).get_fdata() > 0.5
+        dice = 2 * (moved & ref).sum() / (moved.sum() + ref.sum())
+        shift = np.linalg.norm(_centroid_mm(scan, xfm) - centre)
+        print(
+            f"\nses-{ses}: {int(ref.sum())} subject / {int(moved.sum())} moved voxels, "
+            f"Dice {dice:.2f}, centroid {shift:.2f} mm from the subject-space lesion"
+        )
+        assert ref.sum() >= 20 and dice >= 0.75 and shift < 1.0
+    # the visits moved the head (else the check above would be trivial)
+    assert max(np.abs(p[:3, 3] - poses[0][:3, 3]).max() for p in poses) > 0.5
+    assert not list((lesion_bids / "derivatives" / "phantom-truth" / "sub-01").rglob("*lesion*"))
+
+
+def test_lesion_raises_md_lowers_fa_only_in_its_subject(lesion_bids, tmp_path):
+    """Truth and a dipy WLS fit of the noisy scans: MD up, FA down in the lesion core against
+    the surrounding WM, in every scan; the subject without a lesion is byte-identical to a
+    dataset generated without any lesion."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dki import DiffusionKurtosisModel
+
+    from dkiharm_nipype.evaluation.scores import lesion_contrast
+
+    for ses in ("A", "C", "D"):
+        core = np.asanyarray(_lesion_mask(lesion_bids, "02", ses).dataobj) > 0
+        wm = load_scan_labels(lesion_bids, "02", ses, what="WM").get_fdata() > 0.9
+        truth = load_truth(lesion_bids, "02", ses)
+        stem = lesion_bids / f"sub-02/ses-{ses}/dwi/sub-02_ses-{ses}_run-1_dwi"
+        gtab = gradient_table(np.loadtxt(f"{stem}.bval"), bvecs=np.loadtxt(f"{stem}.bvec").T)
+        data = nib.load(f"{stem}.nii.gz").get_fdata()
+        fit = DiffusionKurtosisModel(gtab, fit_method="WLS").fit(data, mask=core | wm)
+        out = {}
+        for name, fitted in (("md", fit.md), ("fa", fit.fa)):
+            out[name] = (
+                lesion_contrast(truth[name].get_fdata(), core, wm)["contrast"],
+                lesion_contrast(fitted, core, wm)["contrast"],
+            )
+        md, fa = out["md"], out["fa"]
+        print(
+            f"\nses-{ses} contrast (truth, fit): MD {md[0]:+.0%} {md[1]:+.0%}, "
+            f"FA {fa[0]:+.0%} {fa[1]:+.0%}"
+        )
+        assert out["md"][0] > 0.3 and out["md"][1] > 0.2
+        assert out["fa"][0] < -0.2 and out["fa"][1] < -0.2
+    plain = generate(tmp_path / "plain", preset="tiny", seed=2, subjects=2)
+    with_lesion = {k: v for k, v in _digest(lesion_bids).items() if "sub-01" in k}
+    assert with_lesion == {k: v for k, v in _digest(plain).items() if "sub-01" in k}
+
+
+def test_lesion_contrast_on_a_synthetic_map():
+    """Core 1.5 in WM 1.0 with a partial-volume shell of 1.25 (excluded by the gap) and grey
+    matter of 0.6 (excluded by the WM mask): contrast +50 % exactly."""
+    from dkiharm_nipype.evaluation.scores import lesion_contrast
+
+    ii, jj, kk = np.mgrid[:24, :24, :24]
+    r = np.sqrt((ii - 12) ** 2 + (jj - 12) ** 2 + (kk - 12) ** 2)
+    core = r <= 3
+    values = np.where(core, 1.5, 1.0)
+    values[(r > 3) & (r <= 4)] = 1.25
+    wm = ii < 20
+    values[~wm] = 0.6
+    values[0, 0, 0] = np.nan
+    res = lesion_contrast(values, core, wm)
+    assert res["contrast"] == pytest.approx(0.5)
+    assert res["n_core"] == core.sum() and res["n_ring"] > 5 * res["n_core"]
+    assert lesion_contrast(values, core, wm, gap=0)["contrast"] < 0.5  # shell included
+    with pytest.raises(ValueError, match="no white-matter voxel around the lesion"):
+        lesion_contrast(values, core, np.zeros_like(wm))
+    with pytest.raises(ValueError, match="lesion mask holds no finite voxel"):
+        lesion_contrast(values, np.zeros_like(core), wm)

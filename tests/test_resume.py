@@ -133,7 +133,7 @@ def test_failing_node_leaves_crash_file_and_one_line(tiny_bids, tmp_path):
     assert node == "dkiharm_wf.sub_01_ses_D_run_1_wf.dki_fit_wf.fit"
     assert "mask" in cause and "is empty" in cause and "sub-01_ses-D_run-1_dwi" in cause
     crash = Path(crash)
-    assert crash.parent == tmp_path / "work" / "crash" and crash.is_file()
+    assert crash.parent == tmp_path / "out" / "logs" / "crash" and crash.is_file()
     text = crash.read_text()
     assert "fit" in text and "is empty" in text
     assert not _derivatives(tmp_path / "out")

@@ -1,12 +1,14 @@
 """Methods text ("boilerplate") of one BIDS-App call, with its references.
 
 As fMRIPrep does, every ``dkiharm`` run writes ``output_dir/logs/CITATION.{md,html,tex,bib}``:
-a methods paragraph generated from the options the run actually used (the preprocessing
-steps that really run, the fit, the registration engine, the network and its training),
-citing the method and every tool involved. ``--boilerplate-only`` writes them and stops.
+the methods text of the workflow the run built, citing the method and every tool involved.
+``--boilerplate-only`` writes them and stops. The text itself lives next to the code it
+describes: each ``init_*_wf`` factory sets ``__desc__`` with the values it was built with
+(:mod:`dkiharm_nipype.workflows.literate`); this module only visits the built graph, adds
+the references and renders Markdown, HTML, LaTeX and BibTeX.
 
-The text is kept as paragraphs holding pandoc-style citation markers (``[@key; @key2]``)
-and rendered into each format here, so no converter (pandoc) is needed.
+The text holds pandoc-style citation markers (``[@key; @key2]``), rendered into each
+format here, so no converter (pandoc) is needed.
 
 Example
 -------
@@ -27,18 +29,12 @@ True
 from __future__ import annotations
 
 import html
-import importlib.metadata
-import os
 import re
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
 from ..config import RunConfig
-from ..preproc.modes import resolved_preproc_mode
 
 __all__ = [
     "REFERENCES",
@@ -404,340 +400,41 @@ REFERENCES: dict[str, Reference] = {
     ),
 }
 
-_FIT_TEXT = {
-    "irlls": "iteratively reweighted linear least squares (IRLLS) with outlier rejection "
-    "[@collier2015], the robust estimator the method uses for its labels [@tong2020]",
-    "wls": "weighted linear least squares [@veraart2013]",
-    "ols": "ordinary linear least squares",
-}
-_ENGINE_TEXT = {
-    "fnirt": "FSL FLIRT (12 degrees of freedom) followed by FNIRT [@andersson2007; "
-    "@jenkinson2012], as in the original method",
-    "dipy-syn": "an affine registration followed by symmetric normalization (SyN) with a "
-    "local cross-correlation metric [@avants2008] as implemented in dipy [@dipy]",
-    "mrtrix": "MRtrix3 mrregister (rigid, affine then symmetric diffeomorphic "
-    "non-linear registration) [@raffelt2011; @tournier2019]",
-    "ants": "ANTs SyN [@avants2011]",
-}
+#: The closing paragraph of every methods text.
+CC0_PARAGRAPH = (
+    "The above methods text was generated automatically by dkiharm from the options of "
+    "the run, with the intention that users copy and paste it into their manuscripts "
+    "unchanged; it is released under the CC0 license."
+)
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "(version unknown)"
-
-
-def _mrtrix_version() -> str:
-    exe = shutil.which("dwidenoise")
-    if exe is None:
-        return ""
-    try:
-        out = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    found = re.search(r"==\s*\S+\s+([\w.\-]+)\s*==", out.stdout)
-    return found.group(1) if found else ""
-
-
-def _fsl_version() -> str:
-    path = Path(os.environ.get("FSLDIR", "/nonexistent")) / "etc" / "fslversion"
-    try:
-        return path.read_text().split(":")[0].strip()
-    except OSError:
-        return ""
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def _data_sentence(config: RunConfig, scans: Sequence) -> str:
-    subjects = {s.subject for s in scans}
-    scanners = {s.scanner for s in scans}
-    entity = {"ses": "session label", "session": "session label", "acq": "acquisition label"}
-    how = entity.get(config.scanner_entity, f"sidecar field {config.scanner_entity}")
-    return (
-        f"In total, {_count(len(scans), 'diffusion-weighted (DWI) run')} of "
-        f"{_count(len(subjects), 'participant')} acquired on {_count(len(scanners), 'scanner')} "
-        f"(scanners identified by the {how}) were processed; repeated runs were kept as "
-        "separate scans."
-    )
-
-
-def _preproc_paragraph(config: RunConfig, preproc: str, scans: Sequence | None) -> str:
-    if preproc == "none":
-        text = "The DWI series were used as provided, without denoising or artefact correction."
-    else:
-        mrtrix = _mrtrix_version()
-        mrtrix = f"MRtrix3{' ' + mrtrix if mrtrix else ''} [@tournier2019]"
-        if config.denoiser == "mppca":
-            from ..interfaces.preproc import MPPCADenoise
-
-            how, source = (
-                "by Marchenko-Pastur principal component analysis of the raw magnitude data "
-                "[@veraart2016] (dkiharm's implementation: 5x5x5-voxel windows every "
-                f"{MPPCADenoise().inputs.stride} voxels, overlapping reconstructions averaged)",
-                "from",
-            )
-        else:
-            how, source = (
-                "with dwidenoise, a Marchenko-Pastur principal component analysis of the raw "
-                "magnitude data [@veraart2016]",
-                "both from",
-            )
-        text = (
-            f"Each DWI series was first denoised {how}, then Gibbs ringing was removed with "
-            f"mrdegibbs, by local sub-voxel shifts [@kellner2016], {source} {mrtrix}."
-        )
-        if preproc == "fsl":
-            fsl = _fsl_version()
-            topup = "for the runs with reversed phase-encoding b=0 images"
-            if scans is not None:
-                from ..utils.fsl import has_reversed_pe
-
-                n_rpe = sum(has_reversed_pe(s.metadata, s.fmap_metadata) for s in scans)
-                topup = (
-                    f"for the {n_rpe} of {len(scans)} runs with reversed phase-encoding b=0 images"
-                )
-            text += (
-                " Susceptibility-induced distortions were estimated with TOPUP "
-                f"[@andersson2003] {topup}, and head motion and eddy-current distortions were "
-                "corrected, with replacement of outlier slices, by Eddy [@andersson2016] "
-                f"(FSL{' ' + fsl if fsl else ''} [@jenkinson2012]), which resamples every "
-                "volume once and rotates the b-vectors."
-            )
-    if config.mask_method == "dwi2mask":
-        text += " A brain mask was estimated on the preprocessed series with MRtrix3 dwi2mask."
-    else:
-        text += (
-            " A brain mask was estimated on the mean b=0 image with dipy's median_otsu [@dipy]."
-        )
-    return text
-
-
-def _fit_paragraph(config: RunConfig) -> str:
-    from ..dki.provenance import constraints_sentence, fit_options
-
-    # the same values as the map sidecars (one source of truth: dki/provenance.py)
-    constraints = constraints_sentence(fit_options(method=config.fit_method, constraints=True))
-    shells = (
-        f"volumes with b ≤ {config.b_max:g} s/mm²" if config.b_max is not None else "all volumes"
-    )
-    return (
-        "The diffusion and kurtosis tensors of the DKI signal model [@jensen2005] were "
-        f"estimated voxelwise from {shells} by {_FIT_TEXT[config.fit_method]}, followed by a "
-        f"projection onto physically plausible values ({constraints}). Mean, axial and radial "
-        "diffusivity (MD, AD, RD), fractional anisotropy (FA), and mean, axial and radial "
-        "kurtosis (MK, AK, RK) [@tabesh2011] and the kurtosis fractional anisotropy (KFA) "
-        "[@glenn2015] were computed with the "
-        "definitions of dipy [@dipy]. The SNR of each scan was measured as the mean b=0 signal "
-        "in white matter divided by the noise standard deviation there (dwidenoise's "
-        "noise map, or the spread across b=0 frames without denoising), in decibels."
-    )
-
-
-def _train_defaults() -> dict:
-    """The training settings the group workflow leaves at TrainHarmonizer's defaults."""
-    from ..interfaces.harmonize import TrainHarmonizer
-
-    inputs = TrainHarmonizer().inputs
-    names = (
-        "hidden_channels",
-        "dropout",
-        "learning_rate",
-        "patience",
-        "val_fraction",
-        "loss",
-        "target_scaling",
-    )
-    return {name: getattr(inputs, name) for name in names}
-
-
-def _network_sentence(config: RunConfig) -> str:
-    d = _train_defaults()
-    k = config.kernel_size
-    conv = f"a {k}×{k}×{k} convolution" + (" (the published network's is 3×3×3)" if k != 3 else "")
-    return (
-        "a three-dimensional hierarchical convolutional neural network [@li2019; @tong2020] "
-        f"({conv} followed by 1×1×1 layers of {d['hidden_channels']} channels "
-        f"with ReLU activations and {d['dropout'] * 100:g} % dropout before the outputs; a "
-        "shallow head predicting MD, AD and RD and a head one layer deeper predicting FA, MK, "
-        "AK, RK and KFA)"
-    )
-
-
-def _fit_input_clause(config: RunConfig) -> str:
-    if config.network_input != "dwi+fit":
-        return ""
-    return (
-        ", together with the scan's own IRLLS maps (z-scored like the targets), which the "
-        "network output plus a learned correction (a residual connection; an extension of "
-        "the published network)"
-    )
-
-
-def _training_sentence(config: RunConfig) -> str:
-    d = _train_defaults()
-    loss = {"mse": "mean squared error", "l1": "mean absolute error"}[d["loss"]]
-    scaling = "z-scored maps" if d["target_scaling"] == "zscore" else "maps in their units"
-    device = "CPU" if config.device == "cpu" else f"GPU ({config.device})"
-    return (
-        f"Networks were trained in PyTorch {_version('torch')} [@paszke2019] on the {device} "
-        f"with Adam (learning rate {d['learning_rate']:g}), a {loss} loss on {scaling}, "
-        f"{config.samples_per_epoch:,} training voxels per epoch and at most {config.epochs} "
-        f"epochs, with early stopping on the {d['val_fraction'] * 100:g} % of voxel blocks "
-        f"held out for validation (patience {d['patience']} epochs) and seed {config.seed}."
-    )
-
-
-def _mc_sentence(config: RunConfig) -> str:
-    if not config.mc_samples:
-        return ""
-    return (
-        f" Voxelwise uncertainty was estimated as the standard deviation over "
-        f"{config.mc_samples} Monte Carlo dropout passes [@gal2016]."
-    )
-
-
-def _group_paragraph(config: RunConfig, scans: Sequence | None) -> str:
-    from ..registration import resolve_engine
-
-    engine = resolve_engine(config.registration)
-    if config.reference_scanner:
-        ref = f"Scanner {config.reference_scanner} was chosen as the reference scanner."
-    else:
-        ref = (
-            "The scanner with the highest mean white-matter SNR was chosen as the reference "
-            "scanner [@tong2020]."
-        )
-    split = (
-        "40 % of the traveling subjects (participants scanned on every scanner), drawn at "
-        f"random with seed {config.seed}, were used for training"
-    )
-    if config.train_participants:
-        split = (
-            f"{_count(len(config.train_participants), 'traveling subject')} "
-            f"({', '.join('sub-' + p for p in config.train_participants)}) "
-            f"{'was' if len(config.train_participants) == 1 else 'were'} used for training"
-        )
-    elif scans is not None:
-        from ..study import plan_study
-
-        try:
-            plan = plan_study(scans, reference=config.reference_scanner, seed=config.seed)
-        except ValueError:
-            plan = None
-        if plan is not None:
-            split = (
-                f"{len(plan.training)} of the {len(plan.traveling)} traveling subjects "
-                f"({', '.join('sub-' + p for p in plan.training)}, drawn at random with "
-                f"seed {config.seed}) {'was' if len(plan.training) == 1 else 'were'} used for "
-                "training"
-            )
-    if config.reference_labels == "rescan":
-        own = (
-            "each scan of the reference scanner was labelled with the same subject's other "
-            "run on that scanner, so that its network, too, learned the maps from "
-            "independently noisy labels rather than to reproduce its input [@lehtinen2018] "
-            "(scans without a repeat kept their own maps)"
-        )
-    else:
-        own = "the reference scanner's own scans kept their own maps"
-    if engine == "none":
-        reg = (
-            "The scans were already aligned on one voxel grid, so the reference maps were "
-            f"used as labels without registration; {own}."
-        )
-    else:
-        reg = (
-            "The reference scanner's IRLLS DKI maps of each training subject were registered "
-            "non-linearly into the DWI space of that subject's scans on every other scanner "
-            f"with {_ENGINE_TEXT[engine]}, giving voxel-aligned training labels; {own}. "
-            "Voxels whose labels were interpolated partly from outside the reference brain "
-            "mask were not trained on."
-        )
-    return (
-        "DKI maps were harmonized across scanners with the deep-learning method of "
-        f"@tong2020. {ref} {split[0].upper() + split[1:]}, the others serving as test "
-        f"subjects. {reg} For each scanner, including the reference scanner, "
-        f"{_network_sentence(config)} was trained to map the scan's DWIs (divided by the "
-        f"mean b=0 signal){_fit_input_clause(config)} to the eight reference DKI maps. "
-        f"{_training_sentence(config)} Beside each network, a linear baseline (per map, a "
-        "least-squares regression from the scan's own DKI map to the reference label) was "
-        "fitted on the same training voxels; on the held-out validation blocks, each map was "
-        "harmonized by the network only where its NRMSE was lower than the baseline's, else "
-        "by the baseline. Every scan of every participant was then passed through its "
-        "scanner's harmonizer to obtain harmonized MD, AD, RD, FA, MK, AK, RK and "
-        f"KFA maps.{_mc_sentence(config)} Every evaluation score is reported beside a noise "
-        "floor, the reference scan's own noise level (from its rescan, or, without one, from "
-        "two interleaved halves of its directions fitted alike and scaled to a full scan)."
-    )
-
-
-def _models_paragraph(config: RunConfig) -> str:
-    return (
-        "Harmonized DKI maps were computed with the per-scanner networks of a previous "
-        f"group-level run ({config.models_dir.name if config.models_dir else 'models'}): "
-        f"{_network_sentence(config)}, trained to reproduce the reference scanner's IRLLS "
-        "maps from each scanner's DWIs [@tong2020]; each model was used only for scans "
-        "matching the protocol it was trained on. Inference ran in PyTorch "
-        f"{_version('torch')} [@paszke2019].{_mc_sentence(config)}"
-    )
-
-
-def _comparators_paragraph(comparators: Sequence[str]) -> str:
-    comparators = [c.lower() for c in comparators]
-    parts = []
-    if "combat" in comparators:
-        parts.append(
-            "ComBat [@fortin2017; @fortin2018] applied voxelwise to the DKI maps with "
-            "neuroHarmonize [@pomponio2020]"
-        )
-    if "rish" in comparators:
-        parts.append(
-            "rotation-invariant spherical harmonic (RISH) feature scaling of the DWI signal "
-            "[@mirzaalian2016] before the DKI fit"
-        )
-    if not parts:
-        return ""
-    return "For comparison, the maps were also harmonized with " + " and with ".join(parts) + "."
-
-
-def methods_paragraphs(config: RunConfig, *, scans: Sequence | None = None) -> list[str]:
+def methods_paragraphs(
+    config: RunConfig | None = None, *, scans: Sequence | None = None, workflow=None
+) -> list[str]:
     """The methods text of a run as paragraphs with ``[@key]`` citation markers.
+
+    The text is the visit of the built workflow: every factory describes what it was built
+    to do (``__desc__``, :class:`~dkiharm_nipype.workflows.literate.LiterateWorkflow`);
+    nothing here knows the pipeline's steps.
 
     Parameters
     ----------
     config : RunConfig
-        The options of the run (``preproc="auto"`` is resolved on this machine).
+        The options of the run, used to build the workflow when ``workflow`` is not given
+        (:func:`dkiharm_nipype.workflows.base.init_description_wf`).
     scans : list of DWIScan, optional
-        The selected scans: adds their counts, the runs TOPUP corrects and the training
-        subjects drawn with the seed.
+        The selected scans: the real graph is built (their counts, the runs TOPUP corrects
+        and the training subjects drawn with the seed are then in the text).
+    workflow : LiterateWorkflow, optional
+        An already built workflow (the CLI passes the one it runs).
     """
-    preproc = resolved_preproc_mode(config.preproc, config.denoiser, check=False)
-    paragraphs = [
-        f"Results included in this manuscript come from processing performed with dkiharm "
-        f"{__version__}, an implementation of the DKI harmonization method of @tong2020, "
-        f"built on Nipype {_version('nipype')} [@gorgolewski2011; @nipypesoftware] "
-        f"and dipy {_version('dipy')} [@dipy]."
-        + (f" {_data_sentence(config, scans)}" if scans else ""),
-        _preproc_paragraph(config, preproc, scans),
-        _fit_paragraph(config),
-    ]
-    if config.analysis_level == "group":
-        paragraphs.append(_group_paragraph(config, scans))
-    elif config.models_dir is not None:
-        paragraphs.append(_models_paragraph(config))
-    extra = _comparators_paragraph(getattr(config, "comparators", ()) or ())
-    if extra:
-        paragraphs.append(extra)
-    paragraphs.append(
-        "The above methods text was generated automatically by dkiharm from the options of "
-        "the run, with the intention that users copy and paste it into their manuscripts "
-        "unchanged; it is released under the CC0 license."
-    )
-    return paragraphs
+    from ..workflows.literate import paragraphs
+
+    if workflow is None:
+        from ..workflows.base import init_description_wf
+
+        workflow = init_description_wf(config=config, scans=scans)
+    return [*paragraphs(workflow.visit_desc()), CC0_PARAGRAPH]
 
 
 def cited_keys(paragraphs: Sequence[str]) -> list[str]:
@@ -874,15 +571,17 @@ def render_bibtex(keys: Sequence[str]) -> str:
 
 
 def write_citation(
-    config: RunConfig, logs_dir: Path, *, scans: Sequence | None = None
+    config: RunConfig | None, logs_dir: Path, *, scans: Sequence | None = None, workflow=None
 ) -> dict[str, Path]:
     """Write ``CITATION.{md,html,tex,bib}`` into ``logs_dir`` (each file atomically).
 
-    Returns the written paths by extension (``md``, ``html``, ``tex``, ``bib``).
+    The text is that of ``workflow`` when given, else of the workflow ``config`` and
+    ``scans`` build (:func:`methods_paragraphs`). Returns the written paths by extension
+    (``md``, ``html``, ``tex``, ``bib``).
     """
     from ..utils.io import atomic_write_text
 
-    paragraphs = methods_paragraphs(config, scans=scans)
+    paragraphs = methods_paragraphs(config, scans=scans, workflow=workflow)
     texts = {
         "md": render_markdown(paragraphs),
         "html": render_html(paragraphs),

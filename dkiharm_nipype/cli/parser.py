@@ -227,6 +227,17 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "(faster start on large datasets)",
     )
 
+    sel.add_argument(
+        "--derivatives",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="folder of preprocessed DWIs (QSIPrep-style *_desc-preproc_dwi.nii.gz with "
+        ".bval/.bvec and *_desc-brain_mask.nii.gz); the scans found there skip dkiharm's "
+        "preprocessing (repeatable)",
+    )
+
     proc = parser.add_argument_group("Processing")
     proc.add_argument(
         "--preproc",
@@ -443,6 +454,12 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         help="plugin arguments as inline JSON or a JSON file",
     )
     perf.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop the whole run at the first failed step, publishing nothing (default: "
+        "report and skip the failed scan, finish and publish the others, exit with status 1)",
+    )
+    perf.add_argument(
         "--gpu-plugin-args",
         default="",
         metavar="ARGS",
@@ -453,7 +470,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--write-graph",
         action="store_true",
         help="write the workflow graphs (hierarchical and colored, PNG and SVG; the "
-        "group level adds the participant graph) into output_dir/logs",
+        "group level adds the participant graph) and a methods figure (graph_methods) "
+        "into output_dir/logs",
     )
     perf.add_argument(
         "--boilerplate-only",
@@ -503,6 +521,9 @@ def _toml_to_argv(parser, table: dict, path: Path) -> list[str]:
             tokens += [option] if value is True else []
         elif isinstance(action, argparse._CountAction):  # noqa: SLF001
             tokens += [option] * int(value)
+        elif isinstance(action, argparse._AppendAction):  # noqa: SLF001 - repeatable
+            for item in value if isinstance(value, list) else [value]:
+                tokens += [option, str(item)]
         elif isinstance(value, list):
             tokens += [option, *(str(v) for v in value)] if value else []
         elif isinstance(value, dict):
@@ -596,6 +617,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                 f"--models {opts.models} is not a folder; give output_dir/models of a "
                 "group-level run"
             )
+    for folder in opts.derivatives:
+        if not folder.expanduser().is_dir():
+            parser.error(f"--derivatives {folder} is not a folder; give a QSIPrep output folder")
     for flag, value in (("--wm-mask", opts.wm_mask), ("--roi-atlas", opts.roi_atlas)):
         if value and "{subject}" not in value and not Path(value).expanduser().is_file():
             parser.error(f"{flag} {value} does not exist; give a NIfTI label image")
@@ -668,6 +692,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         roi_table=opts.roi_table.expanduser().absolute() if opts.roi_table else None,
         comparators=tuple(dict.fromkeys(opts.comparators)),
         experiments=tuple(dict.fromkeys(opts.experiments)),
+        derivatives=tuple(d.expanduser().absolute() for d in opts.derivatives),
+        stop_on_first_crash=opts.stop_on_first_crash,
         tissue_maps=opts.tissue_maps,
         snr_roi=opts.snr_roi,
     )

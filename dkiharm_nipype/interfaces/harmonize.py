@@ -245,8 +245,20 @@ class TrainHarmonizer(SimpleInterface):
                 selection=inputs.selection,
                 seed=inputs.seed,
                 device=inputs.device,
-                log=lambda rec: LOGGER.info("TrainHarmonizer %s", _format_record(rec)),
+                log=_every(LOG_EVERY, f"scanner {inputs.scanner}"),
             )
+        seconds = sum(rec["seconds"] for rec in result.history)
+        LOGGER.info(
+            "training scanner %s: best epoch %d of %d, %s loss %.4g, %.1f s",
+            inputs.scanner,
+            result.best_epoch,
+            len(result.history),
+            "validation"
+            if result.history and result.history[-1]["val_loss"] is not None
+            else "training",
+            result.best_loss,
+            seconds,
+        )
         weights, card_path, log_path = (
             fname_presuffix(inputs.out_name, suffix=suffix, newpath=runtime.cwd, use_ext=False)
             for suffix in (".safetensors", "_card.json", "_log.tsv")
@@ -455,6 +467,20 @@ def _save_map(data: np.ndarray, ref: nb.Nifti1Image, path: str) -> None:
     out = nb.Nifti1Image(data.astype(np.float32), ref.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
     out.to_filename(path)
+
+
+#: Training progress is logged on the first epoch and every ``LOG_EVERY`` epochs.
+LOG_EVERY = 10
+
+
+def _every(n: int, what: str):
+    """Training-log callback: one compact line every ``n`` epochs."""
+
+    def log(rec: dict) -> None:
+        if rec["epoch"] == 1 or rec["epoch"] % n == 0:
+            LOGGER.info("training %s: %s", what, _format_record(rec))
+
+    return log
 
 
 def _format_record(rec: dict) -> str:

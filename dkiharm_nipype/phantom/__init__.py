@@ -4,7 +4,8 @@
 >>> root = generate("bids_examples/tiny", preset="tiny", seed=0)  # doctest: +SKIP
 """
 
+from .anatomy import Lesion
 from .generate import PhantomError, generate
 from .presets import PRESET_NAMES, get_preset
 
-__all__ = ["PRESET_NAMES", "PhantomError", "generate", "get_preset"]
+__all__ = ["PRESET_NAMES", "Lesion", "PhantomError", "generate", "get_preset"]

@@ -132,6 +132,7 @@ def write_dataset_files(root: Path, preset, seed: int, participants: list[dict])
         f"The session label is the scanner label; reference scanner: {preset.reference}.\n"
         "Ground truth (DKI maps, tissues, white-matter ROIs, transforms, distortion fields) "
         f"is in derivatives/{TRUTH_PIPELINE}/. See docs/phantom.md of dkiharm.\n"
+        + _lesion_note(preset)
     )
     write_tsv(
         root / "participants.tsv",
@@ -147,6 +148,17 @@ def write_dataset_files(root: Path, preset, seed: int, participants: list[dict])
                 "Levels": {"F": "female", "M": "male"},
             },
         },
+    )
+
+
+def _lesion_note(preset) -> str:
+    if not preset.lesions:
+        return ""
+    subjects = ", ".join(f"sub-{les.subject + 1:02d}" for les in preset.lesions)
+    return (
+        f"\n{subjects} carry a simulated focal white-matter lesion (oedema-like free water, "
+        "loss of intra-axonal signal), at the same place in each of their scans; truth: "
+        "*_desc-lesion_mask.nii.gz in the derivatives. Keep them out of training.\n"
     )
 
 

@@ -40,6 +40,28 @@ def _preset(value: str) -> str:
     return value
 
 
+def _fraction(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"invalid fraction {value!r}; give a number in [0, 1]")
+    return x
+
+
+def _radius(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = 0.0
+    if not 0.5 <= x <= 40.0:
+        raise argparse.ArgumentTypeError(
+            f"invalid lesion radius {value!r}; give a number of mm in [0.5, 40], e.g. 6"
+        )
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dkiharm-phantom",
@@ -84,6 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["noise", "bias", "gradients", "gibbs", "partial_fourier", "distortion", "motion"],
         help="switch scanner effects off",
     )
+    lesions = parser.add_argument_group(
+        "lesions",
+        "a focal white-matter lesion (oedema-like free water, loss of intra-axonal signal) at "
+        "the same anatomical place in every scan of the chosen subjects; its truth mask is in "
+        "derivatives/phantom-truth (desc-lesion_mask). Keep these subjects out of training.",
+    )
+    lesions.add_argument(
+        "--lesion-subjects",
+        nargs="+",
+        metavar="LABEL",
+        help="subjects that get a lesion, e.g. 03 04",
+    )
+    lesions.add_argument(
+        "--lesion-radius-mm", type=_radius, metavar="MM", help="core radius (default 6)"
+    )
+    lesions.add_argument(
+        "--lesion-free-water",
+        type=_fraction,
+        metavar="F",
+        help="share of the tissue water turned into free water (default 0.3)",
+    )
+    lesions.add_argument(
+        "--lesion-intra-loss",
+        type=_fraction,
+        metavar="F",
+        help="share of the intra-axonal signal lost (default 0.5)",
+    )
     return parser
 
 
@@ -99,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         "slices": args.slices,
         "voxel_mm": args.voxel_mm,
         "n_jobs": args.n_jobs,
+        "lesion_subjects": args.lesion_subjects,
+        "lesion_radius_mm": args.lesion_radius_mm,
+        "lesion_free_water": args.lesion_free_water,
+        "lesion_intra_loss": args.lesion_intra_loss,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update({name: False for name in args.no_effects})

@@ -10,8 +10,9 @@ For each subject and scanner (one session = one visit, one rigid head position):
 3. one noisy magnitude realisation per run (fresh noise), stored as int16.
 
 Work is split by session (one subject on one scanner) over ``n_jobs`` processes, longest
-first; seeds come from
-``SeedSequence([seed, subject, scanner, run])`` so outputs do not depend on ``n_jobs``.
+first; seeds come from ``SeedSequence([seed, subject, scanner, run])`` (never from a
+worker) and every job runs on one BLAS/OpenMP/torch thread, so the bytes written do not
+depend on ``n_jobs`` (``tests/test_determinism.py``).
 Everything is written into a temporary sibling folder that is renamed at the end.
 """
 
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,18 @@ def _evaluate(subject: SubjectAnatomy, pts: np.ndarray, **kw):
     return out
 
 
-_FIELDS = ("tissues", "weights", "directions", "radial", "texture", "texture2", "labels")
+_FIELDS = (
+    "tissues",
+    "weights",
+    "directions",
+    "radial",
+    "texture",
+    "texture2",
+    "labels",
+    "lesion",
+    "lesion_free",
+    "lesion_loss",
+)
 
 
 def _candidates(subject: SubjectAnatomy, pts: np.ndarray, edge_mm: float = 0.6) -> np.ndarray:
@@ -348,6 +360,10 @@ def _session(
     truth = truth_dki(model, metrics=TRUTH_PARAMS)
     labels = np.zeros(len(pts), np.int16)
     labels[brain] = sample.labels
+    lesion = None
+    if sample.lesion is not None:
+        lesion = np.zeros(len(pts), np.float32)
+        lesion[brain] = sample.lesion
 
     # 2. acquisition (noise-free)
     bvals, bvecs = scan_table(proto, seed=1000 * ki + 17 + sum(map(ord, ses)))
@@ -409,9 +425,13 @@ def _session(
                     xyzt="mm",
                 )
             _write_tissues(prefix, tissues, labels, shape, affine)
+            if lesion is not None:
+                _write_lesion(prefix, lesion, shape, affine)
             first = prefix
         else:
             _link_all(first, prefix)
+        if lesion is not None:
+            _write_lesion_json(prefix, subject)
         bw.write_json(
             _p(prefix, "_model-dki_desc-truth_dwimap", ".json"),
             {
@@ -482,6 +502,43 @@ def _write_tissues(prefix: Path, tissues, labels, shape, affine) -> None:
     bw.write_nifti(_p(prefix, "_desc-wmrois_dseg"), labels.reshape(shape).astype(np.int16), affine)
 
 
+def _write_lesion(prefix: Path, weight: np.ndarray, shape, affine) -> None:
+    """Lesion probability and core mask (weight > 0.5)."""
+    bw.write_nifti(
+        _p(prefix, "_label-lesion_probseg"), weight.reshape(shape).astype(np.float32), affine
+    )
+    mask = _p(prefix, "_desc-lesion_mask")
+    bw.write_nifti(mask, (weight > 0.5).reshape(shape).astype(np.uint8), affine)
+
+
+def _write_lesion_json(prefix: Path, subject: SubjectAnatomy) -> None:
+    """The lesion mask's sidecar: the lesion model and where it is."""
+    bw.write_json(
+        _p(prefix, "_desc-lesion_mask", ".json"),
+        {
+            "Description": "Core of the simulated focal lesion(s) (lesion weight > 0.5): a "
+            "share FreeWater of the tissue water is free water (oedema) and a share "
+            "IntraAxonalLoss of the intra-axonal signal is lost; the same anatomical place "
+            "in every scan of this subject.",
+            "Lesions": [
+                {
+                    "CentreTemplate": list(les.centre),
+                    "ApproxCentreSubjectMM": [  # without the subject's ~3 % deformation
+                        round(c + u * r, 3)
+                        for c, u, r in zip(
+                            subject.centre_mm, les.centre, subject.radii_mm, strict=True
+                        )
+                    ],
+                    "RadiusMM": les.radius_mm,
+                    "FreeWater": les.free_water,
+                    "IntraAxonalLoss": les.intra_loss,
+                }
+                for les in subject.lesions
+            ],
+        },
+    )
+
+
 def _noisy_int16(data: np.ndarray, sigma: float, scanner: Scanner, rng) -> np.ndarray:
     """One noisy realisation as int16 (Fortran order), volume by volume (bounded memory)."""
     out = np.empty(data.shape, np.int16, order="F")
@@ -523,7 +580,9 @@ def _sidecar(scanner: Scanner) -> dict:
 
 
 def _make_subject(preset: Preset, seed: int, si: int) -> SubjectAnatomy:
-    return make_subject(_seed(seed, si, 999), preset.brain_radii_mm, preset.brain_centre_mm)
+    subject = make_subject(_seed(seed, si, 999), preset.brain_radii_mm, preset.brain_centre_mm)
+    lesions = tuple(les for les in preset.lesions if les.subject == si)
+    return replace(subject, lesions=lesions) if lesions else subject
 
 
 def _subject_worker(args) -> dict:
@@ -536,9 +595,15 @@ def _subject_worker(args) -> dict:
     tissues = _tissues(subject, pts)
     brain = np.flatnonzero(tissues[:, :4].sum(1) > 1e-2)
     labels = np.zeros(len(pts), np.int16)
-    labels[brain] = _evaluate(subject, pts[brain], fibres=False, labels=True).labels
+    smp = _evaluate(subject, pts[brain], fibres=False, labels=True)
+    labels[brain] = smp.labels
     prefix = truth_root / f"sub-{sub}" / "anat" / f"sub-{sub}_space-T1w"
     _write_tissues(prefix, tissues, labels, preset.subject_shape, aff)
+    if smp.lesion is not None:
+        lesion = np.zeros(len(pts), np.float32)
+        lesion[brain] = smp.lesion
+        _write_lesion(prefix, lesion, preset.subject_shape, aff)
+        _write_lesion_json(prefix, subject)
     _write_t1w(root, preset, subject, si, seed)
     return {"participant_id": f"sub-{sub}", "age": subject.age, "sex": subject.sex}
 
@@ -551,9 +616,30 @@ def _session_worker(args) -> dict:
 
 def _job(args) -> tuple[str, dict]:
     kind, rest = args[0], args[1:]
-    if kind == "subject":
-        return kind, _subject_worker(rest)
-    return kind, _session_worker(rest)
+    with _one_thread():
+        if kind == "subject":
+            return kind, _subject_worker(rest)
+        return kind, _session_worker(rest)
+
+
+@contextmanager
+def _one_thread():
+    """Run a job on one BLAS/OpenMP thread and one torch thread, in a worker or in-process.
+
+    The bytes must not depend on ``n_jobs``: multi-threaded BLAS splits the truth fit's
+    products differently (in-process with 2 threads vs 1 in a worker, the truth FA and KFA
+    differed by ~1e-16 in isotropic voxels), so every job computes single-threaded.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

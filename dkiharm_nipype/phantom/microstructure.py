@@ -12,6 +12,10 @@ so the signal fractions at the scan's echo and repetition times are
 and the apparent kurtosis of a voxel changes with TE as it does on real scanners
 (Veraart et al. 2018 measured a longer T2 inside axons than outside).
 
+Focal lesions (:class:`~dkiharm_nipype.phantom.anatomy.Lesion`) turn a share of a voxel's
+tissue water into free water (oedema) and move a share of the intra-axonal signal to the
+extra-axonal compartment (axonal loss), in proportion to the lesion weight.
+
 White-matter populations (callosal, projection, association, background) have their own
 intra-axonal fraction and a spatially varying orientation dispersion ``mu = <(n.e)^2>``,
 applied to each compartment's tensor as its orientation average; this brings the WM KFA
@@ -242,6 +246,7 @@ def prepare(
     groups: list[_Group] = []
 
     tex2 = sample.texture2 if sample.texture2 is not None else np.zeros(n_vox, np.float32)
+    lesion = sample.lesion is not None
 
     def add(frac, dirs, par, tissue):
         sel = np.flatnonzero(frac > min_fraction)
@@ -251,6 +256,9 @@ def prepare(
         f_free = min(t["f_free"] * sp.get("f_free", 1.0), 0.5)
         f_in = np.clip(par["f_intra"] * sp.get("f_intra", 1.0) * (1 + 0.06 * tex[sel]), 0.05, 0.9)
         amp = frac[sel] * t["pd"] * (1 - f_free)
+        if lesion:  # axonal loss; oedema turns a share of the tissue water into free water
+            f_in = f_in * (1 - sample.lesion_loss[sel])
+            amp = amp * (1 - sample.lesion_free[sel])
         r_in = _relax(te_ms, tr_ms, t["t2_intra"], t["t1"])
         r_ex = _relax(te_ms, tr_ms, t["t2_extra"], t["t1"])
         dax = sp.get("d_axial", 1.0) * (1 + 0.02 * tex[sel])
@@ -268,6 +276,9 @@ def prepare(
                 mu * de_par + (1 - mu) * de_perp,
                 ((1 - mu) * de_par + (1 + mu) * de_perp) / 2,
             )
+        kappa = par["kappa"] * sp.get("heterogeneity", 1.0) * ones
+        if lesion:  # a damaged extra-axonal space is more homogeneous (less kurtosis)
+            kappa = kappa * (1 + 4 * sample.lesion_loss[sel])
         groups.append(
             _Group(
                 idx=sel,
@@ -278,7 +289,7 @@ def prepare(
                 d_ar=np.asarray(d_ar, np.float32),
                 de_par=np.asarray(de_par, np.float32),
                 de_perp=np.asarray(de_perp, np.float32),
-                kappa=(par["kappa"] * sp.get("heterogeneity", 1.0) * ones).astype(np.float32),
+                kappa=kappa.astype(np.float32),
             )
         )
         return f_free
@@ -291,6 +302,8 @@ def prepare(
     for tissue, col in (("wm", 0), ("gm", 1), ("sgm", 2)):
         t = p[tissue]
         f_free = min(t["f_free"] * sp.get("f_free", 1.0), 0.5)
+        if lesion:
+            f_free = f_free + (1 - f_free) * sample.lesion_free
         a_free = a_free + tis[:, col] * t["pd"] * f_free * r_free
     scale = np.float32(S0_SCALE)
     for grp in groups:

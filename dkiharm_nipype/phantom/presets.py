@@ -7,6 +7,12 @@
   one shared protocol, nine subjects, distortion-corrected data.
 * ``tiny`` - three small scanners (two runs + reversed-PE on A, no reversed PE on C, the
   3-shell reference D), three subjects, 24 x 28 x 16 voxels at 2 mm; a few seconds.
+* ``hard`` - protocol gaps like real ones on partial coverage: a clinical-like scanner
+  (TE 90 ms, b = 1000/2000 with 12/24 directions, 21-22 dB) and a research-like reference
+  (TE 60 ms, six shells up to b = 6000 with 3-24 directions, 27-28 dB), four subjects
+  (two train by default, two test), a 12-slice slab at 2 mm.
+* ``hard-mixed-res`` - ``hard`` with the clinical scanner at 2.5 mm (the group level refuses
+  different voxel sizes: reslice first; docs/phantom.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .anatomy import Lesion
 from .scanners import Effects, Protocol, Scanner
 
 
@@ -37,6 +44,7 @@ class Preset:
     motion_deg: float = 2.0
     motion_mm: float = 3.0
     effects: Effects = field(default_factory=Effects)
+    lesions: tuple[Lesion, ...] = ()
 
 
 def _echo_spacing(bandwidth_hz_px: float) -> float:
@@ -257,7 +265,108 @@ def _tiny() -> Preset:
     )
 
 
-_FACTORIES = {"tiny": _tiny, "paper-dataset1": _dataset1, "mushac": _mushac}
+def _hard() -> Preset:
+    """Two protocols as far apart as the real pairs of issue #20, on a partial-coverage slab.
+
+    A clinical-like Skyra (TE 90 ms, b = 1000/2000 with 12 + 24 directions, 3 b0) against a
+    research-like Prisma reference (TE 60 ms, b = 500/1000/2000/3000/4500/6000 with
+    3/6/24/24/12/6 directions, 6 b0). The b0 SNRs are those of 2 mm in vivo scans at these
+    echo times: ~21-22 dB (the 30 ms longer TE costs ~4 dB of WM signal) and ~27-28 dB.
+    Twelve 2 mm slices through the deep white matter (the default lesion's level).
+    """
+    slab = dict(matrix=(110, 110), n_slices=12, voxel_mm=(2.0, 2.0, 2.0))
+    clinical = Scanner(
+        "C",
+        "Siemens",
+        "Skyra",
+        "45190",
+        3.0,
+        coil_channels=20,
+        noise_channels=1,
+        snr_db=(21.4, 22.0, 21.1, 21.7),
+        protocol=Protocol(
+            (1000, 2000),
+            (12, 24),
+            te_ms=90.0,
+            tr_ms=4200.0,
+            n_b0=3,
+            partial_fourier=6 / 8,
+            echo_spacing_s=_echo_spacing(1736),
+            acceleration=2,
+            **slab,
+        ),
+        b_scale=0.97,
+        nonlinearity=0.06,
+        bias_strength=0.2,
+        susceptibility_hz=90.0,
+        intensity_scale=0.85,
+    )
+    research = Scanner(
+        "R",
+        "Siemens",
+        "Prisma",
+        "67021",
+        3.0,
+        coil_channels=64,
+        noise_channels=1,
+        snr_db=(27.6, 27.1, 28.2, 27.4),
+        protocol=Protocol(
+            (500, 1000, 2000, 3000, 4500, 6000),
+            (3, 6, 24, 24, 12, 6),
+            te_ms=60.0,
+            tr_ms=4800.0,
+            n_b0=6,
+            partial_fourier=7 / 8,
+            echo_spacing_s=_echo_spacing(2380),
+            acceleration=2,
+            **slab,
+        ),
+        b_scale=1.0,
+        nonlinearity=0.04,
+        bias_strength=0.15,
+        susceptibility_hz=90.0,
+        intensity_scale=1.1,
+    )
+    return Preset(
+        name="hard",
+        description="Clinical-like C (TE 90 ms, b = 1000/2000, 12/24 directions) vs research-"
+        "like reference R (TE 60 ms, b up to 6000, 3-24 directions per shell), 12-slice slab",
+        scanners=(clinical, research),
+        n_subjects=4,
+        brain_radii_mm=(68.0, 84.0, 60.0),
+        brain_centre_mm=(0.0, -4.0, 6.0),
+        subject_shape=(110, 110, 12),
+        subject_voxel_mm=(2.0, 2.0, 2.0),
+        t1w_voxel_mm=1.0,
+        reference="R",
+        n_jobs=2,
+    )
+
+
+def _hard_mixed_res() -> Preset:
+    """``hard`` with the clinical scanner at 2.5 mm over the same slab (88 x 88 x 10)."""
+    base = _hard()
+    clinical, research = base.scanners
+    proto = replace(clinical.protocol, matrix=(88, 88), n_slices=10, voxel_mm=(2.5, 2.5, 2.5))
+    # SNR grows with the voxel volume (x1.95: +5.8 dB) at the same protocol otherwise
+    coarse = replace(
+        clinical, protocol=proto, snr_db=tuple(round(v + 5.8, 1) for v in clinical.snr_db)
+    )
+    return replace(
+        base,
+        name="hard-mixed-res",
+        description="hard with the clinical scanner at 2.5 mm (group level: reslice first)",
+        scanners=(coarse, research),
+    )
+
+
+_FACTORIES = {
+    "tiny": _tiny,
+    "paper-dataset1": _dataset1,
+    "mushac": _mushac,
+    "hard": _hard,
+    "hard-mixed-res": _hard_mixed_res,
+}
 
 #: Names accepted by :func:`get_preset` and ``dkiharm-phantom --preset``.
 PRESET_NAMES = tuple(_FACTORIES)
@@ -272,6 +381,10 @@ _OVERRIDES = (
     "n_jobs",
     "gibbs_oversample",
     "snr_offset_db",
+    "lesion_subjects",
+    "lesion_radius_mm",
+    "lesion_free_water",
+    "lesion_intra_loss",
     *sorted(_EFFECT_NAMES),
 )
 
@@ -290,7 +403,11 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
     ``voxel_mm`` (float, isotropic voxel size: the same field of view on a coarser or finer
     grid, e.g. 3.0 for a quick whole-brain run of ``paper-dataset1``; applied before
     ``matrix``/``slices``), ``n_jobs``, ``gibbs_oversample`` (1 disables the finer grid),
-    ``snr_offset_db`` (added to every SNR) and any :class:`Effects` switch (``noise=False`` ...).
+    ``snr_offset_db`` (added to every SNR), ``lesion_subjects`` (labels of the subjects that
+    get a focal lesion, e.g. ``("03", "04")``: keep them out of training) with
+    ``lesion_radius_mm``, ``lesion_free_water`` and ``lesion_intra_loss`` (see
+    :class:`~dkiharm_nipype.phantom.anatomy.Lesion`) and any :class:`Effects` switch
+    (``noise=False`` ...).
     """
     if isinstance(name, Preset):
         preset, name = name, name.name
@@ -360,4 +477,34 @@ def get_preset(name: str | Preset, **overrides) -> Preset:
         kw["subject_shape"] = tuple(shape)
     if preset.reference not in [s.label for s in new]:
         kw["reference"] = new[-1].label
+    if overrides.get("lesion_subjects"):
+        kw["lesions"] = _lesions(kw.get("n_subjects", preset.n_subjects), overrides)
+    else:
+        given = [k for k in _OVERRIDES if k.startswith("lesion_") and overrides.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} given without lesion_subjects; name the subjects that get "
+                "a lesion (--lesion-subjects 03)."
+            )
     return replace(preset, **kw)
+
+
+def _lesions(n_subjects: int, overrides: dict) -> tuple[Lesion, ...]:
+    """One default :class:`Lesion` in each of ``lesion_subjects`` (labels such as ``"03"``,
+    ``"sub-03"`` or 3), with the optional radius, free-water and intra-axonal-loss overrides."""
+    params = {
+        name: float(overrides[f"lesion_{name}"])
+        for name in ("radius_mm", "free_water", "intra_loss")
+        if overrides.get(f"lesion_{name}") is not None
+    }
+    out = []
+    for label in overrides["lesion_subjects"]:
+        text = str(label).removeprefix("sub-")
+        index = int(text) - 1 if text.isdigit() else -1
+        if not 0 <= index < n_subjects:
+            raise ValueError(
+                f"lesion subject {label!r} is not in the dataset; choose among "
+                f"{', '.join(f'{i + 1:02d}' for i in range(n_subjects))}."
+            )
+        out.append(Lesion(index, **params))
+    return tuple(sorted(set(out), key=lambda les: les.subject))

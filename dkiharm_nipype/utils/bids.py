@@ -185,6 +185,10 @@ class DWIScan:
     fmap_metadata: tuple[dict[str, Any], ...] = field(default=(), hash=False, compare=False)
     #: every entity of the DWI's file name, by key in BIDS order (:func:`source_entities`)
     entities: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    #: :class:`~dkiharm_nipype.utils.published.PreprocessedDWI` of ``--derivatives``, if any
+    preprocessed: Any = field(default=None, hash=False, compare=False)
+    #: :class:`~dkiharm_nipype.utils.published.PublishedScan` a group run builds on, if any
+    published: Any = field(default=None, hash=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -528,3 +532,81 @@ def summary_table(scans: list[DWIScan]) -> str:
         f"{len(traveling)} traveling subject(s) scanned on 2 or more scanners."
     )
     return "\n".join(lines)
+
+
+#: Entities of a preprocessed series that do not identify its raw scan.
+_DERIVATIVE_ONLY = {"space", "desc", "res", "den", "model", "param", "label"}
+
+
+def _pipeline_name(root: Path) -> str:
+    try:
+        gen = json.loads((root / "dataset_description.json").read_text())["GeneratedBy"][0]
+        return f"{gen['Name']} {gen.get('Version', '')}".strip()
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return f"the pipeline that wrote {root}"
+
+
+def attach_preprocessed(scans: list[DWIScan], roots) -> list[DWIScan]:
+    """Give each scan the preprocessed series found for it in ``--derivatives`` folders.
+
+    A QSIPrep-style series is ``*_desc-preproc_dwi.nii.gz`` with ``.bval``/``.bvec`` beside
+    it and a brain mask ``*_desc-brain_mask.nii.gz``; it belongs to the raw scan whose
+    entities include all of its own (``space``/``desc`` aside). Scans without one keep
+    dkiharm's preprocessing.
+    """
+    from dataclasses import replace
+
+    from .io import check_nifti, read_gradients
+    from .published import PreprocessedDWI
+
+    found: dict[str, tuple[int, Path, Path, str]] = {}
+    for root in (Path(r) for r in roots):
+        if not root.is_dir():
+            raise BIDSInputError(f"--derivatives {root} is not a folder; give a QSIPrep output.")
+        pipeline = _pipeline_name(root)
+        for dwi in sorted(root.glob("sub-*/**/dwi/*_desc-preproc_dwi.nii*")):
+            ents = {k: v for k, v in source_entities(dwi).items() if k not in _DERIVATIVE_ONLY}
+            owners = [s for s in scans if all(s.entities.get(k) == v for k, v in ents.items())]
+            if len(owners) > 1:
+                raise BIDSInputError(
+                    f"preprocessed series {dwi} matches {len(owners)} raw scans "
+                    f"({', '.join(s.key for s in owners)}); give one series per run "
+                    "(QSIPrep: --separate-all-dwis)."
+                )
+            for scan in owners:
+                previous = found.get(scan.key)
+                if previous is not None and previous[0] == len(ents):
+                    raise BIDSInputError(
+                        f"two preprocessed series match {scan.key}: {previous[1]} and {dwi}; "
+                        "keep one (e.g. one output space) in the --derivatives folder."
+                    )
+                if previous is None or previous[0] < len(ents):
+                    found[scan.key] = (len(ents), dwi, root, pipeline)
+    out = []
+    for scan in scans:
+        if scan.key not in found:
+            out.append(scan)
+            continue
+        _, dwi, root, pipeline = found[scan.key]
+        stem = dwi.name.split(".nii")[0]
+        mask = dwi.with_name(stem.replace("_desc-preproc_dwi", "_desc-brain_mask") + ".nii.gz")
+        files = {ext: dwi.with_name(stem + ext) for ext in (".bval", ".bvec")}
+        for path in (*files.values(), mask):
+            if not path.is_file():
+                raise BIDSInputError(
+                    f"preprocessed series {dwi} has no {path.name}; QSIPrep writes it beside "
+                    "the series: copy it there or leave the series out of --derivatives."
+                )
+        check_nifti(dwi)
+        check_nifti(mask, min_ndim=3)
+        read_gradients(files[".bval"], files[".bvec"])
+        pre = PreprocessedDWI(
+            dwi=dwi,
+            bval=files[".bval"],
+            bvec=files[".bvec"],
+            mask=mask,
+            pipeline=pipeline,
+            root=root,
+        )
+        out.append(replace(scan, preprocessed=pre))
+    return out

@@ -128,6 +128,28 @@ def publish_derivatives(
     return written
 
 
+def publish_files(
+    files, staging: Path, output_dir: Path, *, bids_dir: Path | None = None
+) -> list[Path]:
+    """Copy ``files`` (inside ``staging``) to the same relative paths in ``output_dir``.
+
+    Files already published with the same content are left as they are, so that a rerun
+    does not touch their modification times (later runs hash their inputs by time stamp).
+    """
+    import filecmp
+
+    output_dir = Path(output_dir)
+    written = []
+    for src in sorted(Path(f) for f in files):
+        dst = output_dir / src.relative_to(staging)
+        if not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+            atomic_copy(src, dst)
+        written.append(dst)
+    if written:
+        publish_derivatives(None, output_dir, bids_dir=bids_dir)  # dataset_description.json
+    return written
+
+
 def aggregate_snr(output_dir: Path) -> list[dict]:
     """Merge every scan's ``*_desc-snr_qc.tsv`` into ``output_dir/snr.tsv``; returns rows."""
     import csv

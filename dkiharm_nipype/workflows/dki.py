@@ -11,13 +11,67 @@ from nipype.pipeline import engine as pe
 
 from ..dki.maps import ALL_METRICS
 from ..errors import DkiharmInputError
-from ..interfaces.bids import DerivativesDataSink
 from ..interfaces.dki import FitDKI
 from ..interfaces.scores import ComputeSNR
 from ..preproc.modes import resolved_preproc_mode
 from ..utils.bids import DWIScan
 from ..utils.fsl import has_reversed_pe
+from .literate import LiterateWorkflow
+from .outputs import init_scan_derivatives_wf
 from .preproc import init_dwi_preproc_wf, preproc_sidecar
+from .published import init_preprocessed_dwi_wf
+
+
+def _preprocessed_meta(scan: DWIScan) -> dict:
+    """Sidecar fields of a series that another pipeline preprocessed (``--derivatives``)."""
+    pre = scan.preprocessed
+    if pre is None:
+        return {}
+    return {
+        "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
+        "dkiharm's own preprocessing was skipped",
+        "PreprocessedBy": pre.pipeline,
+        "PreprocessedSource": str(pre.dwi),
+        "SkullStripped": False,
+        "ProcessingSteps": [f"preprocessed by {pre.pipeline} (used as provided)"],
+    }
+
+#: How each ``fit_method`` is named in the methods text.
+FIT_TEXT = {
+    "irlls": "iteratively reweighted linear least squares (IRLLS) with outlier rejection "
+    "[@collier2015], the robust estimator the method uses for its labels [@tong2020]",
+    "wls": "weighted linear least squares [@veraart2013]",
+    "ols": "ordinary linear least squares",
+}
+
+
+def _fit_desc(fit_method: str, b_max: float | None, constraints: bool) -> str:
+    from ..dki.provenance import constraints_sentence, fit_options
+
+    shells = f"volumes with b ≤ {b_max:g} s/mm²" if b_max is not None else "all volumes"
+    # the values the fit uses and the map sidecars state (one source: dki/provenance.py)
+    used = fit_options(method=fit_method, b_max=b_max, constraints=constraints)
+    projection = (
+        f", followed by a projection onto physically plausible values "
+        f"({constraints_sentence(used)})"
+        if constraints
+        else ""
+    )
+    return (
+        "\n\nThe diffusion and kurtosis tensors of the DKI signal model [@jensen2005] were "
+        f"estimated voxelwise from {shells} by {FIT_TEXT[fit_method]}{projection}. "
+        "Mean, axial and radial diffusivity (MD, AD, RD), fractional "
+        "anisotropy (FA), and mean, axial and radial kurtosis (MK, AK, RK) [@tabesh2011] and "
+        "the kurtosis fractional anisotropy (KFA) [@glenn2015] were computed with the "
+        "definitions of dipy [@dipy]. The SNR of each scan was measured as the mean b=0 signal "
+        "in white matter divided by the noise standard deviation there (the denoising step's "
+        "noise map, or the spread across b=0 frames without denoising), in decibels."
+    )
+
+
+def _snr_fields(info):
+    """Nipype Function: the SNR row's identifiers from the scan's ``snr_info`` dict."""
+    return info["participant_id"], info["session"], info["run"], info["scanner"]
 
 
 def init_dki_fit_wf(
@@ -92,19 +146,11 @@ def init_dki_fit_wf(
     >>> fit_wf.get_node("fit").inputs.method, fit_wf.get_node("fit").inputs.b_max
     ('wls', 2000.0)
     """
-    workflow = pe.Workflow(name=name)
+    workflow = LiterateWorkflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(
-            fields=[
-                "dwi_file",
-                "bval_file",
-                "bvec_file",
-                "mask_file",
-                "raw_dwi_file",
-                "raw_bval_file",
-                "noise_file",
-                "snr_info",
-            ]
+            fields=["dwi_file", "bval_file", "bvec_file", "mask_file", "raw_dwi_file",
+                    "raw_bval_file", "noise_file", "snr_info"]
         ),
         name="inputnode",
     )
@@ -124,9 +170,7 @@ def init_dki_fit_wf(
     if b_max is not None:
         fit.inputs.b_max = b_max
     snr = pe.Node(ComputeSNR(), name="snr", mem_gb=mem_gb)
-
-    def _snr_fields(info):
-        return info["participant_id"], info["session"], info["run"], info["scanner"]
+    workflow.__desc__ = _fit_desc(fit_method, b_max, fit.inputs.constraints)
 
     snr_fields = pe.Node(
         niu.Function(
@@ -135,51 +179,17 @@ def init_dki_fit_wf(
         name="snr_fields",
     )
 
-    workflow.connect(
-        [
-            (
-                inputnode,
-                fit,
-                [
-                    ("dwi_file", "dwi_file"),
-                    ("bval_file", "bval_file"),
-                    ("bvec_file", "bvec_file"),
-                    ("mask_file", "mask_file"),
-                ],
-            ),
-            (
-                inputnode,
-                snr,
-                [
-                    ("raw_dwi_file", "dwi_file"),
-                    ("raw_bval_file", "bval_file"),
-                    ("mask_file", "brain_mask"),
-                    ("noise_file", "noise_file"),
-                ],
-            ),
-            (inputnode, snr_fields, [("snr_info", "info")]),
-            (
-                snr_fields,
-                snr,
-                [
-                    ("participant_id", "participant_id"),
-                    ("session", "session"),
-                    ("run", "run"),
-                    ("scanner", "scanner"),
-                ],
-            ),
-            (fit, snr, [("fa_file", "fa_file"), ("md_file", "md_file")]),
-            (
-                fit,
-                outputnode,
-                [
-                    *((f"{m}_file", f"{m}_file") for m in ALL_METRICS),
-                    ("outlier_fraction_file", "outlier_fraction_file"),
-                ],
-            ),
-            (snr, outputnode, [("out_tsv", "snr_tsv")]),
-        ]
-    )
+    workflow.connect([
+        (inputnode, fit, [(f, f) for f in ("dwi_file", "bval_file", "bvec_file", "mask_file")]),
+        (inputnode, snr, [("raw_dwi_file", "dwi_file"), ("raw_bval_file", "bval_file"),
+                          ("mask_file", "brain_mask"), ("noise_file", "noise_file")]),
+        (inputnode, snr_fields, [("snr_info", "info")]),
+        (snr_fields, snr, [(f, f) for f in ("participant_id", "session", "run", "scanner")]),
+        (fit, snr, [("fa_file", "fa_file"), ("md_file", "md_file")]),
+        (fit, outputnode, [(f"{m}_file", f"{m}_file") for m in ALL_METRICS]
+         + [("outlier_fraction_file", "outlier_fraction_file")]),
+        (snr, outputnode, [("out_tsv", "snr_tsv")]),
+    ])  # fmt: skip
     return workflow
 
 
@@ -193,6 +203,7 @@ def init_scan_wf(
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
+    topup_runs: tuple[int, int] | None = None,
     snr_roi: str | None = None,
     name: str = "scan_wf",
 ) -> pe.Workflow:
@@ -200,7 +211,8 @@ def init_scan_wf(
 
     Its ``outputnode`` (``dwi_file``, ``bval_file``, ``bvec_file``, ``mask_file``, ``maps``
     — the eight maps in :data:`~dkiharm_nipype.dki.maps.ALL_METRICS` order —,
-    ``fa_file``, ``snr_tsv``) feeds the group level.
+    ``fa_file``, ``snr_tsv``) feeds the group level; the derivatives are stored by
+    :func:`~dkiharm_nipype.workflows.outputs.init_scan_derivatives_wf` (``ds_scan_wf``).
 
     Parameters
     ----------
@@ -208,13 +220,12 @@ def init_scan_wf(
         The run, with its gradient table, sidecar and reversed-PE fieldmaps.
     staging_dir : Path
         Derivatives root the sinks write into (published once the run succeeds).
-    preproc, denoiser, mask_method
+    preproc, denoiser, mask_method, topup_runs
         See :func:`~dkiharm_nipype.workflows.preproc.init_dwi_preproc_wf`.
     fit_method, b_max, omp_nthreads
         See :func:`init_dki_fit_wf`.
     snr_roi : str, optional
-        White-matter ROI for the SNR on the scan's DWI grid; ``{subject}``, ``{session}`` and
-        ``{run}`` are replaced by the scan's labels (default: the automatic ROI).
+        White-matter ROI of the SNR on the DWI grid (``{subject}``/``{session}``/``{run}`` expand).
 
     Examples
     --------
@@ -227,7 +238,7 @@ def init_scan_wf(
     ...                        fit_method="irlls", name="scan_wf")
     >>> scan_wf.inputs.inputnode.dwi_file == str(scan.dwi)
     True
-    >>> sorted(n for n in scan_wf.list_node_names() if n.startswith("ds_"))
+    >>> sorted(n.split(".")[1] for n in scan_wf.list_node_names() if ".ds_" in n)
     ... # doctest: +NORMALIZE_WHITESPACE
     ['ds_ad', 'ds_ak', 'ds_bval', 'ds_bvec', 'ds_dwi', 'ds_fa', 'ds_kfa', 'ds_mask', 'ds_md',
      'ds_mk', 'ds_outlierfraction', 'ds_rd', 'ds_rk', 'ds_snr']
@@ -241,190 +252,70 @@ def init_scan_wf(
     >>> len(wf.list_node_names()) > 30
     True
     """
-    # float32 size of the series: the memory estimate that lets MultiProc schedule scans
-    mem_gb = max(0.1, 4 * float(np.prod(nb.load(str(scan.dwi)).shape)) / 1024**3)
-
-    workflow = pe.Workflow(name=name)
+    shape = nb.load(str(scan.dwi)).shape  # float32 size: MultiProc's memory estimate
+    mem_gb = max(0.1, 4 * float(np.prod(shape)) / 1024**3)
+    workflow = LiterateWorkflow(name=name)
+    workflow.__fold__ = "scan"
+    raw = ["dwi_file", "bval_file", "bvec_file"]
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=[*raw, "metadata", "fmap_epi_files", "fmap_metadata",
+                                      "snr_info"]),
+        name="inputnode",
+    )  # fmt: skip
+    given = scan.preprocessed or scan  # --derivatives: that series enters, SNR included
+    inputnode.inputs.trait_set(
+        dwi_file=str(given.dwi), bval_file=str(given.bval), bvec_file=str(given.bvec),
+        metadata=scan.metadata, fmap_epi_files=[str(f) for f in scan.fmap_epi],
+        fmap_metadata=list(scan.fmap_metadata),
+        snr_info={"participant_id": f"sub-{scan.subject}", "session": scan.session or "",
+                  "scanner": scan.scanner, "run": "" if scan.run is None else str(scan.run)},
+    )  # fmt: skip
+    preprocessed = [*raw, "mask_file"]
     outputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=[
-                "dwi_file",
-                "bval_file",
-                "bvec_file",
-                "mask_file",
-                "maps",
-                "fa_file",
-                "snr_tsv",
-            ]
-        ),
+        niu.IdentityInterface(fields=[*preprocessed, "maps", "fa_file", "snr_tsv"]),
         name="outputnode",
     )
     merge_maps = pe.Node(
         niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True
     )
-    inputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=[
-                "dwi_file",
-                "bval_file",
-                "bvec_file",
-                "metadata",
-                "fmap_epi_files",
-                "fmap_metadata",
-                "snr_info",
-            ]
-        ),
-        name="inputnode",
-    )
-    inputnode.inputs.dwi_file = str(scan.dwi)
-    inputnode.inputs.bval_file = str(scan.bval)
-    inputnode.inputs.bvec_file = str(scan.bvec)
-    inputnode.inputs.metadata = scan.metadata
-    inputnode.inputs.fmap_epi_files = [str(f) for f in scan.fmap_epi]
-    inputnode.inputs.fmap_metadata = list(scan.fmap_metadata)
-    inputnode.inputs.snr_info = {
-        "participant_id": f"sub-{scan.subject}",
-        "session": scan.session or "",
-        "scanner": scan.scanner,
-        "run": "" if scan.run is None else str(scan.run),
-    }
-
-    preproc_wf = init_dwi_preproc_wf(
-        preproc=preproc,
-        denoiser=denoiser,
-        has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        mask_method=mask_method,
-        omp_nthreads=omp_nthreads,
-        mem_gb=mem_gb,
-    )
-    fit_wf = init_dki_fit_wf(
-        fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads, mem_gb=mem_gb
-    )
+    if scan.preprocessed is not None:  # preprocessed elsewhere (--derivatives): used as is
+        preproc_wf = init_preprocessed_dwi_wf(preprocessed=scan.preprocessed)
+    else:
+        preproc_wf = init_dwi_preproc_wf(
+            preproc=preproc,
+            denoiser=denoiser,
+            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
+            topup_runs=topup_runs,
+            mask_method=mask_method,
+            omp_nthreads=omp_nthreads,
+            mem_gb=mem_gb,
+        )
+    fit_wf = init_dki_fit_wf(fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads,
+                             mem_gb=mem_gb)  # fmt: skip
     if snr_roi:
         fit_wf.get_node("snr").inputs.roi_file = snr_roi_path(snr_roi, scan)
-    _fit_denoising_window(preproc_wf, nb.load(str(scan.dwi)).shape[:3])
-
-    source = str(scan.dwi)
-    sink_args = {"base_directory": str(staging_dir), "source_file": source}
-    ds_maps = {
-        metric: pe.Node(
-            DerivativesDataSink(**sink_args, space="dwi", model="dki", param=metric),
-            name=f"ds_{metric}",
-            run_without_submitting=True,
-        )
-        for metric in (*ALL_METRICS, "outlierfraction")
-    }
-    # the raw sidecar's acquisition fields, then what was done to the series
-    preproc_meta = {
-        **scan.metadata,
-        **preproc_sidecar(
-            resolved_preproc_mode(preproc, denoiser),
-            denoiser,
-            has_rpe_fmap=has_reversed_pe(scan.metadata, scan.fmap_metadata),
-        ),
-    }
-    ds_dwi = pe.Node(
-        DerivativesDataSink(
-            **sink_args, space="dwi", desc="preproc", suffix="dwi", meta_dict=preproc_meta
-        ),
-        name="ds_dwi",
-        run_without_submitting=True,
-    )
-    ds_bval = pe.Node(
-        DerivativesDataSink(
-            **sink_args, space="dwi", desc="preproc", suffix="dwi", extension=".bval"
-        ),
-        name="ds_bval",
-        run_without_submitting=True,
-    )
-    ds_bvec = pe.Node(
-        DerivativesDataSink(
-            **sink_args, space="dwi", desc="preproc", suffix="dwi", extension=".bvec"
-        ),
-        name="ds_bvec",
-        run_without_submitting=True,
-    )
-    ds_mask = pe.Node(
-        DerivativesDataSink(
-            **sink_args, space="dwi", desc="brain", suffix="mask", meta_dict={"Type": "Brain"}
-        ),
-        name="ds_mask",
-        run_without_submitting=True,
-    )
-    ds_snr = pe.Node(
-        DerivativesDataSink(**sink_args, desc="snr", suffix="qc", extension=".tsv"),
-        name="ds_snr",
-        run_without_submitting=True,
-    )
-
-    workflow.connect(
-        [
-            (
-                inputnode,
-                preproc_wf,
-                [
-                    ("dwi_file", "inputnode.dwi_file"),
-                    ("bval_file", "inputnode.bval_file"),
-                    ("bvec_file", "inputnode.bvec_file"),
-                    ("metadata", "inputnode.metadata"),
-                    ("fmap_epi_files", "inputnode.fmap_epi_files"),
-                    ("fmap_metadata", "inputnode.fmap_metadata"),
-                ],
-            ),
-            (
-                inputnode,
-                fit_wf,
-                [
-                    ("dwi_file", "inputnode.raw_dwi_file"),
-                    ("bval_file", "inputnode.raw_bval_file"),
-                    ("snr_info", "inputnode.snr_info"),
-                ],
-            ),
-            (
-                preproc_wf,
-                fit_wf,
-                [
-                    ("outputnode.dwi_file", "inputnode.dwi_file"),
-                    ("outputnode.bval_file", "inputnode.bval_file"),
-                    ("outputnode.bvec_file", "inputnode.bvec_file"),
-                    ("outputnode.mask_file", "inputnode.mask_file"),
-                    ("outputnode.noise_file", "inputnode.noise_file"),
-                ],
-            ),
-            (preproc_wf, ds_dwi, [("outputnode.dwi_file", "in_file")]),
-            (preproc_wf, ds_bval, [("outputnode.bval_file", "in_file")]),
-            (preproc_wf, ds_bvec, [("outputnode.bvec_file", "in_file")]),
-            (preproc_wf, ds_mask, [("outputnode.mask_file", "in_file")]),
-            (fit_wf, ds_snr, [("outputnode.snr_tsv", "in_file")]),
-            (
-                preproc_wf,
-                outputnode,
-                [
-                    ("outputnode.dwi_file", "dwi_file"),
-                    ("outputnode.bval_file", "bval_file"),
-                    ("outputnode.bvec_file", "bvec_file"),
-                    ("outputnode.mask_file", "mask_file"),
-                ],
-            ),
-            (
-                fit_wf,
-                merge_maps,
-                [(f"outputnode.{m}_file", f"in{i}") for i, m in enumerate(ALL_METRICS, 1)],
-            ),
-            (merge_maps, outputnode, [("out", "maps")]),
-            (
-                fit_wf,
-                outputnode,
-                [("outputnode.fa_file", "fa_file"), ("outputnode.snr_tsv", "snr_tsv")],
-            ),
-            *((fit_wf, ds_maps[m], [(f"outputnode.{m}_file", "in_file")]) for m in ALL_METRICS),
-            (
-                fit_wf,
-                ds_maps["outlierfraction"],
-                [("outputnode.outlier_fraction_file", "in_file")],
-            ),
-        ]
-    )
+    _fit_denoising_window(preproc_wf, shape[:3])
+    ds_scan_wf = init_scan_derivatives_wf(source_file=str(scan.dwi), staging_dir=staging_dir,
+                                          dwi_meta=_dwi_sidecar(scan, preproc, denoiser),
+                                          name="ds_scan_wf")  # fmt: skip
+    fitted = [f"{m}_file" for m in ALL_METRICS] + ["outlier_fraction_file", "snr_tsv"]
+    workflow.connect([
+        (inputnode, preproc_wf, [(f, f"inputnode.{f}") for f in (
+            *raw, "metadata", "fmap_epi_files", "fmap_metadata")]),
+        (inputnode, fit_wf, [("dwi_file", "inputnode.raw_dwi_file"),
+                             ("bval_file", "inputnode.raw_bval_file"),
+                             ("snr_info", "inputnode.snr_info")]),
+        (preproc_wf, fit_wf, [(f"outputnode.{f}", f"inputnode.{f}")
+                              for f in (*preprocessed, "noise_file")]),
+        (preproc_wf, ds_scan_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in preprocessed]),
+        (fit_wf, ds_scan_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in fitted]),
+        (preproc_wf, outputnode, [(f"outputnode.{f}", f) for f in preprocessed]),
+        (fit_wf, merge_maps, [(f"outputnode.{m}_file", f"in{i}")
+                              for i, m in enumerate(ALL_METRICS, 1)]),
+        (merge_maps, outputnode, [("out", "maps")]),
+        (fit_wf, outputnode, [("outputnode.fa_file", "fa_file"),
+                              ("outputnode.snr_tsv", "snr_tsv")]),
+    ])  # fmt: skip
     return workflow
 
 
@@ -453,3 +344,25 @@ def _fit_denoising_window(preproc_wf: pe.Workflow, shape) -> None:
     denoise = preproc_wf.get_node("denoise")
     if denoise is not None and isinstance(denoise.interface, DWIDenoise) and min(shape) < 5:
         denoise.inputs.extent = window_extent(shape)
+
+
+def _dwi_sidecar(scan: DWIScan, preproc: str, denoiser: str) -> dict:
+    """The raw sidecar's acquisition fields, then what was done to the series."""
+    rpe = has_reversed_pe(scan.metadata, scan.fmap_metadata)
+    done = preproc_sidecar(resolved_preproc_mode(preproc, denoiser), denoiser, has_rpe_fmap=rpe)
+    return {**scan.metadata, **done, **_preprocessed_meta(scan)}
+
+
+def _preprocessed_meta(scan: DWIScan) -> dict:
+    """Sidecar fields of a series that another pipeline preprocessed (``--derivatives``)."""
+    pre = scan.preprocessed
+    if pre is None:
+        return {}
+    return {
+        "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
+        "dkiharm's own preprocessing was skipped",
+        "PreprocessedBy": pre.pipeline,
+        "PreprocessedSource": str(pre.dwi),
+        "SkullStripped": False,
+        "ProcessingSteps": [f"preprocessed by {pre.pipeline} (used as provided)"],
+    }

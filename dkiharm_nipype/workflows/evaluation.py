@@ -16,13 +16,20 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..config import RunConfig
 from ..dki.maps import ALL_METRICS
 from ..interfaces.evaluation import EvaluateHarmonization, HarmonizationReport
 from ..utils.bids import DWIScan
+from .literate import LiterateWorkflow
 
 #: Methods whose maps the evaluation receives, in ``inputnode`` field order.
 METHODS = ("before", "dl", "linear", "combat", "rish")
+
+#: Methods text of the evaluation: every score beside the reference scan's own noise.
+FLOOR_DESC = (
+    " Every evaluation score is reported beside a noise floor, the reference scan's own "
+    "noise level (from its rescan, or, without one, from two interleaved halves of its "
+    "directions fitted alike and scaled to a full scan)."
+)
 
 
 def _gather(meta, masks, reference, method_maps, bids_dir, wm_mask, roi_atlas, params):
@@ -167,15 +174,41 @@ def init_evaluation_wf(
     *,
     scans: list[DWIScan],
     staging_dir: Path,
-    config: RunConfig,
+    bids_dir: Path,
     engine: str,
+    seed: int = 0,
+    omp_nthreads: int = 1,
+    wm_mask: str | None = None,
+    roi_atlas: str | None = None,
+    roi_table: Path | None = None,
     held_out: bool = True,
+    fit_method: str = "irlls",
+    b_max: float | None = None,
     name: str = "evaluation_wf",
 ) -> pe.Workflow:
     """Evaluation tables and the HTML report of the evaluated ``scans``.
 
-    ``held_out``: the scans' subjects were not trained on (else the networks are compared
-    with the linear baseline on their cards' held-out blocks).
+    Parameters
+    ----------
+    scans : list of DWIScan
+        The evaluated scans (the test subjects').
+    staging_dir : Path
+        Derivatives root (tables in ``evaluation/``, the report at the top).
+    bids_dir : Path
+        The dataset (the phantom's ROI atlas and table are used when it has them).
+    engine : str
+        Label-registration engine; the evaluation registers with it, FNIRT excepted.
+    seed, omp_nthreads : int
+        Seed and threads of the within-subject registration.
+    wm_mask, roi_atlas, roi_table
+        ``--wm-mask``, ``--roi-atlas`` (``{subject}`` expanded) and ``--roi-table``.
+    held_out : bool
+        The scans' subjects were not trained on (else the networks are compared with the
+        linear baseline on their cards' held-out blocks).
+    fit_method, b_max
+        The DKI fit of the reference scan's two halves (the noise floor), as the scans'.
+    name : str
+        Workflow name.
 
     Inputs
     ------
@@ -200,10 +233,8 @@ def init_evaluation_wf(
     --------
     >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
     >>> scans = collect_scans(load_layout(bids_dir), participant_label=["03"])
-    >>> config = RunConfig(bids_dir=Path(bids_dir), output_dir=Path("out"),
-    ...                    analysis_level="group", work_dir=Path("work"))
     >>> eval_wf = init_evaluation_wf(scans=scans, staging_dir=Path("staging"),
-    ...                              config=config, engine="dipy-syn")
+    ...                              bids_dir=Path(bids_dir), engine="dipy-syn")
     >>> wf = pe.Workflow(name="my_study")
     >>> ref = pe.Node(niu.IdentityInterface(fields=["scanner"]), name="ref")
     >>> ref.inputs.scanner = "D"
@@ -214,7 +245,8 @@ def init_evaluation_wf(
     >>> names[4:]
     ['inputnode', 'merge_snr', 'methods', 'report']
     """
-    workflow = pe.Workflow(name=name)
+    workflow = LiterateWorkflow(name=name)
+    workflow.__desc__ = FLOOR_DESC
     fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "dwis", "bvals",
               "bvecs", "cards"]  # fmt: skip
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
@@ -222,42 +254,16 @@ def init_evaluation_wf(
                   "cards"):  # fmt: skip
         setattr(inputnode.inputs, empty, [])
 
-    gather = pe.Node(
-        niu.Function(
-            function=_gather,
-            input_names=[
-                "meta",
-                "masks",
-                "reference",
-                "method_maps",
-                "bids_dir",
-                "wm_mask",
-                "roi_atlas",
-                "params",
-            ],
-            output_names=["scans", "wm_masks", "atlases"],
-        ),
-        name="gather",
-        run_without_submitting=True,
-    )
-    gather.inputs.meta = [
-        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
-    ]
-    gather.inputs.bids_dir = str(config.bids_dir)
-    gather.inputs.wm_mask = config.wm_mask or ""
-    gather.inputs.roi_atlas = config.roi_atlas or ""
-    gather.inputs.params = list(ALL_METRICS)
+    gather = _gather_node(scans, bids_dir=bids_dir, wm_mask=wm_mask, roi_atlas=roi_atlas)
     methods = pe.Node(niu.Function(function=_as_dict, input_names=list(METHODS),
                                    output_names=["out"]), name="methods",
                       run_without_submitting=True)  # fmt: skip
     # Within-subject registration for the evaluation: FNIRT is the label engine only.
     eval_engine = "dipy-syn" if engine in ("fnirt", "auto") else engine
     evaluate = pe.Node(
-        EvaluateHarmonization(
-            engine=eval_engine, seed=config.seed, num_threads=config.execution.omp_nthreads
-        ),
+        EvaluateHarmonization(engine=eval_engine, seed=seed, num_threads=omp_nthreads),
         name="evaluate",
-        n_procs=config.execution.omp_nthreads,
+        n_procs=omp_nthreads,
         mem_gb=2,
     )
     evaluate.inputs.held_out = held_out
@@ -265,16 +271,16 @@ def init_evaluation_wf(
         niu.Function(function=_fit_halves, output_names=["halves"],
                      input_names=["meta", "dwis", "bvals", "bvecs", "masks", "reference",
                                   "fit_method", "b_max", "n_threads"]),
-        name="halves", n_procs=config.execution.omp_nthreads, mem_gb=2,
+        name="halves", n_procs=omp_nthreads, mem_gb=2,
     )  # fmt: skip
     halves.inputs.meta = gather.inputs.meta
-    halves.inputs.fit_method = config.fit_method
-    halves.inputs.b_max = config.b_max or 0.0
-    halves.inputs.n_threads = config.execution.omp_nthreads
-    if config.roi_table:
-        evaluate.inputs.roi_table = str(config.roi_table)
+    halves.inputs.fit_method = fit_method
+    halves.inputs.b_max = b_max or 0.0
+    halves.inputs.n_threads = omp_nthreads
+    if roi_table:
+        evaluate.inputs.roi_table = str(roi_table)
     else:
-        table = Path(config.bids_dir) / "derivatives" / "phantom-truth" / "desc-wmrois_dseg.tsv"
+        table = Path(bids_dir) / "derivatives" / "phantom-truth" / "desc-wmrois_dseg.tsv"
         if table.is_file():
             evaluate.inputs.roi_table = str(table)
     merge_snr = pe.Node(
@@ -290,21 +296,7 @@ def init_evaluation_wf(
     # Folder inputs are hashed by path, not content: rebuild the report and restage the
     # tables on every run, so that a rerun never publishes a stale evaluation.
     report = pe.Node(HarmonizationReport(), name="report", mem_gb=1, overwrite=True)
-    stages = {
-        key: pe.Node(
-            niu.Function(
-                function=_stage, input_names=["paths", "staging_dir", "rel"], output_names=["out"]
-            ),
-            name=f"stage_{key}",
-            run_without_submitting=True,
-            overwrite=True,
-        )
-        for key in ("tables", "report", "pages")
-    }
-    for key, rel in (("tables", "evaluation"), ("report", ""), ("pages", "")):
-        stages[key].inputs.staging_dir = str(staging_dir)
-        stages[key].inputs.rel = rel
-
+    stages = _stage_nodes(staging_dir)
     workflow.connect(
         [
             (inputnode, methods, [(m, m) for m in METHODS]),
@@ -327,6 +319,56 @@ def init_evaluation_wf(
         ]
     )  # fmt: skip
     return workflow
+
+
+def _gather_node(scans, *, bids_dir, wm_mask, roi_atlas) -> pe.Node:
+    """The ``gather`` node of :func:`init_evaluation_wf` (see :func:`_gather`)."""
+    gather = pe.Node(
+        niu.Function(
+            function=_gather,
+            input_names=[
+                "meta",
+                "masks",
+                "reference",
+                "method_maps",
+                "bids_dir",
+                "wm_mask",
+                "roi_atlas",
+                "params",
+            ],
+            output_names=["scans", "wm_masks", "atlases"],
+        ),
+        name="gather",
+        run_without_submitting=True,
+    )
+    gather.inputs.meta = [
+        {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
+    ]
+    gather.inputs.bids_dir = str(bids_dir)
+    gather.inputs.wm_mask = wm_mask or ""
+    gather.inputs.roi_atlas = roi_atlas or ""
+    gather.inputs.params = list(ALL_METRICS)
+    return gather
+
+
+def _stage_nodes(staging_dir) -> dict[str, pe.Node]:
+    """``stage_*`` nodes copying the tables, the report and the subject pages."""
+    stages = {
+        key: pe.Node(
+            niu.Function(
+                function=_stage, input_names=["paths", "staging_dir", "rel"], output_names=["out"]
+            ),
+            name=f"stage_{key}",
+            run_without_submitting=True,
+            overwrite=True,
+        )
+        for key in ("tables", "report", "pages")
+    }
+    for key, rel in (("tables", "evaluation"), ("report", ""), ("pages", "")):
+        stages[key].inputs.staging_dir = str(staging_dir)
+        stages[key].inputs.rel = rel
+
+    return stages
 
 
 def _as_dict(before, dl, linear, combat, rish):
@@ -355,46 +397,106 @@ def _run_comparators(
     return res.get("combat", []), res.get("rish", [])
 
 
-def init_comparators_node(*, scans, evaluated, config: RunConfig, engine: str, training):
-    """The ``comparators`` node: ComBat / RISH of the evaluated scans (``--comparators``).
+def _comparators_desc(methods) -> str:
+    parts = []
+    if "combat" in methods:
+        parts.append(
+            "ComBat [@fortin2017; @fortin2018] applied voxelwise to the DKI maps with "
+            "neuroHarmonize [@pomponio2020]"
+        )
+    if "rish" in methods:
+        parts.append(
+            "rotation-invariant spherical harmonic (RISH) feature scaling of the DWI signal "
+            "[@mirzaalian2016] before the DKI fit"
+        )
+    if not parts:
+        return ""
+    return (
+        "\n\nFor comparison, the maps were also harmonized with " + " and with ".join(parts) + "."
+    )
 
-    Its inputs ``dwis``, ``bvals``, ``bvecs``, ``masks``, ``maps`` (one entry per scan of
-    ``scans``) and ``reference`` are connected by the group workflow; outputs ``combat``
-    and ``rish`` feed :func:`init_evaluation_wf`'s inputnode.
+
+def init_comparators_wf(
+    *,
+    methods: list[str],
+    scans: list[DWIScan],
+    evaluated: list[DWIScan],
+    training: list[str],
+    bids_dir: Path,
+    fit_method: str = "irlls",
+    engine: str = "dipy-syn",
+    omp_nthreads: int = 1,
+    name: str = "comparators_wf",
+) -> pe.Workflow:
+    """ComBat / RISH maps of the evaluated scans (``--comparators``).
+
+    Parameters
+    ----------
+    methods : list of {"combat", "rish"}
+        The comparators to run.
+    scans, evaluated : list of DWIScan
+        Every scan (the ``inputnode`` lists follow its order) and the evaluated ones.
+    training : list of str
+        Training subjects (RISH learns its scale maps on them).
+    bids_dir : Path
+        The dataset (its ``participants.tsv`` gives ComBat's covariates).
+    fit_method, engine, omp_nthreads
+        DKI fit of the RISH-harmonized DWIs, registration engine, threads.
+
+    Inputs
+    ------
+    dwis, bvals, bvecs, masks, maps
+        One entry per scan of ``scans`` (``maps``: its eight maps).
+    reference
+        The reference scanner.
+
+    Outputs
+    -------
+    combat, rish
+        Per evaluated scan, the eight maps of each comparator (empty if not run).
+
+    Examples
+    --------
+    >>> from dkiharm_nipype.utils.bids import collect_scans, load_layout
+    >>> scans = collect_scans(load_layout(bids_dir), participant_label=["01", "02"])
+    >>> comparators_wf = init_comparators_wf(methods=["combat"], scans=scans,
+    ...                                      evaluated=scans[:2], training=["01"],
+    ...                                      bids_dir=Path(bids_dir))
+    >>> wf = pe.Workflow(name="my_pipeline")
+    >>> fits = pe.Node(niu.IdentityInterface(fields=["maps", "masks"]), name="fits")
+    >>> wf.connect([(fits, comparators_wf, [("maps", "inputnode.maps"),
+    ...                                     ("masks", "inputnode.masks")])])
+    >>> comparators_wf.get_node("comparators").inputs.evaluated
+    [0, 1]
     """
-    names = [
-        "methods",
-        "meta",
-        "dwis",
-        "bvals",
-        "bvecs",
-        "masks",
-        "maps",
-        "reference",
-        "training",
-        "evaluated",
-        "participants_file",
-        "fit_method",
-        "engine",
-        "n_threads",
-    ]
+    workflow = LiterateWorkflow(name=name)
+    workflow.__desc__ = _comparators_desc([m.lower() for m in methods])
+    fields = ["dwis", "bvals", "bvecs", "masks", "maps", "reference"]
+    inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["combat", "rish"]), name="outputnode")
+    names = ["methods", "meta", *fields, "training", "evaluated", "participants_file",
+             "fit_method", "engine", "n_threads"]  # fmt: skip
     node = pe.Node(
         niu.Function(function=_run_comparators, input_names=names,
                      output_names=["combat", "rish"]),
         name="comparators",
-        n_procs=config.execution.omp_nthreads,
+        n_procs=omp_nthreads,
         mem_gb=4,
     )  # fmt: skip
-    node.inputs.methods = [m for m in config.comparators if m in ("combat", "rish")]
+    node.inputs.methods = list(methods)
     node.inputs.meta = [
         {"subject": s.subject, "scanner": s.scanner, "run": str(s.run or 1)} for s in scans
     ]
     node.inputs.training = list(training)
     keys = [s.key for s in scans]
     node.inputs.evaluated = [keys.index(s.key) for s in evaluated]
-    participants = Path(config.bids_dir) / "participants.tsv"
+    participants = Path(bids_dir) / "participants.tsv"
     node.inputs.participants_file = str(participants) if participants.is_file() else ""
-    node.inputs.fit_method = config.fit_method
+    node.inputs.fit_method = fit_method
     node.inputs.engine = "dipy-syn" if engine in ("fnirt", "auto") else engine
-    node.inputs.n_threads = config.execution.omp_nthreads
-    return node
+    node.inputs.n_threads = omp_nthreads
+    workflow.connect([
+        (inputnode, node, [(f, f) for f in fields]),
+        (node, outputnode, [("combat", "combat"), ("rish", "rish")]),
+    ])  # fmt: skip
+    return workflow

@@ -57,22 +57,18 @@ def init_experiment_wf(
         Training-size sweep (Fig. 6), leave-p-subjects-out (Fig. 7), leave-one-tissue-out
         (Fig. 8) or repeated trainings with ``n_seeds`` seeds.
     engine : str
-        Registration engine of the test scans into their reference scan (and of labels
-        not given); ``auto`` and ``fnirt`` become
-        :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE` (the node registers
-        in-process).
-    seed, epochs, samples_per_epoch, hidden_channels, device
+        Registration engine (test scans into their reference scan, labels not given);
+        ``auto``/``fnirt`` become :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE`.
+    seed, epochs, samples_per_epoch, hidden_channels, device, network_input, kernel_size
         How every network is trained (as the group run's networks).
-    network_input, kernel_size, reference_labels
-        The networks' input, first-convolution size and reference labels (as the group
-        run's).
+    reference_labels
+        What labels the reference scanner's scans (as the group run's).
     max_combinations, ps, n_seeds, repeats
         See :func:`~dkiharm_nipype.evaluation.experiments.run_experiment`.
     omp_nthreads : int
         Threads of the experiment node.
-    staging_dir : Path, optional
-        Derivatives root; if given, ``ds_experiment`` writes the table to
-        ``<rel_dir>/experiment-<name>.tsv`` there.
+    staging_dir, rel_dir : Path, str
+        Derivatives root: if given, the table is stored as ``<rel_dir>/experiment-<name>.tsv``.
     name : str
         Workflow name (default ``<experiment>_experiment_wf``).
 
@@ -98,12 +94,10 @@ def init_experiment_wf(
     Examples
     --------
     Connected to the lists gathered from every scan's fit in a larger workflow:
-
     >>> wf = pe.Workflow(name="my_pipeline")
     >>> scans = pe.Node(niu.IdentityInterface(fields=["sub", "scanner", "run", "dwi", "bval",
     ...                                               "mask", "maps"]), name="scans")
     >>> sweep_wf = init_experiment_wf(experiment="trainsize", epochs=30, max_combinations=3)
-    >>> sweep_wf.inputs.inputnode.reference = "D"
     >>> wf.connect([(scans, sweep_wf, [
     ...     ("sub", "inputnode.subjects"), ("scanner", "inputnode.scanners"),
     ...     ("run", "inputnode.runs"), ("dwi", "inputnode.dwi_files"),
@@ -115,15 +109,12 @@ def init_experiment_wf(
     3
     """
     if experiment not in EXPERIMENTS:
-        raise ValueError(
-            f"experiment must be one of {', '.join(EXPERIMENTS)}; got {experiment!r}."
-        )
+        raise ValueError(f"experiment must be one of {', '.join(EXPERIMENTS)}: {experiment!r}.")
     if engine in ("auto", "fnirt"):  # registrations run inside the node: an open engine
         engine = DEFAULT_OPEN_ENGINE
     workflow = pe.Workflow(name=name or f"{experiment}_experiment_wf")
-    inputnode = pe.Node(
-        niu.IdentityInterface(fields=["reference", *SCAN_FIELDS]), name="inputnode"
-    )
+    fields = ["reference", *SCAN_FIELDS]
+    inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["tsv"]), name="outputnode")
     run = pe.Node(
         RunExperiment(
@@ -137,20 +128,15 @@ def init_experiment_wf(
         ),
         name="run", n_procs=omp_nthreads, mem_gb=8,
     )  # fmt: skip
-    workflow.connect(
-        [
-            (inputnode, run, [("reference", "reference")] + [(f, f) for f in SCAN_FIELDS]),
-            (run, outputnode, [("tsv", "tsv")]),
-        ]
-    )
+    workflow.connect([
+        (inputnode, run, [("reference", "reference")] + [(f, f) for f in SCAN_FIELDS]),
+        (run, outputnode, [("tsv", "tsv")]),
+    ])  # fmt: skip
     if staging_dir is not None:
+        rel_path = f"{rel_dir}/{EXPERIMENTS[experiment][0]}"
         ds_experiment = pe.Node(
-            DerivativesDataSink(
-                base_directory=str(staging_dir),
-                rel_path=f"{rel_dir}/{EXPERIMENTS[experiment][0]}",
-            ),
-            name="ds_experiment",
-            run_without_submitting=True,
-        )
+            DerivativesDataSink(base_directory=str(staging_dir), rel_path=rel_path),
+            name="ds_experiment", run_without_submitting=True,
+        )  # fmt: skip
         workflow.connect(run, "tsv", ds_experiment, "in_file")
     return workflow

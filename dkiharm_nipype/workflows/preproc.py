@@ -8,7 +8,13 @@ interpolation, then ringing is removed, then volumes are resampled once by Eddy.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 from nipype.interfaces import utility as niu
 from nipype.interfaces.fsl import TOPUP, Eddy
@@ -20,8 +26,78 @@ from ..interfaces.preproc import DWI2Mask, MeanB0, MedianOtsuMask, MPPCADenoise,
 from ..preproc.modes import MASK_METHODS, Denoiser, MaskMethod, PreprocMode, resolve_preproc
 from ..utils.dwi import B0_THRESHOLD, degibbs_axes
 from ..utils.env import ToolNotFoundError, missing_mrtrix
+from .literate import LiterateWorkflow
 
 LOGGER = logging.getLogger("dkiharm")
+
+@functools.cache
+def mrtrix_version() -> str:
+    """MRtrix3's version (``dwidenoise -version``), or ``""`` when not found."""
+    exe = shutil.which("dwidenoise")
+    if exe is None:
+        return ""
+    try:
+        out = subprocess.run([exe, "-version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    found = re.search(r"==\s*\S+\s+([\w.\-]+)\s*==", out.stdout)
+    return found.group(1) if found else ""
+
+
+def fsl_version() -> str:
+    """FSL's version (``$FSLDIR/etc/fslversion``), or ``""`` when not found."""
+    path = Path(os.environ.get("FSLDIR", "/nonexistent")) / "etc" / "fslversion"
+    try:
+        return path.read_text().split(":")[0].strip()
+    except OSError:
+        return ""
+
+
+def _preproc_desc(run_mrtrix: bool, run_fsl: bool, denoiser: str, topup_runs) -> str:
+    """Methods text of :func:`init_dwi_preproc_wf` (the mask is described by its own wf)."""
+    if not run_mrtrix:
+        return (
+            "\n\nThe DWI series were used as provided, without denoising or artefact "
+            "correction."
+        )
+    mrtrix = f"MRtrix3{' ' + mrtrix_version() if mrtrix_version() else ''} [@tournier2019]"
+    if denoiser == "mppca":
+        how, source = (
+            "by Marchenko-Pastur principal component analysis of the raw magnitude data "
+            "[@veraart2016] (dkiharm's implementation: 5x5x5-voxel windows every "
+            f"{MPPCADenoise().inputs.stride} voxels, overlapping reconstructions averaged)",
+            "from",
+        )
+    else:
+        how, source = (
+            "with dwidenoise, a Marchenko-Pastur principal component analysis of the raw "
+            "magnitude data [@veraart2016]",
+            "both from",
+        )
+    text = (
+        f"\n\nEach DWI series was first denoised {how}, then Gibbs ringing was removed with "
+        f"mrdegibbs, by local sub-voxel shifts [@kellner2016], {source} {mrtrix}."
+    )
+    if not run_fsl:
+        return text
+    which = "the" if topup_runs is None else f"the {topup_runs[0]} of {topup_runs[1]}"
+    topup = f"for {which} runs with reversed phase-encoding b=0 images"
+    fsl = fsl_version()
+    return text + (
+        " Susceptibility-induced distortions were estimated with TOPUP "
+        f"[@andersson2003] {topup}, and head motion and eddy-current distortions were "
+        "corrected, with replacement of outlier slices, by Eddy [@andersson2016] "
+        f"(FSL{' ' + fsl if fsl else ''} [@jenkinson2012]), which resamples every "
+        "volume once and rotates the b-vectors."
+    )
+
+
+#: Methods text of each brain-mask method.
+MASK_TEXT = {
+    "dwi2mask": " A brain mask was estimated on the preprocessed series with MRtrix3 dwi2mask.",
+    "median_otsu": " A brain mask was estimated on the mean b=0 image with dipy's median_otsu "
+    "[@dipy].",
+}
 
 
 def preproc_sidecar(
@@ -57,31 +133,16 @@ def preproc_sidecar(
 
 
 def init_dwi_preproc_wf(
-    *,
-    preproc: PreprocMode = "auto",
-    denoiser: Denoiser = "dwidenoise",
-    has_rpe_fmap: bool = False,
-    mask_method: MaskMethod = "dwi2mask",
-    b0_threshold: float = B0_THRESHOLD,
-    omp_nthreads: int = 1,
-    mem_gb: float = 1.0,
-    name: str = "dwi_preproc_wf",
-) -> pe.Workflow:
+    *, preproc: PreprocMode = "auto", denoiser: Denoiser = "dwidenoise",
+    has_rpe_fmap: bool = False, topup_runs: tuple[int, int] | None = None,
+    mask_method: MaskMethod = "dwi2mask", b0_threshold: float = B0_THRESHOLD,
+    omp_nthreads: int = 1, mem_gb: float = 1.0, name: str = "dwi_preproc_wf",
+) -> pe.Workflow:  # fmt: skip
     """Preprocess one DWI series for DKI fitting.
 
-    ========  ================================================================
-    mode      steps
-    ========  ================================================================
-    auto      ``dwidenoise`` -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL found]
-    fsl       ``dwidenoise`` -> ``mrdegibbs`` -> [TOPUP ->] Eddy (FSL required)
-    mrtrix    ``dwidenoise`` -> ``mrdegibbs``
-    none      input passed through
-    ========  ================================================================
-
-    TOPUP runs only when ``has_rpe_fmap`` (a reversed-PE ``epi`` fieldmap is connected);
-    otherwise Eddy corrects motion and eddy currents without a susceptibility field, as
-    for a scanner without reversed-PE b0s. A mask and a mean b0 are always computed on the
-    final DWI.
+    ``auto``: ``dwidenoise`` -> ``mrdegibbs`` [-> TOPUP -> Eddy if FSL is found]; ``fsl``:
+    the same, FSL required; ``mrtrix``: no FSL; ``none``: passed through. TOPUP runs only
+    ``has_rpe_fmap``. A mask and mean b0 come from the final DWI (:func:`init_dwi_mask_wf`).
 
     Workflow Graph
         .. workflow::
@@ -94,51 +155,32 @@ def init_dwi_preproc_wf(
     Parameters
     ----------
     preproc : {"auto", "fsl", "mrtrix", "none"}
-        Which steps to run (see above); read once, when the workflow is built.
+        Which steps run (see above; :func:`resolve_preproc`), decided when it is built.
     denoiser : {"dwidenoise", "mppca"}
         MRtrix3 ``dwidenoise``, or the torch MP-PCA with overlapping windows
-        (:class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`: the same estimator,
-        about 7x faster at equal threads; README, *Denoising*).
+        (:class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`; README, *Denoising*).
     has_rpe_fmap : bool
-        Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP (see
-        :func:`dkiharm_nipype.utils.fsl.has_reversed_pe`). Ignored without FSL.
+        Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP.
+    topup_runs : (int, int), optional
+        How many of the study's runs have reversed-PE b0s, of how many (methods text).
     mask_method : {"dwi2mask", "median_otsu"}
-        MRtrix3 ``dwi2mask`` on the whole series, or DIPY's ``median_otsu`` on the mean b0.
-    b0_threshold : float
-        Largest b-value (s/mm^2) counted as b=0.
-    omp_nthreads : int
-        Threads for the multi-threaded tools (dwidenoise, mrdegibbs, dwi2mask, Eddy).
-    mem_gb : float
-        Approximate size in GB of the DWI series once loaded, scaling node memory estimates.
-    name : str
-        Workflow name.
+        See :func:`init_dwi_mask_wf`.
+    b0_threshold, omp_nthreads, mem_gb, name
+        Largest b-value counted as b=0; threads of the multi-threaded tools; loaded size of
+        the series in GB (memory estimates); workflow name.
 
     Inputs
     ------
-    dwi_file
-        4-D DWI series (NIfTI).
-    bval_file, bvec_file
-        Gradient table in FSL format.
-    metadata
-        BIDS sidecar of the DWI (dict): ``SliceEncodingDirection`` sets the Gibbs-ringing
-        plane (axial by default); the PE fields are read for TOPUP/Eddy.
-    fmap_epi_files
-        Reversed-PE ``epi`` fieldmaps on the DWI grid (list, may be empty).
-    fmap_metadata
-        BIDS sidecars of ``fmap_epi_files`` (list of dicts, same order).
+    dwi_file, bval_file, bvec_file, metadata
+        4-D DWI series, FSL gradient table and BIDS sidecar (``SliceEncodingDirection``
+        sets the Gibbs-ringing plane; the PE fields are read for TOPUP/Eddy).
+    fmap_epi_files, fmap_metadata
+        Reversed-PE ``epi`` fieldmaps on the DWI grid and their sidecars (may be empty).
 
     Outputs
     -------
-    dwi_file
-        Preprocessed DWI series.
-    bval_file
-        b-values (unchanged).
-    bvec_file
-        b-vectors, rotated by Eddy when it runs.
-    mask_file
-        Brain mask of the preprocessed series.
-    b0_file
-        Mean b=0 image of the preprocessed series.
+    dwi_file, bval_file, bvec_file, mask_file, b0_file
+        Preprocessed series and gradients (b-vectors rotated by Eddy), mask and mean b0.
     noise_file
         Noise level map (sigma) estimated by the denoiser; undefined with ``none``.
 
@@ -148,22 +190,17 @@ def init_dwi_preproc_wf(
 
     >>> from dkiharm_nipype.interfaces.dki import FitDKI
     >>> wf = pe.Workflow(name="my_pipeline")
-    >>> source = pe.Node(niu.IdentityInterface(fields=["dwi", "bval", "bvec", "meta"]),
-    ...                  name="source")
+    >>> fields = ["dwi_file", "bval_file", "bvec_file", "metadata"]
+    >>> source = pe.Node(niu.IdentityInterface(fields=fields), name="source")
     >>> preproc_wf = init_dwi_preproc_wf(preproc="mrtrix", mask_method="median_otsu",
     ...                                  omp_nthreads=2)
     >>> preproc_wf.inputs.inputnode.fmap_epi_files = []
     >>> preproc_wf.inputs.inputnode.fmap_metadata = []
     >>> fit = pe.Node(FitDKI(), name="fit")
     >>> wf.connect([
-    ...     (source, preproc_wf, [("dwi", "inputnode.dwi_file"),
-    ...                           ("bval", "inputnode.bval_file"),
-    ...                           ("bvec", "inputnode.bvec_file"),
-    ...                           ("meta", "inputnode.metadata")]),
-    ...     (preproc_wf, fit, [("outputnode.dwi_file", "dwi_file"),
-    ...                        ("outputnode.bval_file", "bval_file"),
-    ...                        ("outputnode.bvec_file", "bvec_file"),
-    ...                        ("outputnode.mask_file", "mask_file")]),
+    ...     (source, preproc_wf, [(f, f"inputnode.{f}") for f in fields]),
+    ...     (preproc_wf, fit, [(f"outputnode.{f}", f) for f in ("dwi_file", "bval_file",
+    ...                                                         "bvec_file", "mask_file")]),
     ... ])
     >>> sorted(preproc_wf.list_node_names())  # doctest: +NORMALIZE_WHITESPACE
     ['degibbs', 'denoise', 'inputnode', 'mask_wf.brain_mask', 'mask_wf.inputnode',
@@ -174,62 +211,50 @@ def init_dwi_preproc_wf(
             f"mask_method={mask_method!r} is unknown; use one of {MASK_METHODS}."
         )
     run_mrtrix, run_fsl = resolve_preproc(preproc, denoiser)
-    use_topup = run_fsl and has_rpe_fmap
-    if run_fsl and not has_rpe_fmap:
-        LOGGER.info(
-            "No reversed-PE 'epi' fieldmap: running Eddy without TOPUP "
-            "(motion and eddy currents corrected, susceptibility distortion not)."
-        )
-
-    workflow = pe.Workflow(name=name)
+    workflow = LiterateWorkflow(name=name)
+    workflow.__desc__ = _preproc_desc(run_mrtrix, run_fsl, denoiser, topup_runs)
+    fields = ["dwi_file", "bval_file", "bvec_file"]
     inputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=[
-                "dwi_file",
-                "bval_file",
-                "bvec_file",
-                "metadata",
-                "fmap_epi_files",
-                "fmap_metadata",
-            ]
-        ),
+        niu.IdentityInterface(fields=[*fields, "metadata", "fmap_epi_files", "fmap_metadata"]),
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(
-            fields=["dwi_file", "bval_file", "bvec_file", "mask_file", "b0_file", "noise_file"]
-        ),
+        niu.IdentityInterface(fields=[*fields, "mask_file", "b0_file", "noise_file"]),
         name="outputnode",
     )
-    mask_wf = init_dwi_mask_wf(
-        mask_method=mask_method,
-        b0_threshold=b0_threshold,
-        omp_nthreads=omp_nthreads,
-        name="mask_wf",
-    )
-
-    # fmt: off
+    mask_wf = init_dwi_mask_wf(mask_method=mask_method, b0_threshold=b0_threshold,
+                               omp_nthreads=omp_nthreads, name="mask_wf")  # fmt: skip
     workflow.connect([
         (inputnode, outputnode, [("bval_file", "bval_file")]),
         (inputnode, mask_wf, [("bval_file", "inputnode.bval_file")]),
-        (mask_wf, outputnode, [
-            ("outputnode.mask_file", "mask_file"),
-            ("outputnode.b0_file", "b0_file"),
-        ]),
-    ])
-    # fmt: on
-    if not run_mrtrix:
-        # fmt: off
-        workflow.connect([
-            (inputnode, outputnode, [("dwi_file", "dwi_file"), ("bvec_file", "bvec_file")]),
-            (inputnode, mask_wf, [
-                ("dwi_file", "inputnode.dwi_file"),
-                ("bvec_file", "inputnode.bvec_file"),
-            ]),
-        ])
-        # fmt: on
-        return workflow
+        (mask_wf, outputnode, [("outputnode.mask_file", "mask_file"),
+                               ("outputnode.b0_file", "b0_file")]),
+    ])  # fmt: skip
+    if not run_mrtrix:  # passed through
+        workflow.connect([(inputnode, outputnode, [(f, f) for f in ("dwi_file", "bvec_file")]),
+                          (inputnode, mask_wf, [(f, f"inputnode.{f}") for f in ("dwi_file",
+                                                                                "bvec_file")])])
+        return workflow  # fmt: skip
 
+    degibbs = _add_mrtrix_steps(workflow, denoiser=denoiser, omp_nthreads=omp_nthreads,
+                                mem_gb=mem_gb)  # fmt: skip
+    if not run_fsl:
+        workflow.connect([
+            (degibbs, outputnode, [("out_file", "dwi_file")]),
+            (inputnode, outputnode, [("bvec_file", "bvec_file")]),
+            (degibbs, mask_wf, [("out_file", "inputnode.dwi_file")]),
+            (inputnode, mask_wf, [("bvec_file", "inputnode.bvec_file")]),
+        ])  # fmt: skip
+        return workflow
+    _add_fsl_steps(workflow, degibbs=degibbs, mask_wf=mask_wf, use_topup=has_rpe_fmap,
+                   mask_method=mask_method, b0_threshold=b0_threshold,
+                   omp_nthreads=omp_nthreads, mem_gb=mem_gb)  # fmt: skip
+    return workflow
+
+
+def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb) -> pe.Node:
+    """Denoising then Gibbs-ringing removal, in ``workflow`` itself; returns ``degibbs``."""
+    inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     # Denoising first: the Marchenko-Pastur noise model holds only for raw magnitude data.
     denoise = pe.Node(
         DWIDenoise(nthreads=omp_nthreads)
@@ -246,37 +271,33 @@ def init_dwi_preproc_wf(
         niu.Function(function=degibbs_axes, input_names=["metadata"], output_names=["axes"]),
         name="slice_axes",
     )
-    # fmt: off
     workflow.connect([
         (inputnode, denoise, [("dwi_file", "in_file")]),
         (inputnode, slice_axes, [("metadata", "metadata")]),
         (slice_axes, degibbs, [("axes", "axes")]),
         (denoise, degibbs, [("out_file", "in_file")]),
         (denoise, outputnode, [("noise", "noise_file")]),
-    ])
-    # fmt: on
-    if not run_fsl:
-        # fmt: off
-        workflow.connect([
-            (degibbs, outputnode, [("out_file", "dwi_file")]),
-            (inputnode, outputnode, [("bvec_file", "bvec_file")]),
-            (degibbs, mask_wf, [("out_file", "inputnode.dwi_file")]),
-            (inputnode, mask_wf, [("bvec_file", "inputnode.bvec_file")]),
-        ])
-        # fmt: on
-        return workflow
+    ])  # fmt: skip
+    return degibbs
 
+
+def _add_fsl_steps(
+    workflow, *, degibbs, mask_wf, use_topup, mask_method, b0_threshold, omp_nthreads, mem_gb
+) -> None:
+    """TOPUP (if ``use_topup``) and Eddy after ``degibbs``, in ``workflow`` itself."""
+    if not use_topup:
+        LOGGER.info(
+            "No reversed-PE 'epi' fieldmap: running Eddy without TOPUP "
+            "(motion and eddy currents corrected, susceptibility distortion not)."
+        )
+    inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     fsl_files = pe.Node(
         TopupEddyFiles(use_topup=use_topup, b0_threshold=b0_threshold), name="fsl_files"
     )
     # Eddy needs a mask before correction; it is made on the distorted series, which is
     # generous enough for Eddy's estimation, and remade on Eddy's output below.
-    eddy_mask_wf = init_dwi_mask_wf(
-        mask_method=mask_method,
-        b0_threshold=b0_threshold,
-        omp_nthreads=omp_nthreads,
-        name="eddy_mask_wf",
-    )
+    eddy_mask_wf = init_dwi_mask_wf(mask_method=mask_method, b0_threshold=b0_threshold,
+                                    omp_nthreads=omp_nthreads, name="eddy_mask_wf")  # fmt: skip
     eddy = pe.Node(
         # DKI protocols are shelled by design; eddy's own shell check is fragile with the
         # few directions per shell of clinical protocols.
@@ -331,7 +352,6 @@ def init_dwi_preproc_wf(
             ]),
         ])
         # fmt: on
-    return workflow
 
 
 def init_dwi_mask_wf(
@@ -405,7 +425,8 @@ def init_dwi_mask_wf(
             "mask_method='median_otsu'."
         )
 
-    workflow = pe.Workflow(name=name)
+    workflow = LiterateWorkflow(name=name)
+    workflow.__desc__ = MASK_TEXT[mask_method]
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["dwi_file", "bval_file", "bvec_file"]), name="inputnode"
     )

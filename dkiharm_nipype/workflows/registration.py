@@ -25,11 +25,9 @@ def init_label_registration_wf(
 ) -> pe.Workflow:
     """Register reference-scanner DKI maps non-linearly into a target scan's DWI space.
 
-    The paper (section 2.2) registers the reference scanner's IRLLS DKI maps of each
-    training subject to that subject's target-scanner DWIs with FSL FNIRT, so that the
-    network sees voxel-aligned inputs and labels. The moving image (reference FA) is
-    registered to the fixed image (target FA or mean b0): affine, then non-linear, and
-    the same transform carries every map (trilinear) and the mask (nearest neighbour).
+    The paper (section 2.2) registers the reference scanner's IRLLS maps of each training
+    subject to that subject's target-scanner DWIs with FSL FNIRT: the moving FA to the
+    fixed FA, affine then non-linear; the transform carries the maps (trilinear) and mask.
 
     Workflow Graph
         .. workflow::
@@ -50,10 +48,8 @@ def init_label_registration_wf(
         node. ``none``: the scans are already aligned on one grid (two protocols of one
         session); maps pass through unchanged. ``auto``: FNIRT when FSL is installed,
         otherwise :data:`~dkiharm_nipype.registration.DEFAULT_OPEN_ENGINE`.
-    omp_nthreads : int
-        Threads of the registration node.
-    seed : int
-        Seed of stochastic engines.
+    omp_nthreads, seed : int
+        Threads of the registration node; seed of stochastic engines.
     name : str
         Workflow name.
 
@@ -61,19 +57,13 @@ def init_label_registration_wf(
     ------
     fixed_image
         Target scan's FA (or mean b0) in its DWI space.
-    moving_image
-        Reference scan's FA.
-    moving_maps
-        List of reference DKI maps (e.g. the eight of the paper) on the moving grid.
-    moving_mask
-        Reference brain mask on the moving grid.
+    moving_image, moving_maps, moving_mask
+        Reference scan's FA, list of DKI maps and brain mask (on the moving grid).
 
     Outputs
     -------
-    registered_maps
-        ``moving_maps`` in the target DWI space, same order.
-    registered_mask
-        ``moving_mask`` in the target DWI space (nearest neighbour).
+    registered_maps, registered_mask
+        ``moving_maps`` (same order) and ``moving_mask`` (nearest neighbour) on the target.
     support_mask
         Target voxels whose labels were interpolated from reference-brain voxels only
         (``moving_mask`` resampled trilinearly, kept where it is 1): outside it a label is
@@ -120,73 +110,7 @@ def init_label_registration_wf(
     )
 
     if engine == "fnirt":
-        flirt = pe.Node(
-            fsl.FLIRT(dof=12, cost="corratio", interp="trilinear"),
-            name="flirt",
-            n_procs=1,
-        )
-        fnirt = pe.Node(
-            fsl.FNIRT(
-                config_file=FNIRT_CONFIG,
-                subsampling_scheme=FNIRT_SUBSAMPLING,
-                fieldcoeff_file=True,
-            ),
-            name="fnirt",
-            n_procs=1,
-            mem_gb=2,  # FNIRT's warp field and Hessian at 2 mm
-        )
-        applywarp_maps = pe.MapNode(
-            fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
-        )
-        applywarp_mask = pe.Node(fsl.ApplyWarp(interp="nn"), name="applywarp_mask")
-        # float output: a uint8 mask resampled in its own type would be rounded to 0/1
-        applywarp_support = pe.Node(
-            fsl.ApplyWarp(interp="trilinear", datatype="float"), name="applywarp_support"
-        )
-        # FNIRT's result never passes through register(): the same correlation guard here
-        check = pe.Node(CheckRegistration(engine="fnirt"), name="check_registration")
-        threshold_support = pe.Node(
-            fsl.ImageMaths(op_string=f"-thr {1 - SUPPORT_TOLERANCE:g} -bin", out_data_type="char"),
-            name="threshold_support",
-        )
-        workflow.connect(
-            [
-                (inputnode, flirt, [("moving_image", "in_file"), ("fixed_image", "reference")]),
-                (inputnode, fnirt, [
-                    ("moving_image", "in_file"),
-                    ("fixed_image", "ref_file"),
-                    ("moving_mask", "inmask_file"),
-                ]),
-                (flirt, fnirt, [("out_matrix_file", "affine_file")]),
-                (inputnode, applywarp_maps, [
-                    ("moving_maps", "in_file"),
-                    ("fixed_image", "ref_file"),
-                ]),
-                (inputnode, applywarp_mask, [
-                    ("moving_mask", "in_file"),
-                    ("fixed_image", "ref_file"),
-                ]),
-                (inputnode, applywarp_support, [
-                    ("moving_mask", "in_file"),
-                    ("fixed_image", "ref_file"),
-                ]),
-                (fnirt, applywarp_maps, [("fieldcoeff_file", "field_file")]),
-                (fnirt, applywarp_mask, [("fieldcoeff_file", "field_file")]),
-                (fnirt, applywarp_support, [("fieldcoeff_file", "field_file")]),
-                (applywarp_support, threshold_support, [("out_file", "in_file")]),
-                (threshold_support, outputnode, [("out_file", "support_mask")]),
-                (inputnode, check, [
-                    ("fixed_image", "fixed_image"),
-                    ("moving_image", "moving_image"),
-                    ("moving_mask", "moving_mask"),
-                ]),
-                (fnirt, check, [("warped_file", "registered_image")]),
-                (applywarp_maps, check, [("out_file", "registered_maps")]),
-                (check, outputnode, [("registered_maps", "registered_maps")]),
-                (applywarp_mask, outputnode, [("out_file", "registered_mask")]),
-                (fnirt, outputnode, [("fieldcoeff_file", "transform")]),
-            ]
-        )  # fmt: skip
+        _add_fnirt_steps(workflow, inputnode, outputnode)
         return workflow
 
     register_maps = pe.Node(
@@ -197,23 +121,85 @@ def init_label_registration_wf(
     )
     mask_list = pe.Node(niu.Merge(1), name="mask_list")
     first_label = pe.Node(niu.Select(index=0), name="first_label")
+    moving = ["fixed_image", "moving_image", "moving_maps", "moving_mask"]
+    results = ["registered_maps", "support_mask", "transform"]
+    workflow.connect([
+        (inputnode, register_maps, [(f, f) for f in moving]),
+        (inputnode, mask_list, [("moving_mask", "in1")]),
+        (mask_list, register_maps, [("out", "label_maps")]),
+        (register_maps, first_label, [("registered_labels", "inlist")]),
+        (register_maps, outputnode, [(f, f) for f in results]),
+        (first_label, outputnode, [("out", "registered_mask")]),
+    ])  # fmt: skip
+    return workflow
+
+
+def _add_fnirt_steps(workflow, inputnode, outputnode) -> None:
+    """FLIRT -> FNIRT -> ApplyWarp (maps, mask, support) -> correlation guard, in place."""
+    flirt = pe.Node(
+        fsl.FLIRT(dof=12, cost="corratio", interp="trilinear"),
+        name="flirt",
+        n_procs=1,
+    )
+    fnirt = pe.Node(
+        fsl.FNIRT(
+            config_file=FNIRT_CONFIG,
+            subsampling_scheme=FNIRT_SUBSAMPLING,
+            fieldcoeff_file=True,
+        ),
+        name="fnirt",
+        n_procs=1,
+        mem_gb=2,  # FNIRT's warp field and Hessian at 2 mm
+    )
+    applywarp_maps = pe.MapNode(
+        fsl.ApplyWarp(interp="trilinear"), iterfield=["in_file"], name="applywarp_maps"
+    )
+    applywarp_mask = pe.Node(fsl.ApplyWarp(interp="nn"), name="applywarp_mask")
+    # float output: a uint8 mask resampled in its own type would be rounded to 0/1
+    applywarp_support = pe.Node(
+        fsl.ApplyWarp(interp="trilinear", datatype="float"), name="applywarp_support"
+    )
+    # FNIRT's result never passes through register(): the same correlation guard here
+    check = pe.Node(CheckRegistration(engine="fnirt"), name="check_registration")
+    threshold_support = pe.Node(
+        fsl.ImageMaths(op_string=f"-thr {1 - SUPPORT_TOLERANCE:g} -bin", out_data_type="char"),
+        name="threshold_support",
+    )
     workflow.connect(
         [
-            (inputnode, register_maps, [
+            (inputnode, flirt, [("moving_image", "in_file"), ("fixed_image", "reference")]),
+            (inputnode, fnirt, [
+                ("moving_image", "in_file"),
+                ("fixed_image", "ref_file"),
+                ("moving_mask", "inmask_file"),
+            ]),
+            (flirt, fnirt, [("out_matrix_file", "affine_file")]),
+            (inputnode, applywarp_maps, [
+                ("moving_maps", "in_file"),
+                ("fixed_image", "ref_file"),
+            ]),
+            (inputnode, applywarp_mask, [
+                ("moving_mask", "in_file"),
+                ("fixed_image", "ref_file"),
+            ]),
+            (inputnode, applywarp_support, [
+                ("moving_mask", "in_file"),
+                ("fixed_image", "ref_file"),
+            ]),
+            (fnirt, applywarp_maps, [("fieldcoeff_file", "field_file")]),
+            (fnirt, applywarp_mask, [("fieldcoeff_file", "field_file")]),
+            (fnirt, applywarp_support, [("fieldcoeff_file", "field_file")]),
+            (applywarp_support, threshold_support, [("out_file", "in_file")]),
+            (threshold_support, outputnode, [("out_file", "support_mask")]),
+            (inputnode, check, [
                 ("fixed_image", "fixed_image"),
                 ("moving_image", "moving_image"),
-                ("moving_maps", "moving_maps"),
                 ("moving_mask", "moving_mask"),
             ]),
-            (inputnode, mask_list, [("moving_mask", "in1")]),
-            (mask_list, register_maps, [("out", "label_maps")]),
-            (register_maps, first_label, [("registered_labels", "inlist")]),
-            (register_maps, outputnode, [
-                ("registered_maps", "registered_maps"),
-                ("support_mask", "support_mask"),
-                ("transform", "transform"),
-            ]),
-            (first_label, outputnode, [("out", "registered_mask")]),
+            (fnirt, check, [("warped_file", "registered_image")]),
+            (applywarp_maps, check, [("out_file", "registered_maps")]),
+            (check, outputnode, [("registered_maps", "registered_maps")]),
+            (applywarp_mask, outputnode, [("out_file", "registered_mask")]),
+            (fnirt, outputnode, [("fieldcoeff_file", "transform")]),
         ]
     )  # fmt: skip
-    return workflow
