@@ -65,7 +65,7 @@ class RunConfig:
     bids_filters: dict[str, Any] = field(default_factory=dict)
     scanner_entity: str = "session"
     preproc: str = "auto"
-    denoiser: str = "dwidenoise"
+    denoiser: str = "mppca"
     mask_method: str = "dwi2mask"
     fit_method: str = "irlls"
     b_max: float | None = None
@@ -84,7 +84,7 @@ class RunConfig:
     network_input: str = "dwi"
     kernel_size: int = 3
     reference_labels: str = "rescan"
-    device: str = "cpu"
+    device: str = "auto"
     mc_samples: int = 0
     models_dir: Path | None = None
     # evaluation (group level): user WM mask / ROI atlas ("{subject}" for one per subject)

@@ -81,9 +81,9 @@ def test_every_scan_has_harmonized_maps(group_run):
         for param in ALL_METRICS:
             name = f"{stem}_space-dwi_model-dki_param-{param}_desc-harmonized_dwimap"
             assert (folder / f"{name}.nii.gz").is_file(), name
-            assert (
-                json.loads((folder / f"{name}.json").read_text())["Scanner"] == dwi.parts[-3][4:]
-            )
+            sidecar = json.loads((folder / f"{name}.json").read_text())
+            # BEP016 Model object: the scanner whose network made the map
+            assert sidecar["Model"]["Parameters"]["Scanner"] == dwi.parts[-3][4:]
 
 
 def test_harmonization_lowers_target_vs_reference_error(group_run):

@@ -425,10 +425,9 @@ def test_mppca_denoiser_needs_only_mrdegibbs(no_fsl, monkeypatch, tmp_path):
     with pytest.raises(
         env.ToolNotFoundError, match="dwidenoise not found on PATH; .* --denoiser mppca"
     ):
-        init_dwi_preproc_wf(preproc="mrtrix")
-    wf = init_dwi_preproc_wf(
-        preproc="mrtrix", denoiser="mppca", mask_method="median_otsu", omp_nthreads=2
-    )
+        init_dwi_preproc_wf(preproc="mrtrix", denoiser="dwidenoise")
+    # mppca is the default denoiser
+    wf = init_dwi_preproc_wf(preproc="mrtrix", mask_method="median_otsu", omp_nthreads=2)
     denoise = wf.get_node("denoise")
     assert type(denoise.interface).__name__ == "MPPCADenoise"
     assert denoise.interface.inputs.nthreads == 2

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nb
 import numpy as np
+import pytest
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 
@@ -137,3 +138,24 @@ def test_failing_node_leaves_crash_file_and_one_line(tiny_bids, tmp_path):
     text = crash.read_text()
     assert "fit" in text and "is empty" in text
     assert not _derivatives(tmp_path / "out")
+
+
+def test_work_dir_of_an_older_layout_is_refused_in_one_line(tmp_path):
+    """Cached results name the modules that made them: after modules moved, an old work
+    directory cannot be reused (they fail to load mid-run), so it is refused up front."""
+    from dkiharm_nipype.cli.checks import WORK_LAYOUT, WORK_STAMP, check_work_dir
+    from dkiharm_nipype.errors import DkiharmInputError
+
+    new = tmp_path / "new"
+    check_work_dir(new)  # a new one is stamped
+    assert (new / WORK_STAMP).read_text().strip() == str(WORK_LAYOUT)
+    (new / "wf" / "node").mkdir(parents=True)
+    (new / "wf" / "node" / "result_node.pklz").touch()
+    check_work_dir(new)  # and reused
+    old = tmp_path / "old"
+    (old / "wf" / "snr").mkdir(parents=True)
+    (old / "wf" / "snr" / "result_snr.pklz").touch()  # written before the stamp existed
+    with pytest.raises(DkiharmInputError, match=r"older dkiharm \(work layout 1") as err:
+        check_work_dir(old)
+    assert "delete that folder or give a new -w" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -14,6 +14,32 @@ from ..utils.io import check_nifti, read_gradients
 LOGGER = logging.getLogger("dkiharm")
 
 
+#: Bumped when module paths change: Nipype's cached results name the modules that made them,
+#: so a work directory of an older layout cannot be reused (its results fail to load).
+WORK_LAYOUT = 2
+WORK_STAMP = "dkiharm_work_layout.txt"
+
+
+def check_work_dir(work_dir: Path) -> None:
+    """Refuse a work directory whose cached results an older dkiharm wrote (module paths that
+    no longer exist), with one line saying what to do; stamp a new or current one."""
+    work_dir = Path(work_dir)
+    stamp = work_dir / WORK_STAMP
+    cached = work_dir.is_dir() and next(work_dir.rglob("result_*.pklz"), None) is not None
+    found = stamp.read_text().strip() if stamp.is_file() else ("1" if cached else None)
+    if found == str(WORK_LAYOUT):
+        return
+    if found is None:  # a new (or empty) work directory
+        work_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(f"{WORK_LAYOUT}\n")
+        return
+    raise DkiharmInputError(
+        f"-w {work_dir} holds cached results of an older dkiharm (work layout {found}, this "
+        f"version uses {WORK_LAYOUT}: its modules moved), which cannot be reused; delete that "
+        "folder or give a new -w."
+    )
+
+
 def check_output_dir(output_dir: Path) -> None:
     """Fail early if ``output_dir`` cannot be created or written."""
     output_dir = Path(output_dir)

@@ -388,9 +388,10 @@ def run(config: RunConfig) -> int:
         )
 
     from ..preproc.modes import resolved_preproc_mode
-    from .checks import check_models, check_output_dir, check_plugin, preflight
+    from .checks import check_models, check_output_dir, check_plugin, check_work_dir, preflight
 
     check_output_dir(config.output_dir)
+    check_work_dir(config.work_dir)
     check_plugin(config.execution.plugin)
     requested_preproc = config.preproc
     # decide (and log) once whether FSL runs: "auto" becomes "fsl" or "mrtrix"

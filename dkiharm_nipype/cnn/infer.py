@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..utils.env import resolve_device
 from .data import (
     FIT_CLIP,
     VoxelNeighbourhoods,
@@ -43,7 +44,7 @@ def predict_voxels(
         raise ValueError(f"batch_voxels must be >= 1; got {batch_voxels}.")
     if mc_samples == 1 or mc_samples < 0:
         raise ValueError(f"mc_samples must be 0 (off) or >= 2; got {mc_samples}.")
-    device = torch.device(device)
+    device = torch.device(resolve_device(str(device)))
     was_training = model.training
     model.eval().to(device)
     voxels = voxels.to(device)

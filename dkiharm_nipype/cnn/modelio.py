@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import DkiharmInputError
+from ..utils.env import resolve_device
 from .data import B0_THRESHOLD, TargetScaling
 from .model import HierarchicalDKINet
 
@@ -379,7 +380,7 @@ def load_model(
             "(sha256 differs); use the card written together with these weights."
         )
     model.load_state_dict(state)
-    return model.to(device).eval(), card
+    return model.to(resolve_device(str(device))).eval(), card
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -123,7 +123,7 @@ class TrainingOptions:
     patience: int = 10
     val_fraction: float = 0.1
     block_size: int = 8
-    device: str = "cpu"
+    device: str = "auto"
     network_input: str = "dwi"
     kernel_size: int = 3
 

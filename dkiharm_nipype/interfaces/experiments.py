@@ -29,7 +29,7 @@ from ..evaluation.experiments import (
     run_experiment,
 )
 from ..registration import ENGINES
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -76,7 +76,12 @@ class _RunExperimentInputSpec(BaseInterfaceInputSpec):
         200_000, usedefault=True, desc="voxels drawn per epoch (0: all training voxels)"
     )
     hidden_channels = traits.Int(150, usedefault=True, desc="width of the networks")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     network_input = traits.Enum(
         *NETWORK_INPUTS, usedefault=True, desc="network input, as TrainHarmonizer's"
     )
@@ -184,7 +189,7 @@ class RunExperiment(SimpleInterface):
                     epochs=inputs.epochs,
                     samples_per_epoch=inputs.samples_per_epoch or None,
                     hidden_channels=inputs.hidden_channels,
-                    device=inputs.device,
+                    device=resolve_device(inputs.device),
                     network_input=inputs.network_input,
                     kernel_size=inputs.kernel_size,
                 ),

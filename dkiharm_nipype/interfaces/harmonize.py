@@ -38,7 +38,7 @@ from ..cnn.modelio import (
 )
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 from ..utils.io import load_mask, read_gradients
 
 LOGGER = logging.getLogger("nipype.interface")
@@ -113,13 +113,31 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     learning_rate = traits.Float(1e-3, usedefault=True, desc="Adam learning rate")
     batch_size = traits.Int(1024, usedefault=True, desc="voxels per optimisation step")
     patience = traits.Int(10, usedefault=True, desc="epochs without improvement before stopping")
+    min_delta = traits.Float(
+        0.0,
+        usedefault=True,
+        desc="relative fall of the validation loss that counts as an improvement",
+    )
+    precision = traits.Enum(
+        "fp32",
+        "auto",
+        "bf16",
+        usedefault=True,
+        desc="arithmetic of the training passes: auto is bfloat16 autocast where the device "
+        "computes it natively, else float32",
+    )
     val_fraction = traits.Float(0.1, usedefault=True, desc="fraction of blocks for validation")
     loss = traits.Enum("mse", "l1", usedefault=True, desc="loss on the scaled targets")
     samples_per_epoch = traits.Int(
         0, usedefault=True, desc="voxels drawn per epoch (0: all training voxels)"
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the split, initial weights and batches")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
@@ -237,6 +255,8 @@ class TrainHarmonizer(SimpleInterface):
                 lr=inputs.learning_rate,
                 batch_size=inputs.batch_size,
                 patience=inputs.patience,
+                min_delta=inputs.min_delta,
+                precision=inputs.precision,
                 loss=inputs.loss,
                 samples_per_epoch=inputs.samples_per_epoch or None,
                 network_input=inputs.network_input,
@@ -244,7 +264,7 @@ class TrainHarmonizer(SimpleInterface):
                 linear_inputs=inputs.linear_inputs,
                 selection=inputs.selection,
                 seed=inputs.seed,
-                device=inputs.device,
+                device=resolve_device(inputs.device),  # on the host running this node
                 log=_every(LOG_EVERY, f"scanner {inputs.scanner}"),
             )
         seconds = sum(rec["seconds"] for rec in result.history)
@@ -301,7 +321,12 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
         0, usedefault=True, desc="MC-dropout passes (0: off, >= 2: also write std maps)"
     )
     batch_voxels = traits.Int(4096, usedefault=True, desc="voxels per chunk (bounds memory)")
-    device = traits.Str("cpu", usedefault=True, desc="torch device, e.g. 'cpu' or 'cuda'")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
     num_threads = traits.Int(
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
@@ -337,7 +362,7 @@ class ApplyHarmonizer(SimpleInterface):
     --------
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
-    (20, 'cpu')
+    (20, 'auto')
     >>> sorted(apply.output_spec().get())[:4]
     ['linear_files', 'out_ad', 'out_ak', 'out_fa']
 
@@ -361,7 +386,8 @@ class ApplyHarmonizer(SimpleInterface):
 
     def _run_interface(self, runtime):
         inputs = self.inputs
-        model, card = load_model(inputs.weights_file, inputs.card_file, device=inputs.device)
+        device = resolve_device(inputs.device)  # on the host running this node
+        model, card = load_model(inputs.weights_file, inputs.card_file, device=device)
         img, dwi, bvals, bvecs = _load_dwi(inputs.dwi_file, inputs.bval_file, inputs.bvec_file)
         sidecar = inputs.sidecar_file if isdefined(inputs.sidecar_file) else None
         fp = _fingerprint(img, bvals, bvecs, sidecar, inputs.echo_time)
@@ -384,7 +410,7 @@ class ApplyHarmonizer(SimpleInterface):
                 dwi,
                 bvals,
                 load_mask(inputs.mask_file),
-                device=inputs.device,
+                device=device,
                 batch_voxels=inputs.batch_voxels,
                 mc_samples=inputs.mc_samples,
                 seed=inputs.seed,

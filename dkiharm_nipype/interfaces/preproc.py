@@ -18,7 +18,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 from ..preproc.masks import median_otsu_mask
 from ..utils.dwi import B0_THRESHOLD, mean_b0
-from ..utils.env import torch_threads
+from ..utils.env import resolve_device, torch_threads
 from ..utils.fsl import sidecar_name, write_topup_files
 from ..utils.io import load_mask, read_bvals
 
@@ -268,6 +268,12 @@ class _MPPCADenoiseInputSpec(BaseInterfaceInputSpec):
         3, usedefault=True, desc="voxels between windows (1: one at every voxel)"
     )
     nthreads = traits.Int(1, usedefault=True, nohash=True, desc="torch threads")
+    device = traits.Str(
+        "auto",
+        usedefault=True,
+        desc="torch device: auto (a GPU if the host running the node has one), cpu, cuda, "
+        "cuda:N",
+    )
 
 
 class _MPPCADenoiseOutputSpec(TraitedSpec):
@@ -307,7 +313,7 @@ class MPPCADenoise(SimpleInterface):
     >>> denoise = pe.Node(MPPCADenoise(stride=2, nthreads=2), name="denoise", n_procs=2)
     >>> wf.connect([(source, denoise, [("dwi", "in_file"), ("mask", "mask")])])
     >>> sorted(wf.inputs.denoise.get())
-    ['extent', 'nthreads', 'stride']
+    ['device', 'extent', 'nthreads', 'stride']
     >>> os.chdir(cwd)
     """
 
@@ -327,7 +333,13 @@ class MPPCADenoise(SimpleInterface):
         if isdefined(self.inputs.mask):
             mask = load_mask(self.inputs.mask)
         with torch_threads(max(1, self.inputs.nthreads)):
-            res = mppca(data, mask, extent=self.inputs.extent, stride=self.inputs.stride)
+            res = mppca(
+                data,
+                mask,
+                extent=self.inputs.extent,
+                stride=self.inputs.stride,
+                device=resolve_device(self.inputs.device),  # on the host running this node
+            )
         cwd = runtime.cwd
         self._results["out_file"] = _save_like(
             res.denoised, img, np.float32, self.inputs.in_file, "_denoised", cwd

@@ -8,9 +8,10 @@ by ``stride`` voxels and every voxel is the mean of the reconstructions of all w
 cover it (overlapping-patch aggregation, as in DIPY's ``localpca``), so that a stride of 2
 costs about 1/8 of the eigendecompositions. Windows run batched in torch, on CPU or GPU.
 
-On the phantom (README, *Denoising*) this matches ``dwidenoise`` in error to the noise-free
-signal and in the noise map while taking a fraction of its time; ``dwidenoise`` stays the
-default of the BIDS-App (``--denoiser dwidenoise``).
+On the phantom (docs/benchmarks.md, *Denoising*) this matches ``dwidenoise`` in error to the
+noise-free signal and in the noise map while taking a fraction of its time (5.8-7.2x), so it is the
+BIDS-App's default denoiser (``--denoiser dwidenoise`` runs MRtrix3's). ``device="auto"``
+takes the GPU of the host that runs it, when there is one.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.env import resolve_device
+
 __all__ = ["DEFAULT_STRIDE", "MPPCAResult", "mppca", "mp_threshold", "window_extent"]
 
 #: Voxels between windows: ~5 windows cover each voxel, about 1/27 of dwidenoise's
-#: eigendecompositions (README, *Denoising*: stride 2 is 3.6x slower for little gain).
+#: eigendecompositions (docs/benchmarks.md, *Denoising*: stride 2 is 3.6x slower for little gain).
 DEFAULT_STRIDE = 3
 
 
@@ -107,7 +110,7 @@ def mppca(
     mask = np.ones(shape, bool) if mask is None else np.asarray(mask, dtype=bool)
     if mask.shape != shape:
         raise ValueError(f"Mask shape {mask.shape} does not match the DWI {shape}.")
-    device = torch.device(device)
+    device = torch.device(resolve_device(str(device)))
     out = dwi.astype(np.float32, copy=True)
     sigma_map = np.zeros(shape, np.float32)
     rank_map = np.full(shape, -1, np.int16)

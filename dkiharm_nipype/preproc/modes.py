@@ -23,14 +23,14 @@ DENOISERS = ("dwidenoise", "mppca")
 MASK_METHODS = ("dwi2mask", "median_otsu")
 
 
-def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> tuple[bool, bool]:
+def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "mppca") -> tuple[bool, bool]:
     """Decide which steps run: ``(run_mrtrix, run_fsl)`` for a ``--preproc`` mode.
 
     ``auto`` denoises and removes Gibbs ringing, then adds TOPUP/Eddy when FSL is found
     and otherwise logs one line saying they were skipped; ``fsl`` requires FSL;
-    ``mrtrix`` never runs FSL; ``none`` passes the data through. ``denoiser="mppca"``
-    replaces ``dwidenoise`` by the torch MP-PCA (:mod:`dkiharm_nipype.preproc.denoise`), so that
-    only ``mrdegibbs`` is needed from MRtrix3.
+    ``mrtrix`` never runs FSL; ``none`` passes the data through. ``denoiser="mppca"`` (the
+    default) denoises with the torch MP-PCA (:mod:`dkiharm_nipype.preproc.denoise`), so that
+    only ``mrdegibbs`` is needed from MRtrix3; ``denoiser="dwidenoise"`` runs MRtrix3's.
 
     Raises
     ------
@@ -76,7 +76,7 @@ def resolve_preproc(preproc: PreprocMode, denoiser: Denoiser = "dwidenoise") -> 
 
 
 def resolved_preproc_mode(
-    preproc: PreprocMode, denoiser: Denoiser = "dwidenoise", *, check: bool = True
+    preproc: PreprocMode, denoiser: Denoiser = "mppca", *, check: bool = True
 ) -> str:
     """The mode that runs: ``auto`` becomes ``fsl`` or ``mrtrix`` (:func:`resolve_preproc`).
 

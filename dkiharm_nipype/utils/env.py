@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -16,6 +17,10 @@ from ..errors import DkiharmInputError
 #: FSL's eddy has shipped under several names: ``eddy_openmp`` (FSL <= 6.0.5), ``eddy_cpu``
 #: and the ``eddy`` dispatcher (FSL >= 6.0.6). Any of them is enough.
 EDDY_COMMANDS = ("eddy", "eddy_openmp", "eddy_cpu")
+
+#: What ``--device`` and the interfaces' ``device`` accept: ``auto`` (a GPU when this host
+#: has one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 #: MRtrix3 commands the preprocessing runs.
 MRTRIX_COMMANDS = ("dwidenoise", "mrdegibbs", "dwi2mask")
@@ -74,3 +79,20 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device to use here: ``auto`` becomes ``cuda`` when this host has a GPU
+    (``torch.cuda.is_available()``), else ``cpu``; other names are checked and returned.
+
+    Called inside each training, inference and denoising node, on the host that runs it, so
+    that a study submitted from a CPU login node still trains on the GPU nodes of a cluster.
+    """
+    device = str(device)
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise DkiharmInputError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}.")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

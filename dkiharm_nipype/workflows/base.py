@@ -141,6 +141,7 @@ def _scan_wfs(config: RunConfig, scans: list[DWIScan], staging_dir: Path) -> dic
             omp_nthreads=config.execution.omp_nthreads,
             topup_runs=topup_runs,
             snr_roi=config.snr_roi,
+            device=config.device,
             name=_node_name(f"{scan.key}_wf"),
         )
         for scan in scans
@@ -366,6 +367,10 @@ def init_group_wf(
         staging_dir=staging_dir,
         held_out=bool(plan.testing),
     )
+    # the networks' training curves, drawn in the report
+    logs = _fan_in(workflow, [(models[sc], "outputnode.log_file") for sc in sorted(models)],
+                   name="training_logs")  # fmt: skip
+    workflow.connect(logs, "out", evaluation, "inputnode.training_logs")
     if config.experiments:
         _add_experiments(
             workflow,

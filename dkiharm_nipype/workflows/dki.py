@@ -198,12 +198,13 @@ def init_scan_wf(
     scan: DWIScan,
     staging_dir: Path,
     preproc: str = "auto",
-    denoiser: str = "dwidenoise",
+    denoiser: str = "mppca",
     mask_method: str = "dwi2mask",
     fit_method: str = "irlls",
     b_max: float | None = None,
     omp_nthreads: int = 1,
     topup_runs: tuple[int, int] | None = None,
+    device: str = "auto",
     snr_roi: str | None = None,
     name: str = "scan_wf",
 ) -> pe.Workflow:
@@ -289,6 +290,7 @@ def init_scan_wf(
             mask_method=mask_method,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
+            device=device,
         )
     fit_wf = init_dki_fit_wf(fit_method=fit_method, b_max=b_max, omp_nthreads=omp_nthreads,
                              mem_gb=mem_gb)  # fmt: skip

@@ -247,11 +247,11 @@ def init_evaluation_wf(
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = FLOOR_DESC
-    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "dwis", "bvals",
-              "bvecs", "cards"]  # fmt: skip
+    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "training_logs",
+              "dwis", "bvals", "bvecs", "cards"]  # fmt: skip
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
-    for empty in ("linear", "combat", "rish", "experiment_tsvs", "dwis", "bvals", "bvecs",
-                  "cards"):  # fmt: skip
+    for empty in ("linear", "combat", "rish", "experiment_tsvs", "training_logs", "dwis",
+                  "bvals", "bvecs", "cards"):  # fmt: skip
         setattr(inputnode.inputs, empty, [])
 
     gather = _gather_node(scans, bids_dir=bids_dir, wm_mask=wm_mask, roi_atlas=roi_atlas)
@@ -313,6 +313,7 @@ def init_evaluation_wf(
             (evaluate, report, [("out_dir", "tsv_dir")]),
             (merge_snr, report, [("out", "snr_tsv")]),
             (experiment_dir, report, [("out", "experiment_dir")]),
+            (inputnode, report, [("training_logs", "training_logs")]),
             (evaluate, stages["tables"], [("out_dir", "paths")]),
             (report, stages["report"], [("report", "paths")]),
             (report, stages["pages"], [("subject_pages", "paths")]),

@@ -28,7 +28,7 @@ def init_experiment_wf(
     epochs: int = 100,
     samples_per_epoch: int = 200_000,
     hidden_channels: int = 150,
-    device: str = "cpu",
+    device: str = "auto",
     network_input: str = "dwi",
     kernel_size: int = 3,
     reference_labels: str = "rescan",

@@ -133,10 +133,11 @@ def preproc_sidecar(
 
 
 def init_dwi_preproc_wf(
-    *, preproc: PreprocMode = "auto", denoiser: Denoiser = "dwidenoise",
+    *, preproc: PreprocMode = "auto", denoiser: Denoiser = "mppca",
     has_rpe_fmap: bool = False, topup_runs: tuple[int, int] | None = None,
     mask_method: MaskMethod = "dwi2mask", b0_threshold: float = B0_THRESHOLD,
-    omp_nthreads: int = 1, mem_gb: float = 1.0, name: str = "dwi_preproc_wf",
+    omp_nthreads: int = 1, mem_gb: float = 1.0, device: str = "auto",
+    name: str = "dwi_preproc_wf",
 ) -> pe.Workflow:  # fmt: skip
     """Preprocess one DWI series for DKI fitting.
 
@@ -156,9 +157,11 @@ def init_dwi_preproc_wf(
     ----------
     preproc : {"auto", "fsl", "mrtrix", "none"}
         Which steps run (see above; :func:`resolve_preproc`), decided when it is built.
-    denoiser : {"dwidenoise", "mppca"}
-        MRtrix3 ``dwidenoise``, or the torch MP-PCA with overlapping windows
-        (:class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`; README, *Denoising*).
+    denoiser : {"mppca", "dwidenoise"}
+        The torch MP-PCA with overlapping windows (default:
+        :class:`~dkiharm_nipype.interfaces.preproc.MPPCADenoise`, the estimator of MRtrix3's
+        ``dwidenoise``, faster at equal threads and at least as close to the truth at
+        realistic sizes; docs/preprocessing.md), or MRtrix3 ``dwidenoise``.
     has_rpe_fmap : bool
         Whether ``inputnode.fmap_epi_files`` will hold reversed-PE b0s for TOPUP.
     topup_runs : (int, int), optional
@@ -168,6 +171,9 @@ def init_dwi_preproc_wf(
     b0_threshold, omp_nthreads, mem_gb, name
         Largest b-value counted as b=0; threads of the multi-threaded tools; loaded size of
         the series in GB (memory estimates); workflow name.
+    device : str
+        Torch device of the MP-PCA denoiser: ``auto`` is decided by the node on the host that
+        runs it (a GPU when there is one).
 
     Inputs
     ------
@@ -237,7 +243,7 @@ def init_dwi_preproc_wf(
         return workflow  # fmt: skip
 
     degibbs = _add_mrtrix_steps(workflow, denoiser=denoiser, omp_nthreads=omp_nthreads,
-                                mem_gb=mem_gb)  # fmt: skip
+                                mem_gb=mem_gb, device=device)  # fmt: skip
     if not run_fsl:
         workflow.connect([
             (degibbs, outputnode, [("out_file", "dwi_file")]),
@@ -252,14 +258,14 @@ def init_dwi_preproc_wf(
     return workflow
 
 
-def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb) -> pe.Node:
+def _add_mrtrix_steps(workflow, *, denoiser, omp_nthreads, mem_gb, device="auto") -> pe.Node:
     """Denoising then Gibbs-ringing removal, in ``workflow`` itself; returns ``degibbs``."""
     inputnode, outputnode = workflow.get_node("inputnode"), workflow.get_node("outputnode")
     # Denoising first: the Marchenko-Pastur noise model holds only for raw magnitude data.
     denoise = pe.Node(
         DWIDenoise(nthreads=omp_nthreads)
         if denoiser == "dwidenoise"
-        else MPPCADenoise(nthreads=omp_nthreads),
+        else MPPCADenoise(nthreads=omp_nthreads, device=device),
         name="denoise",
         n_procs=omp_nthreads,
         mem_gb=3 * mem_gb,
