@@ -245,6 +245,11 @@ def test_interfaces(subjects, tmp_path):
     assert out.out_mk.endswith("sub-3_desc-harmonized_param-mk_dwimap.nii.gz")
     img = nb.load(out.out_mk)
     assert img.shape == SHAPE and img.get_data_dtype() == np.float32
+    # the OOD flag is on by default: the card's threshold flags about 0.5 % of training voxels
+    assert card["training"]["ood"]["percentile"] == 99.5
+    assert out.ood_mask_file.endswith("sub-3_desc-ood_mask.nii.gz")
+    flagged = nb.load(out.ood_mask_file).get_fdata() > 0
+    assert flagged.shape == SHAPE and flagged[~subjects[2][2]].sum() == 0
 
     dwi, _, mask = subjects[2]
     other = _write_scan(tmp_path, "sub-9", dwi[..., :-3], mask, bvals=BVALS[:-3])

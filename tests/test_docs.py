@@ -112,6 +112,7 @@ def test_autodoc_documents_every_interface_and_factory(site):
         assert f'id="{name}"' in api, name
     # the docstrings' ``.. workflow::`` graphs are drawn (inline SVG holding node names)
     assert api.count('<div class="workflow-graph"><svg') >= 3
-    assert "denoise (mrtrix3)" in api and "fit (dki)" in api
+    # the default denoiser's node (MP-PCA, dkiharm's interfaces.preproc) and the fit's
+    assert "denoise (preproc)" in api and "fit (dki)" in api
     # the reuse examples are on the page
     assert api.count("my_pipeline") >= 15

@@ -7,9 +7,14 @@ import json
 import nibabel as nb
 import numpy as np
 import pytest
+from nipype.interfaces.base import isdefined
 
 from dkiharm_nipype.evaluation.scores import auto_wm_roi, snr_in_roi
-from dkiharm_nipype.interfaces.bids import DerivativesDataSink, derivative_name
+from dkiharm_nipype.interfaces.bids import (
+    DerivativesDataSink,
+    OptionalDerivativesDataSink,
+    derivative_name,
+)
 from dkiharm_nipype.utils.derivatives import publish_derivatives
 
 
@@ -65,6 +70,23 @@ def test_sink_and_publish_are_atomic(tmp_path):
     assert not list(out.rglob(".*tmp*"))  # no temporary files left behind
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "dkiharm"
+
+
+def test_optional_sink_stores_nothing_without_a_file(tmp_path):
+    sink = OptionalDerivativesDataSink(
+        base_directory=str(tmp_path / "staging"),
+        source_file="/raw/sub-01_ses-A_run-1_dwi.nii.gz",
+        space="dwi",
+        desc="ood",
+        suffix="mask",
+    )
+    res = sink.run(cwd=str(tmp_path))
+    assert not isdefined(res.outputs.out_file) and not (tmp_path / "staging").exists()
+    src = tmp_path / "mask.nii.gz"
+    nb.Nifti1Image(np.ones((2, 2, 2), np.uint8), np.eye(4)).to_filename(src)
+    sink.inputs.in_file = str(src)
+    out = sink.run(cwd=str(tmp_path)).outputs.out_file
+    assert out.endswith("sub-01/ses-A/dwi/sub-01_ses-A_run-1_space-dwi_desc-ood_mask.nii.gz")
 
 
 def test_snr_matches_hand_computation():

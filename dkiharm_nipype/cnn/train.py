@@ -38,6 +38,7 @@ from .infer import predict_voxels
 from .linear import fit_linear_mapping, select_mappings
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
+from .ood import fit_ood_model
 
 __all__ = [
     "EarlyStopping",
@@ -266,6 +267,15 @@ def train_harmonizer(
     scaling = TargetScaling.fit(
         [s.labels for s in subjects], [s.training_mask() for s in subjects], mode=target_scaling
     )
+    # Training-distribution model of the network input: the voxelwise OOD flag (cnn/ood.py).
+    try:
+        ood = fit_ood_model(
+            [(s.dwi, _input_mask(s)) for s in subjects],
+            shell_sizes=protocol.get("directions"),
+            seed=seed,
+        )
+    except ValueError as err:  # too few voxels for the mixture: no flag, said in the card
+        ood = {"skipped": str(err)}
     residual = 0
     if network_input == "dwi+fit":
         missing = [s.name or f"subject {i + 1}" for i, s in enumerate(subjects) if s.fit is None]
@@ -357,6 +367,7 @@ def train_harmonizer(
             "seconds": round(sum(h["seconds"] for h in result.history), 2),
             "device": device_description(device),
             "validation": metrics,
+            "ood": ood,
         },
         mapping=mapping,
     )
@@ -421,6 +432,13 @@ def choose_mapping(
     linear_nrmse = {n: nrmse(lin[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
     info["maps"] = select_mappings(network_nrmse, linear_nrmse, mode=selection)
     return {"linear": linear.to_dict(), "selection": info}
+
+
+def _input_mask(subject: TrainingSubject) -> np.ndarray:
+    """Voxels whose input the network is trained to take: the brain minus ``exclude`` (labels
+    outside their registration's support do not make the input unlike the training data)."""
+    mask = subject.mask.astype(bool)
+    return mask if subject.exclude is None else mask & ~subject.exclude.astype(bool)
 
 
 def device_description(device: str | torch.device) -> str:

@@ -146,3 +146,20 @@ class DerivativesDataSink(SimpleInterface):
         else:
             self._results["out_meta"] = Undefined
         return runtime
+
+
+class _OptionalDerivativesDataSinkInputSpec(_DerivativesDataSinkInputSpec):
+    in_file = File(exists=True, desc="file to store; nothing is stored when undefined")
+
+
+class OptionalDerivativesDataSink(DerivativesDataSink):
+    """A :class:`DerivativesDataSink` storing nothing when ``in_file`` is undefined: an
+    optional output, e.g. the OOD mask of a model card trained without an OOD model."""
+
+    input_spec = _OptionalDerivativesDataSinkInputSpec
+
+    def _run_interface(self, runtime):
+        if not isdefined(self.inputs.in_file):
+            self._results.update(out_file=Undefined, out_meta=Undefined)
+            return runtime
+        return super()._run_interface(runtime)

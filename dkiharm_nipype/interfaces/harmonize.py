@@ -36,6 +36,7 @@ from ..cnn.modelio import (
     save_model,
     scan_fingerprint,
 )
+from ..cnn.ood import score_scan
 from ..cnn.train import train_harmonizer
 from ..config import NETWORK_INPUTS
 from ..utils.env import resolve_device, torch_threads
@@ -331,6 +332,9 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
         0, usedefault=True, nohash=True, desc="torch CPU threads (0: torch's default)"
     )
     seed = traits.Int(0, usedefault=True, desc="seed of the MC-dropout masks")
+    ood = traits.Bool(
+        True, usedefault=True, desc="write the voxelwise out-of-distribution mask and distance"
+    )
 
 
 class _ApplyHarmonizerOutputSpec(TraitedSpec):
@@ -346,6 +350,8 @@ class _ApplyHarmonizerOutputSpec(TraitedSpec):
         desc="the linear baseline's eight maps (desc-linear), when the card holds one and "
         "fit_files are given",
     )
+    ood_mask_file = File(desc="voxels whose input is unlike the training data (desc-ood_mask)")
+    ood_distance_file = File(desc="OOD distance of each voxel (desc-ooddistance_dwimap)")
     for _name in OUTPUT_NAMES:
         locals()[f"out_{_name}"] = File(exists=True, desc=f"harmonized {_name.upper()} map")
         locals()[f"std_{_name}"] = File(desc=f"MC-dropout standard deviation of {_name.upper()}")
@@ -363,8 +369,8 @@ class ApplyHarmonizer(SimpleInterface):
     >>> apply = ApplyHarmonizer(mc_samples=20)
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'auto')
-    >>> sorted(apply.output_spec().get())[:4]
-    ['linear_files', 'out_ad', 'out_ak', 'out_fa']
+    >>> sorted(apply.output_spec().get())[:4]  # with the OOD mask, on by default
+    ['linear_files', 'ood_distance_file', 'ood_mask_file', 'out_ad']
 
     In an existing pipeline, with a network trained by a group-level run (its
     ``models/`` folder) and any preprocessing of a scan of that scanner:
@@ -435,7 +441,32 @@ class ApplyHarmonizer(SimpleInterface):
                     self._results[f"{kind}_{name}"] = path
                 files.append(path)
             self._results[f"{kind}_files"] = files
+        if inputs.ood:
+            self._write_ood(card, dwi, bvals, img, stem, runtime.cwd)
         return runtime
+
+    def _write_ood(self, card, dwi, bvals, img, stem: str, cwd: str) -> None:
+        model = card.training.get("ood") or {}
+        if "threshold" not in model:
+            LOGGER.info(
+                "ApplyHarmonizer: %s has no out-of-distribution model (%s); no desc-ood_mask "
+                "written.",
+                self.inputs.card_file,
+                model.get("skipped", "trained before it existed"),
+            )
+            return
+        distance, flagged = score_scan(
+            model, dwi, bvals, load_mask(self.inputs.mask_file), normalization=card.normalization
+        )
+        for key, name, data in (
+            ("ood_mask_file", f"{stem}_desc-ood_mask.nii.gz", flagged.astype(np.uint8)),
+            ("ood_distance_file", f"{stem}_desc-ooddistance_dwimap.nii.gz", distance),
+        ):
+            path = fname_presuffix(name, newpath=cwd)
+            header = img.header.copy()
+            header.set_data_dtype(data.dtype)
+            nb.Nifti1Image(data, img.affine, header).to_filename(path)
+            self._results[key] = path
 
 
 def _load_dwi(dwi_file: str, bval_file: str, bvec_file: str):

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 #: Scanner colours (tab10), stable across figures.
@@ -346,6 +347,30 @@ def fig_scanrescan(
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=7, markerscale=3)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.92, wspace=0.3, hspace=0.3)
+    return fig
+
+
+def fig_ood(scans: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Figure:
+    """Where the OOD flag fired: per scan ``label -> (map, brain mask, OOD mask)``, the axial
+    slice holding most flagged voxels (the brain's widest when none is), the map in grey and
+    flagged voxels in red; each title gives the flagged fraction of the brain.
+    ``fig.fractions[label]`` holds those fractions."""
+    first = next(iter(scans.values()))[0]
+    fig, axes = _image_grid(1, len(scans), first.shape[1::-1], left=0.1, right=0.1, size=1.8)
+    fig.fractions = {}
+    for ax, (label, (data, brain, flagged)) in zip(axes[0], scans.items(), strict=True):
+        brain, flagged = (
+            np.asarray(brain, bool),
+            np.asarray(flagged, bool) & np.asarray(brain, bool),
+        )
+        z = best_slice(flagged) if flagged.any() else best_slice(brain)
+        lo, hi = _window([np.asarray(data)[brain]])
+        ax.imshow(_axial(np.where(brain, data, np.nan), z), cmap="gray", vmin=lo, vmax=hi)
+        red = ListedColormap(["#e00000"])
+        ax.imshow(_axial(np.where(flagged, 1.0, np.nan), z), cmap=red, vmin=0, vmax=1)
+        fig.fractions[label] = float(flagged.sum() / max(brain.sum(), 1))
+        ax.set_title(f"{label}: {100 * fig.fractions[label]:.1f} % flagged", fontsize=7)
+        _hide(ax)
     return fig
 
 

@@ -113,6 +113,13 @@ _INTRO = {
         "Distribution of the voxelwise inter-scanner CV in white matter for each method; a "
         "distribution shifted to the left means less scanner variability.",
     ),
+    "fig-ood": (
+        "Inputs unlike the training data",
+        "Red: voxels whose harmonizer input is out of the training distribution (desc-ood_mask:"
+        " OOD distance above the 99.5th percentile of held-out training voxels'); their "
+        "harmonized values are extrapolations. About 0.5-1.5 % of healthy tissue is flagged by "
+        "chance; a compact red cluster (a lesion) is not.",
+    ),
     "fig-seeds": (
         "Training-seed stability",
         "The metric of networks trained with different seeds; a small spread means the "
@@ -443,6 +450,13 @@ def figure_training(logs: dict[str, list[dict]]) -> str:
     if not logs:
         return _missing("fig-training", "no training log was given (networks not trained here)")
     return _figure("fig-training", F.fig_training(logs))
+
+
+def figure_ood(scans: dict[str, tuple[str | Path, str | Path, str | Path]]) -> str:
+    """The OOD section from files: per scan ``label -> (map, brain mask, desc-ood_mask)``."""
+    if not scans:
+        return _missing("fig-ood", "no desc-ood_mask (models trained without an OOD model)")
+    return _figure("fig-ood", F.fig_ood({k: tuple(map(_load, v)) for k, v in scans.items()}))
 
 
 def read_training_logs(files: Sequence[str | Path]) -> dict[str, list[dict]]:
