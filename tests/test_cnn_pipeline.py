@@ -365,6 +365,7 @@ def test_dwi_plus_fit_learns_to_correct_the_scanners_own_fit(subjects):
     model, card, _ = train_harmonizer(
         train, scanner="A", protocol=protocol, epochs=20, patience=5, lr=2e-3,
         batch_size=256, block_size=4, seed=0, network_input="dwi+fit",
+        selection="network",  # what the network learns (model selection: tests/test_linear.py)
     )  # fmt: skip
     assert model.residual_channels == 8 and model.in_channels == BVALS.size - 2 + 8
     assert card.normalization["fit_maps"]["channels"][6] == "rk"

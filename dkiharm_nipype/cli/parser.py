@@ -384,9 +384,11 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--comparators",
         nargs="+",
-        choices=["combat", "rish"],
+        choices=["combat", "rish", "linear"],
         default=[],
-        help="also harmonize the test subjects with ComBat and/or RISH and compare",
+        help="also harmonize the test subjects with ComBat and/or RISH and compare; the linear "
+        "baseline (per-map regression, fitted beside each network) is always scored, 'linear' "
+        "also writes its desc-linear maps",
     )
     ev.add_argument(
         "--experiment",

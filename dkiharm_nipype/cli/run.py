@@ -424,6 +424,7 @@ def run(config: RunConfig) -> int:
     options = _scan_options(config, requested_preproc)
     if config.analysis_level == "group":
         failures, count = _run_group(config, scans, options)
+        _report_baseline(config.output_dir / "evaluation" / "baseline.tsv")
     else:
         failures, count = _run_participant(config, scans, options, workflow, staging)
         _log_snr(config)
@@ -434,6 +435,23 @@ def run(config: RunConfig) -> int:
         print(f"dkiharm: error: node {failure.node} failed: {failure.reason}{where}",
               file=sys.stderr)  # fmt: skip
     return 1 if failures else 0
+
+
+def _report_baseline(path: Path) -> None:
+    """The networks against the linear baseline (held out), a warning where one loses."""
+    from ..evaluation.evaluate import read_tsv
+
+    for r in read_tsv(path):
+        line = (
+            f"scanner {r['scanner']} {r['param'].upper()}: held-out NRMSE-to-reference network "
+            f"{float(r['nrmse_dl']):.3f}, linear baseline {float(r['nrmse_linear']):.3f}"
+            + (f", noise floor {float(r['nrmse_floor']):.3f}" if r["nrmse_floor"] else "")
+            + f" ({r['source']})"
+        )
+        if r["dl_beats_linear"] == "True" and r["chosen"] != "linear":
+            LOGGER.info(line)
+        else:
+            LOGGER.warning("WARNING: the network does not beat the linear baseline: %s", line)
 
 
 def _validate_input(config: RunConfig) -> None:

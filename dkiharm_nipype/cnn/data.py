@@ -244,7 +244,9 @@ class VoxelNeighbourhoods:
 
     ``flat`` holds cropped, zero-padded volumes, channels last, one row per padded voxel;
     sample ``i`` is the neighbourhood of row ``centres[i]``, i.e. rows
-    ``centres[i] + offsets``. ``targets`` are scaled labels ``(V, 8)`` (training only).
+    ``centres[i] + offsets``. ``targets`` are scaled labels ``(V, 8)`` (training only);
+    ``own`` the scan's own DKI maps at the same voxels, physical units (training sets of
+    subjects that have their ``fit``: the linear baseline is fitted and validated on them).
     """
 
     flat: torch.Tensor
@@ -252,6 +254,7 @@ class VoxelNeighbourhoods:
     offsets: torch.Tensor
     targets: torch.Tensor | None = None
     subject: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    own: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.centres.shape[0])
@@ -266,7 +269,7 @@ class VoxelNeighbourhoods:
         move = {"flat": self.flat.to(device), "centres": self.centres.to(device)}
         move["offsets"] = self.offsets.to(device)
         targets = None if self.targets is None else self.targets.to(device)
-        return VoxelNeighbourhoods(**move, targets=targets, subject=self.subject)
+        return VoxelNeighbourhoods(**move, targets=targets, subject=self.subject, own=self.own)
 
 
 def gather_neighbourhoods(
@@ -349,7 +352,8 @@ def make_training_sets(
 
     Neighbouring voxels share most of their input, so the split assigns whole
     ``block_size``-cubes (``block_size=1``: single voxels) to validation, at random with
-    ``seed``. Returns ``(train, None)`` when ``val_fraction`` is 0.
+    ``seed``. Returns ``(train, None)`` when ``val_fraction`` is 0. When every subject
+    has its own ``fit``, both sets carry it at their voxels (``own``).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
@@ -359,7 +363,9 @@ def make_training_sets(
     if len(channels) != 1:
         raise ValueError(f"Training subjects have different numbers of DWI volumes: {channels}.")
     rng = np.random.default_rng(seed)
+    with_own = all(s.fit is not None for s in subjects)
     parts: dict[str, list] = {"train": [], "val": []}
+    owns: dict[str, list] = {"train": [], "val": []}
     row0 = 0
     flats = []
     for i, subj in enumerate(subjects):
@@ -381,8 +387,11 @@ def make_training_sets(
                 f"be split with val_fraction={val_fraction}; use a smaller block_size."
             )
         is_val = np.isin(blocks, rng.permutation(ids)[:n_val])
+        own = subj.fit[coords] if with_own else None
         for key, sel in (("train", ~is_val), ("val", is_val)):
             parts[key].append((neigh.centres[torch.from_numpy(sel)] + row0, targets[sel], i))
+            if own is not None:
+                owns[key].append(own[sel])
         flats.append(neigh.flat)
         row0 += neigh.flat.shape[0]
         offsets = neigh.offsets
@@ -398,6 +407,7 @@ def make_training_sets(
             offsets=offsets,
             targets=torch.from_numpy(np.concatenate([t for _, t, _ in chunks])),
             subject=np.concatenate([np.full(c.numel(), i) for c, _, i in chunks]),
+            own=np.concatenate(owns[key]).astype(np.float32) if with_own else None,
         )
 
     return build("train"), build("val")

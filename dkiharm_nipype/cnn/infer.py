@@ -27,7 +27,7 @@ from .data import (
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 
-__all__ = ["harmonize_scan", "predict_voxels"]
+__all__ = ["harmonize_scan", "linear_maps", "predict_voxels"]
 
 
 def predict_voxels(
@@ -98,8 +98,17 @@ def harmonize_scan(
     (:func:`.modelio.check_fingerprint`); here only the channel count must fit. A network
     trained with ``network_input="dwi+fit"`` needs ``fit_maps``, the scan's own DKI maps
     ``(X, Y, Z, 8)`` in :data:`.model.OUTPUT_NAMES` order (ignored by other networks).
+
+    Maps for which the card's model selection chose the linear baseline (``card.mapping``)
+    are the linear mapping of ``fit_maps`` (:func:`linear_maps`), not the network's.
     """
     mask = np.asarray(mask, dtype=bool)
+    chosen = _linear_choices(card)
+    if chosen and fit_maps is None and not model.residual_channels:
+        raise ValueError(
+            "This harmonizer's model selection chose the linear mapping of the scan's own "
+            f"DKI maps for {', '.join(chosen)}: pass the scan's fitted maps (fit_maps)."
+        )
     if mask.shape != dwi.shape[:3]:
         raise ValueError(f"Mask shape {mask.shape} does not match the DWI {dwi.shape[:3]}.")
     norm = card.normalization
@@ -141,11 +150,42 @@ def harmonize_scan(
     scaling = card.scaling
     maps = np.zeros((*mask.shape, len(OUTPUT_NAMES)), dtype=np.float32)
     maps[mask] = scaling.to_physical(mean)
-    if std is None:
-        return maps, None
-    std_maps = np.zeros_like(maps)
-    std_maps[mask] = std * np.asarray(scaling.scale, dtype=np.float32)
+    std_maps = None
+    if std is not None:
+        std_maps = np.zeros_like(maps)
+        std_maps[mask] = std * np.asarray(scaling.scale, dtype=np.float32)
+    if chosen:
+        linear = linear_maps(card, fit_maps, mask)
+        for name in chosen:
+            i = OUTPUT_NAMES.index(name)
+            maps[..., i] = linear[..., i]
+            if std_maps is not None:  # the linear mapping is deterministic
+                std_maps[..., i] = 0.0
     return maps, std_maps
+
+
+def linear_maps(card: ModelCard, fit_maps: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The linear baseline of a scan: the card's linear mapping of its own maps ``(X, Y, Z,
+    8)``, inside ``mask`` (0 elsewhere); ``None`` for a card without one."""
+    from .linear import LinearMapping
+
+    spec = card.mapping.get("linear") if card.mapping else None
+    if not spec:
+        return None
+    mask = np.asarray(mask, dtype=bool)
+    if fit_maps.shape != (*mask.shape, len(OUTPUT_NAMES)):
+        raise ValueError(
+            f"fit_maps {fit_maps.shape} must be (*{mask.shape}, {len(OUTPUT_NAMES)})."
+        )
+    out = np.zeros(fit_maps.shape, dtype=np.float32)
+    mapped = LinearMapping.from_dict(spec).apply(fit_maps[mask])
+    out[mask] = np.where(np.isfinite(mapped), mapped, 0.0)
+    return out
+
+
+def _linear_choices(card: ModelCard) -> list[str]:
+    selection = (card.mapping or {}).get("selection", {}).get("maps", {})
+    return [n for n in OUTPUT_NAMES if selection.get(n, {}).get("chosen") == "linear"]
 
 
 def _rng_devices(device: torch.device) -> list:

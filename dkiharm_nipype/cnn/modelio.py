@@ -270,7 +270,9 @@ class ModelCard:
     ``protocol`` is the target scanner's :func:`scan_fingerprint`; ``normalization`` the
     input recipe (:func:`.data.normalize_dwi` arguments); ``target_scaling`` a
     :meth:`.data.TargetScaling.to_dict`; ``architecture`` the network's ``hparams``;
-    ``training`` subjects, seed, hyper-parameters and validation metrics.
+    ``training`` subjects, seed, hyper-parameters and validation metrics; ``mapping`` the
+    linear baseline and which of it and the network harmonizes each map (empty for cards
+    written before model selection: the network harmonizes every map).
     """
 
     scanner: str
@@ -279,6 +281,7 @@ class ModelCard:
     target_scaling: dict
     architecture: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    mapping: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     weights_sha256: str = ""
     format: str = CARD_FORMAT

@@ -35,6 +35,7 @@ from .data import (
     make_training_sets,
 )
 from .infer import predict_voxels
+from .linear import fit_linear_mapping, select_mappings
 from .model import OUTPUT_NAMES, HierarchicalDKINet
 from .modelio import ModelCard
 from .ood import fit_ood_model
@@ -42,6 +43,7 @@ from .ood import fit_ood_model
 __all__ = [
     "EarlyStopping",
     "FitResult",
+    "choose_mapping",
     "fit",
     "resolve_precision",
     "train_harmonizer",
@@ -135,6 +137,7 @@ def fit(
     device: str | torch.device = "cpu",
     loss: str = "mse",
     samples_per_epoch: int | None = None,
+    weight_decay: float = 0.0,
     precision: str = "fp32",
     log: Callable[[dict], None] | None = None,
 ) -> FitResult:
@@ -148,6 +151,7 @@ def fit(
     replacement, anew each epoch) per epoch, so that an epoch of a large training set stays
     short on a CPU. ``precision`` (:data:`PRECISIONS`, :func:`resolve_precision`) sets the
     arithmetic of the training and validation passes; weights and optimiser stay float32.
+    ``weight_decay`` is Adam's L2 penalty (regularisation for small training sets).
     """
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {sorted(_LOSSES)}; got {loss!r}.")
@@ -164,7 +168,7 @@ def fit(
         model.to(device)
         train = train_data.to(device)
         val = val_data.to(device) if val_data is not None and len(val_data) else None
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
         best_state = copy.deepcopy(model.state_dict())
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -223,6 +227,9 @@ def train_harmonizer(
     normalization: Mapping | None = None,
     log: Callable[[dict], None] | None = None,
     min_voxels: int = MIN_TRAINING_VOXELS,
+    weight_decay: float = 0.0,
+    linear_inputs: str = "own",
+    selection: str = "auto",
 ) -> tuple[HierarchicalDKINet, ModelCard, FitResult]:
     """Train a harmonizer for one target scanner from traveling subjects.
 
@@ -232,6 +239,13 @@ def train_harmonizer(
     also feeds each scan's own DKI maps (``TrainingSubject.fit``) and lets the network learn
     a correction of them. Returns the trained network (best epoch), its card (to save with
     :func:`.modelio.save_model`) and the fit history.
+
+    When every subject has its own ``fit`` (whatever the network input), the linear baseline
+    (:func:`~dkiharm_nipype.cnn.linear.fit_linear_mapping`, ``linear_inputs``) is
+    fitted on the network's training voxels and both are scored on the held-out validation
+    blocks; ``selection`` (``auto``: per map, the network only where it is strictly better)
+    decides which one harmonizes each map. The card's ``mapping`` records the linear
+    mapping, the choice and the validation NRMSEs behind it.
     """
     if network_input not in NETWORK_INPUTS:
         raise ValueError(f"network_input must be one of {NETWORK_INPUTS}; got {network_input!r}.")
@@ -311,12 +325,17 @@ def train_harmonizer(
         min_delta=min_delta,
         loss=loss,
         samples_per_epoch=samples_per_epoch,
+        weight_decay=weight_decay,
         precision=precision,
         seed=seed,
         device=device,
         log=log,
     )
-    metrics = validation_metrics(model, val if val is not None else train, scaling, device=device)
+    held_out = val if val is not None else train
+    metrics = validation_metrics(model, held_out, scaling, device=device)
+    mapping = choose_mapping(
+        model, train, held_out, scaling, inputs=linear_inputs, selection=selection, device=device
+    )
     hyper = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "patience": patience}
     hyper.update(
         loss=loss,
@@ -324,6 +343,7 @@ def train_harmonizer(
         block_size=block_size,
         samples_per_epoch=samples_per_epoch,
         network_input=network_input,
+        weight_decay=weight_decay,
         min_delta=min_delta,
         precision=precision,
     )
@@ -349,8 +369,69 @@ def train_harmonizer(
             "validation": metrics,
             "ood": ood,
         },
+        mapping=mapping,
     )
     return model.cpu(), card, result
+
+
+#: Fewest held-out voxels with independent labels that model selection decides on.
+MIN_SELECTION_VOXELS = 100
+
+
+def choose_mapping(
+    model: HierarchicalDKINet,
+    train: VoxelNeighbourhoods,
+    held_out: VoxelNeighbourhoods,
+    scaling: TargetScaling,
+    *,
+    inputs: str = "own",
+    selection: str = "auto",
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The card's ``mapping``: the linear baseline fitted on ``train`` and, per map, the
+    mapping chosen by held-out NRMSE (``{}`` when the scans' own fits are not given).
+
+    Only held-out voxels whose label is not the scan's own fit count: against its own noisy
+    fit (a reference-scanner scan without a rescan) the identity scores 0 and a network that
+    denoises always loses, which says nothing about which is closer to the truth. With fewer
+    than :data:`MIN_SELECTION_VOXELS` such voxels ``auto`` keeps the network and says why.
+    """
+    if train.own is None or held_out.own is None:
+        return {}
+    labels = scaling.to_physical(train.targets.cpu().numpy())
+    linear = fit_linear_mapping(train.own, labels, names=OUTPUT_NAMES, inputs=inputs)
+    truth = scaling.to_physical(held_out.targets.cpu().numpy())
+    own = np.isclose(held_out.own, truth, rtol=1e-4, atol=0.0).all(axis=1)
+    scored = np.flatnonzero(~own)
+    info = {
+        "mode": selection,
+        "rule": "per map, the network only where its held-out NRMSE is strictly lower",
+        "held_out": "validation blocks" if held_out is not train else "training voxels",
+        "n_voxels": int(scored.size),
+        "n_voxels_own_fit_labels": int(own.sum()),
+    }
+    if scored.size < MIN_SELECTION_VOXELS and selection == "auto":
+        info["maps"] = {n: {"chosen": "network"} for n in OUTPUT_NAMES}
+        info["reason"] = (
+            f"{scored.size} held-out voxels have labels other than the scan's own fit (fewer "
+            f"than {MIN_SELECTION_VOXELS}): no evidence against the network, which is kept"
+        )
+        return {"linear": linear.to_dict(), "selection": info}
+    idx = torch.from_numpy(scored)
+    subset = dataclasses.replace(
+        held_out,
+        centres=held_out.centres.cpu()[idx],
+        targets=held_out.targets.cpu()[idx],
+        subject=held_out.subject[scored] if held_out.subject.size else held_out.subject,
+        own=held_out.own[scored],
+    )
+    net = scaling.to_physical(predict_voxels(model, subset, device=device)[0])
+    lin = linear.apply(subset.own)
+    truth = truth[scored]
+    network_nrmse = {n: nrmse(net[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
+    linear_nrmse = {n: nrmse(lin[:, i], truth[:, i]) for i, n in enumerate(OUTPUT_NAMES)}
+    info["maps"] = select_mappings(network_nrmse, linear_nrmse, mode=selection)
+    return {"linear": linear.to_dict(), "selection": info}
 
 
 def _input_mask(subject: TrainingSubject) -> np.ndarray:

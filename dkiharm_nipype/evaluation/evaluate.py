@@ -30,7 +30,7 @@ import logging
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,15 @@ from ..errors import DkiharmInputError
 from ..registration import VOXEL_TOLERANCE_MM, register
 from ..study import first_runs, run_key
 from ..utils.io import atomic_copy
-from .scores import cv_histogram, cv_map, masked_stats, nrmse, wm_mask_from_fit
+from .scores import (
+    cv_floor,
+    cv_histogram,
+    cv_map,
+    masked_stats,
+    noise_floor,
+    nrmse,
+    wm_mask_from_fit,
+)
 
 LOGGER = logging.getLogger("dkiharm.evaluation")
 
@@ -53,9 +61,25 @@ BEFORE = "before"
 WM = "WM"
 
 # --------------------------------------------------------------------------- tidy tables
-CV_COLUMNS = ("method", "subject", "param", "roi", "cv_mean", "cv_median", "n_voxels")
-NRMSE_COLUMNS = ("method", "subject", "scanner", "run", "param", "roi", "nrmse")
-SCANRESCAN_COLUMNS = ("method", "subject", "scanner", "runs", "param", "roi", "nrmse")
+#: ``floor``: the score of scans that differ by the reference's noise only (:data:`FLOOR_COLUMNS`);
+#: ``ratio_to_floor``: the score over it (1 is as good as the data allow).
+CV_COLUMNS = (
+    "method", "subject", "param", "roi", "cv_mean", "cv_median", "n_voxels", "floor",
+    "ratio_to_floor",
+)  # fmt: skip
+NRMSE_COLUMNS = (
+    "method", "subject", "scanner", "run", "param", "roi", "nrmse", "floor", "ratio_to_floor",
+)  # fmt: skip
+SCANRESCAN_COLUMNS = (
+    "method", "subject", "scanner", "runs", "param", "roi", "nrmse", "floor", "ratio_to_floor",
+)  # fmt: skip
+#: The reference's own repeatability per subject (``kind``: ``rescan`` or ``halves``).
+FLOOR_COLUMNS = ("subject", "param", "roi", "kind", "nrmse_floor", "cv_floor", "n_scanners")
+#: Held-out NRMSE-to-reference of the networks (``dl``) against the linear baseline.
+BASELINE_COLUMNS = (
+    "scanner", "param", "source", "n", "nrmse_dl", "nrmse_linear", "nrmse_floor", "chosen",
+    "dl_beats_linear",
+)  # fmt: skip
 EXCLUDED_COLUMNS = ("subject", "excluded_from", "missing", "reason")
 CVHIST_COLUMNS = ("method", "subject", "param", "bin_lower", "bin_upper", "count")
 MAPS_COLUMNS = ("kind", "method", "subject", "scanner", "run", "param", "path")
@@ -89,6 +113,8 @@ TABLE_FILES = {
     "cvhist": "cvhist.tsv",
     "maps": "maps.tsv",
     "rois": "rois.tsv",
+    "floor": "floor.tsv",
+    "baseline": "baseline.tsv",
 }
 #: What was evaluated (reference scanner, scanners, methods, parameters, engine).
 SUMMARY_FILE = "evaluation.json"
@@ -155,6 +181,8 @@ class EvaluationResult:
     nrmse: list[dict] = field(default_factory=list)
     scanrescan: list[dict] = field(default_factory=list)
     excluded: list[dict] = field(default_factory=list)
+    floor: list[dict] = field(default_factory=list)
+    baseline: list[dict] = field(default_factory=list)
 
 
 def read_roi_table(path: str | Path) -> dict[int, str]:
@@ -255,6 +283,9 @@ def evaluate_study(
     save_maps: bool = True,
     seed: int = 0,
     n_threads: int = 1,
+    halves: Mapping[str, Sequence[Mapping[str, str | Path]]] | None = None,
+    cards: Sequence[Mapping] = (),
+    held_out: bool = True,
 ) -> EvaluationResult:
     """Evaluate every method on every subject; write the tidy tables and the CV maps.
 
@@ -285,6 +316,17 @@ def evaluate_study(
         The map driving the registration (FA of the raw fit by default).
     save_maps
         Also write the registered maps (the report's picture panels).
+    halves
+        Per subject, the raw-fit maps (``{param: path}``, on the reference scan's grid) of
+        two interleaved halves of its reference scan's directions
+        (:func:`~dkiharm_nipype.dki.halves.write_half_maps`): the noise floor of subjects
+        without a rescan on the reference scanner (``floor.tsv``, and every score's
+        ``floor``/``ratio_to_floor``; :func:`~dkiharm_nipype.evaluation.scores.noise_floor`).
+    cards, held_out
+        The networks' model cards (dicts) and whether the evaluated subjects were held out
+        of training: ``baseline.tsv`` compares the networks with the linear baseline on the
+        test subjects, or, when every subject trained (``held_out=False``), on the cards'
+        held-out validation blocks (:func:`baseline_rows`).
 
     Subjects without a reference scan are skipped; subjects missing another scanner are
     kept for the NRMSEs but excluded from the CV. Both are logged as warnings and listed
@@ -377,21 +419,34 @@ def evaluate_study(
             )
             rois = _roi_masks(wm, labels, names)
             ref_key = (reference_method, ref_scan.scanner, str(ref_scan.run))
-            result.nrmse += _nrmse_rows(subject, aligned, ref_key, params, rois)
-            result.scanrescan += _scanrescan_rows(subject, aligned, params, rois)
+            floors = _floor_rows(
+                subject, aligned, ref_key, (halves or {}).get(subject), ref_img, params, rois,
+                len(scanners),
+            )  # fmt: skip
+            result.floor += floors
+            nrmse_rows = _nrmse_rows(subject, aligned, ref_key, params, rois)
+            rescan_rows = _scanrescan_rows(subject, aligned, params, rois)
+            result.nrmse += _with_floor(nrmse_rows, floors, "nrmse", "nrmse_floor")
+            result.scanrescan += _with_floor(rescan_rows, floors, "nrmse", "nrmse_floor")
             written = _write_subject_maps(
                 stage, subject, ref_img.affine, wm, labels, aligned if save_maps else {}
             )
             maps_rows += written
             if complete:
                 cv_rows, hists, cv_maps = _cv_rows(subject, aligned, scanners, params, rois)
-                result.cv += cv_rows
+                result.cv += _with_floor(cv_rows, floors, "cv_mean", "cv_floor")
                 hist_rows += hists
                 for (method, param), cv in cv_maps.items():
                     name = f"cv/sub-{subject}_method-{method}_param-{param}_cvmap.nii.gz"
                     _save(cv, ref_img.affine, stage / f"sub-{subject}" / name)
                     maps_rows.append(_maprow("cv", subject, name, method=method, param=param))
+        result.baseline = baseline_rows(
+            result.nrmse, result.floor, reference=reference, cards=cards, held_out=held_out
+        )
+        _warn_baseline(result.baseline)
         tables = {
+            "floor": (result.floor, FLOOR_COLUMNS),
+            "baseline": (result.baseline, BASELINE_COLUMNS),
             "cv": (result.cv, CV_COLUMNS),
             "nrmse": (result.nrmse, NRMSE_COLUMNS),
             "scanrescan": (result.scanrescan, SCANRESCAN_COLUMNS),
@@ -421,6 +476,137 @@ def evaluate_study(
             atomic_copy(src, out_dir / src.relative_to(stage))
     result.tables = {k: out_dir / v for k, v in TABLE_FILES.items()}
     return result
+
+
+def _floor_rows(subject, aligned, ref_key, halves, ref_img, params, rois, n_scanners):
+    """The reference's repeatability in each ROI: its rescan's raw fit if it has one, else
+    the two halves of its directions (``[]`` when neither is there)."""
+    method, scanner, run = ref_key
+    runs = sorted((r for m, s, r in aligned if m == method and s == scanner), key=run_key)
+    if len(runs) > 1:
+        kind, pair = "rescan", (aligned[(method, scanner, runs[1])], aligned[ref_key])
+    elif halves:
+        kind, pair = "halves", []
+        for half in halves:
+            arrays = {}
+            for param in params:
+                img = nb.load(half[param])
+                if not _same_grid(img, ref_img):
+                    raise _grid_error("half-scan map", half[param], ref_img.get_filename(),
+                                      img, ref_img)  # fmt: skip
+                arrays[param] = np.asanyarray(img.dataobj, dtype=np.float32)
+            pair.append(arrays)
+    else:
+        return []
+    reference = aligned[ref_key]
+    rows = []
+    for param in params:
+        first, second = pair[0][param], pair[1][param]
+        for roi, mask in rois:
+            try:
+                nfloor = noise_floor(first, second, reference[param], mask, kind=kind)
+            except ValueError:
+                nfloor = float("nan")
+            cfloor = cv_floor(first, second, reference[param], mask, n_scanners=max(n_scanners, 2),
+                              kind=kind)  # fmt: skip
+            rows.append(
+                {"subject": subject, "param": param, "roi": roi, "kind": kind,
+                 "nrmse_floor": nfloor, "cv_floor": cfloor, "n_scanners": n_scanners}
+            )  # fmt: skip
+    return rows
+
+
+def _with_floor(rows: list[dict], floors: list[dict], score: str, which: str) -> list[dict]:
+    """``rows`` with their ``floor`` and ``ratio_to_floor`` (empty without a floor)."""
+    by_key = {(f["param"], f["roi"]): f[which] for f in floors}
+    for row in rows:
+        floor = by_key.get((row["param"], row["roi"]))
+        if floor is None:
+            row["floor"] = row["ratio_to_floor"] = ""
+            continue
+        row["floor"] = floor
+        value = float(row[score])
+        row["ratio_to_floor"] = value / floor if floor > 0 else float("nan")
+    return rows
+
+
+def baseline_rows(
+    nrmse_rows: Sequence[Mapping],
+    floor_rows: Sequence[Mapping] = (),
+    *,
+    reference: str,
+    cards: Sequence[Mapping] = (),
+    held_out: bool = True,
+    roi: str = WM,
+) -> list[dict]:
+    """Held-out NRMSE-to-reference of the networks (``dl``) and the linear baseline.
+
+    With ``held_out`` (the evaluated subjects were not trained on): per target scanner
+    and parameter, the mean over subjects of the first runs' NRMSE in ``roi``. Otherwise
+    the cards' validation numbers (held-out spatial blocks of the training scans, all brain
+    voxels). ``chosen`` is the card's model selection for that map.
+    """
+    choices = {}
+    for card in cards:
+        maps = (card.get("mapping") or {}).get("selection", {}).get("maps", {})
+        for param, choice in maps.items():
+            choices[(str(card.get("scanner")), param)] = choice
+    floors = defaultdict(list)
+    for f in floor_rows:
+        if f["roi"] == roi and np.isfinite(float(f["nrmse_floor"])):
+            floors[f["param"]].append(float(f["nrmse_floor"]))
+    rows = []
+    if held_out:
+        firsts: dict[tuple[str, str], str] = {}
+        for r in nrmse_rows:
+            key = (r["subject"], r["scanner"])
+            firsts[key] = min(firsts.get(key, r["run"]), r["run"], key=run_key)
+        values = defaultdict(list)
+        for r in nrmse_rows:
+            if (r["roi"] == roi and r["scanner"] != reference and r["method"] in ("dl", "linear")
+                    and r["run"] == firsts[(r["subject"], r["scanner"])]):  # fmt: skip
+                values[(r["scanner"], r["param"], r["method"])].append(float(r["nrmse"]))
+        for scanner, param in sorted({(k[0], k[1]) for k in values}):
+            dl, lin = values.get((scanner, param, "dl")), values.get((scanner, param, "linear"))
+            if not dl or not lin:
+                continue
+            choice = choices.get((scanner, param))
+            rows.append(_baseline_row(scanner, param, f"test subjects ({roi})", len(dl),
+                                      float(np.nanmean(dl)), float(np.nanmean(lin)),
+                                      floors.get(param), choice))  # fmt: skip
+    else:
+        for (scanner, param), choice in sorted(choices.items()):
+            if scanner == reference:
+                continue
+            rows.append(_baseline_row(scanner, param, "held-out blocks of the training scans",
+                                      1, choice["val_nrmse_network"], choice["val_nrmse_linear"],
+                                      None, choice))  # fmt: skip
+    return rows
+
+
+def _baseline_row(scanner, param, source, n, dl, lin, floors, choice) -> dict:
+    return {
+        "scanner": scanner, "param": param, "source": source, "n": n, "nrmse_dl": dl,
+        "nrmse_linear": lin, "nrmse_floor": float(np.mean(floors)) if floors else "",
+        "chosen": choice["chosen"] if choice else "", "dl_beats_linear": str(bool(dl < lin)),
+    }  # fmt: skip
+
+
+def _warn_baseline(rows: Sequence[Mapping]) -> None:
+    for r in rows:
+        if r["dl_beats_linear"] != "True" or r["chosen"] == "linear":
+            message = (
+                f"the scanner-{r['scanner']} network does not beat the linear baseline for "
+                f"{r['param'].upper()} ({r['source']}: NRMSE-to-reference {r['nrmse_dl']:.3g} vs "
+                f"{r['nrmse_linear']:.3g} linear"
+                + (
+                    "; model selection uses the linear mapping)"
+                    if r["chosen"] == "linear"
+                    else ")"
+                )
+            )
+            LOGGER.warning(message)
+            warnings.warn(message, stacklevel=3)
 
 
 def _nrmse_rows(subject, aligned, ref_key, params, rois) -> list[dict]:

@@ -288,6 +288,91 @@ def cv_histogram(
     return np.histogram(sel, bins=bins, range=(0.0, upper))
 
 
+#: Kinds of noise floor: a rescan of the reference scan, or two halves of its directions.
+FLOOR_KINDS = ("rescan", "halves")
+
+
+def _full_scan_sd(first: np.ndarray, second: np.ndarray, kind: str) -> np.ndarray:
+    """Voxelwise difference of the two repeats scaled to one full scan's noise (its RMS is
+    the full scan's noise SD).
+
+    Two full scans differ by noise of variance ``2 sigma^2``; two halves, each with half
+    the measurements (twice the variance of a full scan), by ``4 sigma^2``.
+    """
+    if kind not in FLOOR_KINDS:
+        raise ValueError(f"floor kind must be one of {FLOOR_KINDS}; got {kind!r}.")
+    return (np.asarray(first, float) - np.asarray(second, float)) / (
+        2.0 if kind == "halves" else np.sqrt(2.0)
+    )
+
+
+def noise_floor(
+    first: np.ndarray,
+    second: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    kind: str = "halves",
+) -> float:
+    """The NRMSE-to-reference no harmonization can beat: the reference scan's own noise.
+
+    A harmonized map made independently of the reference scan's noise (a test subject)
+    differs from that scan's raw fit by at least that noise: even a perfect harmonization,
+    one that outputs the true map, has NRMSE ``sigma / mean|ref|``, ``sigma`` being a full
+    scan's noise SD. Estimated from two repeats: ``kind="rescan"``, two full scans, differ by
+    variance ``2 sigma^2``, so ``sigma = RMS(first - second) / sqrt(2)``; ``kind="halves"``,
+    two interleaved halves of one scan's directions, each averaging half the measurements
+    (variance ``2 sigma^2`` each), differ by ``4 sigma^2``: ``sigma = RMS(first - second) / 2``,
+    i.e. ``/ sqrt(2)`` for the two independent halves and ``/ sqrt(2)`` again for the halved
+    averaging. Normalised by the mean absolute ``reference`` as in :func:`nrmse`. The
+    ``1 / N`` variance scaling holds to first order for a least-squares fit; fits of halves
+    are a little noisier still, so the floor errs high (``benchmarks/noise_floor.py``).
+    """
+    sd = _full_scan_sd(first, second, kind)
+    ref = np.asarray(reference, float)
+    sel = np.isfinite(sd) & np.isfinite(ref)
+    if mask is not None:
+        sel &= np.asarray(mask, bool)
+    if not sel.any():
+        raise ValueError("noise floor over an empty set of voxels")
+    return float(np.sqrt(np.mean(sd[sel] ** 2)) / np.mean(np.abs(ref[sel])))
+
+
+def cv_floor(
+    first: np.ndarray,
+    second: np.ndarray,
+    reference: np.ndarray,
+    mask: np.ndarray,
+    *,
+    n_scanners: int,
+    kind: str = "halves",
+    ddof: int = 1,
+) -> float:
+    """Mean voxelwise inter-scanner CV of ``n_scanners`` scans that differ by noise only.
+
+    The CV that noise alone gives raw fits as noisy as the reference scan (a harmonization
+    that also denoises can go below it). Per voxel the full-scan noise SD is estimated from
+    the two repeats, unbiased for Gaussian noise: ``sigma = |d| sqrt(pi / 2)`` with ``d`` the
+    difference scaled to one full scan's noise (see :func:`noise_floor`); the sample SD of
+    ``n`` such scans averages ``c(n) sigma`` (``c4`` for ``ddof=1``); divided by the
+    reference value.
+    """
+    from math import exp, lgamma, pi, sqrt
+
+    n = int(n_scanners)
+    if n < 2:
+        raise ValueError(f"A CV needs at least 2 scanners; got {n}.")
+    dof = n - ddof
+    # E[sqrt(chi2_{n-1})] / sqrt(dof): the mean sample SD of n draws, in units of sigma
+    c = sqrt(2.0 / dof) * exp(lgamma(n / 2.0) - lgamma((n - 1) / 2.0))
+    sd = np.abs(_full_scan_sd(first, second, kind)) * sqrt(pi / 2.0)
+    ref = np.asarray(reference, float)
+    sel = np.asarray(mask, bool) & np.isfinite(sd) & np.isfinite(ref) & (ref > 0)
+    if not sel.any():
+        return float("nan")
+    return float(c * np.mean(sd[sel] / ref[sel]))
+
+
 def lesion_contrast(
     values: np.ndarray,
     lesion_mask: np.ndarray,

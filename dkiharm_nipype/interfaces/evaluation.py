@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -43,6 +45,19 @@ class _EvaluateHarmonizationInputSpec(BaseInterfaceInputSpec):
     save_maps = traits.Bool(True, usedefault=True, desc="write the registered maps (report)")
     seed = traits.Int(0, usedefault=True, desc="seed of stochastic registration engines")
     num_threads = traits.Int(1, usedefault=True, desc="registration threads")
+    halves = traits.Dict(
+        traits.Str(),
+        traits.List(traits.Dict(traits.Str(), File(exists=True))),
+        desc="per subject, two {param: path} maps of interleaved halves of its reference scan "
+        "(the noise floor of subjects without a reference rescan)",
+    )
+    card_files = traits.List(File(exists=True), desc="the networks' model cards (JSON)")
+    held_out = traits.Bool(
+        True,
+        usedefault=True,
+        desc="the evaluated subjects were held out of training (else the baseline comparison "
+        "uses the cards' held-out validation blocks)",
+    )
 
 
 class _EvaluateHarmonizationOutputSpec(TraitedSpec):
@@ -76,8 +91,8 @@ class EvaluateHarmonization(SimpleInterface):
     >>> report = pe.Node(HarmonizationReport(), name="report")
     >>> wf.connect([(gather, evaluate, [("scans", "scans"), ("atlas", "roi_atlas")]),
     ...             (evaluate, report, [("out_dir", "tsv_dir")])])
-    >>> sorted(wf.get_node("evaluate").inputs.get())[:3]
-    ['engine', 'num_threads', 'params']
+    >>> sorted(wf.get_node("evaluate").inputs.get())[:4]
+    ['card_files', 'engine', 'halves', 'held_out']
     """
 
     input_spec = _EvaluateHarmonizationInputSpec
@@ -114,6 +129,11 @@ class EvaluateHarmonization(SimpleInterface):
             save_maps=inputs.save_maps,
             seed=inputs.seed,
             n_threads=inputs.num_threads,
+            halves=dict(inputs.halves) if isdefined(inputs.halves) else None,
+            cards=[json.loads(Path(f).read_text()) for f in inputs.card_files]
+            if isdefined(inputs.card_files)
+            else [],
+            held_out=inputs.held_out,
         )
         self._results["out_dir"] = out_dir
         for key in ("cv", "nrmse", "scanrescan", "excluded"):

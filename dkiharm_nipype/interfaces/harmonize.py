@@ -27,7 +27,7 @@ from nipype.interfaces.base import (
 from nipype.utils.filemanip import fname_presuffix, split_filename
 
 from ..cnn.data import TrainingSubject, normalize_dwi
-from ..cnn.infer import harmonize_scan
+from ..cnn.infer import harmonize_scan, linear_maps
 from ..cnn.model import OUTPUT_NAMES
 from ..cnn.modelio import (
     check_fingerprint,
@@ -64,8 +64,23 @@ class _TrainHarmonizerInputSpec(BaseInterfaceInputSpec):
     fit_files = traits.List(
         traits.Either(File(exists=True), traits.List(File(exists=True), minlen=8, maxlen=8)),
         desc="each training scan's own IRLLS DKI maps, laid out like label_files (needed for "
-        "network_input 'dwi+fit')",
+        "network_input 'dwi+fit'; when given, the linear baseline is fitted beside the network "
+        "and model selection runs)",
     )
+    linear_inputs = traits.Enum(
+        "own",
+        "all",
+        usedefault=True,
+        desc="linear baseline: each map from the scan's own same map, or from all eight maps",
+    )
+    selection = traits.Enum(
+        "auto",
+        "network",
+        "linear",
+        usedefault=True,
+        desc="per map, which mapping harmonizes: 'auto' the one with the lower held-out NRMSE",
+    )
+    weight_decay = traits.Float(0.0, usedefault=True, desc="Adam weight decay (L2 penalty)")
     network_input = traits.Enum(
         *NETWORK_INPUTS,
         usedefault=True,
@@ -222,9 +237,7 @@ class TrainHarmonizer(SimpleInterface):
                     name=lists["subject_ids"][i]
                     if "subject_ids" in lists
                     else Path(dwi_file).name,
-                    fit=_load_labels(lists["fit_files"][i])
-                    if inputs.network_input == "dwi+fit"
-                    else None,
+                    fit=_load_labels(lists["fit_files"][i]) if "fit_files" in lists else None,
                 )
             )
             del dwi
@@ -248,6 +261,9 @@ class TrainHarmonizer(SimpleInterface):
                 loss=inputs.loss,
                 samples_per_epoch=inputs.samples_per_epoch or None,
                 network_input=inputs.network_input,
+                weight_decay=inputs.weight_decay,
+                linear_inputs=inputs.linear_inputs,
+                selection=inputs.selection,
                 seed=inputs.seed,
                 device=resolve_device(inputs.device),  # on the host running this node
                 log=_every(LOG_EVERY, f"scanner {inputs.scanner}"),
@@ -269,6 +285,14 @@ class TrainHarmonizer(SimpleInterface):
             for suffix in (".safetensors", "_card.json", "_log.tsv")
         )
         save_model(model, card, weights, card_path)
+        for name, choice in card.mapping.get("selection", {}).get("maps", {}).items():
+            if choice["chosen"] == "linear":
+                LOGGER.warning(
+                    "TrainHarmonizer %s: the network does not beat the linear baseline for %s on "
+                    "held-out blocks (NRMSE %.3g vs %.3g): the linear mapping harmonizes it",
+                    inputs.scanner, name.upper(), choice["val_nrmse_network"],
+                    choice["val_nrmse_linear"],
+                )  # fmt: skip
         with open(log_path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, LOG_COLUMNS, delimiter="\t", lineterminator="\n")
             writer.writeheader()
@@ -288,7 +312,9 @@ class _ApplyHarmonizerInputSpec(BaseInterfaceInputSpec):
     fit_files = InputMultiObject(
         File(exists=True),
         desc="the scan's own IRLLS DKI maps: 8 maps (MD, AD, RD, FA, MK, AK, RK, KFA) or one "
-        "4-D stack; needed by networks trained with network_input 'dwi+fit'",
+        "4-D stack; needed by networks trained with network_input 'dwi+fit' or whose model "
+        "selection chose the linear mapping for a map; with them the linear baseline's maps are "
+        "written too (linear_files)",
     )
     sidecar_file = File(exists=True, desc="BIDS JSON sidecar of dwi_file, for EchoTime")
     echo_time = traits.Float(desc="echo time in ms, overriding the sidecar")
@@ -319,6 +345,11 @@ class _ApplyHarmonizerOutputSpec(TraitedSpec):
     std_files = OutputMultiObject(
         File(exists=True), desc="MC-dropout standard deviation of each map (mc_samples >= 2)"
     )
+    linear_files = OutputMultiObject(
+        File(exists=True),
+        desc="the linear baseline's eight maps (desc-linear), when the card holds one and "
+        "fit_files are given",
+    )
     ood_mask_file = File(desc="voxels whose input is unlike the training data (desc-ood_mask)")
     ood_distance_file = File(desc="OOD distance of each voxel (desc-ooddistance_dwimap)")
     for _name in OUTPUT_NAMES:
@@ -339,7 +370,7 @@ class ApplyHarmonizer(SimpleInterface):
     >>> apply.inputs.mc_samples, apply.inputs.device
     (20, 'auto')
     >>> sorted(apply.output_spec().get())[:4]  # with the OOD mask, on by default
-    ['ood_distance_file', 'ood_mask_file', 'out_ad', 'out_ak']
+    ['linear_files', 'ood_distance_file', 'ood_mask_file', 'out_ad']
 
     In an existing pipeline, with a network trained by a group-level run (its
     ``models/`` folder) and any preprocessing of a scan of that scanner:
@@ -369,13 +400,13 @@ class ApplyHarmonizer(SimpleInterface):
         check_fingerprint(card, fp)
         dwi, bvals = _in_trained_order(card.protocol, fp, dwi, bvals)
         fit_maps = None
-        if model.residual_channels:
-            if not isdefined(inputs.fit_files):
-                raise ValueError(
-                    f"{inputs.card_file} was trained with the scan's own DKI maps as input "
-                    "(network_input 'dwi+fit'): give ApplyHarmonizer the scan's fitted maps "
-                    "(fit_files)."
-                )
+        if model.residual_channels and not isdefined(inputs.fit_files):
+            raise ValueError(
+                f"{inputs.card_file} was trained with the scan's own DKI maps as input "
+                "(network_input 'dwi+fit'): give ApplyHarmonizer the scan's fitted maps "
+                "(fit_files)."
+            )
+        if isdefined(inputs.fit_files):
             files = inputs.fit_files
             fit_maps = _load_labels(files[0] if len(files) == 1 else list(files))
         with torch_threads(inputs.num_threads):
@@ -391,19 +422,23 @@ class ApplyHarmonizer(SimpleInterface):
                 seed=inputs.seed,
                 fit_maps=fit_maps,
             )
+        linear = (
+            None if fit_maps is None else linear_maps(card, fit_maps, load_mask(inputs.mask_file))
+        )
         _, stem, _ = split_filename(inputs.dwi_file)
         stem = stem.removesuffix("_dwi")
-        for kind, data in (("out", maps), ("std", std)):
+        descs = {"out": "harmonized", "std": "harmonizedstd", "linear": "linear"}
+        for kind, data in (("out", maps), ("std", std), ("linear", linear)):
             if data is None:
                 continue
-            desc = "harmonized" if kind == "out" else "harmonizedstd"
             files = []
             for i, name in enumerate(OUTPUT_NAMES):
                 path = fname_presuffix(
-                    f"{stem}_desc-{desc}_param-{name}_dwimap.nii.gz", newpath=runtime.cwd
+                    f"{stem}_desc-{descs[kind]}_param-{name}_dwimap.nii.gz", newpath=runtime.cwd
                 )
                 _save_map(data[..., i], img, path)
-                self._results[f"{kind}_{name}"] = path
+                if kind != "linear":
+                    self._results[f"{kind}_{name}"] = path
                 files.append(path)
             self._results[f"{kind}_files"] = files
         if inputs.ood:

@@ -41,7 +41,7 @@ GROUP_FIGURES = (
 #: Figure ids of a subject page.
 SUBJECT_FIGURES = ("fig-maps", "fig-diff", "fig-cv", "fig-roi-nrmse", "fig-scanrescan")
 #: Table ids of the group page.
-GROUP_TABLES = ("table-snr", "table-cv", "table-nrmse", "table-scanrescan")
+GROUP_TABLES = ("table-snr", "table-baseline", "table-cv", "table-nrmse", "table-scanrescan")
 
 _CSS = """
 body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em;color:#222}
@@ -52,6 +52,7 @@ table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 td,th{border:1px solid #bbb;padding:2px 6px;text-align:right}th{background:#eee}
 .not-run{border:2px dashed #c33;background:#fff4f4;padding:1.5em;color:#a00;font-weight:bold}
 .note{color:#666;font-size:0.85em}
+.warning{border:2px solid #c60;background:#fff8ec;padding:0.8em;color:#840;font-weight:bold}
 """
 
 _INTRO = {
@@ -255,18 +256,78 @@ def _mean_by(rows, keys, value: str) -> dict[tuple, float]:
     return {k: float(np.nanmean(v)) for k, v in acc.items()}
 
 
+def _ratios(rows, keys) -> dict[tuple, float]:
+    """Mean ``ratio_to_floor`` of ``rows`` by ``keys`` (rows without a floor left out)."""
+    return _mean_by([r for r in rows if r.get("ratio_to_floor")], keys, "ratio_to_floor")
+
+
+def _with_ratio(text: str, ratio: float | None) -> str:
+    return text if ratio is None or not np.isfinite(ratio) else f"{text} ({ratio:.1f}x)"
+
+
+_FLOOR_NOTE = (
+    " In brackets: the score over the noise floor, the score of scans that differ by the "
+    "reference scan's own noise only (its rescan, or two halves of its directions scaled to "
+    "full scans; floor.tsv); 1x is as good as the data allow."
+)
+
+
+def table_baseline(study: _Study) -> str:
+    """The networks against the linear baseline (held-out), with a warning where they lose."""
+    rows = study.tables["baseline"]
+    title = "Networks against the linear baseline (held-out NRMSE-to-reference)"
+    if not rows:
+        return (
+            f'<section><h2>{html.escape(title)}</h2><div class="not-run" id="table-baseline">'
+            "no linear baseline was evaluated (networks trained without the scans' own "
+            "fits)</div></section>"
+        )
+    losing = [
+        f"{r['param'].upper()} on {r['scanner']}"
+        for r in rows
+        if r["dl_beats_linear"] != "True" or r["chosen"] == "linear"
+    ]
+    body = [
+        [r["scanner"], r["param"].upper(), _num(float(r["nrmse_dl"]), 3),
+         _num(float(r["nrmse_linear"]), 3),
+         _num(float(r["nrmse_floor"]), 3) if r["nrmse_floor"] else "-", r["chosen"] or "-",
+         "yes" if r["dl_beats_linear"] == "True" else "NO"]
+        for r in rows
+    ]  # fmt: skip
+    table = _table(
+        "table-baseline", title,
+        f"Source: {rows[0]['source']}. dl: the harmonized maps (after model selection); "
+        "linear: per-map regression from the scan's own map, fitted on the same training "
+        "voxels; chosen: the mapping the held-out validation blocks selected for that map.",
+        ["scanner", "param", "dl", "linear", "floor", "chosen", "dl beats linear"], body,
+    )  # fmt: skip
+    if not losing:
+        return table
+    warning = (
+        '<p class="warning">Warning: the network does not beat the linear baseline for '
+        f"{html.escape(', '.join(losing))}; where model selection chose the linear mapping it "
+        "harmonizes that map.</p>"
+    )
+    return table.replace("</h2>", "</h2>" + warning, 1)
+
+
 def table_cv(study: _Study, subjects: Sequence[str]) -> str:
     rows = [r for r in study.tables["cv"] if r["roi"] == WM and r["subject"] in subjects]
     values = _mean_by(rows, ("param", "method"), "cv_mean")
+    ratios = _ratios(rows, ("param", "method"))
     body = [
-        [p.upper()] + [_num(100 * values.get((p, m), np.nan), 1) for m in study.methods]
+        [p.upper()]
+        + [
+            _with_ratio(_num(100 * values.get((p, m), np.nan), 1), ratios.get((p, m)))
+            for m in study.methods
+        ]
         for p in study.params
     ]
     return _table(
         "table-cv",
         "Inter-scanner CV in white matter (%)",
         "Mean voxelwise CV across scanners in WM, averaged over "
-        f"{len({r['subject'] for r in rows})} subject(s) scanned on every scanner.",
+        f"{len({r['subject'] for r in rows})} subject(s) scanned on every scanner." + _FLOOR_NOTE,
         ["param", *study.methods],
         body,
     )
@@ -274,10 +335,15 @@ def table_cv(study: _Study, subjects: Sequence[str]) -> str:
 
 def _by_scanner_method(study: _Study, rows, table_id, title, intro, subjects) -> str:
     values = _mean_by(rows, ("param", "subject", "scanner", "method"), "nrmse")
+    ratios = _ratios(rows, ("param", "subject", "scanner", "method"))
     cols = [(s, m) for s in study.scanners for m in study.methods]
     cols = [c for c in cols if any(k[2:] == c for k in values)]
     body = [
-        [p.upper(), sub] + [_num(values.get((p, sub, s, m), np.nan)) for s, m in cols]
+        [p.upper(), sub]
+        + [
+            _with_ratio(_num(values.get((p, sub, s, m), np.nan)), ratios.get((p, sub, s, m)))
+            for s, m in cols
+        ]
         for p in study.params
         for sub in subjects
         if any(k[:2] == (p, sub) for k in values)
@@ -299,7 +365,8 @@ def table_nrmse(study: _Study, subjects: Sequence[str]) -> str:
     ]
     return _by_scanner_method(
         study, rows, "table-nrmse", "Table 4 - NRMSE-to-reference in white matter",
-        "NRMSE between each scanner's first run and the reference scan's raw fit, in WM.",
+        "NRMSE between each scanner's first run and the reference scan's raw fit, in WM."
+        + _FLOOR_NOTE,
         subjects,
     )  # fmt: skip
 
@@ -561,6 +628,7 @@ def _group_body(
     parts = [_summary(study), f"<p>Subject pages: {links}</p>"]
     parts += [
         table_snr(study),
+        table_baseline(study),
         table_cv(study, study.subjects),
         table_nrmse(study, study.subjects),
         table_scanrescan(study, study.subjects),

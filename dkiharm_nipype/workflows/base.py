@@ -238,6 +238,7 @@ def _apply_wf(config: RunConfig, scan: DWIScan, staging_dir: Path, models_dir=No
         staging_dir=staging_dir,
         models_dir=models_dir,
         kernel_size=config.kernel_size,
+        write_linear=models_dir is None and "linear" in config.comparators,
         name=_node_name(f"harmonize_{scan.key}_wf"),
     )
 
@@ -367,11 +368,13 @@ def init_group_wf(
         evaluated=evaluated,
         scan_wfs=scan_wfs,
         applied=applied,
+        models=models,
         reference_wf=reference_wf,
         merge_snr=merge_snr,
         config=config,
         engine=engine,
         staging_dir=staging_dir,
+        held_out=bool(plan.testing),
     )
     # the networks' training curves, drawn in the report
     logs = _fan_in(workflow, [(models[sc], "outputnode.log_file") for sc in sorted(models)],
@@ -388,7 +391,7 @@ def init_group_wf(
             config=config,
             engine=engine,
         )
-    if config.comparators:
+    if set(config.comparators) & {"combat", "rish"}:
         _add_comparators(
             workflow,
             scans=scans,
@@ -464,9 +467,8 @@ def _add_training(workflow, *, training, scan_wfs, labels, plan, config, staging
             device=config.device, seed=config.seed, omp_nthreads=config.execution.omp_nthreads,
             staging_dir=staging_dir, name=f"train_{_node_name(scanner)}_wf",
         )  # fmt: skip
+        # every scan's own fit: the linear baseline (model selection) and the dwi+fit input
         for field, (short, source, output) in _TRAINING_SOURCES.items():
-            if field == "fit_files" and config.network_input != "dwi+fit":
-                continue
             wfs = scan_wfs if source == "scan" else labels
             merge = _fan_in(workflow, [(wfs[s.key], f"outputnode.{output}") for s in own],
                             name=f"train_{short}_{_node_name(scanner)}",
@@ -475,21 +477,38 @@ def _add_training(workflow, *, training, scan_wfs, labels, plan, config, staging
     return models
 
 
-def _add_evaluation(workflow, *, evaluated, scan_wfs, applied, reference_wf, merge_snr,
-                    config, engine, staging_dir):  # fmt: skip
-    """``evaluation_wf`` on the evaluated scans' maps before and after harmonization."""
+#: What the evaluation reads per evaluated scan: its field, the source, which output, nested.
+_EVALUATION_SOURCES = {
+    "before": ("scan", "maps", True),
+    "dl": ("apply", "maps", True),
+    "linear": ("apply", "linear", True),
+    "masks": ("scan", "mask_file", False),
+    "dwis": ("scan", "dwi_file", False),  # dwis, bvals, bvecs: the half-split noise floor
+    "bvals": ("scan", "bval_file", False),
+    "bvecs": ("scan", "bvec_file", False),
+}
+
+
+def _add_evaluation(workflow, *, evaluated, scan_wfs, applied, models, reference_wf, merge_snr,
+                    config, engine, staging_dir, held_out):  # fmt: skip
+    """``evaluation_wf`` on the evaluated scans' maps before and after harmonization (and
+    the linear baseline's), with the networks' cards and the series for the noise floor."""
     from .evaluation import init_evaluation_wf
 
     evaluation = init_evaluation_wf(
         scans=evaluated, staging_dir=staging_dir, bids_dir=config.bids_dir, engine=engine,
         seed=config.seed, omp_nthreads=config.execution.omp_nthreads, wm_mask=config.wm_mask,
-        roi_atlas=config.roi_atlas, roi_table=config.roi_table,
+        roi_atlas=config.roi_atlas, roi_table=config.roi_table, held_out=held_out,
+        fit_method=config.fit_method, b_max=config.b_max,
     )  # fmt: skip
-    for key, wfs, output in (("before", scan_wfs, "maps"), ("dl", applied, "maps"),
-                             ("masks", scan_wfs, "mask_file")):  # fmt: skip
+    for key, (source, output, nested) in _EVALUATION_SOURCES.items():
+        wfs = scan_wfs if source == "scan" else applied
         merge = _fan_in(workflow, [(wfs[s.key], f"outputnode.{output}") for s in evaluated],
-                        name=f"eval_{key}", nested=key != "masks")  # fmt: skip
+                        name=f"eval_{key}", nested=nested)  # fmt: skip
         workflow.connect(merge, "out", evaluation, f"inputnode.{key}")
+    cards = _fan_in(workflow, [(m, "outputnode.card_file") for m in models.values()],
+                    name="eval_cards")  # fmt: skip
+    workflow.connect(cards, "out", evaluation, "inputnode.cards")
     workflow.connect([
         (reference_wf, evaluation, [("outputnode.reference", "inputnode.reference")]),
         (merge_snr, evaluation, [("out", "inputnode.snr_files")]),
@@ -508,7 +527,8 @@ def _add_comparators(workflow, *, scans, evaluated, scan_wfs, plan, reference_wf
     from .evaluation import init_comparators_wf
 
     comparators_wf = init_comparators_wf(
-        methods=list(config.comparators), scans=scans, evaluated=evaluated,
+        methods=[m for m in config.comparators if m in ("combat", "rish")], scans=scans,
+        evaluated=evaluated,
         training=list(plan.training), bids_dir=config.bids_dir, fit_method=config.fit_method,
         engine=engine, omp_nthreads=config.execution.omp_nthreads,
     )  # fmt: skip
@@ -601,7 +621,7 @@ def init_description_wf(*, config: RunConfig, scans: list[DWIScan] | None = None
     from ..preproc.modes import resolved_preproc_mode
     from ..registration import resolve_engine
     from .dki import init_dki_fit_wf
-    from .evaluation import init_comparators_wf
+    from .evaluation import init_comparators_wf, init_evaluation_wf
     from .harmonize import (
         init_apply_wf,
         init_reference_wf,
@@ -632,8 +652,11 @@ def init_description_wf(*, config: RunConfig, scans: list[DWIScan] | None = None
                              seed=config.seed),
             init_apply_wf(mc_samples=config.mc_samples),
         ]  # fmt: skip
-        if config.comparators:
-            pieces.append(init_comparators_wf(methods=list(config.comparators), scans=[],
+        pieces.append(init_evaluation_wf(scans=[], staging_dir=Path("staging"),
+                                         bids_dir=config.bids_dir, engine=engine))
+        compared = [m for m in config.comparators if m in ("combat", "rish")]
+        if compared:
+            pieces.append(init_comparators_wf(methods=compared, scans=[],
                                               evaluated=[], training=[],
                                               bids_dir=config.bids_dir))  # fmt: skip
     elif config.models_dir is not None:

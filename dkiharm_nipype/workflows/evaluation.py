@@ -22,7 +22,14 @@ from ..utils.bids import DWIScan
 from .literate import LiterateWorkflow
 
 #: Methods whose maps the evaluation receives, in ``inputnode`` field order.
-METHODS = ("before", "dl", "combat", "rish")
+METHODS = ("before", "dl", "linear", "combat", "rish")
+
+#: Methods text of the evaluation: every score beside the reference scan's own noise.
+FLOOR_DESC = (
+    " Every evaluation score is reported beside a noise floor, the reference scan's own "
+    "noise level (from its rescan, or, without one, from two interleaved halves of its "
+    "directions fitted alike and scaled to a full scan)."
+)
 
 
 def _gather(meta, masks, reference, method_maps, bids_dir, wm_mask, roi_atlas, params):
@@ -70,6 +77,47 @@ def _gather(meta, masks, reference, method_maps, bids_dir, wm_mask, roi_atlas, p
             "every evaluated subject ('{subject}' stands for the label)."
         )
     return scans, wm_masks, atlases
+
+
+def _fit_halves(meta, dwis, bvals, bvecs, masks, reference, fit_method, b_max, n_threads):
+    """Nipype Function: two interleaved halves of each subject's reference scan, fitted
+    (the noise floor; subjects with a rescan on the reference scanner use that instead)."""
+    import os
+
+    from dkiharm_nipype.dki.halves import write_half_maps
+    from dkiharm_nipype.dki.maps import ALL_METRICS
+    from dkiharm_nipype.study import run_key
+
+    on_ref = {}
+    for i, m in enumerate(meta):
+        if m["scanner"] == reference:
+            on_ref.setdefault(m["subject"], []).append(i)
+    out = {}
+    for subject, idx in sorted(on_ref.items()):
+        if len(idx) > 1:  # a rescan is the floor
+            continue
+        i = min(idx, key=lambda j: run_key(meta[j]["run"]))
+        stem = os.path.abspath(f"sub-{subject}_ses-{reference}_run-{meta[i]['run']}")
+        try:
+            files = write_half_maps(
+                dwis[i],
+                bvals[i],
+                bvecs[i],
+                masks[i],
+                stem,
+                method=fit_method,
+                b_max=b_max or None,
+                n_threads=n_threads,
+            )
+        except ValueError as err:  # too few directions for a DKI fit of a half
+            import logging
+
+            logging.getLogger("nipype.workflow").warning(
+                "sub-%s: no half-split noise floor (%s)", subject, err
+            )
+            continue
+        out[subject] = [dict(zip(ALL_METRICS, half, strict=True)) for half in files]
+    return out
 
 
 def _merge_snr(snr_files):
@@ -133,6 +181,9 @@ def init_evaluation_wf(
     wm_mask: str | None = None,
     roi_atlas: str | None = None,
     roi_table: Path | None = None,
+    held_out: bool = True,
+    fit_method: str = "irlls",
+    b_max: float | None = None,
     name: str = "evaluation_wf",
 ) -> pe.Workflow:
     """Evaluation tables and the HTML report of the evaluated ``scans``.
@@ -151,6 +202,11 @@ def init_evaluation_wf(
         Seed and threads of the within-subject registration.
     wm_mask, roi_atlas, roi_table
         ``--wm-mask``, ``--roi-atlas`` (``{subject}`` expanded) and ``--roi-table``.
+    held_out : bool
+        The scans' subjects were not trained on (else the networks are compared with the
+        linear baseline on their cards' held-out blocks).
+    fit_method, b_max
+        The DKI fit of the reference scan's two halves (the noise floor), as the scans'.
     name : str
         Workflow name.
 
@@ -160,9 +216,14 @@ def init_evaluation_wf(
         The reference scanner (chosen at run time).
     masks
         Brain masks of ``scans``.
-    before, dl, combat, rish
-        Per scan, the eight maps (``ALL_METRICS`` order) of each method; ``combat`` and
-        ``rish`` may stay empty.
+    before, dl, linear, combat, rish
+        Per scan, the eight maps (``ALL_METRICS`` order) of each method; ``linear``,
+        ``combat`` and ``rish`` may stay empty.
+    dwis, bvals, bvecs
+        The preprocessed series of ``scans``: a reference scan without a rescan is split in
+        two halves for the noise floor (may stay empty: no floor then).
+    cards
+        The networks' model cards (the baseline comparison when ``held_out`` is off).
     snr_files
         Every scan's SNR table (Table 3).
     experiment_tsvs
@@ -178,16 +239,20 @@ def init_evaluation_wf(
     >>> ref = pe.Node(niu.IdentityInterface(fields=["scanner"]), name="ref")
     >>> ref.inputs.scanner = "D"
     >>> wf.connect(ref, "scanner", eval_wf, "inputnode.reference")
-    >>> sorted(n for n in eval_wf.list_node_names() if not n.startswith("stage"))
-    ['evaluate', 'experiment_dir', 'gather', 'inputnode', 'merge_snr', 'methods', 'report']
+    >>> names = sorted(n for n in eval_wf.list_node_names() if not n.startswith("stage"))
+    >>> names[:4]
+    ['evaluate', 'experiment_dir', 'gather', 'halves']
+    >>> names[4:]
+    ['inputnode', 'merge_snr', 'methods', 'report']
     """
     workflow = LiterateWorkflow(name=name)
-    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "training_logs"]
+    workflow.__desc__ = FLOOR_DESC
+    fields = ["reference", "masks", *METHODS, "snr_files", "experiment_tsvs", "training_logs",
+              "dwis", "bvals", "bvecs", "cards"]  # fmt: skip
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
-    inputnode.inputs.combat = []
-    inputnode.inputs.rish = []
-    inputnode.inputs.experiment_tsvs = []
-    inputnode.inputs.training_logs = []
+    for empty in ("linear", "combat", "rish", "experiment_tsvs", "training_logs", "dwis",
+                  "bvals", "bvecs", "cards"):  # fmt: skip
+        setattr(inputnode.inputs, empty, [])
 
     gather = _gather_node(scans, bids_dir=bids_dir, wm_mask=wm_mask, roi_atlas=roi_atlas)
     methods = pe.Node(niu.Function(function=_as_dict, input_names=list(METHODS),
@@ -201,6 +266,17 @@ def init_evaluation_wf(
         n_procs=omp_nthreads,
         mem_gb=2,
     )
+    evaluate.inputs.held_out = held_out
+    halves = pe.Node(
+        niu.Function(function=_fit_halves, output_names=["halves"],
+                     input_names=["meta", "dwis", "bvals", "bvecs", "masks", "reference",
+                                  "fit_method", "b_max", "n_threads"]),
+        name="halves", n_procs=omp_nthreads, mem_gb=2,
+    )  # fmt: skip
+    halves.inputs.meta = gather.inputs.meta
+    halves.inputs.fit_method = fit_method
+    halves.inputs.b_max = b_max or 0.0
+    halves.inputs.n_threads = omp_nthreads
     if roi_table:
         evaluate.inputs.roi_table = str(roi_table)
     else:
@@ -226,7 +302,10 @@ def init_evaluation_wf(
             (inputnode, methods, [(m, m) for m in METHODS]),
             (methods, gather, [("out", "method_maps")]),
             (inputnode, gather, [("masks", "masks"), ("reference", "reference")]),
-            (inputnode, evaluate, [("reference", "reference")]),
+            (inputnode, evaluate, [("reference", "reference"), ("cards", "card_files")]),
+            (inputnode, halves, [("dwis", "dwis"), ("bvals", "bvals"), ("bvecs", "bvecs"),
+                                 ("masks", "masks"), ("reference", "reference")]),
+            (halves, evaluate, [("halves", "halves")]),
             (gather, evaluate, [("scans", "scans"), ("wm_masks", "wm_masks"),
                                 ("atlases", "roi_atlases")]),
             (inputnode, merge_snr, [("snr_files", "snr_files")]),
@@ -293,9 +372,9 @@ def _stage_nodes(staging_dir) -> dict[str, pe.Node]:
     return stages
 
 
-def _as_dict(before, dl, combat, rish):
+def _as_dict(before, dl, linear, combat, rish):
     """Nipype Function: the methods' map lists keyed by method name."""
-    return {"before": before, "dl": dl, "combat": combat, "rish": rish}
+    return {"before": before, "dl": dl, "linear": linear, "combat": combat, "rish": rish}
 
 
 def _run_comparators(

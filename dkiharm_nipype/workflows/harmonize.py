@@ -389,6 +389,10 @@ def _training_desc(train: TrainHarmonizer) -> str:
         f"{d.samples_per_epoch:,} training voxels per epoch and at most {d.epochs} "
         f"epochs, with early stopping on the {d.val_fraction * 100:g} % of voxel blocks "
         f"held out for validation (patience {d.patience} epochs) and seed {d.seed}."
+        " Beside each network, a linear baseline (per map, a least-squares regression from "
+        "the scan's own DKI map to the reference label) was fitted on the same training "
+        "voxels; on the held-out validation blocks, each map was harmonized by the network "
+        "only where its NRMSE was lower than the baseline's, else by the baseline."
     )
 
 
@@ -442,7 +446,8 @@ def init_training_wf(
     label_files, label_mask_files
         Per scan, its eight label maps and where they may be trained on.
     fit_files
-        Per scan, its own eight maps (``network_input="dwi+fit"`` only).
+        Per scan, its own eight maps: the linear baseline's input (model selection) and,
+        with ``network_input="dwi+fit"``, the network's.
 
     Outputs
     -------
@@ -479,9 +484,8 @@ def init_training_wf(
     if sidecar_files:
         train.inputs.sidecar_files = list(sidecar_files)
     workflow.__desc__ = _training_desc(train.interface)
-    used = [f for f in TRAINING_INPUTS if f != "fit_files" or network_input == "dwi+fit"]
     workflow.connect([
-        (inputnode, train, [(f, TRAINING_INPUTS[f]) for f in used]),
+        (inputnode, train, [(f, TRAINING_INPUTS[f]) for f in TRAINING_INPUTS]),
         (train, outputnode, [(f, f) for f in outputs]),
     ])  # fmt: skip
     if staging_dir is not None:
@@ -503,7 +507,7 @@ def _apply_desc(mc_samples: int, models_dir: Path | None, kernel_size: int) -> s
     )
     if models_dir is None:
         return (
-            " Every scan of every participant was then passed through its scanner's network "
+            " Every scan of every participant was then passed through its scanner's harmonizer "
             f"to obtain harmonized MD, AD, RD, FA, MK, AK, RK and KFA maps.{mc}"
         )
     return (
@@ -527,6 +531,7 @@ def init_apply_wf(
     staging_dir: Path | None = None,
     models_dir: Path | None = None,
     kernel_size: int = 3,
+    write_linear: bool = False,
     name: str = "harmonize_wf",
 ) -> pe.Workflow:
     """Harmonized maps (and MC-dropout standard deviations) of one scan, stored as BIDS.
@@ -543,6 +548,8 @@ def init_apply_wf(
     models_dir, kernel_size
         For the methods text: the models come from a previous run's ``models_dir`` (the
         participant level with ``--models``), with this kernel size.
+    write_linear : bool
+        Also store the linear baseline's maps (``desc-linear``; ``--comparators linear``).
     name : str
         Workflow name.
 
@@ -559,6 +566,8 @@ def init_apply_wf(
     -------
     maps
         The eight harmonized maps, in ``ALL_METRICS`` order.
+    linear
+        The linear baseline's eight maps, in the same order.
 
     Examples
     --------
@@ -591,19 +600,22 @@ def init_apply_wf(
     )  # fmt: skip
     if sidecar_file:
         apply.inputs.sidecar_file = str(sidecar_file)
-    outputnode = pe.Node(niu.IdentityInterface(fields=["maps"]), name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["maps", "linear"]), name="outputnode")
     merge = pe.Node(niu.Merge(len(ALL_METRICS)), name="merge_maps", run_without_submitting=True)
     workflow.connect([
         (inputnode, apply, [(f, f) for f in fields]),
         (apply, merge, [(f"out_{p}", f"in{i}") for i, p in enumerate(ALL_METRICS, 1)]),
         (merge, outputnode, [("out", "maps")]),
+        (apply, outputnode, [("linear_files", "linear")]),
     ])  # fmt: skip
     if source_file and staging_dir is not None:
         ds_harmonized_wf = init_harmonized_derivatives_wf(
             source_file=str(source_file), scanner=scanner, staging_dir=staging_dir,
-            mc_samples=mc_samples, name="ds_harmonized_wf",
+            mc_samples=mc_samples, linear=write_linear, name="ds_harmonized_wf",
         )  # fmt: skip
         kinds = ["out"] + (["std"] if mc_samples else [])
         workflow.connect([(apply, ds_harmonized_wf, [
             (f"{k}_{p}", f"inputnode.{k}_{p}") for k in kinds for p in ALL_METRICS])])  # fmt: skip
+        if write_linear:
+            workflow.connect(apply, "linear_files", ds_harmonized_wf, "inputnode.linear_files")
     return workflow

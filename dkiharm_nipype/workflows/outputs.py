@@ -102,20 +102,33 @@ def init_scan_derivatives_wf(
     return workflow
 
 
+#: Sidecar description of the linear baseline's maps (``--comparators linear``).
+LINEAR_DESC = (
+    "linear baseline: per-map least-squares regression from the scan's own DKI map to the "
+    "reference scanner's, fitted on the network's training voxels (dkiharm)"
+)
+
+
 def init_harmonized_derivatives_wf(
     *,
     source_file: str,
     scanner: str,
     staging_dir: Path,
     mc_samples: int = 0,
+    linear: bool = False,
     name: str = "harmonized_derivatives_wf",
 ) -> pe.Workflow:
     """Store one scan's harmonized maps (and, with MC dropout, their standard deviations).
+
+    With ``linear``, also the linear baseline's maps (``desc-linear``, ``--comparators
+    linear``), whose sidecars name the baseline as their fit method.
 
     Inputs
     ------
     out_<param>, std_<param>
         Per map of ``ALL_METRICS``, the harmonized map and (``mc_samples > 0``) its SD.
+    linear_files
+        (``linear`` only) the linear baseline's eight maps, in ``ALL_METRICS`` order.
 
     Examples
     --------
@@ -128,11 +141,17 @@ def init_harmonized_derivatives_wf(
     >>> sinks = [n for n in ds_wf.list_node_names() if n.startswith("ds_")]
     >>> len(sinks), sorted(sinks)[:2]  # eight maps and, with MC dropout, eight std maps
     (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
+
+    >>> ds_wf = init_harmonized_derivatives_wf(source_file="sub-01_ses-A_dwi.nii.gz",
+    ...                                        scanner="A", staging_dir=Path("d"), linear=True)
+    >>> ds_wf.get_node("ds_linear_mk").inputs.meta_dict["Model"]["FitMethod"]
+    'linear baseline (per-map least squares)'
     """
     kinds = [("out", "harmonized")] + ([("std", "harmonizedstd")] if mc_samples else [])
     model = {  # BEP016 Model object: the network stands in for the reference scanner's fit
         "Description": "DKI map harmonized to the reference scanner: predicted from this "
-        "scan by the scanner's 3-D hierarchical CNN (dkiharm)",
+        "scan by the scanner's 3-D hierarchical CNN, or, for a map where the CNN did not beat "
+        "it on held-out blocks, by the linear baseline (the model card says which; dkiharm)",
         "FitMethod": "CNN harmonizer",
         "Parameters": {"Scanner": scanner, "MCDropoutSamples": mc_samples},
     }
@@ -143,11 +162,32 @@ def init_harmonized_derivatives_wf(
         for kind, desc in kinds
         for param in ALL_METRICS
     }  # fmt: skip
+    linear_model = {**model, "Description": LINEAR_DESC,
+                    "FitMethod": "linear baseline (per-map least squares)"}  # fmt: skip
+    linear_specs = {
+        f"linear_{param}": (f"ds_linear_{param}", {
+            "param": param, "desc": "linear",
+            "meta_dict": {**harmonized_sidecar(param, linear_model),
+                          "Description": LINEAR_DESC}})
+        for param in (ALL_METRICS if linear else ())
+    }  # fmt: skip
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=list(specs)), name="inputnode")
+    fields = list(specs) + (["linear_files"] if linear else [])
+    inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir), source_file=source_file,
            space="dwi", model="dki")  # fmt: skip
+    if linear:
+        split = pe.Node(niu.IdentityInterface(fields=list(linear_specs)), name="split_linear")
+        for i, field in enumerate(linear_specs):
+            workflow.connect(inputnode, ("linear_files", _pick, i), split, field)
+        _sinks(workflow, split, linear_specs, base_directory=str(staging_dir),
+               source_file=source_file, space="dwi", model="dki")  # fmt: skip
     return workflow
+
+
+def _pick(files, index):
+    """Nipype connection function: one file of a list."""
+    return files[index]
 
 
 def init_model_derivatives_wf(
