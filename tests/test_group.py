@@ -82,6 +82,9 @@ def test_every_scan_has_harmonized_maps(group_run):
             name = f"{stem}_space-dwi_model-dki_param-{param}_desc-harmonized_dwimap"
             assert (folder / f"{name}.nii.gz").is_file(), name
             sidecar = json.loads((folder / f"{name}.json").read_text())
+            # the out-of-distribution flag of the same inputs, on by default
+            ood = nb.load(folder / f"{stem}_space-dwi_desc-ood_mask.nii.gz").get_fdata()
+            assert set(np.unique(ood)) <= {0, 1} and ood.mean() < 0.2
             # BEP016 Model object: the scanner whose network made the map
             assert sidecar["Model"]["Parameters"]["Scanner"] == dwi.parts[-3][4:]
 

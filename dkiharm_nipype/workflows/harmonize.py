@@ -582,8 +582,8 @@ def init_apply_wf(
     ...     ("dwi", "inputnode.dwi_file"), ("bval", "inputnode.bval_file"),
     ...     ("bvec", "inputnode.bvec_file"), ("mask", "inputnode.mask_file")])])
     >>> sinks = [n for n in apply_wf.list_node_names() if ".ds_" in n]
-    >>> len(sinks)  # eight maps and, with MC dropout, eight std maps
-    16
+    >>> len(sinks)  # 8 maps, with MC dropout 8 SDs, and the OOD mask and distance
+    18
     """
     workflow = LiterateWorkflow(name=name)
     workflow.__desc__ = _apply_desc(mc_samples, models_dir, kernel_size)
@@ -614,8 +614,9 @@ def init_apply_wf(
             mc_samples=mc_samples, linear=write_linear, name="ds_harmonized_wf",
         )  # fmt: skip
         kinds = ["out"] + (["std"] if mc_samples else [])
-        workflow.connect([(apply, ds_harmonized_wf, [
-            (f"{k}_{p}", f"inputnode.{k}_{p}") for k in kinds for p in ALL_METRICS])])  # fmt: skip
+        fields = [f"{k}_{p}" for k in kinds for p in ALL_METRICS]
+        fields += ["ood_mask_file", "ood_distance_file"]  # the OOD flag, stored when made
+        workflow.connect([(apply, ds_harmonized_wf, [(f, f"inputnode.{f}") for f in fields])])
         if write_linear:
             workflow.connect(apply, "linear_files", ds_harmonized_wf, "inputnode.linear_files")
     return workflow

@@ -15,7 +15,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..dki.maps import ALL_METRICS
-from ..interfaces.bids import DerivativesDataSink
+from ..interfaces.bids import DerivativesDataSink, OptionalDerivativesDataSink
 
 #: Participant-level outputs of one scan: inputnode field -> sink name and BIDS entities.
 SCAN_OUTPUTS = {
@@ -139,8 +139,8 @@ def init_harmonized_derivatives_wf(
     >>> cnn = pe.Node(niu.IdentityInterface(fields=["mk"]), name="cnn")
     >>> wf.connect(cnn, "mk", ds_wf, "inputnode.out_mk")
     >>> sinks = [n for n in ds_wf.list_node_names() if n.startswith("ds_")]
-    >>> len(sinks), sorted(sinks)[:2]  # eight maps and, with MC dropout, eight std maps
-    (16, ['ds_harmonized_ad', 'ds_harmonized_ak'])
+    >>> len(sinks), sorted(sinks)[:2]  # 8 maps, with MC dropout 8 SDs, and the OOD flag's 2
+    (18, ['ds_harmonized_ad', 'ds_harmonized_ak'])
 
     >>> ds_wf = init_harmonized_derivatives_wf(source_file="sub-01_ses-A_dwi.nii.gz",
     ...                                        scanner="A", staging_dir=Path("d"), linear=True)
@@ -172,10 +172,17 @@ def init_harmonized_derivatives_wf(
         for param in (ALL_METRICS if linear else ())
     }  # fmt: skip
     workflow = pe.Workflow(name=name)
-    fields = list(specs) + (["linear_files"] if linear else [])
+    ood = list(OOD_OUTPUTS)
+    fields = list(specs) + (["linear_files"] if linear else []) + ood
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
     _sinks(workflow, inputnode, specs, base_directory=str(staging_dir), source_file=source_file,
            space="dwi", model="dki")  # fmt: skip
+    # the out-of-distribution flag (absent for cards without an OOD model: nothing stored)
+    for field, (sink, entities) in OOD_OUTPUTS.items():
+        ds = pe.Node(OptionalDerivativesDataSink(base_directory=str(staging_dir),
+                                                 source_file=source_file, **entities),
+                     name=sink, run_without_submitting=True)  # fmt: skip
+        workflow.connect(inputnode, field, ds, "in_file")
     if linear:
         split = pe.Node(niu.IdentityInterface(fields=list(linear_specs)), name="split_linear")
         for i, field in enumerate(linear_specs):
@@ -183,6 +190,16 @@ def init_harmonized_derivatives_wf(
         _sinks(workflow, split, linear_specs, base_directory=str(staging_dir),
                source_file=source_file, space="dwi", model="dki")  # fmt: skip
     return workflow
+
+
+#: ApplyHarmonizer's OOD outputs: inputnode field -> sink name and BIDS entities.
+OOD_OUTPUTS = {
+    "ood_mask_file": ("ds_ood_mask", {"space": "dwi", "desc": "ood", "suffix": "mask",
+                                      "meta_dict": {"Description": "voxels whose network "
+                                                    "input is unlike the training data"}}),
+    "ood_distance_file": ("ds_ood_distance", {"space": "dwi", "desc": "ooddistance",
+                                              "suffix": "dwimap"}),
+}  # fmt: skip
 
 
 def _pick(files, index):
