@@ -353,18 +353,3 @@ def _dwi_sidecar(scan: DWIScan, preproc: str, denoiser: str) -> dict:
     rpe = has_reversed_pe(scan.metadata, scan.fmap_metadata)
     done = preproc_sidecar(resolved_preproc_mode(preproc, denoiser), denoiser, has_rpe_fmap=rpe)
     return {**scan.metadata, **done, **_preprocessed_meta(scan)}
-
-
-def _preprocessed_meta(scan: DWIScan) -> dict:
-    """Sidecar fields of a series that another pipeline preprocessed (``--derivatives``)."""
-    pre = scan.preprocessed
-    if pre is None:
-        return {}
-    return {
-        "Description": f"DWI series preprocessed by {pre.pipeline}, used as provided: "
-        "dkiharm's own preprocessing was skipped",
-        "PreprocessedBy": pre.pipeline,
-        "PreprocessedSource": str(pre.dwi),
-        "SkullStripped": False,
-        "ProcessingSteps": [f"preprocessed by {pre.pipeline} (used as provided)"],
-    }
