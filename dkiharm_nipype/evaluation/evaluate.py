@@ -576,8 +576,8 @@ def baseline_rows(
                                       floors.get(param), choice))  # fmt: skip
     else:
         for (scanner, param), choice in sorted(choices.items()):
-            if scanner == reference:
-                continue
+            if scanner == reference or "val_nrmse_network" not in choice:
+                continue  # no held-out blocks scored (too few voxels): nothing to compare
             rows.append(_baseline_row(scanner, param, "held-out blocks of the training scans",
                                       1, choice["val_nrmse_network"], choice["val_nrmse_linear"],
                                       None, choice))  # fmt: skip
