@@ -89,8 +89,9 @@ def test_same_seed_same_outputs_other_seed_other_networks(tiny_bids, tmp_path):
     a, b, c = (_arrays(tmp_path / run / "out") for run in "abc")
     harmonized = [k for k in a if "desc-harmonized" in k]
     weights = [k for k in a if ".safetensors:" in k]
-    fitted = [k for k in a if k.endswith("_dwimap.nii.gz") and "desc-harmonized" not in k]
-    assert len(harmonized) == 16 and len(fitted) == 18 and len(weights) > 10
+    fitted = [k for k in a if k.endswith("_dwimap.nii.gz") and "desc-" not in k]
+    ood = [k for k in a if "desc-ood" in k]  # the OOD mask and distance of each scan
+    assert len(harmonized) == 16 and len(fitted) == 18 and len(weights) > 10 and len(ood) == 4
     assert sorted(a) == sorted(b) == sorted(c)
 
     # the same seed: bit-identical maps, weights and training curves
