@@ -21,6 +21,21 @@ def tiny_bids(tmp_path_factory) -> Path:
     return out
 
 
+def single_scan_copy(tiny_bids: Path, bids: Path) -> Path:
+    """A copy of the tiny phantom at ``bids`` reduced to sub-01's reference scanner (ses-D);
+    returns its run-1 DWI."""
+    import shutil
+
+    shutil.copytree(tiny_bids, bids, ignore=shutil.ignore_patterns("derivatives"))
+    for sub in bids.glob("sub-*"):
+        if sub.name != "sub-01":
+            shutil.rmtree(sub)
+    for ses in (bids / "sub-01").glob("ses-*"):
+        if ses.name != "ses-D":
+            shutil.rmtree(ses)
+    return next((bids / "sub-01" / "ses-D" / "dwi").glob("*_run-1_dwi.nii.gz"))
+
+
 def install_fake_fsl(root: Path, monkeypatch, scripts: dict[str, str]) -> Path:
     """An ``$FSLDIR`` at ``root`` whose ``bin`` holds stand-in Python scripts for FSL tools.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 import pytest
+from conftest import single_scan_copy
 
 DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 
@@ -20,14 +20,7 @@ DKIHARM = [sys.executable, "-m", "dkiharm_nipype.cli.run"]
 def one_scan(tiny_bids, tmp_path):
     """A copy of the tiny phantom reduced to sub-01's reference scan (ses-D, run 1)."""
     bids = tmp_path / "bids"
-    shutil.copytree(tiny_bids, bids, ignore=shutil.ignore_patterns("derivatives"))
-    for sub in bids.glob("sub-*"):
-        if sub.name != "sub-01":
-            shutil.rmtree(sub)
-    for ses in (bids / "sub-01").glob("ses-*"):
-        if ses.name != "ses-D":
-            shutil.rmtree(ses)
-    dwi = next((bids / "sub-01" / "ses-D" / "dwi").glob("*_run-1_dwi.nii.gz"))
+    dwi = single_scan_copy(tiny_bids, bids)
     return bids, dwi
 
 

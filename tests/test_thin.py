@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 
 import nibabel as nb
 import numpy as np
 import pytest
+from conftest import single_scan_copy
 
 from dkiharm_nipype.evaluation.scores import auto_wm_roi, erode, snr_table
 
@@ -46,16 +46,9 @@ def test_scans_without_snr_are_left_out_of_the_reference_choice():
 def two_slices(tiny_bids, tmp_path):
     """sub-01's reference scan of the tiny phantom, cut to its two central slices."""
     bids = tmp_path / "bids"
-    shutil.copytree(tiny_bids, bids, ignore=shutil.ignore_patterns("derivatives"))
-    for sub in bids.glob("sub-*"):
-        if sub.name != "sub-01":
-            shutil.rmtree(sub)
-    for ses in (bids / "sub-01").glob("ses-*"):
-        if ses.name != "ses-D":
-            shutil.rmtree(ses)
-    for run in (bids / "sub-01" / "ses-D" / "dwi").glob("*_run-2_*"):
+    dwi = single_scan_copy(tiny_bids, bids)
+    for run in dwi.parent.glob("*_run-2_*"):
         run.unlink()
-    dwi = next((bids / "sub-01" / "ses-D" / "dwi").glob("*_run-1_dwi.nii.gz"))
     img = nb.load(dwi)
     z = img.shape[2] // 2
     data = np.asanyarray(img.dataobj)[:, :, z - 1 : z + 1]
