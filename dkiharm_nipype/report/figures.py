@@ -124,38 +124,10 @@ def fig_maps(
     fig, axes = _image_grid(len(rows), len(scanners), _axial(wm, z).shape, left=0.7, right=0.9)
     groups: dict[str, list] = defaultdict(list)
     for param in params:
-        vmin, vmax = _window([v[param][wm] for v in maps.values() if param in v])
-        image = None
-        for i, (p, method) in enumerate(rows):
-            if p != param:
-                continue
-            for j, scanner in enumerate(scanners):
-                ax = axes[i, j]
-                _hide(ax)
-                groups[param].append(ax)
-                if (method, scanner) in maps:
-                    image = ax.imshow(
-                        _axial(maps[(method, scanner)][param], z),
-                        cmap="gray", vmin=vmin, vmax=vmax,
-                    )  # fmt: skip
-                else:
-                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
-                if scanner == reference:
-                    for spine in ax.spines.values():
-                        spine.set_edgecolor("#d62728")
-                        spine.set_linewidth(2)
-                if i == 0:
-                    ax.set_title(f"{scanner}" + (" (ref)" if scanner == reference else ""))
-                if j == 0:
-                    ax.set_ylabel(f"{param.upper()}\n{method}")
-        if image is not None:
-            block = [
-                axes[i, j]
-                for i, r in enumerate(rows)
-                if r[0] == param
-                for j in range(len(scanners))
-            ]
-            _colorbar(fig, image, block, param.upper())
+        images = {k: _axial(v[param], z) for k, v in maps.items() if param in v}
+        window = _window([v[param][wm] for v in maps.values() if param in v])
+        _param_block(fig, axes, rows, scanners, param, images, groups, cmap="gray",
+                     window=window, label=param.upper(), reference=reference)  # fmt: skip
     _record_windows(fig, groups)
     return fig
 
@@ -182,35 +154,44 @@ def fig_differences(
         diffs = {
             key: np.where(brain, m[param] - ref, np.nan) for key, m in maps.items() if param in m
         }
-        vmin, vmax = _window([d[brain] for d in diffs.values()], symmetric=True)
-        image = None
-        for i, (p, method) in enumerate(rows):
-            if p != param:
-                continue
-            for j, scanner in enumerate(scanners):
-                ax = axes[i, j]
-                _hide(ax)
-                groups[param].append(ax)
-                if (method, scanner) in diffs:
-                    image = ax.imshow(
-                        _axial(diffs[(method, scanner)], z), cmap=cmap, vmin=vmin, vmax=vmax
-                    )
-                else:
-                    ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
-                if i == 0:
-                    ax.set_title(scanner)
-                if j == 0:
-                    ax.set_ylabel(f"{param.upper()}\n{method}")
-        if image is not None:
-            block = [
-                axes[i, j]
-                for i, r in enumerate(rows)
-                if r[0] == param
-                for j in range(len(scanners))
-            ]
-            _colorbar(fig, image, block, f"{param.upper()} - reference")
+        images = {k: _axial(d, z) for k, d in diffs.items()}
+        window = _window([d[brain] for d in diffs.values()], symmetric=True)
+        _param_block(fig, axes, rows, scanners, param, images, groups, cmap=cmap,
+                     window=window, label=f"{param.upper()} - reference")  # fmt: skip
     _record_windows(fig, groups)
     return fig
+
+
+def _param_block(
+    fig, axes, rows, scanners, param, images, groups, *, cmap, window, label, reference=None
+) -> None:
+    """One parameter's rows of an image grid: ``images[(method, scanner)]`` (axial slices)
+    drawn with one window, ``n/a`` where missing, the reference column outlined, one colour
+    bar for the block; the block's axes are added to ``groups[param]``."""
+    vmin, vmax = window
+    image, block = None, []
+    for i, (p, method) in enumerate(rows):
+        if p != param:
+            continue
+        for j, scanner in enumerate(scanners):
+            ax = axes[i, j]
+            _hide(ax)
+            block.append(ax)
+            if (method, scanner) in images:
+                image = ax.imshow(images[(method, scanner)], cmap=cmap, vmin=vmin, vmax=vmax)
+            else:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
+            if reference is not None and scanner == reference:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#d62728")
+                    spine.set_linewidth(2)
+            if i == 0:
+                ax.set_title(scanner + (" (ref)" if scanner == reference else ""))
+            if j == 0:
+                ax.set_ylabel(f"{param.upper()}\n{method}")
+    groups[param].extend(block)
+    if image is not None:
+        _colorbar(fig, image, block, label)
 
 
 def _masked_cmap(name: str, bad: str):
